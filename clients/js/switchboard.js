@@ -1,0 +1,790 @@
+// switchboard.js - browser and Node (>= 20) client for the Switchboard
+// real-time WebSocket server. Zero dependencies, one ES module.
+//
+// The API is a superset of the App Engine Flex tutorial's `RealtimeClient`:
+// `new RealtimeClient(url)`, `connect()`, `send(type, data)` and
+// `on(type, handler)` behave as there (a handler gets the parsed frame), and a
+// client written for the tutorial keeps working. On top of that: channels
+// with recovery after reconnect, requests matched by `id`/`ref` with
+// timeouts, presence, history, reconnect with full-jitter backoff that never
+// gives up by default, dead-connection detection and a bounded queue for what
+// is sent while disconnected. See README.md beside this file and
+// docs/protocol.md for the wire protocol.
+
+const DEFAULTS = Object.freeze({
+  WebSocket: undefined,
+  requestTimeout: 10_000,
+  maxReconnectAttempts: Infinity,
+  reconnectBaseDelay: 500,
+  reconnectMaxDelay: 30_000,
+  heartbeatTimeout: 45_000,
+  heartbeatPongTimeout: 5_000,
+  queueWhileDisconnected: 100,
+  random: Math.random,
+});
+
+// The reply types that settle each kind of request (besides `error`).
+const REPLY_TYPES = Object.freeze({
+  broadcast: ['ack'],
+  direct: ['ack'],
+  publish: ['ack'],
+  subscribe: ['subscribed'],
+  unsubscribe: ['unsubscribed'],
+  presence: ['presence'],
+  history: ['history'],
+  ping: ['pong'],
+});
+
+const WS_OPEN = 1;
+
+/** An error settled by the server (`error` frame) or by the client itself. */
+export class SwitchboardError extends Error {
+  /**
+   * @param {string} code  a protocol code (`unknown_target`, …) or a client
+   *   code: `timeout`, `disconnected`, `closed`, `queue_full`.
+   * @param {string} message
+   * @param {object} [frame] the `error` frame, when the server sent one
+   */
+  constructor(code, message, frame) {
+    super(message || code);
+    this.name = 'SwitchboardError';
+    this.code = code;
+    if (frame !== undefined) {
+      this.frame = frame;
+      if (frame && 'ref' in frame) this.ref = frame.ref;
+    }
+  }
+}
+
+/** A tiny event emitter shared by the client and its subscriptions. */
+class Emitter {
+  constructor() {
+    this.listeners = new Map();
+  }
+
+  on(type, handler) {
+    if (typeof handler !== 'function') throw new TypeError('handler must be a function');
+    if (!this.listeners.has(type)) this.listeners.set(type, []);
+    this.listeners.get(type).push(handler);
+    return this;
+  }
+
+  off(type, handler) {
+    const list = this.listeners.get(type);
+    if (!list) return this;
+    if (handler === undefined) {
+      this.listeners.delete(type);
+      return this;
+    }
+    const i = list.indexOf(handler);
+    if (i !== -1) list.splice(i, 1);
+    if (list.length === 0) this.listeners.delete(type);
+    return this;
+  }
+
+  _emit(type, ...args) {
+    const list = this.listeners.get(type);
+    if (!list) return;
+    // A copy, so a handler may add or remove handlers while we iterate.
+    for (const handler of list.slice()) {
+      try {
+        handler(...args);
+      } catch (err) {
+        // One faulty handler must not break delivery to the others or the
+        // client's own bookkeeping.
+        console.error(`switchboard: a '${type}' handler threw:`, err);
+      }
+    }
+  }
+}
+
+/**
+ * One channel subscription. It lives until `unsubscribe()`: the client
+ * re-subscribes it after every reconnect, with recovery.
+ *
+ * Events (`sub.on(event, fn)`):
+ * - `message`  (frame): each publication, once, in offset order
+ * - `subscribed` (frame): after every successful (re)subscribe
+ * - `recovery-failed` (info): a resubscribe could not recover every missed
+ *   publication (`recovered:false`); `info` is
+ *   `{channel, epoch, offset, previous: {epoch, offset}, frame}`. The
+ *   subscription goes on live from `offset`; fetch `history` if you need
+ *   what is still retained.
+ * - `join` / `leave` (frame): presence events of the channel
+ * - `error` (SwitchboardError): a (re)subscribe was refused
+ */
+export class Subscription extends Emitter {
+  constructor(client, channel) {
+    super();
+    this.client = client;
+    this.channel = channel;
+    /** `pending` until the first `subscribed`, then `subscribed`; `unsubscribed` at the end. */
+    this.state = 'pending';
+    /** Epoch of the stream the position below belongs to (null before the first `subscribed`). */
+    this.epoch = null;
+    /** Offset of the last publication delivered (or the stream top at subscribe time). */
+    this.offset = null;
+    /** Whether the subscription is currently confirmed on the live connection. */
+    this.active = false;
+    this._requestId = null;
+    this._firstWaiters = [];
+  }
+
+  /** The position to resume from, or null. */
+  get position() {
+    return this.epoch === null ? null : { epoch: this.epoch, offset: this.offset };
+  }
+
+  unsubscribe() {
+    return this.client.unsubscribe(this.channel);
+  }
+}
+
+function jsonId(value) {
+  // Request ids are numbers we generate; a ref comes back as the same JSON value.
+  return typeof value === 'number' || typeof value === 'string' ? String(value) : JSON.stringify(value);
+}
+
+function defaultUrl() {
+  const loc = globalThis.location;
+  if (!loc || !loc.host) throw new TypeError('RealtimeClient: a url is required outside a browser');
+  return `${loc.protocol === 'https:' ? 'wss' : 'ws'}://${loc.host}/ws`;
+}
+
+/** Parse `retry=<ms>` out of a close reason, or return null. */
+export function parseRetryHint(reason) {
+  if (typeof reason !== 'string') return null;
+  const m = /(?:^|[^a-z0-9_])retry=(\d+)/i.exec(reason);
+  if (!m) return null;
+  const ms = Number(m[1]);
+  return Number.isFinite(ms) && ms >= 0 ? ms : null;
+}
+
+export class RealtimeClient extends Emitter {
+  /**
+   * @param {string} [url] `ws(s)://host/ws`; in a browser it defaults to the
+   *   page's host.
+   * @param {object} [options] see README.md
+   */
+  constructor(url, options = {}) {
+    super();
+    this.url = url || defaultUrl();
+    this.options = { ...DEFAULTS, ...options };
+    /** The current WebSocket, or null (as in the tutorial). */
+    this.ws = null;
+    /** Consecutive failed attempts since the last successful connection. */
+    this.reconnectAttempts = 0;
+    this.maxReconnectAttempts = this.options.maxReconnectAttempts;
+    /** `connecting` | `open` | `reconnecting` | `closed`. */
+    this.state = 'closed';
+    /** The id the server gave this connection (`connected` frame); changes on reconnect. */
+    this.clientId = null;
+    /** The server instance of the current connection. */
+    this.instanceId = null;
+    /** Channel name → Subscription. */
+    this.subscriptions = new Map();
+
+    this._nextId = 1;
+    this._pending = new Map(); // jsonId(id) → {type, resolve, reject, timer, onReply}
+    this._queue = []; // frames waiting for a connection: {frame, request?}
+    this._reconnectTimer = null;
+    this._heartbeatTimer = null;
+    this._pongTimer = null;
+    this._readyTimer = null;
+    this._lastRx = 0;
+    this._connectedFrame = null;
+    this._closedByUser = false;
+    this._stopped = false; // close() was called or reconnecting gave up
+    this._retryHint = null;
+    this._connectWaiters = [];
+  }
+
+  // ---------------------------------------------------------------- state
+
+  _setState(state, info) {
+    if (this.state === state) return;
+    this.state = state;
+    this._emit('state', state, info || {});
+  }
+
+  /**
+   * Open the connection (and keep it open: reconnects until `close()`).
+   * Resolves with the `connected` frame of the first successful connection;
+   * rejects only if `close()` is called or reconnecting gives up first.
+   * Calling it while already connected or connecting is harmless.
+   */
+  connect() {
+    const p = new Promise((resolve, reject) => {
+      if (this.state === 'open' && this.clientId !== null && this._connectedFrame) {
+        resolve(this._connectedFrame);
+        return;
+      }
+      this._connectWaiters.push({ resolve, reject });
+    });
+    // A tutorial-style caller ignores the promise; never leave it unhandled.
+    p.catch(() => {});
+    if (this.state === 'closed') {
+      this._closedByUser = false;
+      this._stopped = false;
+      this.reconnectAttempts = 0;
+      this._open('connecting');
+    }
+    return p;
+  }
+
+  _open(state) {
+    this._clearReconnectTimer();
+    const WS = this.options.WebSocket || globalThis.WebSocket;
+    if (typeof WS !== 'function') {
+      throw new Error(
+        'RealtimeClient: no WebSocket implementation; pass options.WebSocket ' +
+          '(Node 20 needs --experimental-websocket, Node >= 22 has it built in)',
+      );
+    }
+    this._setState(state, { attempt: this.reconnectAttempts });
+    let ws;
+    try {
+      ws = new WS(this.url);
+    } catch (err) {
+      // A malformed URL is a programming error: give up at once.
+      this._giveUp(new SwitchboardError('closed', `cannot open ${this.url}: ${err.message}`));
+      throw err;
+    }
+    this.ws = ws;
+    this._connectedFrame = null;
+    ws.onopen = () => this._onOpen(ws);
+    ws.onmessage = (event) => this._onMessage(ws, event);
+    ws.onclose = (event) => this._onClose(ws, event.code, event.reason);
+    ws.onerror = (event) => {
+      if (ws !== this.ws) return;
+      // Browsers give no detail; a close event always follows.
+      this._emit('socket-error', event);
+    };
+  }
+
+  _onOpen(ws) {
+    if (ws !== this.ws) return;
+    this._retryHint = null;
+    this._touch();
+    // The server's first frame is `connected`; the connection counts as open
+    // (state `open`, clientId known) once it has arrived. A server that does
+    // not send it is given a second.
+    this._readyTimer = setTimeout(() => {
+      this._readyTimer = null;
+      this._ready(ws);
+    }, 1000);
+  }
+
+  // The connection is usable: resubscribe (with recovery), flush the queue.
+  _ready(ws) {
+    if (ws !== this.ws || this.state === 'open') return;
+    if (this._readyTimer !== null) {
+      clearTimeout(this._readyTimer);
+      this._readyTimer = null;
+    }
+    this.reconnectAttempts = 0;
+    this._setState('open', { clientId: this.clientId, instanceId: this.instanceId });
+    for (const sub of this.subscriptions.values()) this._sendSubscribe(sub);
+    const queued = this._queue;
+    this._queue = [];
+    for (const item of queued) {
+      if (ws !== this.ws) {
+        // The socket died while flushing: keep the rest for the next connection.
+        this._queue.push(item);
+      } else {
+        this._transmit(item);
+      }
+    }
+    for (const w of this._connectWaiters.splice(0)) w.resolve(this._connectedFrame);
+  }
+
+  _onMessage(ws, event) {
+    if (ws !== this.ws) return;
+    this._touch();
+    if (typeof event.data !== 'string') return; // binary frames are not part of the protocol
+    let msg;
+    try {
+      msg = JSON.parse(event.data);
+    } catch {
+      return;
+    }
+    if (!msg || typeof msg !== 'object' || typeof msg.type !== 'string') return;
+
+    switch (msg.type) {
+      case 'connected':
+        this.clientId = msg.clientId ?? null;
+        this.instanceId = msg.instanceId ?? null;
+        this._connectedFrame = msg;
+        this._ready(ws);
+        break;
+      case 'message':
+        if (!this._acceptMessage(msg)) return; // a duplicate: the app never sees it twice
+        break;
+      case 'join':
+      case 'leave': {
+        const sub = this.subscriptions.get(msg.channel);
+        if (sub) sub._emit(msg.type, msg);
+        break;
+      }
+      default:
+        break;
+    }
+
+    if ('ref' in msg && msg.ref !== null && msg.ref !== undefined) this._settle(msg);
+    this._emit(msg.type, msg);
+  }
+
+  // Decide whether a `message` reaches the app; deliver it to its subscription.
+  _acceptMessage(msg) {
+    const sub = this.subscriptions.get(msg.channel);
+    if (!sub) return true; // not ours to track (e.g. subscribed via raw send())
+    const epoch = msg.epoch ?? sub.epoch;
+    const offset = msg.offset;
+    if (typeof offset === 'number' && sub.epoch !== null && epoch === sub.epoch && offset <= sub.offset) {
+      return false;
+    }
+    if (typeof offset === 'number') {
+      sub.epoch = epoch;
+      sub.offset = offset;
+    }
+    sub._emit('message', msg);
+    return true;
+  }
+
+  _onClose(ws, code, reason) {
+    if (ws !== this.ws) return;
+    this._detach(ws);
+    this.ws = null;
+    this.clientId = null;
+    this._stopHeartbeat();
+    for (const sub of this.subscriptions.values()) sub.active = false;
+    this._rejectPending('disconnected', `connection closed (${code}${reason ? ` ${reason}` : ''})`);
+    if (this._closedByUser) {
+      this._setState('closed', { code, reason });
+      return;
+    }
+    const hint = parseRetryHint(reason);
+    if (hint !== null) this._retryHint = hint;
+    this._scheduleReconnect(code, reason);
+  }
+
+  _detach(ws) {
+    ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+  }
+
+  _scheduleReconnect(code, reason) {
+    if (this.reconnectAttempts >= this.maxReconnectAttempts) {
+      this._giveUp(new SwitchboardError('closed', `gave up after ${this.reconnectAttempts} reconnect attempts`));
+      this._setState('closed', { code, reason, gaveUp: true });
+      return;
+    }
+    const delay = this._backoffDelay(this.reconnectAttempts);
+    this.reconnectAttempts++;
+    this._setState('reconnecting', { attempt: this.reconnectAttempts, delay, code, reason });
+    this._reconnectTimer = setTimeout(() => {
+      this._reconnectTimer = null;
+      if (this._closedByUser) return;
+      this._open('reconnecting');
+    }, delay);
+  }
+
+  /** Full jitter: uniform in [0, min(cap, base·2^attempt)], plus any server `retry=` hint. */
+  _backoffDelay(attempt) {
+    const { reconnectBaseDelay: base, reconnectMaxDelay: cap, random } = this.options;
+    const ceiling = Math.min(cap, base * 2 ** Math.min(attempt, 30));
+    const jitter = Math.floor(random() * ceiling);
+    const hint = this._retryHint;
+    this._retryHint = null;
+    return hint !== null ? hint + jitter : jitter;
+  }
+
+  _clearReconnectTimer() {
+    if (this._reconnectTimer !== null) {
+      clearTimeout(this._reconnectTimer);
+      this._reconnectTimer = null;
+    }
+  }
+
+  _giveUp(err) {
+    this._stopped = true;
+    this._clearReconnectTimer();
+    for (const w of this._connectWaiters.splice(0)) w.reject(err);
+    const queued = this._queue;
+    this._queue = [];
+    for (const item of queued) if (item.request) item.request.reject(err);
+    this._rejectPending(err.code, err.message);
+    for (const sub of this.subscriptions.values()) {
+      for (const w of sub._firstWaiters.splice(0)) w.reject(err);
+    }
+  }
+
+  /**
+   * Close the connection for good (no reconnect). Pending and queued
+   * requests are rejected with code `closed`. Subscriptions are kept, so a
+   * later `connect()` resumes them with recovery.
+   */
+  close(code = 1000, reason = '') {
+    this._closedByUser = true;
+    this._clearReconnectTimer();
+    this._stopHeartbeat();
+    const ws = this.ws;
+    this._giveUp(new SwitchboardError('closed', 'client closed'));
+    if (ws) {
+      this._detach(ws);
+      this.ws = null;
+      try {
+        ws.close(code, reason);
+      } catch {
+        // already closing
+      }
+    }
+    this.clientId = null;
+    for (const sub of this.subscriptions.values()) sub.active = false;
+    this._setState('closed', { code, reason });
+  }
+
+  /**
+   * Drop the current socket as if the network had failed, and reconnect
+   * (with backoff). Used by the dead-connection detector; handy in tests.
+   */
+  _dropConnection(reason = 'dropped by client') {
+    const ws = this.ws;
+    if (!ws) return;
+    this._detach(ws);
+    try {
+      ws.close(4000, reason.slice(0, 100));
+    } catch {
+      // ignore
+    }
+    // Browsers may take long to report the close of a dead TCP connection:
+    // do not wait for it.
+    this._onClose(ws, 4000, reason);
+  }
+
+  // ---------------------------------------------------------------- heartbeat
+
+  // Something arrived (or the socket opened): the connection is alive.
+  _touch() {
+    this._lastRx = Date.now();
+    if (this._pongTimer !== null) {
+      clearTimeout(this._pongTimer);
+      this._pongTimer = null;
+    }
+    if (this._heartbeatTimer === null) this._armHeartbeat(this.options.heartbeatTimeout);
+  }
+
+  // One timer, re-armed lazily: cheap however many frames arrive.
+  _armHeartbeat(delay) {
+    const { heartbeatTimeout, heartbeatPongTimeout } = this.options;
+    if (!(heartbeatTimeout > 0) || !Number.isFinite(heartbeatTimeout)) return;
+    this._heartbeatTimer = setTimeout(() => {
+      this._heartbeatTimer = null;
+      const ws = this.ws;
+      if (!ws) return;
+      const silent = Date.now() - this._lastRx;
+      if (silent < heartbeatTimeout) {
+        this._armHeartbeat(heartbeatTimeout - silent);
+        return;
+      }
+      // Nothing at all for heartbeatTimeout: probe, then give it a few seconds.
+      try {
+        ws.send('{"type":"ping"}');
+      } catch {
+        // the close path will run
+      }
+      this._pongTimer = setTimeout(() => {
+        this._pongTimer = null;
+        this._dropConnection('heartbeat timeout');
+      }, heartbeatPongTimeout);
+    }, delay);
+  }
+
+  _stopHeartbeat() {
+    if (this._heartbeatTimer !== null) clearTimeout(this._heartbeatTimer);
+    if (this._pongTimer !== null) clearTimeout(this._pongTimer);
+    if (this._readyTimer !== null) clearTimeout(this._readyTimer);
+    this._heartbeatTimer = this._pongTimer = this._readyTimer = null;
+  }
+
+  // ---------------------------------------------------------------- sending
+
+  get connected() {
+    return this.state === 'open' && this.ws !== null && this.ws.readyState === WS_OPEN;
+  }
+
+  /**
+   * The tutorial's `send`: sends `{type, data}` (plus any `extra` fields).
+   * Unlike the tutorial it does not drop what is sent while disconnected: it
+   * is queued (up to `queueWhileDisconnected`) and sent on reconnect.
+   * Returns true if sent or queued, false if dropped because the queue is full
+   * or the client is closed.
+   */
+  send(type, data, extra) {
+    const frame = { ...(extra || {}), type };
+    if (data !== undefined) frame.data = data;
+    if (this.connected) {
+      this._write(frame);
+      return true;
+    }
+    if (this._stopped) return false;
+    if (this._queue.length >= this.options.queueWhileDisconnected) return false;
+    this._queue.push({ frame });
+    return true;
+  }
+
+  _write(frame) {
+    this.ws.send(JSON.stringify(frame));
+  }
+
+  // Send `frame` as a request: give it an id, wait for its reply.
+  _request(frame, opts = {}) {
+    const id = this._nextId++;
+    frame = { ...frame, id };
+    return new Promise((resolve, reject) => {
+      const request = {
+        id,
+        type: frame.type,
+        resolve,
+        reject,
+        timer: null,
+        timeout: opts.timeout ?? this.options.requestTimeout,
+      };
+      if (this.connected) {
+        this._transmit({ frame, request });
+        return;
+      }
+      if (this._stopped) {
+        reject(new SwitchboardError('closed', 'client is closed'));
+        return;
+      }
+      if (this._queue.length >= this.options.queueWhileDisconnected) {
+        reject(new SwitchboardError('queue_full', `not connected and ${this._queue.length} messages already queued`));
+        return;
+      }
+      this._queue.push({ frame, request });
+    });
+  }
+
+  // Write a frame now; if it is a request, start its timeout clock.
+  _transmit(item) {
+    const { frame, request } = item;
+    if (request) {
+      const key = jsonId(request.id);
+      this._pending.set(key, request);
+      if (Number.isFinite(request.timeout) && request.timeout > 0) {
+        request.timer = setTimeout(() => {
+          if (this._pending.get(key) !== request) return;
+          this._pending.delete(key);
+          request.reject(new SwitchboardError('timeout', `no reply to ${request.type} within ${request.timeout} ms`));
+          if (request.onTimeout) request.onTimeout();
+        }, request.timeout);
+      }
+    }
+    try {
+      this._write(frame);
+    } catch (err) {
+      // The socket is closing: the close path rejects the request.
+    }
+  }
+
+  _settle(msg) {
+    const key = jsonId(msg.ref);
+    const request = this._pending.get(key);
+    if (!request) return;
+    const accepts = REPLY_TYPES[request.type];
+    if (msg.type !== 'error' && accepts && !accepts.includes(msg.type)) return;
+    this._pending.delete(key);
+    if (request.timer !== null) clearTimeout(request.timer);
+    if (msg.type === 'error') {
+      request.reject(new SwitchboardError(msg.code || 'error', msg.message || msg.code || 'error', msg));
+    } else {
+      request.resolve(msg);
+    }
+  }
+
+  _rejectPending(code, message) {
+    const pending = [...this._pending.values()];
+    this._pending.clear();
+    for (const request of pending) {
+      if (request.timer !== null) clearTimeout(request.timer);
+      request.reject(new SwitchboardError(code, message));
+    }
+  }
+
+  // ---------------------------------------------------------------- API
+
+  /** Application-level ping; resolves with the `pong` frame. */
+  ping(opts) {
+    return this._request({ type: 'ping' }, opts);
+  }
+
+  /** Broadcast to every other client; resolves with the `ack`. */
+  broadcast(data, opts) {
+    return this._request({ type: 'broadcast', data: data ?? null }, opts);
+  }
+
+  /** Send to one client; resolves with the `ack`, rejects with `unknown_target`. */
+  direct(targetId, data, opts) {
+    return this._request({ type: 'direct', targetId, data: data ?? null }, opts);
+  }
+
+  /** Publish to a channel; resolves with the `ack` (`{channel, offset}`). */
+  publish(channel, data, opts) {
+    return this._request({ type: 'publish', channel, data: data ?? null }, opts);
+  }
+
+  /** Who is in a channel; resolves with the `presence` frame. */
+  presence(channel, opts) {
+    return this._request({ type: 'presence', channel }, opts);
+  }
+
+  /**
+   * A channel's retained publications, oldest first; resolves with the
+   * `history` frame. `opts`: `{since: {epoch, offset}, limit, timeout}`.
+   */
+  history(channel, opts = {}) {
+    const frame = { type: 'history', channel };
+    if (opts.since) frame.since = opts.since;
+    if (opts.limit !== undefined) frame.limit = opts.limit;
+    return this._request(frame, opts);
+  }
+
+  /** The subscription of `channel`, if any. */
+  subscription(channel) {
+    return this.subscriptions.get(channel);
+  }
+
+  /**
+   * Subscribe to a channel. `handler` (optional) gets each publication once.
+   * Resolves with the first `subscribed` frame; rejects with the server's
+   * error (the subscription is then dropped). While disconnected the
+   * subscribe is sent on the next connection. `opts.since` resumes from a
+   * known position (e.g. one the app persisted).
+   */
+  subscribe(channel, handler, opts = {}) {
+    let sub = this.subscriptions.get(channel);
+    const isNew = !sub;
+    if (!sub) {
+      sub = new Subscription(this, channel);
+      if (opts.since) {
+        sub.epoch = opts.since.epoch;
+        sub.offset = opts.since.offset;
+      }
+      this.subscriptions.set(channel, sub);
+    }
+    if (handler) sub.on('message', handler);
+    const p = new Promise((resolve, reject) => {
+      if (sub.state === 'subscribed' && sub._lastSubscribed) resolve(sub._lastSubscribed);
+      else sub._firstWaiters.push({ resolve, reject, handler, timeout: opts.timeout });
+    });
+    if (isNew && this.connected) this._sendSubscribe(sub);
+    return p;
+  }
+
+  _sendSubscribe(sub) {
+    const frame = { type: 'subscribe', channel: sub.channel };
+    if (sub.epoch !== null && typeof sub.offset === 'number') {
+      frame.since = { epoch: sub.epoch, offset: sub.offset };
+    }
+    const since = frame.since ? { ...frame.since } : null;
+    const id = this._nextId++;
+    frame.id = id;
+    sub._requestId = id;
+    const timeout = sub._firstWaiters.find((w) => w.timeout !== undefined)?.timeout ?? this.options.requestTimeout;
+    const request = {
+      id,
+      type: 'subscribe',
+      timer: null,
+      timeout,
+      resolve: (reply) => this._onSubscribed(sub, reply, since),
+      reject: (err) => this._onSubscribeFailed(sub, err),
+    };
+    this._transmit({ frame, request });
+  }
+
+  _onSubscribed(sub, reply, since) {
+    if (this.subscriptions.get(sub.channel) !== sub) return; // unsubscribed meanwhile
+    const previous = since ? { ...since } : null;
+    if (reply.recovered === false || sub.epoch !== reply.epoch || typeof sub.offset !== 'number') {
+      sub.epoch = reply.epoch;
+      sub.offset = reply.offset;
+    } else if (reply.offset > sub.offset) {
+      // Recovered: every missed publication was delivered before this frame,
+      // so reply.offset === sub.offset in practice; never move backwards.
+      sub.offset = reply.offset;
+    }
+    sub.state = 'subscribed';
+    sub.active = true;
+    sub._lastSubscribed = reply;
+    for (const w of sub._firstWaiters.splice(0)) w.resolve(reply);
+    sub._emit('subscribed', reply);
+    if (previous && reply.recovered === false) {
+      const info = {
+        type: 'recovery-failed',
+        channel: sub.channel,
+        epoch: reply.epoch,
+        offset: reply.offset,
+        previous,
+        frame: reply,
+      };
+      sub._emit('recovery-failed', info);
+      this._emit('recovery-failed', info);
+    }
+  }
+
+  _onSubscribeFailed(sub, err) {
+    if (this.subscriptions.get(sub.channel) !== sub) return;
+    if (err.code === 'disconnected') return; // resent on the next connection
+    if (err.code === 'closed') return; // close(): the subscription is kept for a later connect()
+    if (err.code === 'timeout' && sub.state === 'subscribed') {
+      // A resubscribe the server does not answer: the connection is not
+      // healthy. Start over (the subscription is kept and retried).
+      this._dropConnection('resubscribe timed out');
+      return;
+    }
+    // Refused (bad channel, too many subscriptions, …) or timed out: drop it.
+    this.subscriptions.delete(sub.channel);
+    sub.state = 'unsubscribed';
+    sub.active = false;
+    if (err.code === 'timeout' && this.connected) {
+      // The server may still subscribe us: undo it, fire and forget.
+      try {
+        this._write({ type: 'unsubscribe', channel: sub.channel });
+      } catch {
+        // ignore
+      }
+    }
+    const waiters = sub._firstWaiters.splice(0);
+    for (const w of waiters) w.reject(err);
+    sub._emit('error', err);
+    this._emit('subscription-error', { channel: sub.channel, error: err });
+  }
+
+  /**
+   * Stop receiving a channel. Resolves with the `unsubscribed` frame, or
+   * with null when there was no live subscription to undo (not connected, or
+   * not subscribed).
+   */
+  unsubscribe(channel, opts) {
+    const sub = this.subscriptions.get(channel);
+    if (sub) {
+      this.subscriptions.delete(channel);
+      sub.state = 'unsubscribed';
+      const wasActive = sub.active;
+      sub.active = false;
+      const pendingSubscribe = sub._requestId !== null && this._pending.has(jsonId(sub._requestId));
+      for (const w of sub._firstWaiters.splice(0)) {
+        w.reject(new SwitchboardError('unsubscribed', `unsubscribed from ${channel} before it was confirmed`));
+      }
+      if (!this.connected || (!wasActive && !pendingSubscribe)) return Promise.resolve(null);
+    } else if (!this.connected) {
+      return Promise.resolve(null);
+    }
+    return this._request({ type: 'unsubscribe', channel }, opts).catch((err) => {
+      if (err.code === 'not_subscribed' || err.code === 'disconnected') return null;
+      throw err;
+    });
+  }
+}
+
+export default RealtimeClient;

@@ -1,0 +1,95 @@
+//! What the server serves for browsers, embedded in the binary at build
+//! time: the JavaScript client (`/client.js`, `/client.d.ts`) and the demo
+//! pages (`/demo/chat`, `/demo/dashboard`), plus the task that feeds the
+//! dashboard's `sys:metrics` channel. All of it is off with `--demo false`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::header;
+use axum::response::{Html, IntoResponse};
+use axum::routing::get;
+use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
+
+use crate::node::Node;
+
+const CLIENT_JS: &str = include_str!("../clients/js/switchboard.js");
+const CLIENT_DTS: &str = include_str!("../clients/js/switchboard.d.ts");
+const CHAT_HTML: &str = include_str!("../demo/chat.html");
+const DASHBOARD_HTML: &str = include_str!("../demo/dashboard.html");
+
+/// The channel the dashboard subscribes to.
+pub const METRICS_CHANNEL: &str = "sys:metrics";
+
+/// Add the asset routes to `app`.
+pub fn routes<S: Clone + Send + Sync + 'static>(app: Router<S>) -> Router<S> {
+    app.route(
+        "/client.js",
+        get(|| async {
+            (
+                [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+                CLIENT_JS,
+            )
+        }),
+    )
+    .route(
+        "/client.d.ts",
+        get(|| async {
+            (
+                [(
+                    header::CONTENT_TYPE,
+                    "application/typescript; charset=utf-8",
+                )],
+                CLIENT_DTS,
+            )
+        }),
+    )
+    .route("/demo/chat", get(|| async { Html(CHAT_HTML) }))
+    .route("/demo/dashboard", get(|| async { Html(DASHBOARD_HTML) }))
+    .route(
+        "/demo",
+        get(|| async { axum::response::Redirect::to("/demo/chat").into_response() }),
+    )
+}
+
+/// Publish this instance's figures to [`METRICS_CHANNEL`] once a second,
+/// while anyone here is subscribed to it.
+pub async fn publish_metrics(node: Node, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_in = 0u64;
+    let mut last_latency = node.metrics().latency.snapshot();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let m = node.metrics();
+        let now_in = m.messages_in.load(std::sync::atomic::Ordering::Relaxed);
+        let latency = m.latency.snapshot();
+        let window = latency.since(&last_latency);
+        let rate = now_in.saturating_sub(last_in);
+        last_in = now_in;
+        last_latency = latency;
+        if node.hub().subscriber_count(METRICS_CHANNEL) == 0 {
+            continue;
+        }
+        let figures = serde_json::json!({
+            "instanceId": node.instance_id(),
+            "connections": node.hub().len(),
+            "messagesPerSecond": rate,
+            "deliveryLatencyMsP50": window.quantile(0.5),
+            "deliveryLatencyMsP99": window.quantile(0.99),
+            "timestamp": crate::protocol::now_ms(),
+        });
+        let data: Arc<RawValue> = match RawValue::from_string(figures.to_string()) {
+            Ok(raw) => Arc::from(raw),
+            Err(_) => continue,
+        };
+        if let Err(e) = node.publish(None, METRICS_CHANNEL, data).await {
+            tracing::warn!(error = %e, "publishing dashboard metrics failed");
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! Backends: the narrow traits the [`Node`](crate::node::Node) needs from
+//! a bus, and the guarantees each implementation must give.
+//!
+//! * [`Broker`] carries channel publications (with their history), and
+//!   control messages (broadcast, direct, join, leave) between instances.
+//! * [`PresenceStore`] keeps who is subscribed to a channel, across
+//!   instances.
+//!
+//! Incoming traffic reaches the node through [`BrokerHandler`]. The
+//! in-memory implementation ([`memory`]) is the default and serves one
+//! instance.
+
+pub mod memory;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::error::Result;
+use crate::protocol::{ClientInfo, Publication, StreamPosition};
+
+/// History options of the channel a publication goes to (from its
+/// namespace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryOptions {
+    /// Publications to keep; 0 keeps none (offsets still advance).
+    pub size: usize,
+    /// How long each is kept.
+    pub ttl: Duration,
+}
+
+/// What a publisher hands to [`Broker::publish`]; the broker assigns the
+/// offset.
+#[derive(Debug, Clone)]
+pub struct NewPublication {
+    pub data: Arc<RawValue>,
+    pub sender_id: Option<Arc<str>>,
+    pub timestamp: u64,
+}
+
+/// The answer to a history query.
+#[derive(Debug, Clone)]
+pub struct HistoryResult {
+    /// Retained publications after the requested offset, oldest first.
+    pub publications: Vec<Publication>,
+    /// The stream's current top (epoch and newest offset).
+    pub top: StreamPosition,
+}
+
+/// Messages that every instance must see, but that are not part of a
+/// channel's ordered, offset-numbered stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum Control {
+    /// The tutorial's broadcast: to every client except the sender.
+    Broadcast {
+        sender_id: Option<Arc<str>>,
+        data: Arc<RawValue>,
+        timestamp: u64,
+    },
+    /// A client joined a channel (presence on).
+    Join { channel: Arc<str>, info: ClientInfo },
+    /// A client left a channel.
+    Leave { channel: Arc<str>, info: ClientInfo },
+}
+
+/// A message for one client, wherever it is connected.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Direct {
+    pub target_id: Arc<str>,
+    pub sender_id: Option<Arc<str>>,
+    pub data: Arc<RawValue>,
+    pub timestamp: u64,
+}
+
+/// Where a broker delivers what arrives from the bus. Implemented by the
+/// node; every method is non-blocking (it only queues frames).
+pub trait BrokerHandler: Send + Sync + 'static {
+    /// A publication in `channel`, to every local subscriber.
+    fn on_publication(&self, channel: &Arc<str>, epoch: &Arc<str>, publication: &Publication);
+    /// A control message, to the local clients it concerns.
+    fn on_control(&self, control: &Control);
+    /// A direct message; returns whether the target is connected here.
+    fn on_direct(&self, direct: &Direct) -> bool;
+}
+
+/// The bus between instances, and the channel history.
+///
+/// # Guarantees every implementation gives
+///
+/// * **Atomic publish.** [`publish`](Broker::publish) appends to the
+///   channel's history and hands the publication to the subscribed
+///   instances as one step per channel: offsets within an epoch grow by
+///   exactly one per publication, and every instance's handler receives a
+///   channel's publications in offset order.
+/// * **Own instance included.** Publications and control messages reach the
+///   handler of this instance too, exactly once; no instance gets its own
+///   message twice.
+/// * **Epochs.** When a channel's stream is lost (restart of a memory
+///   broker, expiry, a flushed store) the next publication starts a new
+///   epoch, so a client never trusts a stale offset.
+/// * **Failure is loud.** An operation that cannot reach the bus returns
+///   `Error::Bus`; nothing falls back to local-only delivery.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Attach the handler and connect. Called once, before anything else;
+    /// an unreachable bus is an error here.
+    async fn start(&self, handler: Arc<dyn BrokerHandler>) -> Result<()>;
+
+    /// This instance now has a local subscriber to `channel` (the first).
+    async fn subscribe(&self, channel: &str) -> Result<()>;
+
+    /// This instance has no local subscriber to `channel` any more.
+    async fn unsubscribe(&self, channel: &str) -> Result<()>;
+
+    /// Append to history and deliver, atomically per channel; returns the
+    /// publication's position.
+    async fn publish(
+        &self,
+        channel: &str,
+        publication: NewPublication,
+        history: HistoryOptions,
+    ) -> Result<StreamPosition>;
+
+    /// Deliver a control message to every instance, this one included.
+    async fn publish_control(&self, control: Control) -> Result<()>;
+
+    /// Deliver a direct message to the instance holding the target client.
+    /// `Ok(false)` when no instance does.
+    async fn direct(&self, direct: Direct) -> Result<bool>;
+
+    /// Publications of `channel` after `since` (all retained ones without
+    /// it), at most `limit`, oldest first, and the current top. A `since`
+    /// in another epoch returns no publications and the current top.
+    async fn history(
+        &self,
+        channel: &str,
+        since: Option<&StreamPosition>,
+        limit: usize,
+        history: HistoryOptions,
+    ) -> Result<HistoryResult>;
+
+    /// Whether the bus is reachable now (drives `/readyz`).
+    fn is_ready(&self) -> bool {
+        true
+    }
+
+    /// Release the bus (clean shutdown).
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Who is subscribed to which channel, across instances.
+///
+/// Guarantees: `add` then `members` on any instance shows the member;
+/// members of an instance that stops without `remove` disappear after the
+/// implementation's documented expiry (never, for the memory store, which
+/// dies with its instance).
+#[async_trait]
+pub trait PresenceStore: Send + Sync + 'static {
+    async fn add(&self, channel: &str, info: &ClientInfo) -> Result<()>;
+    async fn remove(&self, channel: &str, client_id: &str) -> Result<()>;
+    async fn members(&self, channel: &str) -> Result<Vec<ClientInfo>>;
+}

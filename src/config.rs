@@ -1,0 +1,499 @@
+//! Configuration: flags, environment variables and an optional TOML file.
+//!
+//! Precedence, highest first: command-line flag, environment variable, the
+//! TOML file given with `--config`, the built-in default. Everything is
+//! validated once, in [`Config::from_settings`], so a bad value stops the
+//! server at start-up with a message naming the option.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// A duration written the human way (`30s`, `5m`, `250ms`), usable both as
+/// a flag value and in the TOML file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = humantime::DurationError;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        humantime::parse_duration(s).map(HumanDuration)
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+/// Every setting, each optional so that flags, environment and file can be
+/// layered. The same struct is parsed by clap and deserialized from TOML,
+/// so the file's keys are the flags' names with `_` for `-`.
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Address to bind [default: 0.0.0.0].
+    #[arg(long, env = "SWITCHBOARD_HOST")]
+    pub host: Option<IpAddr>,
+    /// Port to serve HTTP and WebSocket on; 0 picks a free one [default: 8080].
+    #[arg(long, env = "PORT")]
+    pub port: Option<u16>,
+    /// Instance id reported in `/metrics` and `connected`. Without it:
+    /// `GAE_INSTANCE`, then `SWITCHBOARD_INSTANCE_ID`, then a random id.
+    #[arg(long)]
+    pub instance_id: Option<String>,
+    /// Message bus between instances: `memory` (one instance) [default: memory].
+    #[arg(long, env = "SWITCHBOARD_BUS")]
+    pub bus: Option<String>,
+    /// Largest client message in bytes; larger ones close the connection
+    /// with 1009 [default: 65536].
+    #[arg(long, env = "SWITCHBOARD_MAX_MESSAGE_SIZE")]
+    pub max_message_size: Option<usize>,
+    /// Interval between WebSocket pings to each client [default: 30s].
+    #[arg(long, env = "SWITCHBOARD_PING_INTERVAL")]
+    pub ping_interval: Option<HumanDuration>,
+    /// How long after a ping a silent client is removed [default: 30s].
+    #[arg(long, env = "SWITCHBOARD_PONG_TIMEOUT")]
+    pub pong_timeout: Option<HumanDuration>,
+    /// Most frames queued for one client before it is closed as a slow
+    /// consumer (4008) [default: 1024].
+    #[arg(long, env = "SWITCHBOARD_QUEUE_MAX_MESSAGES")]
+    pub queue_max_messages: Option<usize>,
+    /// Most bytes queued for one client before it is closed as a slow
+    /// consumer (4008) [default: 4194304].
+    #[arg(long, env = "SWITCHBOARD_QUEUE_MAX_BYTES")]
+    pub queue_max_bytes: Option<usize>,
+    /// A write to a client that takes longer than this closes it [default: 10s].
+    #[arg(long, env = "SWITCHBOARD_WRITE_TIMEOUT")]
+    pub write_timeout: Option<HumanDuration>,
+    /// On SIGTERM/SIGINT, how long to wait for connections to close [default: 30s].
+    #[arg(long, env = "SWITCHBOARD_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<HumanDuration>,
+    /// Serve a diagnostic echo WebSocket at this path (off by default), for
+    /// the Autobahn conformance suite.
+    #[arg(long, env = "SWITCHBOARD_ECHO_PATH")]
+    pub echo_path: Option<String>,
+    /// Largest message on the echo endpoint [default: 16777216].
+    #[arg(long, env = "SWITCHBOARD_ECHO_MAX_MESSAGE_SIZE")]
+    pub echo_max_message_size: Option<usize>,
+    /// Most channels one connection may subscribe to [default: 128].
+    #[arg(long, env = "SWITCHBOARD_MAX_SUBSCRIPTIONS")]
+    pub max_subscriptions: Option<usize>,
+    /// Whether a subscribed publisher receives its own publication [default: true].
+    #[arg(long, env = "SWITCHBOARD_CHANNEL_ECHO")]
+    pub channel_echo: Option<bool>,
+    /// Refuse channels whose namespace is not configured [default: false].
+    #[arg(long, env = "SWITCHBOARD_STRICT_NAMESPACES")]
+    pub strict_namespaces: Option<bool>,
+    /// Serve the demo pages, the client at /client.js and the `sys:metrics`
+    /// channel [default: true].
+    #[arg(long, env = "SWITCHBOARD_DEMO")]
+    pub demo: Option<bool>,
+    /// Default namespace: publications kept per channel, 0 turns history off
+    /// [default: 100].
+    #[arg(long, env = "SWITCHBOARD_HISTORY_SIZE")]
+    pub history_size: Option<usize>,
+    /// Default namespace: how long a publication is kept [default: 5m].
+    #[arg(long, env = "SWITCHBOARD_HISTORY_TTL")]
+    pub history_ttl: Option<HumanDuration>,
+    /// Default namespace: presence on [default: true].
+    #[arg(long, env = "SWITCHBOARD_PRESENCE")]
+    pub presence: Option<bool>,
+    /// Default namespace: join/leave events on [default: true].
+    #[arg(long, env = "SWITCHBOARD_JOIN_LEAVE")]
+    pub join_leave: Option<bool>,
+    /// Default namespace: clients may publish [default: true].
+    #[arg(long, env = "SWITCHBOARD_CLIENT_PUBLISH")]
+    pub client_publish: Option<bool>,
+    /// Per-namespace options; only in the TOML file (`[namespaces.chat]`).
+    #[arg(skip)]
+    pub namespaces: HashMap<String, NamespaceSettings>,
+}
+
+/// Options of one namespace, as written in the TOML file. Missing keys take
+/// the default namespace's value.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NamespaceSettings {
+    pub history_size: Option<usize>,
+    pub history_ttl: Option<HumanDuration>,
+    pub presence: Option<bool>,
+    pub join_leave: Option<bool>,
+    pub client_publish: Option<bool>,
+}
+
+/// The effective options of a namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceOptions {
+    /// Publications kept per channel; 0 means no history and no recovery.
+    pub history_size: usize,
+    /// Age after which a publication leaves the history.
+    pub history_ttl: Duration,
+    /// Whether the `presence` request is served.
+    pub presence: bool,
+    /// Whether subscribers get `join` / `leave` events (needs presence).
+    pub join_leave: bool,
+    /// Whether clients may `publish` (the server API always may).
+    pub client_publish: bool,
+}
+
+impl Default for NamespaceOptions {
+    fn default() -> Self {
+        NamespaceOptions {
+            history_size: 100,
+            history_ttl: Duration::from_secs(300),
+            presence: true,
+            join_leave: true,
+            client_publish: true,
+        }
+    }
+}
+
+/// The bus between instances.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusConfig {
+    /// In-process: one instance, nothing to connect to.
+    Memory,
+}
+
+impl FromStr for BusConfig {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "memory" | "" => Ok(BusConfig::Memory),
+            other => Err(Error::Config(format!(
+                "bus: unsupported value {other:?}; this build supports `memory`"
+            ))),
+        }
+    }
+}
+
+/// The validated configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to bind.
+    pub host: IpAddr,
+    /// Port to bind; 0 lets the OS choose (tests).
+    pub port: u16,
+    /// This instance's id, unique among instances.
+    pub instance_id: String,
+    /// The bus between instances.
+    pub bus: BusConfig,
+    /// Largest accepted client message, in bytes.
+    pub max_message_size: usize,
+    /// Interval between pings to each client.
+    pub ping_interval: Duration,
+    /// How long a client may stay silent after a ping before it is removed.
+    pub pong_timeout: Duration,
+    /// Per-connection outbound queue bound, in frames.
+    pub queue_max_messages: usize,
+    /// Per-connection outbound queue bound, in bytes.
+    pub queue_max_bytes: usize,
+    /// Longest a single write to a client may take.
+    pub write_timeout: Duration,
+    /// Longest the shutdown waits for connections to end.
+    pub drain_timeout: Duration,
+    /// Path of the diagnostic echo endpoint, if enabled.
+    pub echo_path: Option<String>,
+    /// Message size limit on the echo endpoint.
+    pub echo_max_message_size: usize,
+    /// Most subscriptions per connection.
+    pub max_subscriptions: usize,
+    /// Whether a subscribed publisher gets its own publication.
+    pub channel_echo: bool,
+    /// Refuse channels in namespaces that are not configured.
+    pub strict_namespaces: bool,
+    /// Serve demo pages, /client.js and the `sys:metrics` channel.
+    pub demo: bool,
+    /// Options of channels without a configured namespace.
+    pub default_namespace: NamespaceOptions,
+    /// Options per configured namespace.
+    pub namespaces: HashMap<String, NamespaceOptions>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::from_settings(Settings::default()).expect("defaults are valid")
+    }
+}
+
+/// Take the first value that is set, else the default.
+macro_rules! pick {
+    ($s:expr, $default:expr) => {
+        $s.unwrap_or($default)
+    };
+}
+
+impl Settings {
+    /// Fill every unset field of `self` from `lower` (a lower-precedence layer).
+    pub fn layered_over(mut self, lower: Settings) -> Settings {
+        macro_rules! fill {
+            ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = lower.$f; } )* };
+        }
+        fill!(
+            host,
+            port,
+            instance_id,
+            bus,
+            max_message_size,
+            ping_interval,
+            pong_timeout,
+            queue_max_messages,
+            queue_max_bytes,
+            write_timeout,
+            drain_timeout,
+            echo_path,
+            echo_max_message_size,
+            max_subscriptions,
+            channel_echo,
+            strict_namespaces,
+            demo,
+            history_size,
+            history_ttl,
+            presence,
+            join_leave,
+            client_publish
+        );
+        if self.namespaces.is_empty() {
+            self.namespaces = lower.namespaces;
+        }
+        self
+    }
+
+    /// Read a TOML configuration file.
+    pub fn from_file(path: &Path) -> Result<Settings> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    }
+}
+
+fn positive(name: &str, v: usize) -> Result<usize> {
+    if v == 0 {
+        return Err(Error::Config(format!("{name} must be greater than 0")));
+    }
+    Ok(v)
+}
+
+fn nonzero(name: &str, d: Duration) -> Result<Duration> {
+    if d.is_zero() {
+        return Err(Error::Config(format!("{name} must be greater than 0")));
+    }
+    Ok(d)
+}
+
+/// Checks a namespace name: the channel charset minus `:`.
+fn valid_namespace_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| crate::protocol::is_channel_byte(b) && b != b':')
+}
+
+impl Config {
+    /// Validate layered settings into a configuration.
+    pub fn from_settings(s: Settings) -> Result<Config> {
+        let default_namespace = NamespaceOptions {
+            history_size: pick!(s.history_size, 100),
+            history_ttl: nonzero(
+                "history_ttl",
+                pick!(s.history_ttl, HumanDuration(Duration::from_secs(300))).0,
+            )?,
+            presence: pick!(s.presence, true),
+            join_leave: pick!(s.join_leave, true),
+            client_publish: pick!(s.client_publish, true),
+        };
+        let mut namespaces = HashMap::new();
+        for (name, ns) in s.namespaces {
+            if !valid_namespace_name(&name) {
+                return Err(Error::Config(format!(
+                    "namespaces.{name}: a namespace name is 1-64 channel characters without ':'"
+                )));
+            }
+            let opts = NamespaceOptions {
+                history_size: ns.history_size.unwrap_or(default_namespace.history_size),
+                history_ttl: nonzero(
+                    &format!("namespaces.{name}.history_ttl"),
+                    ns.history_ttl
+                        .map(|d| d.0)
+                        .unwrap_or(default_namespace.history_ttl),
+                )?,
+                presence: ns.presence.unwrap_or(default_namespace.presence),
+                join_leave: ns.join_leave.unwrap_or(default_namespace.join_leave),
+                client_publish: ns
+                    .client_publish
+                    .unwrap_or(default_namespace.client_publish),
+            };
+            if opts.join_leave && !opts.presence {
+                return Err(Error::Config(format!(
+                    "namespaces.{name}: join_leave needs presence"
+                )));
+            }
+            namespaces.insert(name, opts);
+        }
+        // `sys` is where the server publishes its own figures: clients may
+        // read it but not write it, unless the file configures it.
+        namespaces
+            .entry("sys".to_string())
+            .or_insert(NamespaceOptions {
+                history_size: 60,
+                history_ttl: Duration::from_secs(120),
+                presence: false,
+                join_leave: false,
+                client_publish: false,
+            });
+        if default_namespace.join_leave && !default_namespace.presence {
+            return Err(Error::Config(
+                "join_leave needs presence (set join_leave = false too)".into(),
+            ));
+        }
+        let instance_id = s
+            .instance_id
+            .or_else(|| std::env::var("GAE_INSTANCE").ok())
+            .or_else(|| std::env::var("SWITCHBOARD_INSTANCE_ID").ok())
+            .filter(|id| !id.is_empty())
+            .unwrap_or_else(|| format!("sb-{}", random_base36(8)));
+        let echo_path = match s.echo_path {
+            Some(p) if !p.starts_with('/') || p.len() < 2 => {
+                return Err(Error::Config(format!(
+                    "echo_path must start with '/' and not be '/' (got {p:?})"
+                )));
+            }
+            other => other,
+        };
+        let bus: BusConfig = pick!(s.bus, "memory".into()).parse()?;
+        Ok(Config {
+            host: pick!(s.host, IpAddr::from([0, 0, 0, 0])),
+            port: pick!(s.port, 8080),
+            instance_id,
+            bus,
+            max_message_size: positive("max_message_size", pick!(s.max_message_size, 64 * 1024))?,
+            ping_interval: nonzero(
+                "ping_interval",
+                pick!(s.ping_interval, HumanDuration(Duration::from_secs(30))).0,
+            )?,
+            pong_timeout: nonzero(
+                "pong_timeout",
+                pick!(s.pong_timeout, HumanDuration(Duration::from_secs(30))).0,
+            )?,
+            queue_max_messages: positive("queue_max_messages", pick!(s.queue_max_messages, 1024))?,
+            queue_max_bytes: positive("queue_max_bytes", pick!(s.queue_max_bytes, 4 << 20))?,
+            write_timeout: nonzero(
+                "write_timeout",
+                pick!(s.write_timeout, HumanDuration(Duration::from_secs(10))).0,
+            )?,
+            drain_timeout: pick!(s.drain_timeout, HumanDuration(Duration::from_secs(30))).0,
+            echo_path,
+            echo_max_message_size: positive(
+                "echo_max_message_size",
+                pick!(s.echo_max_message_size, 16 << 20),
+            )?,
+            max_subscriptions: positive("max_subscriptions", pick!(s.max_subscriptions, 128))?,
+            channel_echo: pick!(s.channel_echo, true),
+            strict_namespaces: pick!(s.strict_namespaces, false),
+            demo: pick!(s.demo, true),
+            default_namespace,
+            namespaces,
+        })
+    }
+
+    /// The options that apply to `channel` (already validated), or `None`
+    /// when its namespace is unknown and `strict_namespaces` is on.
+    pub fn namespace_of(&self, channel: &str) -> Option<&NamespaceOptions> {
+        match channel.split_once(':') {
+            Some((ns, _)) => match self.namespaces.get(ns) {
+                Some(opts) => Some(opts),
+                None if self.strict_namespaces => None,
+                None => Some(&self.default_namespace),
+            },
+            None => Some(&self.default_namespace),
+        }
+    }
+}
+
+/// `n` random characters of `[0-9a-z]`.
+pub fn random_base36(n: usize) -> String {
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    (0..n)
+        .map(|_| ALPHABET[fastrand::usize(..ALPHABET.len())] as char)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = Config::default();
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.max_message_size, 65536);
+        assert_eq!(c.ping_interval, Duration::from_secs(30));
+        assert_eq!(c.bus, BusConfig::Memory);
+        assert!(c.channel_echo);
+    }
+
+    #[test]
+    fn flags_win_over_file() {
+        let flags = Settings {
+            port: Some(9000),
+            ..Default::default()
+        };
+        let file: Settings = toml::from_str(
+            "port = 7000\nmax_subscriptions = 3\n[namespaces.chat]\nhistory_size = 5\npresence = false\njoin_leave = false\n",
+        )
+        .unwrap();
+        let c = Config::from_settings(flags.layered_over(file)).unwrap();
+        assert_eq!(c.port, 9000);
+        assert_eq!(c.max_subscriptions, 3);
+        let chat = c.namespace_of("chat:room").unwrap();
+        assert_eq!(chat.history_size, 5);
+        assert!(!chat.presence);
+        assert_eq!(c.namespace_of("other:x"), Some(&c.default_namespace));
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_option_name() {
+        let err = toml::from_str::<Settings>("no_such_option = 1").unwrap_err();
+        assert!(err.to_string().contains("no_such_option"));
+        let s = Settings {
+            bus: Some("carrier-pigeon://x".into()),
+            ..Default::default()
+        };
+        let err = Config::from_settings(s).unwrap_err().to_string();
+        assert!(err.contains("bus"), "{err}");
+        let s = Settings {
+            max_subscriptions: Some(0),
+            ..Default::default()
+        };
+        let err = Config::from_settings(s).unwrap_err().to_string();
+        assert!(err.contains("max_subscriptions"), "{err}");
+    }
+
+    #[test]
+    fn strict_namespaces_refuse_unknown_prefixes() {
+        let s = Settings {
+            strict_namespaces: Some(true),
+            ..Default::default()
+        };
+        let c = Config::from_settings(s).unwrap();
+        assert!(c.namespace_of("nope:x").is_none());
+        assert!(c.namespace_of("plain").is_some());
+    }
+}

@@ -1,0 +1,127 @@
+//! Errors: the client-visible error codes of `docs/protocol.md`, the close
+//! codes, and the crate's own error type for start-up and backend failures.
+
+use std::fmt;
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A code sent to the client in an `error` frame. The string forms are part
+/// of the wire protocol: never rename one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    InvalidJson,
+    InvalidFrame,
+    UnknownType,
+    BinaryNotSupported,
+    UnknownTarget,
+    BadChannel,
+    UnknownNamespace,
+    NotSubscribed,
+    AlreadySubscribed,
+    TooManySubscriptions,
+    HistoryDisabled,
+    PresenceDisabled,
+    PublishNotAllowed,
+    BusUnavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::InvalidFrame => "invalid_frame",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::BinaryNotSupported => "binary_not_supported",
+            ErrorCode::UnknownTarget => "unknown_target",
+            ErrorCode::BadChannel => "bad_channel",
+            ErrorCode::UnknownNamespace => "unknown_namespace",
+            ErrorCode::NotSubscribed => "not_subscribed",
+            ErrorCode::AlreadySubscribed => "already_subscribed",
+            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ErrorCode::HistoryDisabled => "history_disabled",
+            ErrorCode::PresenceDisabled => "presence_disabled",
+            ErrorCode::PublishNotAllowed => "publish_not_allowed",
+            ErrorCode::BusUnavailable => "bus_unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failed request, as the client will see it in an `error` frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientError {
+    /// Machine-readable code (see [`ErrorCode`]).
+    pub code: ErrorCode,
+    /// Human-readable explanation; not part of the contract.
+    pub message: String,
+}
+
+impl ClientError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ClientError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+/// WebSocket close codes used by Switchboard (see `docs/protocol.md`).
+pub mod close {
+    /// Normal closure.
+    pub const NORMAL: u16 = 1000;
+    /// The server is shutting down.
+    pub const GOING_AWAY: u16 = 1001;
+    /// A message exceeded `max_message_size`.
+    pub const TOO_BIG: u16 = 1009;
+    /// Unexpected server error.
+    pub const INTERNAL: u16 = 1011;
+    /// The instance is draining; reconnect (elsewhere).
+    pub const SERVICE_RESTART: u16 = 1012;
+    /// The connection's outbound queue overflowed.
+    pub const SLOW_CONSUMER: u16 = 4008;
+}
+
+/// Errors of the server itself: configuration, I/O, backends.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid; the message says which option and why.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Binding or serving failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The configured bus cannot be reached or refused an operation.
+    #[error("bus unavailable: {0}")]
+    Bus(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A request the client made cannot be served.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+impl Error {
+    /// How this error is reported to a client whose request caused it.
+    pub fn to_client(&self) -> ClientError {
+        match self {
+            Error::Client(e) => e.clone(),
+            Error::Bus(e) => ClientError::new(ErrorCode::BusUnavailable, e.to_string()),
+            other => ClientError::new(ErrorCode::Internal, other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! The hub: this instance's connections and the channel → subscriber index.
+//!
+//! Fan-out pushes an already-encoded frame into each recipient's
+//! [`OutQueue`]: a reference-count increment and a short lock per
+//! recipient, never an await, never a copy of the payload. A recipient
+//! whose queue overflows is marked closed (slow consumer) and its own task
+//! removes it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use tokio::time::Instant;
+
+use crate::protocol::{ClientInfo, Text};
+use crate::queue::{Limits, OutQueue, Outbound, Push};
+
+/// One connected client, shared by its session task, the hub and the
+/// keep-alive sweeper.
+#[derive(Debug)]
+pub struct ClientHandle {
+    /// Client id and user id, as shown to others.
+    pub info: ClientInfo,
+    /// Frames waiting to be written to this client.
+    pub queue: OutQueue,
+    /// When a frame last arrived from the client (ms since the hub
+    /// started); the sweeper compares it with `ping_sent`.
+    last_seen: AtomicU64,
+    /// When the sweeper last sent a ping (ms since the hub started), 0
+    /// before the first.
+    ping_sent: AtomicU64,
+}
+
+impl ClientHandle {
+    /// The client's id.
+    pub fn id(&self) -> &Arc<str> {
+        &self.info.client_id
+    }
+}
+
+/// The local subscribers of one channel, by client id.
+type Subscribers = HashMap<Arc<str>, Arc<ClientHandle>>;
+
+/// Local connections and channel subscriptions.
+pub struct Hub {
+    /// Every local client by id. A std `RwLock`: fan-out holds the read
+    /// side while it pushes (non-blocking), writers are connects and
+    /// disconnects.
+    clients: RwLock<HashMap<Arc<str>, Arc<ClientHandle>>>,
+    /// Channel → its local subscribers by client id.
+    channels: RwLock<HashMap<Arc<str>, Subscribers>>,
+    /// Bounds of every client's queue.
+    limits: Limits,
+    /// Origin of the millisecond clock in `last_seen` / `ping_sent`.
+    epoch: Instant,
+    /// Frames pushed to clients (deliveries).
+    delivered: AtomicU64,
+    /// Clients closed because their queue overflowed.
+    slow_consumers: AtomicU64,
+}
+
+impl Hub {
+    pub fn new(limits: Limits) -> Self {
+        Hub {
+            clients: RwLock::default(),
+            channels: RwLock::default(),
+            limits,
+            epoch: Instant::now(),
+            delivered: AtomicU64::new(0),
+            slow_consumers: AtomicU64::new(0),
+        }
+    }
+
+    /// Milliseconds since the hub started (never 0).
+    pub fn clock_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Register a new client.
+    pub fn add(&self, info: ClientInfo) -> Arc<ClientHandle> {
+        let handle = Arc::new(ClientHandle {
+            info,
+            queue: OutQueue::new(),
+            last_seen: AtomicU64::new(self.clock_ms()),
+            ping_sent: AtomicU64::new(0),
+        });
+        self.clients
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(handle.id().clone(), handle.clone());
+        handle
+    }
+
+    /// A handle that is not registered: it gets no broadcast and is not
+    /// counted (the diagnostic echo endpoint).
+    pub fn detached(&self) -> Arc<ClientHandle> {
+        Arc::new(ClientHandle {
+            info: ClientInfo {
+                client_id: format!("echo-{}", crate::config::random_base36(9)).into(),
+                user_id: None,
+            },
+            queue: OutQueue::new(),
+            last_seen: AtomicU64::new(self.clock_ms()),
+            ping_sent: AtomicU64::new(0),
+        })
+    }
+
+    /// Forget a client (its channels must have been left already).
+    pub fn remove(&self, client_id: &str) {
+        self.clients
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(client_id);
+    }
+
+    /// Number of local clients.
+    pub fn len(&self) -> usize {
+        self.clients.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether no client is connected.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A snapshot of every local client.
+    pub fn clients(&self) -> Vec<Arc<ClientHandle>> {
+        self.clients
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Note that the client sent something (any frame, pong included).
+    pub fn touch(&self, client: &ClientHandle) {
+        client.last_seen.store(self.clock_ms(), Ordering::Relaxed);
+    }
+
+    fn push(&self, client: &ClientHandle, item: Outbound) -> bool {
+        match client.queue.push(item, self.limits) {
+            Push::Queued => {
+                self.delivered.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Push::Overflow => {
+                self.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(client = %client.id(), "slow consumer: outbound queue overflowed, closing");
+                false
+            }
+            Push::Closed => false,
+        }
+    }
+
+    /// Queue a frame for one client.
+    pub fn send(&self, client: &ClientHandle, frame: Text) -> bool {
+        self.push(client, Outbound::Frame(frame))
+    }
+
+    /// Queue `frame` for every local client except `exclude`.
+    pub fn broadcast(&self, frame: &Text, exclude: Option<&str>) {
+        let clients = self.clients.read().unwrap_or_else(|p| p.into_inner());
+        for (id, client) in clients.iter() {
+            if Some(&**id) != exclude {
+                self.push(client, Outbound::Frame(frame.clone()));
+            }
+        }
+    }
+
+    /// Queue `frame` for the local client `client_id`; false if it is not
+    /// connected here.
+    pub fn direct(&self, client_id: &str, frame: Text) -> bool {
+        let client = self
+            .clients
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(client_id)
+            .cloned();
+        match client {
+            Some(c) => {
+                self.send(&c, frame);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Add `client` to `channel`'s subscribers; true if it is the first
+    /// local subscriber.
+    pub fn subscribe(&self, channel: &Arc<str>, client: &Arc<ClientHandle>) -> bool {
+        let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
+        let subs = channels.entry(channel.clone()).or_default();
+        let first = subs.is_empty();
+        subs.insert(client.id().clone(), client.clone());
+        first
+    }
+
+    /// Remove `client_id` from `channel`; true if no local subscriber is
+    /// left.
+    pub fn unsubscribe(&self, channel: &str, client_id: &str) -> bool {
+        let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
+        let Some(subs) = channels.get_mut(channel) else {
+            return false;
+        };
+        if subs.remove(client_id).is_none() {
+            return false;
+        }
+        if subs.is_empty() {
+            channels.remove(channel);
+            return true;
+        }
+        false
+    }
+
+    /// Queue a channel publication for every local subscriber (except
+    /// `exclude`, when the publisher does not want its own messages).
+    pub fn publish(
+        &self,
+        channel: &Arc<str>,
+        epoch: &Arc<str>,
+        publication: &crate::protocol::Publication,
+        frame: &Text,
+        exclude: Option<&str>,
+    ) {
+        let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
+        let Some(subs) = channels.get(channel) else {
+            return;
+        };
+        for (id, client) in subs.iter() {
+            if Some(&**id) == exclude {
+                continue;
+            }
+            self.push(
+                client,
+                Outbound::Publication {
+                    channel: channel.clone(),
+                    epoch: epoch.clone(),
+                    offset: publication.offset,
+                    timestamp: publication.timestamp,
+                    frame: frame.clone(),
+                },
+            );
+        }
+    }
+
+    /// Queue a frame for every local subscriber of `channel` except
+    /// `exclude` (join/leave events).
+    pub fn channel_frame(&self, channel: &str, frame: &Text, exclude: Option<&str>) {
+        let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
+        let Some(subs) = channels.get(channel) else {
+            return;
+        };
+        for (id, client) in subs.iter() {
+            if Some(&**id) != exclude {
+                self.push(client, Outbound::Frame(frame.clone()));
+            }
+        }
+    }
+
+    /// Number of local subscribers of `channel`.
+    pub fn subscriber_count(&self, channel: &str) -> usize {
+        self.channels
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(channel)
+            .map_or(0, |s| s.len())
+    }
+
+    /// Frames queued to clients so far.
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+    }
+
+    /// Clients closed as slow consumers so far.
+    pub fn slow_consumers(&self) -> u64 {
+        self.slow_consumers.load(Ordering::Relaxed)
+    }
+
+    /// One keep-alive pass at `now` (see [`crate::keepalive`]): ping the
+    /// clients that have been quiet for `ping_ms`, and close, without a
+    /// close frame, those that stayed silent `timeout_ms` after a ping.
+    /// Returns how many were found dead.
+    pub fn keepalive_pass(&self, now: u64, ping_ms: u64, timeout_ms: u64) -> usize {
+        let clients = self.clients.read().unwrap_or_else(|p| p.into_inner());
+        let mut dead = 0;
+        for client in clients.values() {
+            let seen = client.last_seen.load(Ordering::Relaxed);
+            let sent = client.ping_sent.load(Ordering::Relaxed);
+            if sent > seen {
+                if now.saturating_sub(sent) >= timeout_ms {
+                    dead += 1;
+                    client
+                        .queue
+                        .close(crate::queue::CloseReason::abort("no pong"));
+                }
+            } else if now.saturating_sub(seen) >= ping_ms {
+                client.ping_sent.store(now.max(seen + 1), Ordering::Relaxed);
+                self.push(client, Outbound::Ping);
+            }
+        }
+        dead
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: &str) -> ClientInfo {
+        ClientInfo {
+            client_id: id.into(),
+            user_id: None,
+        }
+    }
+
+    const LIMITS: Limits = Limits {
+        max_messages: 8,
+        max_bytes: 1 << 20,
+    };
+
+    #[test]
+    fn first_and_last_subscriber_are_reported() {
+        let hub = Hub::new(LIMITS);
+        let a = hub.add(info("a"));
+        let b = hub.add(info("b"));
+        let ch: Arc<str> = "room".into();
+        assert!(hub.subscribe(&ch, &a));
+        assert!(!hub.subscribe(&ch, &b));
+        assert!(!hub.unsubscribe("room", "a"));
+        assert!(!hub.unsubscribe("room", "a"), "second removal is a no-op");
+        assert!(hub.unsubscribe("room", "b"));
+        assert_eq!(hub.subscriber_count("room"), 0);
+    }
+
+    #[test]
+    fn broadcast_skips_the_sender() {
+        let hub = Hub::new(LIMITS);
+        let a = hub.add(info("a"));
+        let b = hub.add(info("b"));
+        hub.broadcast(&Text::from("x"), Some("a"));
+        assert!(a.queue.take().0.is_empty());
+        assert_eq!(b.queue.take().0.len(), 1);
+    }
+
+    #[test]
+    fn keepalive_pings_then_declares_dead() {
+        let hub = Hub::new(LIMITS);
+        let a = hub.add(info("a"));
+        let seen = a.last_seen.load(Ordering::Relaxed);
+        assert_eq!(hub.keepalive_pass(seen + 10, 100, 100), 0);
+        assert!(a.queue.take().0.is_empty(), "not quiet long enough");
+        assert_eq!(hub.keepalive_pass(seen + 100, 100, 100), 0);
+        assert!(matches!(a.queue.take().0.front(), Some(Outbound::Ping)));
+        assert_eq!(
+            hub.keepalive_pass(seen + 150, 100, 100),
+            0,
+            "waiting for the pong"
+        );
+        assert_eq!(hub.keepalive_pass(seen + 200, 100, 100), 1);
+        assert!(a.queue.is_closed());
+    }
+}

@@ -1,0 +1,54 @@
+//! Switchboard: a real-time WebSocket server.
+//!
+//! It speaks the wire protocol of the App Engine Flex WebSocket tutorial
+//! (`broadcast`, `direct`, `connected`) and adds channels, presence, history
+//! with recovery after reconnect, keep-alive that removes dead peers, bounded
+//! queues and graceful drain. See `docs/protocol.md` for every frame and
+//! `ARCHITECTURE.md` for the message path.
+//!
+//! # Layout
+//!
+//! * [`config`]: every option, from flags, environment and an optional TOML
+//!   file, validated once at start-up.
+//! * [`server`]: the HTTP router (WebSocket upgrades, `/`, `/_ah/health`,
+//!   `/metrics`, `/livez`, `/readyz`), [`server::run`] with its shutdown
+//!   broadcast and the drain that waits for every connection task.
+//! * [`session`]: one WebSocket connection: its read loop, its writer, its
+//!   subscriptions. Generic over `Sink`/`Stream` so it can be driven by
+//!   channels in unit tests.
+//! * [`protocol`]: parsing client frames into [`protocol::Request`] and
+//!   encoding server frames, each encoded once and shared by all recipients.
+//! * [`node`]: the [`node::Node`] handle: owns the [`hub::Hub`] and the
+//!   backend ([`broker::Broker`], [`broker::PresenceStore`]) and implements
+//!   broadcast, direct, publish, subscribe, presence and history.
+//! * [`hub`]: the local connections and the channel → subscriber index;
+//!   non-blocking fan-out into each client's [`queue::OutQueue`].
+//! * [`queue`]: the bounded per-connection outbound queue; it holds no
+//!   allocation while empty.
+//! * [`broker`]: the narrow backend traits and their guarantees, and the
+//!   in-memory implementation (the default).
+//! * [`keepalive`]: one shared sweeper that pings every client and removes
+//!   dead peers, instead of a timer per connection.
+//! * [`metrics`]: counters behind `/metrics`, and the delivery-latency
+//!   histogram.
+//! * [`assets`]: the embedded JavaScript client and demo pages.
+//! * [`error`]: client-visible error codes and close codes.
+
+#![forbid(unsafe_code)]
+
+pub mod assets;
+pub mod broker;
+pub mod config;
+pub mod error;
+pub mod hub;
+pub mod keepalive;
+pub mod metrics;
+pub mod node;
+pub mod protocol;
+pub mod queue;
+pub mod server;
+pub mod session;
+
+pub use config::Config;
+pub use error::{ErrorCode, Result};
+pub use node::Node;

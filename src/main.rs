@@ -1,0 +1,87 @@
+//! The `switchboard` binary: parse the configuration, set up logging, bind,
+//! and serve until SIGTERM or SIGINT.
+
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use switchboard::config::{Config, Settings};
+use switchboard::{Node, server};
+
+/// A real-time WebSocket server: the App Engine Flex tutorial's protocol,
+/// done properly. Every option can also be set in the environment (shown
+/// in brackets) or in a TOML file given with --config.
+#[derive(Debug, Parser)]
+#[command(name = "switchboard", version, about)]
+struct Cli {
+    #[command(flatten)]
+    settings: Settings,
+    /// TOML configuration file; flags and environment take precedence.
+    #[arg(long, env = "SWITCHBOARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the configuration file (and flags) and exit.
+    #[arg(long, value_name = "FILE")]
+    check_config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    /// Log filter, e.g. `info`, `switchboard=debug` (RUST_LOG syntax).
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log: String,
+}
+
+fn load(cli: &Cli) -> Result<Config, switchboard::error::Error> {
+    let file = match cli.check_config.as_ref().or(cli.config.as_ref()) {
+        Some(path) => Settings::from_file(path)?,
+        None => Settings::default(),
+    };
+    Config::from_settings(cli.settings.clone().layered_over(file))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if cli.log_format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let config = match load(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("switchboard: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(path) = &cli.check_config {
+        println!("{}: configuration is valid", path.display());
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("switchboard: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "switchboard failed");
+            eprintln!("switchboard: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> switchboard::Result<()> {
+    let addr = SocketAddr::new(config.host, config.port);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let node = Node::new(config).await?;
+    server::run(listener, node, server::shutdown_signal()).await
+}

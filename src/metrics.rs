@@ -1,0 +1,148 @@
+//! Counters behind `/metrics` (the tutorial's JSON, extended).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+/// Process-wide counters. Relaxed atomics: each is an independent tally.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Text frames received from clients.
+    pub messages_in: AtomicU64,
+    /// Frames written to clients.
+    pub messages_out: AtomicU64,
+    /// WebSocket handshakes completed.
+    pub connections_total: AtomicU64,
+    /// Error frames sent.
+    pub errors_sent: AtomicU64,
+    /// Clients removed because they stopped answering pings.
+    pub dead_peers: AtomicU64,
+    /// Connections closed because a message exceeded the size limit.
+    pub oversize_closes: AtomicU64,
+    /// Publications accepted (client and API).
+    pub publications: AtomicU64,
+    /// Publish → write latency of channel publications.
+    pub latency: LatencyHistogram,
+}
+
+/// Upper bounds (ms) of the latency histogram's buckets; a last bucket
+/// holds everything above.
+pub const LATENCY_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000];
+
+/// A fixed-bucket histogram of publish → write latency in milliseconds
+/// (publication timestamp to the moment the frame is handed to the socket).
+/// Lock-free: one relaxed increment per observation.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    counts: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+}
+
+impl LatencyHistogram {
+    /// Record one latency.
+    pub fn observe(&self, ms: u64) {
+        let i = LATENCY_BUCKETS_MS
+            .iter()
+            .position(|&b| ms <= b)
+            .unwrap_or(LATENCY_BUCKETS_MS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The cumulative counts so far.
+    pub fn snapshot(&self) -> LatencySnapshot {
+        LatencySnapshot(std::array::from_fn(|i| {
+            self.counts[i].load(Ordering::Relaxed)
+        }))
+    }
+}
+
+/// Bucket counts at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LatencySnapshot(pub [u64; LATENCY_BUCKETS_MS.len() + 1]);
+
+impl LatencySnapshot {
+    /// Observations between `earlier` and this snapshot.
+    pub fn since(&self, earlier: &LatencySnapshot) -> LatencySnapshot {
+        LatencySnapshot(std::array::from_fn(|i| {
+            self.0[i].saturating_sub(earlier.0[i])
+        }))
+    }
+
+    /// The upper bound of the bucket holding quantile `q`, in ms; `None`
+    /// without observations. Beyond the last bound it reports the last
+    /// bound.
+    pub fn quantile(&self, q: f64) -> Option<u64> {
+        let total: u64 = self.0.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, c) in self.0.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(LATENCY_BUCKETS_MS[i.min(LATENCY_BUCKETS_MS.len() - 1)]);
+            }
+        }
+        LATENCY_BUCKETS_MS.last().copied()
+    }
+}
+
+impl Metrics {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Resident and virtual memory of this process, in bytes, from
+/// `/proc/self/status` (zero where that file does not exist).
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MemoryUsage {
+    pub rss: u64,
+    pub vm_size: u64,
+}
+
+/// Read this process's memory usage.
+pub fn memory_usage() -> MemoryUsage {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return MemoryUsage::default();
+    };
+    let kib = |key: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map_or(0, |k| k * 1024)
+    };
+    MemoryUsage {
+        rss: kib("VmRSS:"),
+        vm_size: kib("VmSize:"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_come_from_bucket_bounds() {
+        let h = LatencyHistogram::default();
+        let empty = h.snapshot();
+        assert_eq!(empty.quantile(0.5), None);
+        for _ in 0..98 {
+            h.observe(0);
+        }
+        h.observe(7);
+        h.observe(40);
+        let s = h.snapshot().since(&empty);
+        assert_eq!(s.quantile(0.5), Some(1));
+        assert_eq!(s.quantile(0.99), Some(10));
+        assert_eq!(s.quantile(1.0), Some(50));
+    }
+}

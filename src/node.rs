@@ -1,0 +1,404 @@
+//! The node: what one Switchboard instance is. It owns the [`Hub`] (local
+//! connections) and the backend ([`Broker`], [`PresenceStore`]) and offers
+//! the operations the sessions and the HTTP handlers need.
+//!
+//! [`Node`] is a cheap handle (`Arc` inside); clone it into every task.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use serde_json::value::RawValue;
+
+use crate::broker::memory::{MemoryBroker, MemoryPresence};
+use crate::broker::{
+    Broker, BrokerHandler, Control, Direct, HistoryOptions, HistoryResult, NewPublication,
+    PresenceStore,
+};
+use crate::config::{BusConfig, Config, NamespaceOptions, random_base36};
+use crate::error::{ClientError, ErrorCode, Result};
+use crate::hub::{ClientHandle, Hub};
+use crate::metrics::Metrics;
+use crate::protocol::{self, ClientInfo, Publication, StreamPosition};
+use crate::queue::Limits;
+
+/// A handle to the node; clones share everything.
+#[derive(Clone)]
+pub struct Node {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// The validated configuration, fixed for the node's life.
+    config: Config,
+    /// Local connections and the channel index.
+    hub: Arc<Hub>,
+    /// The bus between instances and the channel history.
+    broker: Arc<dyn Broker>,
+    /// Channel membership across instances.
+    presence: Arc<dyn PresenceStore>,
+    /// Counters behind `/metrics`.
+    metrics: Metrics,
+    /// For `uptime` in `/metrics`.
+    started: Instant,
+    /// Set when shutdown begins: `/readyz` answers 503 from then on.
+    draining: AtomicBool,
+}
+
+/// Delivers what the broker hands over to the local clients. Separate from
+/// [`Node`] so that the broker does not hold the node (no `Arc` cycle).
+struct Delivery {
+    hub: Arc<Hub>,
+    /// Whether a subscribed publisher gets its own publications.
+    channel_echo: bool,
+}
+
+impl BrokerHandler for Delivery {
+    fn on_publication(&self, channel: &Arc<str>, epoch: &Arc<str>, publication: &Publication) {
+        // Encoded once for every local subscriber.
+        let frame = protocol::message(channel, epoch, publication);
+        let exclude = match self.channel_echo {
+            true => None,
+            false => publication.sender_id.as_deref(),
+        };
+        self.hub
+            .publish(channel, epoch, publication, &frame, exclude);
+    }
+
+    fn on_control(&self, control: &Control) {
+        match control {
+            Control::Broadcast {
+                sender_id,
+                data,
+                timestamp,
+            } => {
+                let frame = protocol::broadcast(sender_id.as_deref(), data, *timestamp);
+                self.hub.broadcast(&frame, sender_id.as_deref());
+            }
+            Control::Join { channel, info } | Control::Leave { channel, info } => {
+                let join = matches!(control, Control::Join { .. });
+                let frame = protocol::join_leave(join, channel, info);
+                self.hub
+                    .channel_frame(channel, &frame, Some(&info.client_id));
+            }
+        }
+    }
+
+    fn on_direct(&self, direct: &Direct) -> bool {
+        let frame = protocol::direct(direct.sender_id.as_deref(), &direct.data, direct.timestamp);
+        self.hub.direct(&direct.target_id, frame)
+    }
+}
+
+impl Node {
+    /// Build the node for `config`, connecting the configured bus. Fails
+    /// when the bus cannot be reached: there is no silent local fallback.
+    pub async fn new(config: Config) -> Result<Node> {
+        let (broker, presence): (Arc<dyn Broker>, Arc<dyn PresenceStore>) = match &config.bus {
+            BusConfig::Memory => (
+                Arc::new(MemoryBroker::new()),
+                Arc::new(MemoryPresence::new()),
+            ),
+        };
+        Node::with_backends(config, broker, presence).await
+    }
+
+    /// Build a node on the given backends (tests, custom buses).
+    pub async fn with_backends(
+        config: Config,
+        broker: Arc<dyn Broker>,
+        presence: Arc<dyn PresenceStore>,
+    ) -> Result<Node> {
+        let hub = Arc::new(Hub::new(Limits {
+            max_messages: config.queue_max_messages,
+            max_bytes: config.queue_max_bytes,
+        }));
+        broker
+            .start(Arc::new(Delivery {
+                hub: hub.clone(),
+                channel_echo: config.channel_echo,
+            }))
+            .await?;
+        Ok(Node {
+            shared: Arc::new(Shared {
+                config,
+                hub,
+                broker,
+                presence,
+                metrics: Metrics::default(),
+                started: Instant::now(),
+                draining: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.shared.hub
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    pub fn instance_id(&self) -> &str {
+        &self.shared.config.instance_id
+    }
+
+    /// Seconds since the node started.
+    pub fn uptime(&self) -> f64 {
+        self.shared.started.elapsed().as_secs_f64()
+    }
+
+    /// Ready for traffic: not draining, and the bus is reachable.
+    pub fn is_ready(&self) -> bool {
+        !self.shared.draining.load(Ordering::Relaxed) && self.shared.broker.is_ready()
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::Relaxed)
+    }
+
+    /// Turn unready: shutdown has begun.
+    pub fn start_draining(&self) {
+        self.shared.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Register a new connection and give it an id.
+    pub fn connect(&self) -> Arc<ClientHandle> {
+        Metrics::inc(&self.shared.metrics.connections_total);
+        let id = format!("client-{}-{}", protocol::now_ms(), random_base36(9));
+        self.shared.hub.add(ClientInfo {
+            client_id: id.into(),
+            user_id: None,
+        })
+    }
+
+    /// Forget a connection: leave each of its channels, then the hub.
+    pub async fn disconnect(&self, client: &Arc<ClientHandle>, channels: Vec<Arc<str>>) {
+        for channel in channels {
+            if let Err(e) = self.unsubscribe(client, &channel).await {
+                tracing::warn!(client = %client.id(), %channel, error = %e, "cleanup of a subscription failed");
+            }
+        }
+        self.shared.hub.remove(client.id());
+    }
+
+    /// The options of `channel`'s namespace, after checking its name.
+    pub fn channel_options(&self, channel: &str) -> Result<&NamespaceOptions, ClientError> {
+        protocol::validate_channel(channel)?;
+        self.shared.config.namespace_of(channel).ok_or_else(|| {
+            ClientError::new(
+                ErrorCode::UnknownNamespace,
+                format!("the namespace of {channel:?} is not configured"),
+            )
+        })
+    }
+
+    fn history_options(opts: &NamespaceOptions) -> HistoryOptions {
+        HistoryOptions {
+            size: opts.history_size,
+            ttl: opts.history_ttl,
+        }
+    }
+
+    /// The tutorial's broadcast: every client of every instance but the
+    /// sender.
+    pub async fn broadcast(&self, sender_id: Option<Arc<str>>, data: Arc<RawValue>) -> Result<()> {
+        self.shared
+            .broker
+            .publish_control(Control::Broadcast {
+                sender_id,
+                data,
+                timestamp: protocol::now_ms(),
+            })
+            .await
+    }
+
+    /// A message for one client, wherever it is connected.
+    pub async fn direct(
+        &self,
+        sender_id: Option<Arc<str>>,
+        target_id: &str,
+        data: Arc<RawValue>,
+    ) -> Result<()> {
+        let delivered = self
+            .shared
+            .broker
+            .direct(Direct {
+                target_id: target_id.into(),
+                sender_id,
+                data,
+                timestamp: protocol::now_ms(),
+            })
+            .await?;
+        if !delivered {
+            return Err(ClientError::new(
+                ErrorCode::UnknownTarget,
+                format!("no client with id {target_id:?} is connected"),
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Subscribe a local client: the hub index, the bus (first local
+    /// subscriber), presence and the `join` event.
+    pub async fn subscribe(&self, client: &Arc<ClientHandle>, channel: &Arc<str>) -> Result<()> {
+        let opts = self.channel_options(channel)?.clone();
+        if self.shared.hub.subscribe(channel, client) {
+            if let Err(e) = self.shared.broker.subscribe(channel).await {
+                self.shared.hub.unsubscribe(channel, client.id());
+                return Err(e);
+            }
+        }
+        if opts.presence {
+            self.shared.presence.add(channel, &client.info).await?;
+            if opts.join_leave {
+                self.shared
+                    .broker
+                    .publish_control(Control::Join {
+                        channel: channel.clone(),
+                        info: client.info.clone(),
+                    })
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Undo [`subscribe`](Node::subscribe), sending `leave`.
+    pub async fn unsubscribe(&self, client: &Arc<ClientHandle>, channel: &Arc<str>) -> Result<()> {
+        if self.shared.hub.unsubscribe(channel, client.id()) {
+            self.shared.broker.unsubscribe(channel).await?;
+        }
+        let opts = self.channel_options(channel)?;
+        if opts.presence {
+            self.shared.presence.remove(channel, client.id()).await?;
+            if opts.join_leave {
+                self.shared
+                    .broker
+                    .publish_control(Control::Leave {
+                        channel: channel.clone(),
+                        info: client.info.clone(),
+                    })
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Publish into a channel; returns the publication's position.
+    pub async fn publish(
+        &self,
+        sender_id: Option<Arc<str>>,
+        channel: &str,
+        data: Arc<RawValue>,
+    ) -> Result<StreamPosition> {
+        let opts = self.channel_options(channel)?;
+        let position = self
+            .shared
+            .broker
+            .publish(
+                channel,
+                NewPublication {
+                    data,
+                    sender_id,
+                    timestamp: protocol::now_ms(),
+                },
+                Self::history_options(opts),
+            )
+            .await?;
+        Metrics::inc(&self.shared.metrics.publications);
+        Ok(position)
+    }
+
+    /// Publications after `since` (at most `limit`) and the channel's top.
+    pub async fn history(
+        &self,
+        channel: &str,
+        since: Option<&StreamPosition>,
+        limit: Option<usize>,
+    ) -> Result<HistoryResult> {
+        let opts = self.channel_options(channel)?;
+        if opts.history_size == 0 {
+            return Err(ClientError::new(
+                ErrorCode::HistoryDisabled,
+                format!("history is off for {channel:?}"),
+            )
+            .into());
+        }
+        let limit = limit.unwrap_or(opts.history_size).min(opts.history_size);
+        self.shared
+            .broker
+            .history(channel, since, limit, Self::history_options(opts))
+            .await
+    }
+
+    /// The channel's current top.
+    pub async fn position(&self, channel: &str) -> Result<StreamPosition> {
+        let opts = self.channel_options(channel)?;
+        let h = self
+            .shared
+            .broker
+            .history(channel, None, 0, Self::history_options(opts))
+            .await?;
+        Ok(h.top)
+    }
+
+    /// Everything published after `since`, if the history still holds all
+    /// of it: `(publications, top, true)`; otherwise `(vec![], top, false)`
+    /// — nothing partial is passed off as complete.
+    pub async fn recover(
+        &self,
+        channel: &str,
+        since: &StreamPosition,
+    ) -> Result<(Vec<Publication>, StreamPosition, bool)> {
+        let opts = self.channel_options(channel)?;
+        let h = self
+            .shared
+            .broker
+            .history(
+                channel,
+                Some(since),
+                usize::MAX,
+                Self::history_options(opts),
+            )
+            .await?;
+        let missed = h.top.offset.saturating_sub(since.offset);
+        let complete = opts.history_size > 0
+            && since.epoch == h.top.epoch
+            && since.offset <= h.top.offset
+            && h.publications.len() as u64 == missed
+            && h.publications
+                .first()
+                .is_none_or(|p| p.offset == since.offset + 1);
+        if complete {
+            Ok((h.publications, h.top, true))
+        } else {
+            Ok((Vec::new(), h.top, false))
+        }
+    }
+
+    /// Members of `channel` on every instance.
+    pub async fn presence(&self, channel: &str) -> Result<Vec<ClientInfo>> {
+        let opts = self.channel_options(channel)?;
+        if !opts.presence {
+            return Err(ClientError::new(
+                ErrorCode::PresenceDisabled,
+                format!("presence is off for {channel:?}"),
+            )
+            .into());
+        }
+        self.shared.presence.members(channel).await
+    }
+
+    /// Release the bus.
+    pub async fn close(&self) -> Result<()> {
+        self.shared.broker.close().await
+    }
+}

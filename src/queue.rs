@@ -1,0 +1,228 @@
+//! The bounded outbound queue of one connection.
+//!
+//! Producers (the hub's fan-out, the connection's own replies, the
+//! keep-alive sweeper) push without blocking; the connection's task takes
+//! the whole queue at once and writes it with a single flush, so a burst of
+//! frames for one socket costs one `write` instead of one per frame.
+//!
+//! The queue holds no allocation while empty: the writer takes the
+//! `VecDeque` itself, so an idle connection keeps only this small struct.
+//! It is bounded in frames and in bytes; a push beyond either bound marks
+//! the queue closed with [`close::SLOW_CONSUMER`] and the connection ends.
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+
+use crate::error::close;
+use crate::protocol::Text;
+
+/// One item for the writer.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// A ready-encoded text frame.
+    Frame(Text),
+    /// A channel publication; the session checks the offset to drop
+    /// duplicates and to hold live messages back during recovery.
+    Publication {
+        channel: Arc<str>,
+        epoch: Arc<str>,
+        offset: u64,
+        /// When it was published (ms since the Unix epoch), for the
+        /// delivery-latency histogram.
+        timestamp: u64,
+        frame: Text,
+    },
+    /// A WebSocket ping from the keep-alive sweeper.
+    Ping,
+}
+
+impl Outbound {
+    fn weight(&self) -> usize {
+        match self {
+            Outbound::Frame(b) | Outbound::Publication { frame: b, .. } => b.len(),
+            Outbound::Ping => 0,
+        }
+    }
+}
+
+/// Why a connection is being closed by the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseReason {
+    /// WebSocket close code (see `error::close`); `None` drops the TCP
+    /// connection without a close frame (dead peers).
+    pub code: Option<u16>,
+    /// Close reason text (at most 123 bytes on the wire).
+    pub reason: Cow<'static, str>,
+}
+
+impl CloseReason {
+    pub fn new(code: u16, reason: impl Into<Cow<'static, str>>) -> Self {
+        CloseReason {
+            code: Some(code),
+            reason: reason.into(),
+        }
+    }
+
+    /// Drop the connection without a close handshake.
+    pub fn abort(reason: impl Into<Cow<'static, str>>) -> Self {
+        CloseReason {
+            code: None,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Result of a push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    /// The item is queued.
+    Queued,
+    /// The queue was already closed; the item was dropped.
+    Closed,
+    /// This push overflowed the queue, which is now closed (slow consumer).
+    Overflow,
+}
+
+/// Bounds of a queue.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_messages: usize,
+    pub max_bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Items not yet taken by the writer.
+    items: VecDeque<Outbound>,
+    /// Sum of the queued frames' lengths.
+    bytes: usize,
+    /// Set once; the writer sends it (after nothing else) and stops.
+    close: Option<CloseReason>,
+}
+
+/// A bounded multi-producer, single-consumer queue of outbound frames.
+#[derive(Debug, Default)]
+pub struct OutQueue {
+    /// Items and the close flag; a std mutex because every critical
+    /// section is a few instructions and never awaits.
+    state: Mutex<State>,
+    /// Wakes the writer; `notify_one` keeps a permit if it is not waiting.
+    notify: Notify,
+}
+
+impl OutQueue {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Queue `item` unless the queue is closed or full.
+    pub fn push(&self, item: Outbound, limits: Limits) -> Push {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.close.is_some() {
+            return Push::Closed;
+        }
+        let weight = item.weight();
+        if st.items.len() >= limits.max_messages || st.bytes + weight > limits.max_bytes {
+            st.items = VecDeque::new();
+            st.bytes = 0;
+            st.close = Some(CloseReason::new(close::SLOW_CONSUMER, "slow consumer"));
+            drop(st);
+            self.notify.notify_one();
+            return Push::Overflow;
+        }
+        let was_empty = st.items.is_empty();
+        st.bytes += weight;
+        st.items.push_back(item);
+        drop(st);
+        if was_empty {
+            self.notify.notify_one();
+        }
+        Push::Queued
+    }
+
+    /// Ask the writer to close the connection. The first reason wins; what
+    /// is already queued is still written before the close frame.
+    pub fn close(&self, reason: CloseReason) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.close.is_none() {
+            st.close = Some(reason);
+        }
+        drop(st);
+        self.notify.notify_one();
+    }
+
+    /// Whether a close has been requested.
+    pub fn is_closed(&self) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .close
+            .is_some()
+    }
+
+    /// Take everything queued, and the close reason if one is set.
+    pub fn take(&self) -> (VecDeque<Outbound>, Option<CloseReason>) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.bytes = 0;
+        (std::mem::take(&mut st.items), st.close.clone())
+    }
+
+    /// Wait until something was pushed or a close was requested since the
+    /// last wake-up. Cancel-safe.
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_messages: 3,
+        max_bytes: 10,
+    };
+
+    #[tokio::test]
+    async fn takes_everything_at_once_and_wakes_the_writer() {
+        let q = OutQueue::new();
+        assert_eq!(
+            q.push(Outbound::Frame(Text::from("ab")), LIMITS),
+            Push::Queued
+        );
+        assert_eq!(q.push(Outbound::Ping, LIMITS), Push::Queued);
+        q.notified().await;
+        let (items, close) = q.take();
+        assert_eq!(items.len(), 2);
+        assert!(close.is_none());
+        assert!(q.take().0.is_empty());
+    }
+
+    #[test]
+    fn overflow_by_count_or_bytes_closes_as_slow_consumer() {
+        let q = OutQueue::new();
+        for _ in 0..3 {
+            assert_eq!(q.push(Outbound::Ping, LIMITS), Push::Queued);
+        }
+        assert_eq!(q.push(Outbound::Ping, LIMITS), Push::Overflow);
+        assert_eq!(q.push(Outbound::Ping, LIMITS), Push::Closed);
+        let (items, close) = q.take();
+        assert!(items.is_empty(), "an overflowed queue is discarded");
+        assert_eq!(close.unwrap().code, Some(close::SLOW_CONSUMER));
+
+        let q = OutQueue::new();
+        let big = Outbound::Frame(Text::from("0123456789A"));
+        assert_eq!(q.push(big, LIMITS), Push::Overflow);
+    }
+
+    #[test]
+    fn first_close_reason_wins() {
+        let q = OutQueue::new();
+        q.close(CloseReason::new(1001, "bye"));
+        q.close(CloseReason::new(1011, "later"));
+        assert_eq!(q.take().1.unwrap().code, Some(1001));
+    }
+}

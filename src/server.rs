@@ -1,0 +1,221 @@
+//! The HTTP server: WebSocket upgrades and the HTTP endpoints on one port,
+//! and the shutdown sequence.
+//!
+//! [`run`] serves until the `shutdown` future completes, then:
+//! 1. marks the node draining (`/readyz` answers 503),
+//! 2. stops accepting connections,
+//! 3. asks every connection to close with 1001 (frames already queued are
+//!    written first),
+//! 4. waits for every connection task, at most `drain_timeout`,
+//! 5. closes the bus and returns.
+
+use std::future::Future;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::extract::ws::{WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::error::Result;
+use crate::node::Node;
+use crate::session::{self, Mode};
+
+/// Read buffer of each WebSocket connection. Small on purpose: idle
+/// connections are the common case and this buffer is allocated for each;
+/// a large message is read in more, smaller reads.
+pub const READ_BUFFER_SIZE: usize = 1024;
+/// Frames are gathered up to this size before a write to the socket.
+pub const WRITE_BUFFER_SIZE: usize = 8 * 1024;
+
+/// What every request handler needs.
+#[derive(Clone)]
+struct AppState {
+    /// The node: hub, bus, configuration.
+    node: Node,
+    /// Cancelled when shutdown begins; each connection task watches it.
+    shutdown: CancellationToken,
+    /// Tracks every connection task so shutdown can wait for them.
+    tracker: TaskTracker,
+}
+
+/// Build the router (exposed for tests that drive it without a socket).
+fn router(state: AppState) -> Router {
+    let mut app = Router::new()
+        .route("/", get(root))
+        .route("/ws", get(ws_only))
+        .route("/_ah/health", get(|| async { "OK" }))
+        .route("/livez", get(|| async { "OK" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics));
+    if let Some(path) = state.node.config().echo_path.clone() {
+        app = app.route(&path, get(echo));
+    }
+    if state.node.config().demo {
+        app = crate::assets::routes(app);
+    }
+    app.with_state(state)
+}
+
+fn upgrade(state: AppState, ws: WebSocketUpgrade, mode: Mode) -> Response {
+    let cfg = state.node.config();
+    let limit = match mode {
+        Mode::Protocol => cfg.max_message_size,
+        Mode::Echo => cfg.echo_max_message_size,
+    };
+    if state.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
+    }
+    ws.read_buffer_size(READ_BUFFER_SIZE)
+        .write_buffer_size(WRITE_BUFFER_SIZE)
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket: WebSocket| {
+            let AppState {
+                node,
+                shutdown,
+                tracker,
+            } = state;
+            // Tracked so shutdown waits for it; the future is spawned by
+            // axum, this wrapper only registers it.
+            tracker.track_future(session::serve(node, socket, mode, shutdown))
+        })
+}
+
+/// `/`: the tutorial's client upgrades here; plain GETs get the status.
+async fn root(
+    State(state): State<AppState>,
+    ws: std::result::Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    match ws {
+        Ok(ws) => upgrade(state, ws, Mode::Protocol),
+        Err(_) => Json(json!({
+            "status": "running",
+            "connectedClients": state.node.hub().len(),
+        }))
+        .into_response(),
+    }
+}
+
+async fn ws_only(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+    upgrade(state, ws, Mode::Protocol)
+}
+
+async fn echo(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+    upgrade(state, ws, Mode::Echo)
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.node.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else if !state.node.is_ready() {
+        (StatusCode::SERVICE_UNAVAILABLE, "bus unavailable").into_response()
+    } else {
+        "ready".into_response()
+    }
+}
+
+/// The tutorial's `/metrics`, extended with Switchboard's counters.
+async fn metrics(State(state): State<AppState>) -> Json<serde_json::Value> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let node = &state.node;
+    let m = node.metrics();
+    let hub = node.hub();
+    Json(json!({
+        "connectedClients": hub.len(),
+        "uptime": node.uptime(),
+        "memoryUsage": crate::metrics::memory_usage(),
+        "instanceId": node.instance_id(),
+        "ready": node.is_ready(),
+        "messagesIn": m.messages_in.load(Relaxed),
+        "messagesOut": m.messages_out.load(Relaxed),
+        "deliveriesQueued": hub.delivered(),
+        "connectionsTotal": m.connections_total.load(Relaxed),
+        "publications": m.publications.load(Relaxed),
+        "errorsSent": m.errors_sent.load(Relaxed),
+        "slowConsumers": hub.slow_consumers(),
+        "deadPeers": m.dead_peers.load(Relaxed),
+        "oversizeCloses": m.oversize_closes.load(Relaxed),
+    }))
+}
+
+/// Serve on `listener` until `shutdown` completes, then drain (see the
+/// module docs). Returns once every connection task has ended or the drain
+/// timeout has passed.
+pub async fn run(
+    listener: TcpListener,
+    node: Node,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let token = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    tracker.spawn(crate::keepalive::run(node.clone(), token.clone()));
+    if node.config().demo {
+        tracker.spawn(crate::assets::publish_metrics(node.clone(), token.clone()));
+    }
+    let state = AppState {
+        node: node.clone(),
+        shutdown: token.clone(),
+        tracker: tracker.clone(),
+    };
+    let app = router(state);
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        instance = node.instance_id(),
+        "switchboard listening"
+    );
+    let signal = {
+        let node = node.clone();
+        let token = token.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutdown: draining");
+            node.start_draining();
+            token.cancel();
+        }
+    };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(signal)
+        .await?;
+    tracker.close();
+    let drain = node.config().drain_timeout;
+    if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            remaining = node.hub().len(),
+            "drain timeout reached; dropping the remaining connections"
+        );
+    }
+    if let Err(e) = node.close().await {
+        tracing::warn!(error = %e, "closing the bus failed");
+    }
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,439 @@
+//! One WebSocket connection, from welcome to cleanup.
+//!
+//! A single task per connection does everything: it reads and handles
+//! client frames, and when the connection's [`OutQueue`](crate::queue)
+//! signals, it takes every queued frame and writes them with one flush.
+//! Replies to the client's own requests are written directly, in order.
+//!
+//! The session is generic over any `Sink`/`Stream` of WebSocket messages,
+//! so the protocol logic can be driven by in-memory channels in tests.
+//!
+//! Channel publications carry their epoch and offset; the session keeps,
+//! per subscribed channel, the last offset it wrote, and drops anything at
+//! or below it. That is how recovery on resubscribe never delivers a
+//! publication twice: the live messages that were queued while the history
+//! was being read are filtered against the recovered top.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{ClientError, ErrorCode, close};
+use crate::hub::ClientHandle;
+use crate::metrics::Metrics;
+use crate::node::Node;
+use crate::protocol::{self, RequestKind, StreamPosition, Text};
+use crate::queue::{CloseReason, Outbound};
+
+/// What the connection is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The Switchboard protocol (`/`, `/ws`).
+    Protocol,
+    /// The diagnostic echo endpoint: every message is sent back unchanged.
+    Echo,
+}
+
+/// How long the server waits for the client's answer to its close frame.
+const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Per-channel delivery state of this connection.
+struct SubState {
+    /// Epoch of the last publication written.
+    epoch: Arc<str>,
+    /// Offset of the last publication written; anything at or below it in
+    /// the same epoch is a duplicate.
+    last: u64,
+}
+
+struct Session<S> {
+    node: Node,
+    ws: S,
+    client: Arc<ClientHandle>,
+    mode: Mode,
+    /// Subscribed channels.
+    subs: HashMap<Arc<str>, SubState>,
+}
+
+/// Whether a read error means "message over the size limit".
+fn is_too_big(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(tungstenite::Error::Capacity(
+            tungstenite::error::CapacityError::MessageTooLong { .. },
+        )) = e.downcast_ref::<tungstenite::Error>()
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+fn to_arc(raw: &RawValue) -> Arc<RawValue> {
+    Arc::from(raw.to_owned())
+}
+
+/// Serve one upgraded connection until it ends, then clean up.
+pub async fn serve<S, E>(node: Node, ws: S, mode: Mode, shutdown: CancellationToken)
+where
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin,
+    E: std::error::Error + 'static,
+{
+    let client = match mode {
+        Mode::Protocol => node.connect(),
+        Mode::Echo => node.hub().detached(),
+    };
+    let mut session = Session {
+        node: node.clone(),
+        ws,
+        client: client.clone(),
+        mode,
+        subs: HashMap::new(),
+    };
+    tracing::debug!(client = %client.id(), ?mode, "connected");
+    session.run(shutdown).await;
+    let channels: Vec<Arc<str>> = session.subs.into_keys().collect();
+    if mode == Mode::Protocol {
+        node.disconnect(&client, channels).await;
+    }
+    tracing::debug!(client = %client.id(), "disconnected");
+}
+
+impl<S, E> Session<S>
+where
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin,
+    E: std::error::Error + 'static,
+{
+    async fn run(&mut self, shutdown: CancellationToken) {
+        if self.mode == Mode::Protocol {
+            let welcome = protocol::connected(self.client.id(), self.node.instance_id());
+            if self.send(welcome).await.is_break() || self.flush().await.is_break() {
+                return;
+            }
+        }
+        let mut shutting_down = false;
+        loop {
+            tokio::select! {
+                _ = self.client.queue.notified() => {
+                    if self.write_queued().await.is_break() {
+                        return;
+                    }
+                }
+                msg = self.ws.next() => {
+                    self.node.hub().touch(&self.client);
+                    let flow = match msg {
+                        None => ControlFlow::Break(()),
+                        Some(Err(e)) => {
+                            if is_too_big(&e) {
+                                Metrics::inc(&self.node.metrics().oversize_closes);
+                                let limit = match self.mode {
+                                    Mode::Protocol => self.node.config().max_message_size,
+                                    Mode::Echo => self.node.config().echo_max_message_size,
+                                };
+                                let reason = CloseReason::new(
+                                    close::TOO_BIG,
+                                    format!("message larger than {limit} bytes"),
+                                );
+                                self.close(&reason).await;
+                            } else {
+                                tracing::debug!(client = %self.client.id(), error = %e, "read error");
+                            }
+                            ControlFlow::Break(())
+                        }
+                        Some(Ok(m)) => self.on_message(m).await,
+                    };
+                    if flow.is_break() {
+                        return;
+                    }
+                }
+                _ = shutdown.cancelled(), if !shutting_down => {
+                    shutting_down = true;
+                    // Through the queue, so frames already queued go first.
+                    self.client
+                        .queue
+                        .close(CloseReason::new(close::GOING_AWAY, "server shutting down"));
+                }
+            }
+        }
+    }
+
+    /// Write everything queued, with one flush; close if asked to.
+    async fn write_queued(&mut self) -> ControlFlow<()> {
+        let (items, close) = self.client.queue.take();
+        let timeout = self.node.config().write_timeout;
+        let written = tokio::time::timeout(timeout, async {
+            for item in items {
+                let msg = match item {
+                    Outbound::Frame(text) => Message::Text(text),
+                    Outbound::Publication {
+                        channel,
+                        epoch,
+                        offset,
+                        timestamp,
+                        frame,
+                    } => {
+                        let Some(state) = self.subs.get_mut(&channel) else {
+                            continue; // unsubscribed meanwhile
+                        };
+                        if state.epoch == epoch && offset <= state.last {
+                            continue; // already delivered (recovery overlap)
+                        }
+                        state.epoch = epoch;
+                        state.last = offset;
+                        let latency = protocol::now_ms().saturating_sub(timestamp);
+                        self.node.metrics().latency.observe(latency);
+                        Message::Text(frame)
+                    }
+                    Outbound::Ping => Message::Ping(Default::default()),
+                };
+                if self.ws.feed(msg).await.is_err() {
+                    return ControlFlow::Break(());
+                }
+                Metrics::inc(&self.node.metrics().messages_out);
+            }
+            match self.ws.flush().await {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(()),
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            tracing::info!(client = %self.client.id(), "write timed out, dropping the connection");
+            ControlFlow::Break(())
+        });
+        if written.is_break() {
+            return written;
+        }
+        match close {
+            Some(reason) => {
+                self.close(&reason).await;
+                ControlFlow::Break(())
+            }
+            None => ControlFlow::Continue(()),
+        }
+    }
+
+    /// Send a close frame (unless the reason says to just drop the
+    /// connection) and wait briefly for the client's answer.
+    async fn close(&mut self, reason: &CloseReason) {
+        let Some(code) = reason.code else {
+            tracing::debug!(client = %self.client.id(), reason = %reason.reason, "dropping connection");
+            return;
+        };
+        let frame = CloseFrame {
+            code,
+            reason: reason.reason.as_ref().into(),
+        };
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, async {
+            if self.ws.send(Message::Close(Some(frame))).await.is_err() {
+                return;
+            }
+            // Read until the peer answers the close (or goes away).
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
+    }
+
+    async fn send(&mut self, frame: Text) -> ControlFlow<()> {
+        match self.ws.feed(Message::Text(frame)).await {
+            Ok(()) => {
+                Metrics::inc(&self.node.metrics().messages_out);
+                ControlFlow::Continue(())
+            }
+            Err(_) => ControlFlow::Break(()),
+        }
+    }
+
+    async fn flush(&mut self) -> ControlFlow<()> {
+        let timeout = self.node.config().write_timeout;
+        match tokio::time::timeout(timeout, self.ws.flush()).await {
+            Ok(Ok(())) => ControlFlow::Continue(()),
+            _ => ControlFlow::Break(()),
+        }
+    }
+
+    async fn on_message(&mut self, msg: Message) -> ControlFlow<()> {
+        match msg {
+            Message::Text(text) => {
+                Metrics::inc(&self.node.metrics().messages_in);
+                match self.mode {
+                    Mode::Echo => self.send(text).await?,
+                    Mode::Protocol => self.on_text(&text).await?,
+                }
+            }
+            Message::Binary(data) => {
+                Metrics::inc(&self.node.metrics().messages_in);
+                match self.mode {
+                    Mode::Echo => {
+                        if self.ws.feed(Message::Binary(data)).await.is_err() {
+                            return ControlFlow::Break(());
+                        }
+                    }
+                    Mode::Protocol => {
+                        let err = ClientError::new(
+                            ErrorCode::BinaryNotSupported,
+                            "binary frames are not part of the protocol; send JSON text",
+                        );
+                        self.send_error(None, &err).await?;
+                    }
+                }
+            }
+            // Pings are answered by the WebSocket layer; pongs only count as
+            // a sign of life (done by the caller). After a close frame the
+            // next read ends the stream once the answer is sent.
+            Message::Ping(_) | Message::Pong(_) | Message::Close(_) => {}
+        }
+        self.flush().await
+    }
+
+    async fn send_error(&mut self, id: Option<&RawValue>, err: &ClientError) -> ControlFlow<()> {
+        Metrics::inc(&self.node.metrics().errors_sent);
+        self.send(protocol::error(err, id)).await
+    }
+
+    async fn on_text(&mut self, text: &str) -> ControlFlow<()> {
+        let request = match protocol::parse_request(text) {
+            Ok(r) => r,
+            Err(e) => return self.send_error(e.id, &e.error).await,
+        };
+        let id = request.id;
+        match self.handle(id, request.kind).await {
+            Ok(flow) => flow,
+            Err(e) => self.send_error(id, &e.to_client()).await,
+        }
+    }
+
+    /// Serve one request; an `Err` becomes an `error` frame.
+    async fn handle(
+        &mut self,
+        id: Option<&RawValue>,
+        kind: RequestKind<'_>,
+    ) -> crate::Result<ControlFlow<()>> {
+        let me = Some(self.client.id().clone());
+        Ok(match kind {
+            RequestKind::Broadcast { data } => {
+                self.node.broadcast(me, to_arc(data)).await?;
+                match id {
+                    Some(_) => self.send(protocol::ack(id, None)).await,
+                    None => ControlFlow::Continue(()),
+                }
+            }
+            RequestKind::Direct { target_id, data } => {
+                self.node.direct(me, &target_id, to_arc(data)).await?;
+                match id {
+                    Some(_) => self.send(protocol::ack(id, None)).await,
+                    None => ControlFlow::Continue(()),
+                }
+            }
+            RequestKind::Subscribe { channel, since } => self.subscribe(id, channel, since).await?,
+            RequestKind::Unsubscribe { channel } => {
+                let Some((channel, _)) = self.subs.remove_entry(channel.as_str()) else {
+                    self.node.channel_options(&channel)?;
+                    return Err(ClientError::new(
+                        ErrorCode::NotSubscribed,
+                        format!("not subscribed to {channel:?}"),
+                    )
+                    .into());
+                };
+                self.node.unsubscribe(&self.client, &channel).await?;
+                self.send(protocol::unsubscribed(&channel, id)).await
+            }
+            RequestKind::Publish { channel, data } => {
+                if !self.node.channel_options(&channel)?.client_publish {
+                    return Err(ClientError::new(
+                        ErrorCode::PublishNotAllowed,
+                        format!("clients may not publish to {channel:?}"),
+                    )
+                    .into());
+                }
+                let pos = self.node.publish(me, &channel, to_arc(data)).await?;
+                self.send(protocol::ack(id, Some((&channel, pos.offset))))
+                    .await
+            }
+            RequestKind::Presence { channel } => {
+                let members = self.node.presence(&channel).await?;
+                self.send(protocol::presence(&channel, &members, id)).await
+            }
+            RequestKind::History {
+                channel,
+                since,
+                limit,
+            } => {
+                let h = self.node.history(&channel, since.as_ref(), limit).await?;
+                self.send(protocol::history(&channel, &h.publications, &h.top, id))
+                    .await
+            }
+            RequestKind::Ping => self.send(protocol::pong(id)).await,
+        })
+    }
+
+    async fn subscribe(
+        &mut self,
+        id: Option<&RawValue>,
+        channel: String,
+        since: Option<StreamPosition>,
+    ) -> crate::Result<ControlFlow<()>> {
+        self.node.channel_options(&channel)?;
+        if self.subs.contains_key(channel.as_str()) {
+            return Err(ClientError::new(
+                ErrorCode::AlreadySubscribed,
+                format!("already subscribed to {channel:?}"),
+            )
+            .into());
+        }
+        let max = self.node.config().max_subscriptions;
+        if self.subs.len() >= max {
+            return Err(ClientError::new(
+                ErrorCode::TooManySubscriptions,
+                format!("a connection may subscribe to at most {max} channels"),
+            )
+            .into());
+        }
+        let channel: Arc<str> = channel.into();
+        // Join the hub first: from here on live publications are queued,
+        // and the history read below overlaps them rather than missing any.
+        if let Err(e) = self.node.subscribe(&self.client, &channel).await {
+            let _ = self.node.unsubscribe(&self.client, &channel).await;
+            return Err(e);
+        }
+        let outcome = match &since {
+            Some(since) => self.node.recover(&channel, since).await,
+            None => self
+                .node
+                .position(&channel)
+                .await
+                .map(|top| (Vec::new(), top, false)),
+        };
+        let (missed, top, recovered) = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = self.node.unsubscribe(&self.client, &channel).await;
+                return Err(e);
+            }
+        };
+        self.subs.insert(
+            channel.clone(),
+            SubState {
+                epoch: top.epoch.clone(),
+                last: top.offset,
+            },
+        );
+        for publication in &missed {
+            let frame = protocol::message(&channel, &top.epoch, publication);
+            if self.send(frame).await.is_break() {
+                return Ok(ControlFlow::Break(()));
+            }
+        }
+        let recovered = since.is_some().then_some(recovered);
+        Ok(self
+            .send(protocol::subscribed(&channel, &top, recovered, id))
+            .await)
+    }
+}
