@@ -57,9 +57,22 @@ pub struct Settings {
     /// `GAE_INSTANCE`, then `SWITCHBOARD_INSTANCE_ID`, then a random id.
     #[arg(long)]
     pub instance_id: Option<String>,
-    /// Message bus between instances: `memory` (one instance) [default: memory].
+    /// Message bus between instances: `memory` (one instance),
+    /// `redis://host:port[/db]`, `nats://host:port` or `pubsub://PROJECT_ID`
+    /// [default: memory].
     #[arg(long, env = "SWITCHBOARD_BUS")]
     pub bus: Option<String>,
+    /// Prefix of every key, subject or stream the bus uses, so several
+    /// deployments (or tests) can share one Redis/NATS [default: switchboard].
+    #[arg(long, env = "SWITCHBOARD_BUS_PREFIX")]
+    pub bus_prefix: Option<String>,
+    /// Pub/Sub topic shared by all instances [default: switchboard-messages].
+    #[arg(long, env = "SWITCHBOARD_PUBSUB_TOPIC")]
+    pub pubsub_topic: Option<String>,
+    /// This instance's Pub/Sub subscription, created at start and deleted at
+    /// clean shutdown [default: switchboard-<instance id>].
+    #[arg(long, env = "SWITCHBOARD_PUBSUB_SUBSCRIPTION")]
+    pub pubsub_subscription: Option<String>,
     /// Largest client message in bytes; larger ones close the connection
     /// with 1009 [default: 65536].
     #[arg(long, env = "SWITCHBOARD_MAX_MESSAGE_SIZE")]
@@ -169,16 +182,39 @@ impl Default for NamespaceOptions {
 pub enum BusConfig {
     /// In-process: one instance, nothing to connect to.
     Memory,
+    /// Redis (`redis://host:port[/db]`, `rediss://` for TLS).
+    Redis { url: String },
+    /// NATS with JetStream (`nats://host:port`).
+    Nats { url: String },
+    /// Google Cloud Pub/Sub (`pubsub://PROJECT_ID`); honours
+    /// `PUBSUB_EMULATOR_HOST`.
+    PubSub { project: String },
 }
 
 impl FromStr for BusConfig {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "memory" | "" => Ok(BusConfig::Memory),
-            other => Err(Error::Config(format!(
-                "bus: unsupported value {other:?}; this build supports `memory`"
-            ))),
+        let bad = |why: &str| {
+            Err(Error::Config(format!(
+                "bus: {why} (got {s:?}); expected memory, redis://host:port[/db], nats://host:port or pubsub://PROJECT_ID"
+            )))
+        };
+        if s == "memory" || s.is_empty() {
+            return Ok(BusConfig::Memory);
+        }
+        let Some((scheme, rest)) = s.split_once("://") else {
+            return bad("not a URL");
+        };
+        if rest.is_empty() {
+            return bad("nothing after the scheme");
+        }
+        match scheme {
+            "redis" | "rediss" => Ok(BusConfig::Redis { url: s.to_string() }),
+            "nats" | "tls" => Ok(BusConfig::Nats { url: s.to_string() }),
+            "pubsub" => Ok(BusConfig::PubSub {
+                project: rest.trim_end_matches('/').to_string(),
+            }),
+            _ => bad("unknown scheme"),
         }
     }
 }
@@ -194,6 +230,12 @@ pub struct Config {
     pub instance_id: String,
     /// The bus between instances.
     pub bus: BusConfig,
+    /// Prefix of the bus's keys, subjects and streams.
+    pub bus_prefix: String,
+    /// Pub/Sub topic shared by all instances.
+    pub pubsub_topic: String,
+    /// This instance's Pub/Sub subscription.
+    pub pubsub_subscription: String,
     /// Largest accepted client message, in bytes.
     pub max_message_size: usize,
     /// Interval between pings to each client.
@@ -250,6 +292,9 @@ impl Settings {
             port,
             instance_id,
             bus,
+            bus_prefix,
+            pubsub_topic,
+            pubsub_subscription,
             max_message_size,
             ping_interval,
             pong_timeout,
@@ -378,11 +423,28 @@ impl Config {
             other => other,
         };
         let bus: BusConfig = pick!(s.bus, "memory".into()).parse()?;
+        let bus_prefix = pick!(s.bus_prefix, "switchboard".into());
+        if bus_prefix.is_empty()
+            || !bus_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(Error::Config(format!(
+                "bus_prefix must be letters, digits, '-' or '_' (got {bus_prefix:?})"
+            )));
+        }
+        let pubsub_topic = pick!(s.pubsub_topic, "switchboard-messages".into());
+        let pubsub_subscription = s
+            .pubsub_subscription
+            .unwrap_or_else(|| format!("switchboard-{instance_id}"));
         Ok(Config {
             host: pick!(s.host, IpAddr::from([0, 0, 0, 0])),
             port: pick!(s.port, 8080),
             instance_id,
             bus,
+            bus_prefix,
+            pubsub_topic,
+            pubsub_subscription,
             max_message_size: positive("max_message_size", pick!(s.max_message_size, 64 * 1024))?,
             ping_interval: nonzero(
                 "ping_interval",
@@ -476,6 +538,19 @@ mod tests {
             bus: Some("carrier-pigeon://x".into()),
             ..Default::default()
         };
+        assert_eq!(
+            "redis://127.0.0.1:6379/2".parse::<BusConfig>().unwrap(),
+            BusConfig::Redis {
+                url: "redis://127.0.0.1:6379/2".into()
+            }
+        );
+        assert_eq!(
+            "pubsub://my-project".parse::<BusConfig>().unwrap(),
+            BusConfig::PubSub {
+                project: "my-project".into()
+            }
+        );
+        assert!("redis://".parse::<BusConfig>().is_err());
         let err = Config::from_settings(s).unwrap_err().to_string();
         assert!(err.contains("bus"), "{err}");
         let s = Settings {

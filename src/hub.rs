@@ -8,11 +8,11 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::time::Instant;
 
-use crate::protocol::{ClientInfo, Text};
+use crate::protocol::{ClientInfo, Publication, StreamPosition, Text};
 use crate::queue::{Limits, OutQueue, Outbound, Push};
 
 /// One connected client, shared by its session task, the hub and the
@@ -38,8 +38,16 @@ impl ClientHandle {
     }
 }
 
-/// The local subscribers of one channel, by client id.
-type Subscribers = HashMap<Arc<str>, Arc<ClientHandle>>;
+/// One channel's local state.
+#[derive(Default)]
+struct ChannelState {
+    /// Local subscribers by client id.
+    subscribers: HashMap<Arc<str>, Arc<ClientHandle>>,
+    /// Position of the newest publication handed to them; a bus that
+    /// reconnects after an outage reads the history from here to fill the
+    /// gap (see [`Hub::positions`]).
+    last: Mutex<Option<StreamPosition>>,
+}
 
 /// Local connections and channel subscriptions.
 pub struct Hub {
@@ -48,7 +56,7 @@ pub struct Hub {
     /// disconnects.
     clients: RwLock<HashMap<Arc<str>, Arc<ClientHandle>>>,
     /// Channel → its local subscribers by client id.
-    channels: RwLock<HashMap<Arc<str>, Subscribers>>,
+    channels: RwLock<HashMap<Arc<str>, ChannelState>>,
     /// Bounds of every client's queue.
     limits: Limits,
     /// Origin of the millisecond clock in `last_seen` / `ping_sent`.
@@ -190,9 +198,11 @@ impl Hub {
     /// local subscriber.
     pub fn subscribe(&self, channel: &Arc<str>, client: &Arc<ClientHandle>) -> bool {
         let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
-        let subs = channels.entry(channel.clone()).or_default();
-        let first = subs.is_empty();
-        subs.insert(client.id().clone(), client.clone());
+        let state = channels.entry(channel.clone()).or_default();
+        let first = state.subscribers.is_empty();
+        state
+            .subscribers
+            .insert(client.id().clone(), client.clone());
         first
     }
 
@@ -200,13 +210,13 @@ impl Hub {
     /// left.
     pub fn unsubscribe(&self, channel: &str, client_id: &str) -> bool {
         let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
-        let Some(subs) = channels.get_mut(channel) else {
+        let Some(state) = channels.get_mut(channel) else {
             return false;
         };
-        if subs.remove(client_id).is_none() {
+        if state.subscribers.remove(client_id).is_none() {
             return false;
         }
-        if subs.is_empty() {
+        if state.subscribers.is_empty() {
             channels.remove(channel);
             return true;
         }
@@ -219,15 +229,19 @@ impl Hub {
         &self,
         channel: &Arc<str>,
         epoch: &Arc<str>,
-        publication: &crate::protocol::Publication,
+        publication: &Publication,
         frame: &Text,
         exclude: Option<&str>,
     ) {
         let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
-        let Some(subs) = channels.get(channel) else {
+        let Some(state) = channels.get(channel) else {
             return;
         };
-        for (id, client) in subs.iter() {
+        *state.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(StreamPosition {
+            epoch: epoch.clone(),
+            offset: publication.offset,
+        });
+        for (id, client) in state.subscribers.iter() {
             if Some(&**id) == exclude {
                 continue;
             }
@@ -248,10 +262,10 @@ impl Hub {
     /// `exclude` (join/leave events).
     pub fn channel_frame(&self, channel: &str, frame: &Text, exclude: Option<&str>) {
         let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
-        let Some(subs) = channels.get(channel) else {
+        let Some(state) = channels.get(channel) else {
             return;
         };
-        for (id, client) in subs.iter() {
+        for (id, client) in state.subscribers.iter() {
             if Some(&**id) != exclude {
                 self.push(client, Outbound::Frame(frame.clone()));
             }
@@ -264,7 +278,36 @@ impl Hub {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(channel)
-            .map_or(0, |s| s.len())
+            .map_or(0, |s| s.subscribers.len())
+    }
+
+    /// Every channel with local subscribers, with the position of the
+    /// newest publication delivered here (`None` before the first). A bus
+    /// that was disconnected reads each channel's history after this
+    /// position and hands the missed publications to the handler again;
+    /// sessions drop the ones they already have.
+    pub fn positions(&self) -> Vec<(Arc<str>, Option<StreamPosition>)> {
+        self.channels
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(ch, st)| {
+                let last = st.last.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                (ch.clone(), last)
+            })
+            .collect()
+    }
+
+    /// Close every local subscriber of `channel` with `reason`, so that
+    /// they reconnect and recover (used when a bus outage left a gap the
+    /// history cannot fill).
+    pub fn close_subscribers(&self, channel: &str, reason: crate::queue::CloseReason) {
+        let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(state) = channels.get(channel) {
+            for client in state.subscribers.values() {
+                client.queue.close(reason.clone());
+            }
+        }
     }
 
     /// Frames queued to clients so far.

@@ -10,12 +10,11 @@ use std::time::Instant;
 
 use serde_json::value::RawValue;
 
-use crate::broker::memory::{MemoryBroker, MemoryPresence};
 use crate::broker::{
     Broker, BrokerHandler, Control, Direct, HistoryOptions, HistoryResult, NewPublication,
     PresenceStore,
 };
-use crate::config::{BusConfig, Config, NamespaceOptions, random_base36};
+use crate::config::{Config, NamespaceOptions, random_base36};
 use crate::error::{ClientError, ErrorCode, Result};
 use crate::hub::{ClientHandle, Hub};
 use crate::metrics::Metrics;
@@ -54,6 +53,21 @@ struct Delivery {
 }
 
 impl BrokerHandler for Delivery {
+    fn positions(&self) -> Vec<(Arc<str>, Option<StreamPosition>)> {
+        self.hub.positions()
+    }
+
+    fn resync_failed(&self, channel: &str) {
+        tracing::warn!(%channel, "history cannot fill the gap left by a bus outage; asking subscribers to reconnect");
+        self.hub.close_subscribers(
+            channel,
+            crate::queue::CloseReason::new(
+                crate::error::close::SERVICE_RESTART,
+                "resubscribe: bus gap",
+            ),
+        );
+    }
+
     fn on_publication(&self, channel: &Arc<str>, epoch: &Arc<str>, publication: &Publication) {
         // Encoded once for every local subscriber.
         let frame = protocol::message(channel, epoch, publication);
@@ -94,12 +108,7 @@ impl Node {
     /// Build the node for `config`, connecting the configured bus. Fails
     /// when the bus cannot be reached: there is no silent local fallback.
     pub async fn new(config: Config) -> Result<Node> {
-        let (broker, presence): (Arc<dyn Broker>, Arc<dyn PresenceStore>) = match &config.bus {
-            BusConfig::Memory => (
-                Arc::new(MemoryBroker::new()),
-                Arc::new(MemoryPresence::new()),
-            ),
-        };
+        let (broker, presence) = crate::broker::connect(&config).await?;
         Node::with_backends(config, broker, presence).await
     }
 
@@ -168,14 +177,17 @@ impl Node {
         self.shared.draining.store(true, Ordering::Relaxed);
     }
 
-    /// Register a new connection and give it an id.
-    pub fn connect(&self) -> Arc<ClientHandle> {
-        Metrics::inc(&self.shared.metrics.connections_total);
+    /// Register a new connection and give it an id. Fails when the bus
+    /// cannot record it (direct messages would not find it).
+    pub async fn connect(&self) -> Result<Arc<ClientHandle>> {
         let id = format!("client-{}-{}", protocol::now_ms(), random_base36(9));
-        self.shared.hub.add(ClientInfo {
+        let info = ClientInfo {
             client_id: id.into(),
             user_id: None,
-        })
+        };
+        self.shared.broker.register_client(&info).await?;
+        Metrics::inc(&self.shared.metrics.connections_total);
+        Ok(self.shared.hub.add(info))
     }
 
     /// Forget a connection: leave each of its channels, then the hub.
@@ -186,6 +198,9 @@ impl Node {
             }
         }
         self.shared.hub.remove(client.id());
+        if let Err(e) = self.shared.broker.unregister_client(client.id()).await {
+            tracing::warn!(client = %client.id(), error = %e, "unregistering from the bus failed");
+        }
     }
 
     /// The options of `channel`'s namespace, after checking its name.

@@ -87,7 +87,23 @@ where
     E: std::error::Error + 'static,
 {
     let client = match mode {
-        Mode::Protocol => node.connect(),
+        Mode::Protocol => match node.connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot register a new connection");
+                let mut ws = ws;
+                let frame = CloseFrame {
+                    code: close::INTERNAL,
+                    reason: "bus unavailable".into(),
+                };
+                let _ = tokio::time::timeout(
+                    CLOSE_HANDSHAKE_TIMEOUT,
+                    ws.send(Message::Close(Some(frame))),
+                )
+                .await;
+                return;
+            }
+        },
         Mode::Echo => node.hub().detached(),
     };
     let mut session = Session {

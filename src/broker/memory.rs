@@ -266,6 +266,10 @@ mod tests {
         fn on_direct(&self, _d: &Direct) -> bool {
             false
         }
+        fn positions(&self) -> Vec<(Arc<str>, Option<StreamPosition>)> {
+            Vec::new()
+        }
+        fn resync_failed(&self, _channel: &str) {}
     }
 
     fn new_pub() -> NewPublication {

@@ -11,6 +11,12 @@
 //! instance.
 
 pub mod memory;
+#[cfg(feature = "nats")]
+pub mod nats;
+#[cfg(feature = "pubsub")]
+pub mod pubsub;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +25,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::error::Result;
+use crate::config::{BusConfig, Config};
+use crate::error::{Error, Result};
 use crate::protocol::{ClientInfo, Publication, StreamPosition};
 
 /// History options of the channel a publication goes to (from its
@@ -79,6 +86,15 @@ pub struct Direct {
 /// Where a broker delivers what arrives from the bus. Implemented by the
 /// node; every method is non-blocking (it only queues frames).
 pub trait BrokerHandler: Send + Sync + 'static {
+    /// Channels with local subscribers and the newest position delivered
+    /// here. After an outage a broker resubscribes these channels and
+    /// replays, through `on_publication`, what history holds after each
+    /// position (sessions drop duplicates by offset). Where history cannot
+    /// fill the gap it calls `resync_failed`.
+    fn positions(&self) -> Vec<(Arc<str>, Option<StreamPosition>)>;
+    /// The gap in `channel` cannot be filled: its local subscribers are
+    /// asked to reconnect (close 1012), and recover what they can.
+    fn resync_failed(&self, channel: &str);
     /// A publication in `channel`, to every local subscriber.
     fn on_publication(&self, channel: &Arc<str>, epoch: &Arc<str>, publication: &Publication);
     /// A control message, to the local clients it concerns.
@@ -143,6 +159,17 @@ pub trait Broker: Send + Sync + 'static {
         history: HistoryOptions,
     ) -> Result<HistoryResult>;
 
+    /// A client connected to this instance; direct messages must be able to
+    /// find it from any instance from now on.
+    async fn register_client(&self, _info: &ClientInfo) -> Result<()> {
+        Ok(())
+    }
+
+    /// The client left this instance.
+    async fn unregister_client(&self, _client_id: &str) -> Result<()> {
+        Ok(())
+    }
+
     /// Whether the bus is reachable now (drives `/readyz`).
     fn is_ready(&self) -> bool {
         true
@@ -165,4 +192,26 @@ pub trait PresenceStore: Send + Sync + 'static {
     async fn add(&self, channel: &str, info: &ClientInfo) -> Result<()>;
     async fn remove(&self, channel: &str, client_id: &str) -> Result<()>;
     async fn members(&self, channel: &str) -> Result<Vec<ClientInfo>>;
+}
+
+/// The backends for the configured bus. Connects (and fails) here, at
+/// start-up: a configured bus that cannot be reached is an error, never a
+/// silent fall-back to local-only delivery.
+pub async fn connect(config: &Config) -> Result<(Arc<dyn Broker>, Arc<dyn PresenceStore>)> {
+    match &config.bus {
+        BusConfig::Memory => Ok((
+            Arc::new(memory::MemoryBroker::new()),
+            Arc::new(memory::MemoryPresence::new()),
+        )),
+        #[cfg(feature = "redis")]
+        BusConfig::Redis { url } => redis::connect(url, config).await,
+        #[cfg(feature = "nats")]
+        BusConfig::Nats { url } => nats::connect(url, config).await,
+        #[cfg(feature = "pubsub")]
+        BusConfig::PubSub { project } => pubsub::connect(project, config).await,
+        #[allow(unreachable_patterns)]
+        other => Err(Error::Config(format!(
+            "bus {other:?} is not compiled into this build (cargo features redis, nats, pubsub)"
+        ))),
+    }
 }

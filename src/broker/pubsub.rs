@@ -1,0 +1,17 @@
+//! The pubsub bus. Being written; see the scale-out issue.
+
+use std::sync::Arc;
+
+use super::{Broker, PresenceStore};
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+/// Connect the pubsub bus.
+pub async fn connect(
+    _url: &str,
+    _config: &Config,
+) -> Result<(Arc<dyn Broker>, Arc<dyn PresenceStore>)> {
+    Err(Error::Config(
+        "the pubsub bus is not implemented yet".into(),
+    ))
+}

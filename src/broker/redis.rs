@@ -1,0 +1,15 @@
+//! The redis bus. Being written; see the scale-out issue.
+
+use std::sync::Arc;
+
+use super::{Broker, PresenceStore};
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+/// Connect the redis bus.
+pub async fn connect(
+    _url: &str,
+    _config: &Config,
+) -> Result<(Arc<dyn Broker>, Arc<dyn PresenceStore>)> {
+    Err(Error::Config("the redis bus is not implemented yet".into()))
+}
