@@ -256,6 +256,8 @@ export interface RealtimeClientOptions {
   heartbeatTimeout?: number;
   /** How long the probe may go unanswered before the connection is dropped, ms. Default 5000. */
   heartbeatPongTimeout?: number;
+  /** A handshake not completed within this many ms counts as a failed attempt. Default 10000. */
+  connectTimeout?: number;
   /** Most frames/requests queued while disconnected. Default 100. */
   queueWhileDisconnected?: number;
   /** Random source in [0, 1) for the jitter (tests). Default Math.random. */
@@ -288,7 +290,7 @@ export class SwitchboardError extends Error {
   ref?: RequestId;
 }
 
-declare class Emitter<M extends Record<string, any[]>> {
+declare class Emitter<M extends { [K in keyof M]: any[] }> {
   on<K extends keyof M & string>(type: K, handler: (...args: M[K]) => void): this;
   off<K extends keyof M & string>(type: K, handler?: (...args: M[K]) => void): this;
 }

@@ -19,6 +19,7 @@ const DEFAULTS = Object.freeze({
   reconnectMaxDelay: 30_000,
   heartbeatTimeout: 45_000,
   heartbeatPongTimeout: 5_000,
+  connectTimeout: 10_000,
   queueWhileDisconnected: 100,
   random: Math.random,
 });
@@ -191,6 +192,7 @@ export class RealtimeClient extends Emitter {
     this._heartbeatTimer = null;
     this._pongTimer = null;
     this._readyTimer = null;
+    this._connectTimer = null;
     this._lastRx = 0;
     this._connectedFrame = null;
     this._closedByUser = false;
@@ -202,7 +204,9 @@ export class RealtimeClient extends Emitter {
   // ---------------------------------------------------------------- state
 
   _setState(state, info) {
-    if (this.state === state) return;
+    // Every scheduled reconnect is reported (with its attempt and delay);
+    // other states only when they change.
+    if (this.state === state && state !== 'reconnecting') return;
     this.state = state;
     this._emit('state', state, info || {});
   }
@@ -241,7 +245,7 @@ export class RealtimeClient extends Emitter {
           '(Node 20 needs --experimental-websocket, Node >= 22 has it built in)',
       );
     }
-    this._setState(state, { attempt: this.reconnectAttempts });
+    if (state !== 'reconnecting') this._setState(state, { attempt: this.reconnectAttempts });
     let ws;
     try {
       ws = new WS(this.url);
@@ -257,13 +261,27 @@ export class RealtimeClient extends Emitter {
     ws.onclose = (event) => this._onClose(ws, event.code, event.reason);
     ws.onerror = (event) => {
       if (ws !== this.ws) return;
-      // Browsers give no detail; a close event always follows.
+      // Browsers give no detail. A close event should follow, but some
+      // implementations (Node 20's) never fire it for a failed handshake:
+      // do not wait for it.
       this._emit('socket-error', event);
+      setTimeout(() => {
+        if (ws === this.ws && ws.readyState !== WS_OPEN) this._onClose(ws, 1006, '');
+      }, 50);
     };
+    // A handshake that hangs (a black-holed address) counts as a failure.
+    const { connectTimeout } = this.options;
+    if (connectTimeout > 0 && Number.isFinite(connectTimeout)) {
+      this._connectTimer = setTimeout(() => {
+        this._connectTimer = null;
+        if (ws === this.ws && ws.readyState !== WS_OPEN) this._dropConnection('connect timeout');
+      }, connectTimeout);
+    }
   }
 
   _onOpen(ws) {
     if (ws !== this.ws) return;
+    this._clearConnectTimer();
     this._retryHint = null;
     this._touch();
     // The server's first frame is `connected`; the connection counts as open
@@ -353,6 +371,7 @@ export class RealtimeClient extends Emitter {
 
   _onClose(ws, code, reason) {
     if (ws !== this.ws) return;
+    this._clearConnectTimer();
     this._detach(ws);
     this.ws = null;
     this.clientId = null;
@@ -398,6 +417,13 @@ export class RealtimeClient extends Emitter {
     return hint !== null ? hint + jitter : jitter;
   }
 
+  _clearConnectTimer() {
+    if (this._connectTimer !== null) {
+      clearTimeout(this._connectTimer);
+      this._connectTimer = null;
+    }
+  }
+
   _clearReconnectTimer() {
     if (this._reconnectTimer !== null) {
       clearTimeout(this._reconnectTimer);
@@ -426,6 +452,7 @@ export class RealtimeClient extends Emitter {
   close(code = 1000, reason = '') {
     this._closedByUser = true;
     this._clearReconnectTimer();
+    this._clearConnectTimer();
     this._stopHeartbeat();
     const ws = this.ws;
     this._giveUp(new SwitchboardError('closed', 'client closed'));

@@ -86,6 +86,42 @@ describe('connection', () => {
   });
 });
 
+test('options.WebSocket is used; a 1012 close with retry=MS delays the reconnect by at least MS', async () => {
+  const sockets = [];
+  class FakeWebSocket {
+    constructor(url) {
+      this.url = url;
+      this.readyState = 0;
+      this.sent = [];
+      sockets.push(this);
+      setTimeout(() => {
+        this.readyState = 1;
+        this.onopen?.({});
+        this.onmessage?.({ data: JSON.stringify({ type: 'connected', clientId: `client-1-fake${sockets.length}xxxx` }) });
+      }, 0);
+    }
+    send(data) {
+      this.sent.push(data);
+    }
+    close() {
+      this.readyState = 3;
+    }
+  }
+  const c = new RealtimeClient('ws://fake.invalid/ws', { WebSocket: FakeWebSocket, reconnectBaseDelay: 100, random: () => 0.5 });
+  clients.push(c);
+  await c.connect();
+  assert.equal(sockets.length, 1);
+  assert.equal(c.clientId, 'client-1-fake1xxxx');
+  const away = once(c, 'state', (s) => s === 'reconnecting');
+  sockets[0].readyState = 3;
+  sockets[0].onclose({ code: 1012, reason: 'draining; retry=2000' });
+  const [, info] = await away;
+  assert.equal(info.code, 1012);
+  assert.equal(info.delay, 2050, 'the hint plus full jitter (0.5 of the 100 ms base)');
+  c.close();
+  assert.equal(sockets.length, 1, 'close() cancels the pending reconnect');
+});
+
 describe('tutorial messages', () => {
   test('broadcast reaches every other client, never the sender', async () => {
     const [a, b, c] = await Promise.all([connected(), connected(), connected()]);

@@ -11,7 +11,7 @@
 //   const again = await startServer({ port: server.port }); // restart on the same port
 
 import { spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -136,8 +136,21 @@ function makeHandle({ child, port, base, log, exited }) {
     stop: (graceMs = 10_000) => stopWith('SIGTERM', graceMs),
     /** A crash: SIGKILL. */
     kill: () => stopWith('SIGKILL', 0),
-    /** Freeze / thaw the process (dead-peer tests). */
-    pause: () => child.kill('SIGSTOP'),
+    /** Freeze the process (dead-peer tests); resolves once it is stopped. */
+    pause: async () => {
+      child.kill('SIGSTOP');
+      for (let i = 0; i < 100; i++) {
+        try {
+          const stat = readFileSync(`/proc/${child.pid}/stat`, 'utf8');
+          if (/^\d+ \(.*\) [Tt] /.test(stat)) return;
+        } catch {
+          break; // not Linux: just give the signal a moment
+        }
+        await sleep(10);
+      }
+      await sleep(50);
+    },
+    /** Thaw a paused process. */
     resume: () => child.kill('SIGCONT'),
   };
 }
