@@ -73,6 +73,11 @@ pub struct Settings {
     /// clean shutdown [default: switchboard-<instance id>].
     #[arg(long, env = "SWITCHBOARD_PUBSUB_SUBSCRIPTION")]
     pub pubsub_subscription: Option<String>,
+    /// With a shared bus: how long the presence entries (and the direct-
+    /// message address) of an instance that stopped without cleaning up
+    /// stay visible; they are refreshed every third of it [default: 30s].
+    #[arg(long, env = "SWITCHBOARD_PRESENCE_TTL")]
+    pub presence_ttl: Option<HumanDuration>,
     /// Largest client message in bytes; larger ones close the connection
     /// with 1009 [default: 65536].
     #[arg(long, env = "SWITCHBOARD_MAX_MESSAGE_SIZE")]
@@ -133,6 +138,11 @@ pub struct Settings {
     /// Default namespace: clients may publish [default: true].
     #[arg(long, env = "SWITCHBOARD_CLIENT_PUBLISH")]
     pub client_publish: Option<bool>,
+    /// Default namespace: what happens when a client's queue is full:
+    /// `disconnect` (close 4008), `drop-oldest` or `conflate-latest`
+    /// [default: disconnect].
+    #[arg(long, env = "SWITCHBOARD_SLOW_CONSUMER")]
+    pub slow_consumer: Option<SlowConsumerPolicy>,
     /// Per-namespace options; only in the TOML file (`[namespaces.chat]`).
     #[arg(skip)]
     pub namespaces: HashMap<String, NamespaceSettings>,
@@ -148,6 +158,7 @@ pub struct NamespaceSettings {
     pub presence: Option<bool>,
     pub join_leave: Option<bool>,
     pub client_publish: Option<bool>,
+    pub slow_consumer: Option<SlowConsumerPolicy>,
 }
 
 /// The effective options of a namespace.
@@ -163,6 +174,24 @@ pub struct NamespaceOptions {
     pub join_leave: bool,
     /// Whether clients may `publish` (the server API always may).
     pub client_publish: bool,
+    /// What a full client queue does to this namespace's publications.
+    pub slow_consumer: SlowConsumerPolicy,
+}
+
+/// What happens when a publication is pushed to a client whose queue is
+/// full (see `queue::OutQueue::push`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlowConsumerPolicy {
+    /// Close the connection with 4008; the client reconnects and recovers.
+    #[default]
+    Disconnect,
+    /// Drop the oldest queued publications of drop-oldest or
+    /// conflate-latest namespaces until the new one fits.
+    DropOldest,
+    /// Keep only the newest publication per channel while the client is
+    /// behind (dashboards); on overflow, drop like drop-oldest.
+    ConflateLatest,
 }
 
 impl Default for NamespaceOptions {
@@ -173,6 +202,7 @@ impl Default for NamespaceOptions {
             presence: true,
             join_leave: true,
             client_publish: true,
+            slow_consumer: SlowConsumerPolicy::Disconnect,
         }
     }
 }
@@ -236,6 +266,9 @@ pub struct Config {
     pub pubsub_topic: String,
     /// This instance's Pub/Sub subscription.
     pub pubsub_subscription: String,
+    /// Expiry of a crashed instance's presence entries and client
+    /// addresses on a shared bus; refreshed every third of it.
+    pub presence_ttl: Duration,
     /// Largest accepted client message, in bytes.
     pub max_message_size: usize,
     /// Interval between pings to each client.
@@ -295,6 +328,7 @@ impl Settings {
             bus_prefix,
             pubsub_topic,
             pubsub_subscription,
+            presence_ttl,
             max_message_size,
             ping_interval,
             pong_timeout,
@@ -312,7 +346,8 @@ impl Settings {
             history_ttl,
             presence,
             join_leave,
-            client_publish
+            client_publish,
+            slow_consumer
         );
         if self.namespaces.is_empty() {
             self.namespaces = lower.namespaces;
@@ -363,6 +398,7 @@ impl Config {
             presence: pick!(s.presence, true),
             join_leave: pick!(s.join_leave, true),
             client_publish: pick!(s.client_publish, true),
+            slow_consumer: s.slow_consumer.unwrap_or_default(),
         };
         let mut namespaces = HashMap::new();
         for (name, ns) in s.namespaces {
@@ -384,6 +420,7 @@ impl Config {
                 client_publish: ns
                     .client_publish
                     .unwrap_or(default_namespace.client_publish),
+                slow_consumer: ns.slow_consumer.unwrap_or(default_namespace.slow_consumer),
             };
             if opts.join_leave && !opts.presence {
                 return Err(Error::Config(format!(
@@ -402,6 +439,7 @@ impl Config {
                 presence: false,
                 join_leave: false,
                 client_publish: false,
+                slow_consumer: SlowConsumerPolicy::ConflateLatest,
             });
         if default_namespace.join_leave && !default_namespace.presence {
             return Err(Error::Config(
@@ -445,6 +483,10 @@ impl Config {
             bus_prefix,
             pubsub_topic,
             pubsub_subscription,
+            presence_ttl: nonzero(
+                "presence_ttl",
+                pick!(s.presence_ttl, HumanDuration(Duration::from_secs(30))).0,
+            )?,
             max_message_size: positive("max_message_size", pick!(s.max_message_size, 64 * 1024))?,
             ping_interval: nonzero(
                 "ping_interval",

@@ -65,6 +65,11 @@ pub struct Hub {
     delivered: AtomicU64,
     /// Clients closed because their queue overflowed.
     slow_consumers: AtomicU64,
+    /// Publications dropped from full queues (drop-oldest policy).
+    dropped: AtomicU64,
+    /// Publications replaced by a newer one of their channel
+    /// (conflate-latest policy).
+    conflated: AtomicU64,
 }
 
 impl Hub {
@@ -76,6 +81,8 @@ impl Hub {
             epoch: Instant::now(),
             delivered: AtomicU64::new(0),
             slow_consumers: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            conflated: AtomicU64::new(0),
         }
     }
 
@@ -150,6 +157,15 @@ impl Hub {
         match client.queue.push(item, self.limits) {
             Push::Queued => {
                 self.delivered.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Push::Conflated => {
+                self.conflated.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Push::DroppedOldest(n) => {
+                self.delivered.fetch_add(1, Ordering::Relaxed);
+                self.dropped.fetch_add(n as u64, Ordering::Relaxed);
                 true
             }
             Push::Overflow => {
@@ -232,6 +248,7 @@ impl Hub {
         publication: &Publication,
         frame: &Text,
         exclude: Option<&str>,
+        policy: crate::config::SlowConsumerPolicy,
     ) {
         let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
         let Some(state) = channels.get(channel) else {
@@ -252,6 +269,7 @@ impl Hub {
                     epoch: epoch.clone(),
                     offset: publication.offset,
                     timestamp: publication.timestamp,
+                    policy,
                     frame: frame.clone(),
                 },
             );
@@ -313,6 +331,16 @@ impl Hub {
     /// Frames queued to clients so far.
     pub fn delivered(&self) -> u64 {
         self.delivered.load(Ordering::Relaxed)
+    }
+
+    /// Publications dropped by the drop-oldest policy so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Publications replaced by the conflate-latest policy so far.
+    pub fn conflated(&self) -> u64 {
+        self.conflated.load(Ordering::Relaxed)
     }
 
     /// Clients closed as slow consumers so far.

@@ -21,6 +21,9 @@ pub struct Metrics {
     pub oversize_closes: AtomicU64,
     /// Publications accepted (client and API).
     pub publications: AtomicU64,
+    /// Publishes to the bus (channel publish, broadcast, direct) that
+    /// failed because the bus was unreachable.
+    pub bus_publish_errors: AtomicU64,
     /// Publish → write latency of channel publications.
     pub latency: LatencyHistogram,
 }

@@ -15,7 +15,7 @@ use crate::broker::{
     PresenceStore,
 };
 use crate::config::{Config, NamespaceOptions, random_base36};
-use crate::error::{ClientError, ErrorCode, Result};
+use crate::error::{ClientError, Error, ErrorCode, Result};
 use crate::hub::{ClientHandle, Hub};
 use crate::metrics::Metrics;
 use crate::protocol::{self, ClientInfo, Publication, StreamPosition};
@@ -50,6 +50,8 @@ struct Delivery {
     hub: Arc<Hub>,
     /// Whether a subscribed publisher gets its own publications.
     channel_echo: bool,
+    /// For each channel's namespace options (slow-consumer policy).
+    config: Config,
 }
 
 impl BrokerHandler for Delivery {
@@ -75,8 +77,13 @@ impl BrokerHandler for Delivery {
             true => None,
             false => publication.sender_id.as_deref(),
         };
+        let policy = self
+            .config
+            .namespace_of(channel)
+            .map(|ns| ns.slow_consumer)
+            .unwrap_or_default();
         self.hub
-            .publish(channel, epoch, publication, &frame, exclude);
+            .publish(channel, epoch, publication, &frame, exclude, policy);
     }
 
     fn on_control(&self, control: &Control) {
@@ -126,6 +133,7 @@ impl Node {
             .start(Arc::new(Delivery {
                 hub: hub.clone(),
                 channel_echo: config.channel_echo,
+                config: config.clone(),
             }))
             .await?;
         Ok(Node {
@@ -221,17 +229,27 @@ impl Node {
         }
     }
 
+    /// Count a publish the bus refused (`busPublishErrors` in `/metrics`).
+    fn count_bus_error<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(Error::Bus(_)) = &r {
+            Metrics::inc(&self.shared.metrics.bus_publish_errors);
+        }
+        r
+    }
+
     /// The tutorial's broadcast: every client of every instance but the
     /// sender.
     pub async fn broadcast(&self, sender_id: Option<Arc<str>>, data: Arc<RawValue>) -> Result<()> {
-        self.shared
+        let r = self
+            .shared
             .broker
             .publish_control(Control::Broadcast {
                 sender_id,
                 data,
                 timestamp: protocol::now_ms(),
             })
-            .await
+            .await;
+        self.count_bus_error(r)
     }
 
     /// A message for one client, wherever it is connected.
@@ -241,7 +259,7 @@ impl Node {
         target_id: &str,
         data: Arc<RawValue>,
     ) -> Result<()> {
-        let delivered = self
+        let r = self
             .shared
             .broker
             .direct(Direct {
@@ -250,7 +268,8 @@ impl Node {
                 data,
                 timestamp: protocol::now_ms(),
             })
-            .await?;
+            .await;
+        let delivered = self.count_bus_error(r)?;
         if !delivered {
             return Err(ClientError::new(
                 ErrorCode::UnknownTarget,
@@ -315,7 +334,7 @@ impl Node {
         data: Arc<RawValue>,
     ) -> Result<StreamPosition> {
         let opts = self.channel_options(channel)?;
-        let position = self
+        let r = self
             .shared
             .broker
             .publish(
@@ -327,7 +346,8 @@ impl Node {
                 },
                 Self::history_options(opts),
             )
-            .await?;
+            .await;
+        let position = self.count_bus_error(r)?;
         Metrics::inc(&self.shared.metrics.publications);
         Ok(position)
     }

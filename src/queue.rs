@@ -7,8 +7,15 @@
 //!
 //! The queue holds no allocation while empty: the writer takes the
 //! `VecDeque` itself, so an idle connection keeps only this small struct.
-//! It is bounded in frames and in bytes; a push beyond either bound marks
-//! the queue closed with [`close::SLOW_CONSUMER`] and the connection ends.
+//! It is bounded in frames and in bytes. What a push beyond either bound
+//! does depends on the namespace's [`SlowConsumerPolicy`]: `disconnect`
+//! marks the queue closed with [`close::SLOW_CONSUMER`] and the connection
+//! ends; `drop-oldest` drops the oldest droppable publications until the
+//! new one fits; `conflate-latest` keeps one pending publication per
+//! channel, replacing it in place. Only publications of drop-oldest or
+//! conflate-latest namespaces are ever dropped: replies, direct messages
+//! and other channels' publications are not, and when nothing droppable is
+//! left the connection is closed as for `disconnect`.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -16,6 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
+use crate::config::SlowConsumerPolicy;
 use crate::error::close;
 use crate::protocol::Text;
 
@@ -33,6 +41,8 @@ pub enum Outbound {
         /// When it was published (ms since the Unix epoch), for the
         /// delivery-latency histogram.
         timestamp: u64,
+        /// The namespace's policy when the queue is full.
+        policy: SlowConsumerPolicy,
         frame: Text,
     },
     /// A WebSocket ping from the keep-alive sweeper.
@@ -40,6 +50,16 @@ pub enum Outbound {
 }
 
 impl Outbound {
+    fn droppable(&self) -> bool {
+        matches!(
+            self,
+            Outbound::Publication {
+                policy: SlowConsumerPolicy::DropOldest | SlowConsumerPolicy::ConflateLatest,
+                ..
+            }
+        )
+    }
+
     fn weight(&self) -> usize {
         match self {
             Outbound::Frame(b) | Outbound::Publication { frame: b, .. } => b.len(),
@@ -80,6 +100,12 @@ impl CloseReason {
 pub enum Push {
     /// The item is queued.
     Queued,
+    /// The item replaced the pending publication of its channel
+    /// (conflate-latest).
+    Conflated,
+    /// The item is queued after dropping this many older publications
+    /// (drop-oldest / conflate-latest on a full queue).
+    DroppedOldest(usize),
     /// The queue was already closed; the item was dropped.
     Closed,
     /// This push overflowed the queue, which is now closed (slow consumer).
@@ -125,7 +151,37 @@ impl OutQueue {
             return Push::Closed;
         }
         let weight = item.weight();
-        if st.items.len() >= limits.max_messages || st.bytes + weight > limits.max_bytes {
+        if let Outbound::Publication {
+            channel,
+            policy: SlowConsumerPolicy::ConflateLatest,
+            ..
+        } = &item
+        {
+            let pending = st.items.iter().rposition(
+                |i| matches!(i, Outbound::Publication { channel: c, .. } if c == channel),
+            );
+            if let Some(pos) = pending {
+                st.bytes = st.bytes - st.items[pos].weight() + weight;
+                st.items[pos] = item;
+                return Push::Conflated;
+            }
+        }
+        let full = |st: &State| {
+            st.items.len() >= limits.max_messages || st.bytes + weight > limits.max_bytes
+        };
+        let mut dropped = 0;
+        if full(&st) && item.droppable() {
+            while full(&st) {
+                let Some(pos) = st.items.iter().position(Outbound::droppable) else {
+                    break;
+                };
+                if let Some(old) = st.items.remove(pos) {
+                    st.bytes -= old.weight();
+                    dropped += 1;
+                }
+            }
+        }
+        if full(&st) {
             st.items = VecDeque::new();
             st.bytes = 0;
             st.close = Some(CloseReason::new(close::SLOW_CONSUMER, "slow consumer"));
@@ -140,7 +196,10 @@ impl OutQueue {
         if was_empty {
             self.notify.notify_one();
         }
-        Push::Queued
+        match dropped {
+            0 => Push::Queued,
+            n => Push::DroppedOldest(n),
+        }
     }
 
     /// Ask the writer to close the connection. The first reason wins; what
@@ -216,6 +275,79 @@ mod tests {
         let q = OutQueue::new();
         let big = Outbound::Frame(Text::from("0123456789A"));
         assert_eq!(q.push(big, LIMITS), Push::Overflow);
+    }
+
+    fn publication(channel: &str, offset: u64, policy: SlowConsumerPolicy) -> Outbound {
+        Outbound::Publication {
+            channel: channel.into(),
+            epoch: "e".into(),
+            offset,
+            timestamp: 0,
+            policy,
+            frame: Text::from("x"),
+        }
+    }
+
+    fn offsets(items: &VecDeque<Outbound>) -> Vec<(String, u64)> {
+        items
+            .iter()
+            .filter_map(|i| match i {
+                Outbound::Publication {
+                    channel, offset, ..
+                } => Some((channel.to_string(), *offset)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn drop_oldest_keeps_the_newest_and_never_drops_other_frames() {
+        let q = OutQueue::new();
+        let p = SlowConsumerPolicy::DropOldest;
+        assert_eq!(
+            q.push(Outbound::Frame(Text::from("ack")), LIMITS),
+            Push::Queued
+        );
+        assert_eq!(q.push(publication("a", 1, p), LIMITS), Push::Queued);
+        assert_eq!(q.push(publication("a", 2, p), LIMITS), Push::Queued);
+        assert_eq!(
+            q.push(publication("a", 3, p), LIMITS),
+            Push::DroppedOldest(1)
+        );
+        assert_eq!(
+            q.push(publication("a", 4, p), LIMITS),
+            Push::DroppedOldest(1)
+        );
+        let (items, close) = q.take();
+        assert!(close.is_none());
+        assert!(
+            matches!(items.front(), Some(Outbound::Frame(_))),
+            "the reply survives"
+        );
+        assert_eq!(offsets(&items), vec![("a".into(), 3), ("a".into(), 4)]);
+    }
+
+    #[test]
+    fn conflate_latest_keeps_one_per_channel() {
+        let q = OutQueue::new();
+        let p = SlowConsumerPolicy::ConflateLatest;
+        assert_eq!(q.push(publication("a", 1, p), LIMITS), Push::Queued);
+        assert_eq!(q.push(publication("b", 1, p), LIMITS), Push::Queued);
+        assert_eq!(q.push(publication("a", 2, p), LIMITS), Push::Conflated);
+        assert_eq!(q.push(publication("a", 3, p), LIMITS), Push::Conflated);
+        let (items, _) = q.take();
+        assert_eq!(offsets(&items), vec![("a".into(), 3), ("b".into(), 1)]);
+    }
+
+    #[test]
+    fn a_full_queue_with_nothing_droppable_still_disconnects() {
+        let q = OutQueue::new();
+        for _ in 0..3 {
+            q.push(publication("a", 1, SlowConsumerPolicy::Disconnect), LIMITS);
+        }
+        let p = publication("b", 1, SlowConsumerPolicy::DropOldest);
+        assert_eq!(q.push(p, LIMITS), Push::Overflow);
+        assert_eq!(q.take().1.unwrap().code, Some(close::SLOW_CONSUMER));
     }
 
     #[test]

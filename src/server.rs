@@ -138,8 +138,11 @@ async fn metrics(State(state): State<AppState>) -> Json<serde_json::Value> {
         "deliveriesQueued": hub.delivered(),
         "connectionsTotal": m.connections_total.load(Relaxed),
         "publications": m.publications.load(Relaxed),
+        "busPublishErrors": m.bus_publish_errors.load(Relaxed),
         "errorsSent": m.errors_sent.load(Relaxed),
         "slowConsumers": hub.slow_consumers(),
+        "droppedOldest": hub.dropped(),
+        "conflated": hub.conflated(),
         "deadPeers": m.dead_peers.load(Relaxed),
         "oversizeCloses": m.oversize_closes.load(Relaxed),
     }))

@@ -197,6 +197,7 @@ where
                         offset,
                         timestamp,
                         frame,
+                        ..
                     } => {
                         let Some(state) = self.subs.get_mut(&channel) else {
                             continue; // unsubscribed meanwhile
@@ -486,16 +487,25 @@ mod tests {
 
     impl Sink<Message> for ChannelSocket {
         type Error = mpsc::SendError;
-        fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        fn poll_ready(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Result<(), Self::Error>> {
             Pin::new(&mut self.outgoing).poll_ready(cx)
         }
         fn start_send(mut self: Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
             Pin::new(&mut self.outgoing).start_send(item)
         }
-        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        fn poll_flush(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Result<(), Self::Error>> {
             Pin::new(&mut self.outgoing).poll_flush(cx)
         }
-        fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        fn poll_close(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Result<(), Self::Error>> {
             Pin::new(&mut self.outgoing).poll_close(cx)
         }
     }
@@ -543,7 +553,10 @@ mod tests {
         assert_eq!(got[1]["data"], json!([1]));
         send(json!({"type":"nope","id":3}));
         let e = next_json(&mut from_server).await;
-        assert_eq!((e["code"].as_str(), e["ref"].as_u64()), (Some("unknown_type"), Some(3)));
+        assert_eq!(
+            (e["code"].as_str(), e["ref"].as_u64()),
+            (Some("unknown_type"), Some(3))
+        );
 
         // Shutdown: a 1001 close frame, then the session cleans up.
         shutdown.cancel();

@@ -26,12 +26,21 @@ async fn subscribe_publish_unsubscribe() {
     assert_eq!(r["offset"], 0, "a new channel has no publication yet");
     let epoch = r["epoch"].as_str().unwrap().to_string();
     assert!(!epoch.is_empty());
-    assert!(r.get("recovered").is_none(), "no `since`, no recovery verdict");
+    assert!(
+        r.get("recovered").is_none(),
+        "no `since`, no recovery verdict"
+    );
 
     let ack = b
-        .request(json!({"type":"publish","channel":"chat:room1","data":{"text":"hi"}}), 2)
+        .request(
+            json!({"type":"publish","channel":"chat:room1","data":{"text":"hi"}}),
+            2,
+        )
         .await;
-    assert_eq!(ack, json!({"type":"ack","ref":2,"channel":"chat:room1","offset":1}));
+    assert_eq!(
+        ack,
+        json!({"type":"ack","ref":2,"channel":"chat:room1","offset":1})
+    );
     let m = a.recv_type("message").await;
     assert_eq!(m["channel"], "chat:room1");
     assert_eq!(m["data"], json!({"text":"hi"}));
@@ -43,7 +52,8 @@ async fn subscribe_publish_unsubscribe() {
     outsider.expect_silence(Duration::from_millis(10)).await;
 
     // A subscribed publisher gets its own message (channel_echo default).
-    a.send(json!({"type":"publish","channel":"chat:room1","data":"mine"})).await;
+    a.send(json!({"type":"publish","channel":"chat:room1","data":"mine"}))
+        .await;
     let mine = a.recv_type("message").await;
     assert_eq!(mine["data"], "mine");
     assert_eq!(mine["offset"], 2);
@@ -51,7 +61,10 @@ async fn subscribe_publish_unsubscribe() {
     let r = a
         .request(json!({"type":"unsubscribe","channel":"chat:room1"}), 3)
         .await;
-    assert_eq!(r, json!({"type":"unsubscribed","channel":"chat:room1","ref":3}));
+    assert_eq!(
+        r,
+        json!({"type":"unsubscribed","channel":"chat:room1","ref":3})
+    );
     b.send(json!({"type":"publish","channel":"chat:room1","data":"after"}))
         .await;
     a.expect_silence(Duration::from_millis(150)).await;
@@ -112,7 +125,10 @@ async fn per_channel_order_under_concurrent_publishers() {
         let mut next_per_publisher: HashMap<u64, u64> = HashMap::new();
         for expected_offset in 1..=total as u64 {
             let m = s.recv_type("message").await;
-            assert_eq!(m["offset"], expected_offset, "offsets grow by one, in order");
+            assert_eq!(
+                m["offset"], expected_offset,
+                "offsets grow by one, in order"
+            );
             let p = m["data"]["p"].as_u64().unwrap();
             let i = m["data"]["i"].as_u64().unwrap();
             let next = next_per_publisher.entry(p).or_insert(0);
@@ -132,8 +148,13 @@ async fn presence_and_join_leave_including_disconnects() {
     a.request(sub("room"), 1).await;
     b.request(sub("room"), 1).await;
     let join = a.recv_type("join").await;
-    assert_eq!(join, json!({"type":"join","channel":"room","clientId":b.id,"userId":null}));
-    let p = a.request(json!({"type":"presence","channel":"room"}), 2).await;
+    assert_eq!(
+        join,
+        json!({"type":"join","channel":"room","clientId":b.id,"userId":null})
+    );
+    let p = a
+        .request(json!({"type":"presence","channel":"room"}), 2)
+        .await;
     assert_eq!(p["count"], 2);
     let mut ids: Vec<String> = p["members"]
         .as_array()
@@ -147,7 +168,8 @@ async fn presence_and_join_leave_including_disconnects() {
     assert_eq!(ids, expected);
 
     // Unsubscribe → leave.
-    b.request(json!({"type":"unsubscribe","channel":"room"}), 3).await;
+    b.request(json!({"type":"unsubscribe","channel":"room"}), 3)
+        .await;
     let leave = a.recv_type("leave").await;
     assert_eq!(leave["clientId"], json!(b.id));
     // Disconnect → leave.
@@ -157,7 +179,9 @@ async fn presence_and_join_leave_including_disconnects() {
     let c_id = c.id.clone();
     drop(c);
     assert_eq!(a.recv_type("leave").await["clientId"], json!(c_id));
-    let p = a.request(json!({"type":"presence","channel":"room"}), 4).await;
+    let p = a
+        .request(json!({"type":"presence","channel":"room"}), 4)
+        .await;
     assert_eq!(p["count"], 1);
     assert_eq!(p["members"][0]["clientId"], json!(a.id));
     server.shutdown().await;
@@ -178,7 +202,9 @@ async fn a_dead_peer_leaves_presence() {
     // below, so its pongs go out.
     let leave = a.recv_type("leave").await;
     assert_eq!(leave["clientId"], json!(dead_id));
-    let p = a.request(json!({"type":"presence","channel":"room"}), 2).await;
+    let p = a
+        .request(json!({"type":"presence","channel":"room"}), 2)
+        .await;
     assert_eq!(p["count"], 1);
     drop(dead);
     server.shutdown().await;
@@ -261,7 +287,10 @@ async fn recovery_after_reconnect_delivers_exactly_the_missed_messages() {
     const MISSED: u64 = 25;
     for i in 0..MISSED {
         publisher
-            .request(json!({"type":"publish","channel":"news","data":{"missed":i}}), 10 + i)
+            .request(
+                json!({"type":"publish","channel":"news","data":{"missed":i}}),
+                10 + i,
+            )
             .await;
     }
     let mut back = Client::connect(&server).await;
@@ -291,9 +320,15 @@ async fn recovery_after_reconnect_delivers_exactly_the_missed_messages() {
         }
     }
     let expected: Vec<u64> = (2..2 + MISSED + 10).collect();
-    assert_eq!(offsets, expected, "every missed then live message, once, in order");
+    assert_eq!(
+        offsets, expected,
+        "every missed then live message, once, in order"
+    );
     let at = subscribed_at.expect("subscribed arrives");
-    assert!(at >= MISSED as usize, "missed messages come before `subscribed`");
+    assert!(
+        at >= MISSED as usize,
+        "missed messages come before `subscribed`"
+    );
     let _publisher = live.await.unwrap();
     back.expect_silence(Duration::from_millis(150)).await;
     server.shutdown().await;
@@ -319,8 +354,11 @@ async fn recovery_impossible_says_recovered_false_and_sends_nothing_partial() {
         .await;
     let epoch = h["epoch"].clone();
     for i in 0..5 {
-        p.request(json!({"type":"publish","channel":"tiny:a","data":i}), 10 + i)
-            .await;
+        p.request(
+            json!({"type":"publish","channel":"tiny:a","data":i}),
+            10 + i,
+        )
+        .await;
     }
     // Missed 5 but only 3 are retained.
     let mut c = Client::connect(&server).await;
@@ -398,7 +436,11 @@ async fn every_channel_error_code() {
         "publish_not_allowed"
     );
     assert_eq!(
-        err(json!({"type":"publish","channel":"sys:metrics","data":1}), 9).await,
+        err(
+            json!({"type":"publish","channel":"sys:metrics","data":1}),
+            9
+        )
+        .await,
         "publish_not_allowed"
     );
     let ok = c.request(sub("a"), 10).await;
@@ -409,7 +451,6 @@ async fn every_channel_error_code() {
         r["code"].as_str().unwrap().to_string()
     };
     assert_eq!(err(sub("a"), 11).await, "already_subscribed");
-    drop(err);
     assert_eq!(c.request(sub("b"), 12).await["type"], "subscribed");
     let r = c.request(sub("c"), 13).await;
     assert_eq!(r["code"], "too_many_subscriptions");
