@@ -27,18 +27,20 @@ impl Drop for Guard {
 
 async fn spawn_server(args: &[&str]) -> (Guard, u16) {
     let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the binary starts");
+    let guard = Guard(
+        Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the binary starts"),
+    );
     let url = format!("http://127.0.0.1:{port}/readyz");
     for _ in 0..200 {
         if let Ok(r) = reqwest::get(&url).await {
             if r.status() == 200 {
-                return (Guard(child), port);
+                return (guard, port);
             }
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
