@@ -118,6 +118,22 @@ pub struct Settings {
     /// Refuse channels whose namespace is not configured [default: false].
     #[arg(long, env = "SWITCHBOARD_STRICT_NAMESPACES")]
     pub strict_namespaces: Option<bool>,
+    /// Browser origins allowed to open a WebSocket (comma-separated, e.g.
+    /// `https://app.example.com`); empty allows any. Requests without an
+    /// `Origin` header (non-browser clients) are always allowed.
+    #[arg(long, env = "SWITCHBOARD_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
+    /// Most WebSocket connections on this instance; beyond it upgrades get
+    /// HTTP 503 [default: 100000].
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Messages per second one connection may send (token bucket); 0 turns
+    /// the limit off [default: 100].
+    #[arg(long, env = "SWITCHBOARD_RATE_LIMIT")]
+    pub rate_limit: Option<f64>,
+    /// Burst of the per-connection rate limit [default: 200].
+    #[arg(long, env = "SWITCHBOARD_RATE_BURST")]
+    pub rate_burst: Option<u32>,
     /// Serve the demo pages, the client at /client.js and the `sys:metrics`
     /// channel [default: true].
     #[arg(long, env = "SWITCHBOARD_DEMO")]
@@ -289,6 +305,14 @@ pub struct Config {
     pub echo_max_message_size: usize,
     /// Most subscriptions per connection.
     pub max_subscriptions: usize,
+    /// Browser origins allowed to connect; empty allows any.
+    pub allowed_origins: Vec<String>,
+    /// Most WebSocket connections on this instance.
+    pub max_connections: usize,
+    /// Per-connection message rate (per second); 0 is unlimited.
+    pub rate_limit: f64,
+    /// Per-connection burst above the rate.
+    pub rate_burst: u32,
     /// Whether a subscribed publisher gets its own publication.
     pub channel_echo: bool,
     /// Refuse channels in namespaces that are not configured.
@@ -341,6 +365,10 @@ impl Settings {
             max_subscriptions,
             channel_echo,
             strict_namespaces,
+            allowed_origins,
+            max_connections,
+            rate_limit,
+            rate_burst,
             demo,
             history_size,
             history_ttl,
@@ -509,6 +537,19 @@ impl Config {
                 pick!(s.echo_max_message_size, 16 << 20),
             )?,
             max_subscriptions: positive("max_subscriptions", pick!(s.max_subscriptions, 128))?,
+            allowed_origins: s
+                .allowed_origins
+                .unwrap_or_default()
+                .into_iter()
+                .map(|o| o.trim().trim_end_matches('/').to_string())
+                .filter(|o| !o.is_empty())
+                .collect(),
+            max_connections: positive("max_connections", pick!(s.max_connections, 100_000))?,
+            rate_limit: match pick!(s.rate_limit, 100.0) {
+                r if r.is_finite() && r >= 0.0 => r,
+                r => return Err(Error::Config(format!("rate_limit must be >= 0 (got {r})"))),
+            },
+            rate_burst: pick!(s.rate_burst, 200).max(1),
             channel_echo: pick!(s.channel_echo, true),
             strict_namespaces: pick!(s.strict_namespaces, false),
             demo: pick!(s.demo, true),

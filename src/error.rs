@@ -24,6 +24,7 @@ pub enum ErrorCode {
     PresenceDisabled,
     PublishNotAllowed,
     BusUnavailable,
+    RateLimited,
     Internal,
 }
 
@@ -45,6 +46,7 @@ impl ErrorCode {
             ErrorCode::PresenceDisabled => "presence_disabled",
             ErrorCode::PublishNotAllowed => "publish_not_allowed",
             ErrorCode::BusUnavailable => "bus_unavailable",
+            ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Internal => "internal",
         }
     }
@@ -96,6 +98,8 @@ pub mod close {
     pub const SERVICE_RESTART: u16 = 1012;
     /// The connection's outbound queue overflowed.
     pub const SLOW_CONSUMER: u16 = 4008;
+    /// The client kept sending over its rate limit.
+    pub const RATE_LIMITED: u16 = 4029;
 }
 
 /// Errors of the server itself: configuration, I/O, backends.

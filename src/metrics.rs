@@ -19,6 +19,12 @@ pub struct Metrics {
     pub dead_peers: AtomicU64,
     /// Connections closed because a message exceeded the size limit.
     pub oversize_closes: AtomicU64,
+    /// Client messages refused by the rate limit.
+    pub rate_limited: AtomicU64,
+    /// Upgrades refused: origin not allowed.
+    pub origin_refused: AtomicU64,
+    /// Upgrades refused: the instance was at `max_connections`.
+    pub connections_refused: AtomicU64,
     /// Publications accepted (client and API).
     pub publications: AtomicU64,
     /// Publishes to the bus (channel publish, broadcast, direct) that

@@ -15,7 +15,7 @@ use axum::Json;
 use axum::Router;
 use axum::extract::State;
 use axum::extract::ws::{WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::Result;
+use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::session::{self, Mode};
 
@@ -63,8 +64,32 @@ fn router(state: AppState) -> Router {
     app.with_state(state)
 }
 
-fn upgrade(state: AppState, ws: WebSocketUpgrade, mode: Mode) -> Response {
+/// Whether a browser `Origin` may connect: any when the allow-list is
+/// empty; non-browser clients (no `Origin`) always.
+fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    allowed.is_empty()
+        || origin.to_str().is_ok_and(|o| {
+            allowed
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(o.trim_end_matches('/')))
+        })
+}
+
+fn upgrade(state: AppState, ws: WebSocketUpgrade, headers: &HeaderMap, mode: Mode) -> Response {
     let cfg = state.node.config();
+    if mode == Mode::Protocol {
+        if !origin_allowed(&cfg.allowed_origins, headers) {
+            Metrics::inc(&state.node.metrics().origin_refused);
+            return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+        }
+        if state.node.hub().len() >= cfg.max_connections {
+            Metrics::inc(&state.node.metrics().connections_refused);
+            return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
+        }
+    }
     let limit = match mode {
         Mode::Protocol => cfg.max_message_size,
         Mode::Echo => cfg.echo_max_message_size,
@@ -91,10 +116,11 @@ fn upgrade(state: AppState, ws: WebSocketUpgrade, mode: Mode) -> Response {
 /// `/`: the tutorial's client upgrades here; plain GETs get the status.
 async fn root(
     State(state): State<AppState>,
+    headers: HeaderMap,
     ws: std::result::Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     match ws {
-        Ok(ws) => upgrade(state, ws, Mode::Protocol),
+        Ok(ws) => upgrade(state, ws, &headers, Mode::Protocol),
         Err(_) => Json(json!({
             "status": "running",
             "connectedClients": state.node.hub().len(),
@@ -103,12 +129,16 @@ async fn root(
     }
 }
 
-async fn ws_only(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
-    upgrade(state, ws, Mode::Protocol)
+async fn ws_only(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    upgrade(state, ws, &headers, Mode::Protocol)
 }
 
-async fn echo(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
-    upgrade(state, ws, Mode::Echo)
+async fn echo(State(state): State<AppState>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
+    upgrade(state, ws, &headers, Mode::Echo)
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -145,6 +175,9 @@ async fn metrics(State(state): State<AppState>) -> Json<serde_json::Value> {
         "conflated": hub.conflated(),
         "deadPeers": m.dead_peers.load(Relaxed),
         "oversizeCloses": m.oversize_closes.load(Relaxed),
+        "rateLimited": m.rate_limited.load(Relaxed),
+        "originRefused": m.origin_refused.load(Relaxed),
+        "connectionsRefused": m.connections_refused.load(Relaxed),
     }))
 }
 

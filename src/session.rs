@@ -52,8 +52,46 @@ struct SubState {
     last: u64,
 }
 
+/// A token bucket: `rate` messages per second, up to `burst` at once.
+struct RateLimit {
+    /// Tokens available now.
+    tokens: f64,
+    /// When `tokens` was last refilled.
+    refilled: tokio::time::Instant,
+    /// Consecutive messages refused; past the burst the client is closed.
+    strikes: u32,
+}
+
+impl RateLimit {
+    fn new(burst: u32) -> Self {
+        RateLimit {
+            tokens: f64::from(burst),
+            refilled: tokio::time::Instant::now(),
+            strikes: 0,
+        }
+    }
+
+    /// Take a token; `false` when the client is over its rate.
+    fn take(&mut self, rate: f64, burst: u32) -> bool {
+        let now = tokio::time::Instant::now();
+        let elapsed = now.duration_since(self.refilled).as_secs_f64();
+        self.refilled = now;
+        self.tokens = (self.tokens + elapsed * rate).min(f64::from(burst));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.strikes = 0;
+            true
+        } else {
+            self.strikes += 1;
+            false
+        }
+    }
+}
+
 struct Session<S> {
     node: Node,
+    /// Per-connection message rate limit.
+    rate: RateLimit,
     ws: S,
     client: Arc<ClientHandle>,
     mode: Mode,
@@ -107,6 +145,7 @@ where
         Mode::Echo => node.hub().detached(),
     };
     let mut session = Session {
+        rate: RateLimit::new(node.config().rate_burst),
         node: node.clone(),
         ws,
         client: client.clone(),
@@ -279,7 +318,34 @@ where
         }
     }
 
+    /// Apply the rate limit to a data frame: `Some(flow)` when the frame
+    /// is refused (an error reply, or a close on sustained abuse).
+    async fn over_rate(&mut self) -> Option<ControlFlow<()>> {
+        let cfg = self.node.config();
+        let (rate, burst) = (cfg.rate_limit, cfg.rate_burst);
+        if self.mode == Mode::Echo || rate == 0.0 || self.rate.take(rate, burst) {
+            return None;
+        }
+        Metrics::inc(&self.node.metrics().rate_limited);
+        if self.rate.strikes > burst {
+            let reason = CloseReason::new(close::RATE_LIMITED, "rate limit exceeded");
+            Box::pin(self.close(&reason)).await;
+            return Some(ControlFlow::Break(()));
+        }
+        let err = ClientError::new(
+            ErrorCode::RateLimited,
+            format!("over {rate} messages per second; this message was dropped"),
+        );
+        Some(self.send_error(None, &err).await)
+    }
+
     async fn on_message(&mut self, msg: Message) -> ControlFlow<()> {
+        if matches!(msg, Message::Text(_) | Message::Binary(_)) {
+            if let Some(flow) = self.over_rate().await {
+                flow?;
+                return self.flush().await;
+            }
+        }
         match msg {
             Message::Text(text) => {
                 Metrics::inc(&self.node.metrics().messages_in);
