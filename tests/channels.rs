@@ -467,6 +467,7 @@ async fn a_slow_consumer_is_closed_with_4008_and_others_carry_on() {
     let mut s = settings();
     s.queue_max_messages = Some(1000);
     s.queue_max_bytes = Some(256 * 1024);
+    s.rate_limit = Some(0.0); // the publisher floods on purpose
     let server = start_with(s).await;
     let mut fast = Client::connect(&server).await;
     fast.request(sub("firehose"), 1).await;

@@ -58,6 +58,7 @@ async fn flood_until(
 
 fn settings_with(policy: SlowConsumerPolicy) -> switchboard::config::Settings {
     let mut s = settings();
+    s.rate_limit = Some(0.0); // the publisher floods on purpose
     s.queue_max_messages = Some(64);
     s.queue_max_bytes = Some(128 * 1024);
     s.namespaces.insert(
