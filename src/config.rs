@@ -134,6 +134,38 @@ pub struct Settings {
     /// Burst of the per-connection rate limit [default: 200].
     #[arg(long, env = "SWITCHBOARD_RATE_BURST")]
     pub rate_burst: Option<u32>,
+    /// File with an HS256 secret for verifying JWTs (turns auth on).
+    #[arg(long, env = "SWITCHBOARD_AUTH_HS256_SECRET_FILE")]
+    pub auth_hs256_secret_file: Option<std::path::PathBuf>,
+    /// File with an RS256 (RSA) or ES256 (EC P-256) public key in PEM for
+    /// verifying JWTs (turns auth on).
+    #[arg(long, env = "SWITCHBOARD_AUTH_PUBLIC_KEY_FILE")]
+    pub auth_public_key_file: Option<std::path::PathBuf>,
+    /// File with a JSON Web Key Set for verifying JWTs (turns auth on).
+    #[arg(long, env = "SWITCHBOARD_AUTH_JWKS_FILE")]
+    pub auth_jwks_file: Option<std::path::PathBuf>,
+    /// Required `aud` of tokens.
+    #[arg(long, env = "SWITCHBOARD_AUTH_AUDIENCE")]
+    pub auth_audience: Option<String>,
+    /// Required `iss` of tokens.
+    #[arg(long, env = "SWITCHBOARD_AUTH_ISSUER")]
+    pub auth_issuer: Option<String>,
+    /// Every connection must present a valid token (in `?token=` or a first
+    /// `auth` frame) [default: false].
+    #[arg(long, env = "SWITCHBOARD_AUTH_REQUIRED")]
+    pub auth_required: Option<bool>,
+    /// How long a connection may take to send its first `auth` frame when
+    /// auth is required [default: 5s].
+    #[arg(long, env = "SWITCHBOARD_AUTH_TIMEOUT")]
+    pub auth_timeout: Option<HumanDuration>,
+    /// Most connections one user (token `sub`) may hold on this instance
+    /// [default: 100].
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_USER")]
+    pub max_connections_per_user: Option<usize>,
+    /// Default namespace: connections without a token may use it
+    /// [default: true].
+    #[arg(long, env = "SWITCHBOARD_ANONYMOUS")]
+    pub anonymous: Option<bool>,
     /// Serve the demo pages, the client at /client.js and the `sys:metrics`
     /// channel [default: true].
     #[arg(long, env = "SWITCHBOARD_DEMO")]
@@ -175,6 +207,7 @@ pub struct NamespaceSettings {
     pub join_leave: Option<bool>,
     pub client_publish: Option<bool>,
     pub slow_consumer: Option<SlowConsumerPolicy>,
+    pub anonymous: Option<bool>,
 }
 
 /// The effective options of a namespace.
@@ -192,6 +225,9 @@ pub struct NamespaceOptions {
     pub client_publish: bool,
     /// What a full client queue does to this namespace's publications.
     pub slow_consumer: SlowConsumerPolicy,
+    /// Whether connections without a token may use it (others need a
+    /// token granting the channel).
+    pub anonymous: bool,
 }
 
 /// What happens when a publication is pushed to a client whose queue is
@@ -219,6 +255,7 @@ impl Default for NamespaceOptions {
             join_leave: true,
             client_publish: true,
             slow_consumer: SlowConsumerPolicy::Disconnect,
+            anonymous: true,
         }
     }
 }
@@ -309,6 +346,14 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Most WebSocket connections on this instance.
     pub max_connections: usize,
+    /// JWT verification; `enabled()` is false without keys.
+    pub auth: crate::auth::AuthConfig,
+    /// Connections must authenticate.
+    pub auth_required: bool,
+    /// Deadline for the first `auth` frame when auth is required.
+    pub auth_timeout: Duration,
+    /// Most connections per user on this instance.
+    pub max_connections_per_user: usize,
     /// Per-connection message rate (per second); 0 is unlimited.
     pub rate_limit: f64,
     /// Per-connection burst above the rate.
@@ -375,7 +420,16 @@ impl Settings {
             presence,
             join_leave,
             client_publish,
-            slow_consumer
+            slow_consumer,
+            auth_hs256_secret_file,
+            auth_public_key_file,
+            auth_jwks_file,
+            auth_audience,
+            auth_issuer,
+            auth_required,
+            auth_timeout,
+            max_connections_per_user,
+            anonymous
         );
         if self.namespaces.is_empty() {
             self.namespaces = lower.namespaces;
@@ -427,6 +481,7 @@ impl Config {
             join_leave: pick!(s.join_leave, true),
             client_publish: pick!(s.client_publish, true),
             slow_consumer: s.slow_consumer.unwrap_or_default(),
+            anonymous: pick!(s.anonymous, true),
         };
         let mut namespaces = HashMap::new();
         for (name, ns) in s.namespaces {
@@ -449,6 +504,7 @@ impl Config {
                     .client_publish
                     .unwrap_or(default_namespace.client_publish),
                 slow_consumer: ns.slow_consumer.unwrap_or(default_namespace.slow_consumer),
+                anonymous: ns.anonymous.unwrap_or(default_namespace.anonymous),
             };
             if opts.join_leave && !opts.presence {
                 return Err(Error::Config(format!(
@@ -468,6 +524,7 @@ impl Config {
                 join_leave: false,
                 client_publish: false,
                 slow_consumer: SlowConsumerPolicy::ConflateLatest,
+                anonymous: true,
             });
         if default_namespace.join_leave && !default_namespace.presence {
             return Err(Error::Config(
@@ -498,6 +555,15 @@ impl Config {
             return Err(Error::Config(format!(
                 "bus_prefix must be letters, digits, '-' or '_' (got {bus_prefix:?})"
             )));
+        }
+        if s.auth_required == Some(true)
+            && s.auth_hs256_secret_file.is_none()
+            && s.auth_public_key_file.is_none()
+            && s.auth_jwks_file.is_none()
+        {
+            return Err(Error::Config(
+                "auth_required needs a key: auth_hs256_secret_file, auth_public_key_file or auth_jwks_file".into(),
+            ));
         }
         let pubsub_topic = pick!(s.pubsub_topic, "switchboard-messages".into());
         let pubsub_subscription = s
@@ -550,6 +616,22 @@ impl Config {
                 r => return Err(Error::Config(format!("rate_limit must be >= 0 (got {r})"))),
             },
             rate_burst: pick!(s.rate_burst, 200).max(1),
+            auth: crate::auth::AuthConfig {
+                hs256_secret_file: s.auth_hs256_secret_file,
+                public_key_file: s.auth_public_key_file,
+                jwks_file: s.auth_jwks_file,
+                audience: s.auth_audience,
+                issuer: s.auth_issuer,
+            },
+            auth_required: pick!(s.auth_required, false),
+            auth_timeout: nonzero(
+                "auth_timeout",
+                pick!(s.auth_timeout, HumanDuration(Duration::from_secs(5))).0,
+            )?,
+            max_connections_per_user: positive(
+                "max_connections_per_user",
+                pick!(s.max_connections_per_user, 100),
+            )?,
             channel_echo: pick!(s.channel_echo, true),
             strict_namespaces: pick!(s.strict_namespaces, false),
             demo: pick!(s.demo, true),

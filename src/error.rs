@@ -25,6 +25,9 @@ pub enum ErrorCode {
     PublishNotAllowed,
     BusUnavailable,
     RateLimited,
+    InvalidToken,
+    TokenExpired,
+    PermissionDenied,
     Internal,
 }
 
@@ -47,6 +50,9 @@ impl ErrorCode {
             ErrorCode::PublishNotAllowed => "publish_not_allowed",
             ErrorCode::BusUnavailable => "bus_unavailable",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::PermissionDenied => "permission_denied",
             ErrorCode::Internal => "internal",
         }
     }
@@ -98,6 +104,12 @@ pub mod close {
     pub const SERVICE_RESTART: u16 = 1012;
     /// The connection's outbound queue overflowed.
     pub const SLOW_CONSUMER: u16 = 4008;
+    /// Authentication failed or was required and missing.
+    pub const UNAUTHORIZED: u16 = 4001;
+    /// The connection's token expired without a refresh.
+    pub const TOKEN_EXPIRED: u16 = 4003;
+    /// The user already has `max_connections_per_user` connections.
+    pub const TOO_MANY_USER_CONNECTIONS: u16 = 4030;
     /// The client kept sending over its rate limit.
     pub const RATE_LIMITED: u16 = 4029;
 }

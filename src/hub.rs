@@ -29,6 +29,9 @@ pub struct ClientHandle {
     /// When the sweeper last sent a ping (ms since the hub started), 0
     /// before the first.
     ping_sent: AtomicU64,
+    /// When the connection's token expires (seconds since the Unix
+    /// epoch), 0 without one; the sweeper closes it then (4003).
+    expires_at: AtomicU64,
 }
 
 impl ClientHandle {
@@ -63,6 +66,8 @@ pub struct Hub {
     epoch: Instant,
     /// Frames pushed to clients (deliveries).
     delivered: AtomicU64,
+    /// Connections per user id, for `max_connections_per_user`.
+    users: Mutex<HashMap<Arc<str>, usize>>,
     /// Clients closed because their queue overflowed.
     slow_consumers: AtomicU64,
     /// Publications dropped from full queues (drop-oldest policy).
@@ -81,6 +86,7 @@ impl Hub {
             epoch: Instant::now(),
             delivered: AtomicU64::new(0),
             slow_consumers: AtomicU64::new(0),
+            users: Mutex::default(),
             dropped: AtomicU64::new(0),
             conflated: AtomicU64::new(0),
         }
@@ -93,11 +99,20 @@ impl Hub {
 
     /// Register a new client.
     pub fn add(&self, info: ClientInfo) -> Arc<ClientHandle> {
+        if let Some(user) = &info.user_id {
+            *self
+                .users
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(user.clone())
+                .or_default() += 1;
+        }
         let handle = Arc::new(ClientHandle {
             info,
             queue: OutQueue::new(),
             last_seen: AtomicU64::new(self.clock_ms()),
             ping_sent: AtomicU64::new(0),
+            expires_at: AtomicU64::new(0),
         });
         self.clients
             .write()
@@ -117,15 +132,43 @@ impl Hub {
             queue: OutQueue::new(),
             last_seen: AtomicU64::new(self.clock_ms()),
             ping_sent: AtomicU64::new(0),
+            expires_at: AtomicU64::new(0),
         })
+    }
+
+    /// Connections `user_id` holds on this instance.
+    pub fn user_connections(&self, user_id: &str) -> usize {
+        self.users
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(user_id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Set when the client's token expires (seconds since the Unix epoch).
+    pub fn set_expiry(&self, client: &ClientHandle, expires_at: Option<u64>) {
+        client
+            .expires_at
+            .store(expires_at.unwrap_or(0), Ordering::Relaxed);
     }
 
     /// Forget a client (its channels must have been left already).
     pub fn remove(&self, client_id: &str) {
-        self.clients
+        let removed = self
+            .clients
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(client_id);
+        if let Some(user) = removed.as_ref().and_then(|c| c.info.user_id.as_ref()) {
+            let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = users.get_mut(user) {
+                *n -= 1;
+                if *n == 0 {
+                    users.remove(user);
+                }
+            }
+        }
     }
 
     /// Number of local clients.
@@ -355,7 +398,16 @@ impl Hub {
     pub fn keepalive_pass(&self, now: u64, ping_ms: u64, timeout_ms: u64) -> usize {
         let clients = self.clients.read().unwrap_or_else(|p| p.into_inner());
         let mut dead = 0;
+        let wall_secs = crate::protocol::now_ms() / 1000;
         for client in clients.values() {
+            let expires = client.expires_at.load(Ordering::Relaxed);
+            if expires != 0 && wall_secs >= expires {
+                client.queue.close(crate::queue::CloseReason::new(
+                    crate::error::close::TOKEN_EXPIRED,
+                    "token expired",
+                ));
+                continue;
+            }
             let seen = client.last_seen.load(Ordering::Relaxed);
             let sent = client.ping_sent.load(Ordering::Relaxed);
             if sent > seen {

@@ -32,11 +32,13 @@
 //! * [`metrics`]: counters behind `/metrics`, and the delivery-latency
 //!   histogram.
 //! * [`assets`]: the embedded JavaScript client and demo pages.
+//! * [`auth`]: JWT verification and channel grants.
 //! * [`error`]: client-visible error codes and close codes.
 
 #![forbid(unsafe_code)]
 
 pub mod assets;
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod error;

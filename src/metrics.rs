@@ -19,6 +19,8 @@ pub struct Metrics {
     pub dead_peers: AtomicU64,
     /// Connections closed because a message exceeded the size limit.
     pub oversize_closes: AtomicU64,
+    /// Connections refused: missing, invalid or expired token.
+    pub auth_failures: AtomicU64,
     /// Client messages refused by the rate limit.
     pub rate_limited: AtomicU64,
     /// Upgrades refused: origin not allowed.

@@ -42,6 +42,8 @@ struct Shared {
     started: Instant,
     /// Set when shutdown begins: `/readyz` answers 503 from then on.
     draining: AtomicBool,
+    /// Verifies tokens; `None` when auth is not configured.
+    auth: Option<crate::auth::Authenticator>,
 }
 
 /// Delivers what the broker hands over to the local clients. Separate from
@@ -125,6 +127,7 @@ impl Node {
         broker: Arc<dyn Broker>,
         presence: Arc<dyn PresenceStore>,
     ) -> Result<Node> {
+        let auth = crate::auth::Authenticator::from_config(&config.auth)?;
         let hub = Arc::new(Hub::new(Limits {
             max_messages: config.queue_max_messages,
             max_bytes: config.queue_max_bytes,
@@ -145,6 +148,7 @@ impl Node {
                 metrics: Metrics::default(),
                 started: Instant::now(),
                 draining: AtomicBool::new(false),
+                auth,
             }),
         })
     }
@@ -185,17 +189,40 @@ impl Node {
         self.shared.draining.store(true, Ordering::Relaxed);
     }
 
-    /// Register a new connection and give it an id. Fails when the bus
-    /// cannot record it (direct messages would not find it).
-    pub async fn connect(&self) -> Result<Arc<ClientHandle>> {
+    /// The token verifier, when auth is configured.
+    pub fn authenticator(&self) -> Option<&crate::auth::Authenticator> {
+        self.shared.auth.as_ref()
+    }
+
+    /// Register a new connection (of `identity`'s user, if any) and give it
+    /// an id. Fails when the user is at `max_connections_per_user`, or when
+    /// the bus cannot record the client (direct messages would not find it).
+    pub async fn connect(
+        &self,
+        identity: Option<&crate::auth::Identity>,
+    ) -> Result<Arc<ClientHandle>> {
+        if let Some(identity) = identity {
+            let max = self.shared.config.max_connections_per_user;
+            if self.shared.hub.user_connections(&identity.user_id) >= max {
+                return Err(ClientError::new(
+                    ErrorCode::PermissionDenied,
+                    format!("user already has {max} connections"),
+                )
+                .into());
+            }
+        }
         let id = format!("client-{}-{}", protocol::now_ms(), random_base36(9));
         let info = ClientInfo {
             client_id: id.into(),
-            user_id: None,
+            user_id: identity.map(|i| i.user_id.clone()),
         };
         self.shared.broker.register_client(&info).await?;
         Metrics::inc(&self.shared.metrics.connections_total);
-        Ok(self.shared.hub.add(info))
+        let handle = self.shared.hub.add(info);
+        self.shared
+            .hub
+            .set_expiry(&handle, identity.and_then(|i| i.expires_at));
+        Ok(handle)
     }
 
     /// Forget a connection: leave each of its channels, then the hub.

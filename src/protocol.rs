@@ -110,6 +110,10 @@ pub enum RequestKind<'a> {
         limit: Option<usize>,
     },
     Ping,
+    /// Present (or refresh) a token.
+    Auth {
+        token: String,
+    },
 }
 
 /// Every field any request may have, undecoded.
@@ -129,6 +133,8 @@ struct Envelope<'a> {
     since: Option<&'a RawValue>,
     #[serde(borrow)]
     limit: Option<&'a RawValue>,
+    #[serde(borrow)]
+    token: Option<&'a RawValue>,
 }
 
 /// A request that could not be parsed, with the `id` if one was readable.
@@ -227,6 +233,9 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, ParseError<'_>> {
                 .map_err(fail)?,
         },
         "ping" => RequestKind::Ping,
+        "auth" => RequestKind::Auth {
+            token: field(env.token, "token", "a JWT string").map_err(fail)?,
+        },
         other => {
             return Err(fail(ClientError::new(
                 ErrorCode::UnknownType,
@@ -356,6 +365,28 @@ struct Pong<'a> {
 pub fn pong(reference: Ref<'_>) -> Text {
     encode(&Pong {
         ty: "pong",
+        reference,
+    })
+}
+
+#[derive(Serialize)]
+struct Authenticated<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    #[serde(rename = "userId")]
+    user_id: &'a str,
+    #[serde(rename = "expiresAt")]
+    expires_at: Option<u64>,
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+    reference: Ref<'a>,
+}
+
+/// `{"type":"authenticated","userId","expiresAt","ref"}`.
+pub fn authenticated(user_id: &str, expires_at: Option<u64>, reference: Ref<'_>) -> Text {
+    encode(&Authenticated {
+        ty: "authenticated",
+        user_id,
+        expires_at,
         reference,
     })
 }

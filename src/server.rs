@@ -13,8 +13,8 @@ use std::future::Future;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::State;
 use axum::extract::ws::{WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -79,7 +79,19 @@ fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
         })
 }
 
-fn upgrade(state: AppState, ws: WebSocketUpgrade, headers: &HeaderMap, mode: Mode) -> Response {
+/// The upgrade request's query: `?token=` carries a JWT.
+#[derive(Debug, Default, serde::Deserialize)]
+struct UpgradeQuery {
+    token: Option<String>,
+}
+
+fn upgrade(
+    state: AppState,
+    ws: WebSocketUpgrade,
+    headers: &HeaderMap,
+    query: UpgradeQuery,
+    mode: Mode,
+) -> Response {
     let cfg = state.node.config();
     if mode == Mode::Protocol {
         if !origin_allowed(&cfg.allowed_origins, headers) {
@@ -110,7 +122,7 @@ fn upgrade(state: AppState, ws: WebSocketUpgrade, headers: &HeaderMap, mode: Mod
             } = state;
             // Tracked so shutdown waits for it; the future is spawned by
             // axum, this wrapper only registers it.
-            tracker.track_future(session::serve(node, socket, mode, shutdown))
+            tracker.track_future(session::serve(node, socket, mode, shutdown, query.token))
         })
 }
 
@@ -118,10 +130,11 @@ fn upgrade(state: AppState, ws: WebSocketUpgrade, headers: &HeaderMap, mode: Mod
 async fn root(
     State(state): State<AppState>,
     headers: HeaderMap,
+    Query(query): Query<UpgradeQuery>,
     ws: std::result::Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     match ws {
-        Ok(ws) => upgrade(state, ws, &headers, Mode::Protocol),
+        Ok(ws) => upgrade(state, ws, &headers, query, Mode::Protocol),
         Err(_) => Json(json!({
             "status": "running",
             "connectedClients": state.node.hub().len(),
@@ -133,13 +146,14 @@ async fn root(
 async fn ws_only(
     State(state): State<AppState>,
     headers: HeaderMap,
+    Query(query): Query<UpgradeQuery>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    upgrade(state, ws, &headers, Mode::Protocol)
+    upgrade(state, ws, &headers, query, Mode::Protocol)
 }
 
 async fn echo(State(state): State<AppState>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
-    upgrade(state, ws, &headers, Mode::Echo)
+    upgrade(state, ws, &headers, UpgradeQuery::default(), Mode::Echo)
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -177,6 +191,7 @@ async fn metrics(State(state): State<AppState>) -> Json<serde_json::Value> {
         "deadPeers": m.dead_peers.load(Relaxed),
         "oversizeCloses": m.oversize_closes.load(Relaxed),
         "rateLimited": m.rate_limited.load(Relaxed),
+        "authFailures": m.auth_failures.load(Relaxed),
         "originRefused": m.origin_refused.load(Relaxed),
         "connectionsRefused": m.connections_refused.load(Relaxed),
     }))

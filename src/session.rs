@@ -24,6 +24,7 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{Action, Identity};
 use crate::error::{ClientError, ErrorCode, close};
 use crate::hub::ClientHandle;
 use crate::metrics::Metrics;
@@ -89,6 +90,11 @@ impl RateLimit {
 }
 
 struct Session<S> {
+    /// The verified token's user and grants; `None` for anonymous.
+    identity: Option<Identity>,
+    /// The `authenticated` reply to a first-frame `auth`, sent after the
+    /// welcome.
+    auth_reply: Option<Text>,
     node: Node,
     /// Per-connection message rate limit.
     rate: RateLimit,
@@ -118,33 +124,120 @@ fn to_arc(raw: &RawValue) -> Arc<RawValue> {
     Arc::from(raw.to_owned())
 }
 
-/// Serve one upgraded connection until it ends, then clean up.
-pub async fn serve<S, E>(node: Node, ws: S, mode: Mode, shutdown: CancellationToken)
+/// Send a close frame on a connection that never became a session.
+async fn refuse<S>(ws: &mut S, code: u16, reason: &str)
+where
+    S: Sink<Message> + Unpin,
+{
+    let frame = CloseFrame {
+        code,
+        reason: reason.chars().take(100).collect::<String>().into(),
+    };
+    let _ = tokio::time::timeout(
+        CLOSE_HANDSHAKE_TIMEOUT,
+        ws.send(Message::Close(Some(frame))),
+    )
+    .await;
+}
+
+/// Who the connection is, before it is registered: the URL token, or,
+/// when auth is required, a first `auth` frame within `auth_timeout`.
+/// `Err` is the close code and reason to refuse the connection with.
+async fn authenticate<S, E>(
+    node: &Node,
+    ws: &mut S,
+    url_token: Option<String>,
+) -> Result<Option<(Identity, Option<Text>)>, (u16, String)>
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin,
     E: std::error::Error + 'static,
 {
+    let refused = |e: ClientError| {
+        let code = match e.code {
+            ErrorCode::TokenExpired => close::TOKEN_EXPIRED,
+            _ => close::UNAUTHORIZED,
+        };
+        (code, format!("{}: {}", e.code, e.message))
+    };
+    let Some(auth) = node.authenticator() else {
+        return Ok(None);
+    };
+    if let Some(token) = url_token {
+        return auth
+            .verify(&token)
+            .map(|i| Some((i, None)))
+            .map_err(refused);
+    }
+    if !node.config().auth_required {
+        return Ok(None);
+    }
+    let first = tokio::time::timeout(node.config().auth_timeout, ws.next()).await;
+    let Ok(Some(Ok(Message::Text(text)))) = first else {
+        return Err((close::UNAUTHORIZED, "authentication required".into()));
+    };
+    match protocol::parse_request(&text) {
+        Ok(protocol::Request {
+            id,
+            kind: RequestKind::Auth { token },
+        }) => {
+            let identity = auth.verify(&token).map_err(refused)?;
+            let reply = protocol::authenticated(&identity.user_id, identity.expires_at, id);
+            Ok(Some((identity, Some(reply))))
+        }
+        _ => Err((
+            close::UNAUTHORIZED,
+            "authentication required: send {\"type\":\"auth\",\"token\":…} first".into(),
+        )),
+    }
+}
+
+/// Serve one upgraded connection until it ends, then clean up.
+/// `url_token` is the `?token=` of the upgrade request, if any.
+pub async fn serve<S, E>(
+    node: Node,
+    mut ws: S,
+    mode: Mode,
+    shutdown: CancellationToken,
+    url_token: Option<String>,
+) where
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin,
+    E: std::error::Error + 'static,
+{
+    let mut identity = None;
+    let mut auth_reply = None;
     let client = match mode {
-        Mode::Protocol => match node.connect().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot register a new connection");
-                let mut ws = ws;
-                let frame = CloseFrame {
-                    code: close::INTERNAL,
-                    reason: "bus unavailable".into(),
-                };
-                let _ = tokio::time::timeout(
-                    CLOSE_HANDSHAKE_TIMEOUT,
-                    ws.send(Message::Close(Some(frame))),
-                )
-                .await;
-                return;
+        Mode::Protocol => {
+            match Box::pin(authenticate(&node, &mut ws, url_token)).await {
+                Ok(Some((id, reply))) => {
+                    identity = Some(id);
+                    auth_reply = reply;
+                }
+                Ok(None) => {}
+                Err((code, reason)) => {
+                    Metrics::inc(&node.metrics().auth_failures);
+                    tracing::info!(code, %reason, "connection refused");
+                    refuse(&mut ws, code, &reason).await;
+                    return;
+                }
             }
-        },
+            match node.connect(identity.as_ref()).await {
+                Ok(c) => c,
+                Err(crate::error::Error::Client(e)) => {
+                    refuse(&mut ws, close::TOO_MANY_USER_CONNECTIONS, &e.message).await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot register a new connection");
+                    refuse(&mut ws, close::INTERNAL, "bus unavailable").await;
+                    return;
+                }
+            }
+        }
         Mode::Echo => node.hub().detached(),
     };
     let mut session = Session {
+        identity,
+        auth_reply,
         rate: RateLimit::new(node.config().rate_burst),
         node: node.clone(),
         ws,
@@ -169,7 +262,15 @@ where
     async fn run(&mut self, shutdown: CancellationToken) {
         if self.mode == Mode::Protocol {
             let welcome = protocol::connected(self.client.id(), self.node.instance_id());
-            if self.send(welcome).await.is_break() || self.flush().await.is_break() {
+            if self.send(welcome).await.is_break() {
+                return;
+            }
+            if let Some(reply) = self.auth_reply.take() {
+                if self.send(reply).await.is_break() {
+                    return;
+                }
+            }
+            if self.flush().await.is_break() {
                 return;
             }
         }
@@ -432,6 +533,7 @@ where
                 self.send(protocol::unsubscribed(&channel, id)).await
             }
             RequestKind::Publish { channel, data } => {
+                self.permit(Action::Publish, &channel)?;
                 if !self.node.channel_options(&channel)?.client_publish {
                     return Err(ClientError::new(
                         ErrorCode::PublishNotAllowed,
@@ -444,6 +546,7 @@ where
                     .await
             }
             RequestKind::Presence { channel } => {
+                self.permit(Action::Subscribe, &channel)?;
                 let members = self.node.presence(&channel).await?;
                 self.send(protocol::presence(&channel, &members, id)).await
             }
@@ -452,12 +555,70 @@ where
                 since,
                 limit,
             } => {
+                self.permit(Action::Subscribe, &channel)?;
                 let h = self.node.history(&channel, since.as_ref(), limit).await?;
                 self.send(protocol::history(&channel, &h.publications, &h.top, id))
                     .await
             }
             RequestKind::Ping => self.send(protocol::pong(id)).await,
+            RequestKind::Auth { token } => self.refresh(id, &token).await?,
         })
+    }
+
+    /// A token presented during the session: extends it (same user only).
+    async fn refresh(
+        &mut self,
+        id: Option<&RawValue>,
+        token: &str,
+    ) -> crate::Result<ControlFlow<()>> {
+        let Some(auth) = self.node.authenticator() else {
+            return Err(ClientError::new(ErrorCode::InvalidToken, "auth is not configured").into());
+        };
+        let fresh = auth.verify(token)?;
+        match &self.identity {
+            Some(current) if current.user_id == fresh.user_id => {}
+            Some(_) => {
+                return Err(ClientError::new(
+                    ErrorCode::InvalidToken,
+                    "a refreshed token must be for the same user",
+                )
+                .into());
+            }
+            None => {
+                return Err(ClientError::new(
+                    ErrorCode::InvalidToken,
+                    "this connection is anonymous; reconnect with ?token= to authenticate",
+                )
+                .into());
+            }
+        }
+        self.node.hub().set_expiry(&self.client, fresh.expires_at);
+        let reply = protocol::authenticated(&fresh.user_id, fresh.expires_at, id);
+        self.identity = Some(fresh);
+        Ok(self.send(reply).await)
+    }
+
+    /// Whether this connection may do `action` in `channel`: its namespace
+    /// admits anonymous connections, or the token grants it.
+    fn permit(&self, action: Action, channel: &str) -> crate::Result<()> {
+        let opts = self.node.channel_options(channel)?;
+        if opts.anonymous
+            || self
+                .identity
+                .as_ref()
+                .is_some_and(|i| i.grants(action, channel))
+        {
+            return Ok(());
+        }
+        let what = match action {
+            Action::Subscribe => "subscribe to",
+            Action::Publish => "publish to",
+        };
+        Err(ClientError::new(
+            ErrorCode::PermissionDenied,
+            format!("not allowed to {what} {channel:?}"),
+        )
+        .into())
     }
 
     async fn subscribe(
@@ -466,7 +627,7 @@ where
         channel: String,
         since: Option<StreamPosition>,
     ) -> crate::Result<ControlFlow<()>> {
-        self.node.channel_options(&channel)?;
+        self.permit(Action::Subscribe, &channel)?;
         if self.subs.contains_key(channel.as_str()) {
             return Err(ClientError::new(
                 ErrorCode::AlreadySubscribed,
@@ -594,6 +755,7 @@ mod tests {
             ChannelSocket { incoming, outgoing },
             Mode::Protocol,
             shutdown.clone(),
+            None,
         ));
         let welcome = next_json(&mut from_server).await;
         assert_eq!(welcome["type"], "connected");
