@@ -157,3 +157,50 @@ async fn disconnect_is_the_default_and_bounds_server_memory() {
     assert_eq!(stalled.expect_close().await, 4008);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_cut_off_and_memory_stays_bounded() {
+    let mut s = settings();
+    s.rate_limit = Some(0.0);
+    let server = start_with(s).await;
+    let mut stalled = Client::connect(&server).await;
+    stalled
+        .request(json!({"type":"subscribe","channel":"big"}), 1)
+        .await;
+    let mut fast = Client::connect(&server).await;
+    fast.request(json!({"type":"subscribe","channel":"big"}), 1)
+        .await;
+    let mut publisher = Client::connect(&server).await;
+    let before = switchboard::metrics::memory_usage().rss;
+    // 10,000 × 4 KB = 40 MB published while `stalled` reads nothing.
+    let pad = "m".repeat(4000);
+    for n in 0..10_000u64 {
+        publisher
+            .send(json!({"type":"publish","channel":"big","data":{"n":n,"pad":pad}}))
+            .await;
+        if n % 100 == 99 {
+            // In step with the fast reader, a hundred at a time.
+            for _ in 0..100 {
+                fast.recv_type("message").await;
+            }
+        }
+    }
+    let after = switchboard::metrics::memory_usage().rss;
+    assert_eq!(
+        server.node.hub().slow_consumers(),
+        1,
+        "the stalled client was cut off"
+    );
+    let growth = after.saturating_sub(before);
+    eprintln!(
+        "RSS growth with a stalled client and 40 MB published: {} KiB",
+        growth >> 10
+    );
+    assert!(
+        growth < 24 << 20,
+        "RSS grew by {} MiB while 40 MB were published to a client that never reads",
+        growth >> 20
+    );
+    assert_eq!(stalled.expect_close().await, 4008);
+    server.shutdown().await;
+}
