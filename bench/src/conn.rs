@@ -1,0 +1,196 @@
+//! Opening benchmark connections: loopback only, spread over source
+//! addresses 127.0.0.1 … 127.0.0.8, with a small client read buffer.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+pub type Ws = WebSocketStream<TcpStream>;
+
+/// How many loopback source addresses connections are spread over.
+pub const SOURCE_ADDRS: usize = 8;
+/// Longest wait for one TCP connect + upgrade + welcome.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub url: String,
+    pub addr: SocketAddr,
+}
+
+impl Target {
+    /// Parse `ws://host:port/path`; refuses anything but a loopback address.
+    pub fn parse(url: &str) -> Result<Target, String> {
+        let rest = url
+            .strip_prefix("ws://")
+            .ok_or_else(|| format!("{url}: only ws:// URLs are supported"))?;
+        let hostport = rest.split('/').next().unwrap_or(rest);
+        let hostport = if hostport.contains(':') {
+            hostport.to_string()
+        } else {
+            format!("{hostport}:80")
+        };
+        let addr = hostport
+            .to_socket_addrs()
+            .map_err(|e| format!("{url}: {e}"))?
+            .find(|a| a.is_ipv4())
+            .ok_or_else(|| format!("{url}: no IPv4 address"))?;
+        if !addr.ip().is_loopback() {
+            return Err(format!(
+                "{url}: the benchmark only targets loopback addresses"
+            ));
+        }
+        Ok(Target {
+            url: url.to_string(),
+            addr,
+        })
+    }
+}
+
+fn ws_config() -> WebSocketConfig {
+    // Small buffers: 19k connections in one process must stay cheap.
+    WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(16 * 1024)
+}
+
+/// Source address for connection `i`.
+pub fn source_addr(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % SOURCE_ADDRS) as u8))
+}
+
+/// A connected client (its welcome has arrived).
+pub struct Client {
+    pub ws: Ws,
+}
+
+/// Connect (binding to the `i`-th source address), upgrade, and wait for
+/// the `connected` welcome.
+pub async fn connect(target: &Target, i: usize) -> Result<Client, String> {
+    tokio::time::timeout(CONNECT_TIMEOUT, connect_inner(target, i))
+        .await
+        .map_err(|_| "timed out waiting for connect/upgrade/welcome".to_string())?
+}
+
+async fn connect_inner(target: &Target, i: usize) -> Result<Client, String> {
+    let sock = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+    sock.bind(SocketAddr::new(source_addr(i), 0))
+        .map_err(|e| format!("bind {}: {e}", source_addr(i)))?;
+    let stream = sock
+        .connect(target.addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| format!("nodelay: {e}"))?;
+    let (mut ws, _) =
+        tokio_tungstenite::client_async_with_config(target.url.as_str(), stream, Some(ws_config()))
+            .await
+            .map_err(|e| format!("upgrade: {e}"))?;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => {
+                let v: serde_json::Value =
+                    serde_json::from_str(&t).map_err(|e| format!("welcome: {e}"))?;
+                if v.get("type").and_then(|t| t.as_str()) == Some("connected") {
+                    return Ok(Client { ws });
+                }
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(format!("before welcome: {e}")),
+            None => return Err("closed before welcome".into()),
+        }
+    }
+}
+
+/// The outcome of opening many connections.
+pub struct Opened {
+    /// Connected clients, in index order (failed ones left out).
+    pub clients: Vec<(usize, Client)>,
+    /// Failures: (index, error).
+    pub errors: Vec<(usize, String)>,
+    /// From the first connect to the last welcome.
+    pub elapsed: Duration,
+    /// Each successful connection's connect→welcome time.
+    pub handshake_times: Vec<Duration>,
+}
+
+/// Open connections `indices` with at most `concurrency` in flight.
+pub async fn open_many(
+    target: &Target,
+    indices: std::ops::Range<usize>,
+    concurrency: usize,
+) -> Opened {
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+    let start = tokio::time::Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for i in indices {
+        let target = target.clone();
+        let sem = sem.clone();
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await.expect("semaphore closed");
+            let t = tokio::time::Instant::now();
+            let r = connect(&target, i).await;
+            let done = tokio::time::Instant::now();
+            (i, r, done - t, done)
+        });
+    }
+    let mut clients = Vec::new();
+    let mut errors = Vec::new();
+    let mut handshake_times = Vec::new();
+    let mut last = start;
+    while let Some(joined) = set.join_next().await {
+        let (i, r, took, done) = match joined {
+            Ok(x) => x,
+            Err(e) => {
+                errors.push((usize::MAX, format!("task: {e}")));
+                continue;
+            }
+        };
+        match r {
+            Ok(c) => {
+                clients.push((i, c));
+                handshake_times.push(took);
+                last = last.max(done);
+            }
+            Err(e) => errors.push((i, e)),
+        }
+    }
+    clients.sort_by_key(|(i, _)| *i);
+    Opened {
+        clients,
+        errors,
+        elapsed: last - start,
+        handshake_times,
+    }
+}
+
+/// The most common error messages, with counts.
+pub fn summarize_errors(errors: &[(usize, String)]) -> Vec<(String, usize)> {
+    let mut counts: std::collections::HashMap<&str, usize> = Default::default();
+    for (_, e) in errors {
+        *counts.entry(e.as_str()).or_default() += 1;
+    }
+    let mut v: Vec<(String, usize)> = counts
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.truncate(5);
+    v
+}
+
+/// p-th percentile of durations, in milliseconds.
+pub fn percentile_ms(times: &mut [Duration], p: f64) -> f64 {
+    if times.is_empty() {
+        return 0.0;
+    }
+    times.sort_unstable();
+    let idx = ((p / 100.0) * (times.len() - 1) as f64).round() as usize;
+    times[idx.min(times.len() - 1)].as_secs_f64() * 1e3
+}
