@@ -35,6 +35,22 @@ use serde::Deserialize;
 
 use crate::error::{ClientError, Error, ErrorCode, Result};
 
+/// Select jsonwebtoken's pure-Rust crypto provider for the process.
+///
+/// jsonwebtoken picks a provider by itself only when exactly one of its
+/// backends is compiled in; the Pub/Sub bus brings the other one (through
+/// Google's auth crate), and jsonwebtoken then panics on first use. Call
+/// this before any token is signed or verified; later calls do nothing.
+pub fn init_crypto() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // An error means a provider is already installed: fine.
+        let _ = jsonwebtoken::crypto::CryptoProvider::install_default(
+            &jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER,
+        );
+    });
+}
+
 /// Where the verification keys come from, and what the tokens must say.
 #[derive(Debug, Clone, Default)]
 pub struct AuthConfig {
@@ -150,6 +166,7 @@ fn invalid(message: impl Into<String>) -> ClientError {
 impl Authenticator {
     /// Load the keys; `None` when auth is not configured.
     pub fn from_config(cfg: &AuthConfig) -> Result<Option<Authenticator>> {
+        init_crypto();
         if !cfg.enabled() {
             return Ok(None);
         }

@@ -154,6 +154,10 @@ pub struct Settings {
     /// `auth` frame) [default: false].
     #[arg(long, env = "SWITCHBOARD_AUTH_REQUIRED")]
     pub auth_required: Option<bool>,
+    /// In acked namespaces, how long a publication may stay unacknowledged
+    /// before it is sent again [default: 10s].
+    #[arg(long, env = "SWITCHBOARD_ACK_TIMEOUT")]
+    pub ack_timeout: Option<HumanDuration>,
     /// How long a connection may take to send its first `auth` frame when
     /// auth is required [default: 5s].
     #[arg(long, env = "SWITCHBOARD_AUTH_TIMEOUT")]
@@ -162,6 +166,10 @@ pub struct Settings {
     /// [default: 100].
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_USER")]
     pub max_connections_per_user: Option<usize>,
+    /// File with the key of the server HTTP API (`/api/*`; at least 16
+    /// bytes, surrounding whitespace ignored). Without it the API is off.
+    #[arg(long, env = "SWITCHBOARD_API_KEY_FILE")]
+    pub api_key_file: Option<std::path::PathBuf>,
     /// Default namespace: connections without a token may use it
     /// [default: true].
     #[arg(long, env = "SWITCHBOARD_ANONYMOUS")]
@@ -208,6 +216,7 @@ pub struct NamespaceSettings {
     pub client_publish: Option<bool>,
     pub slow_consumer: Option<SlowConsumerPolicy>,
     pub anonymous: Option<bool>,
+    pub acked: Option<bool>,
 }
 
 /// The effective options of a namespace.
@@ -228,6 +237,9 @@ pub struct NamespaceOptions {
     /// Whether connections without a token may use it (others need a
     /// token granting the channel).
     pub anonymous: bool,
+    /// Acknowledged at-least-once delivery: clients acknowledge offsets and
+    /// the server resends what stays unacknowledged (needs history).
+    pub acked: bool,
 }
 
 /// What happens when a publication is pushed to a client whose queue is
@@ -256,6 +268,7 @@ impl Default for NamespaceOptions {
             client_publish: true,
             slow_consumer: SlowConsumerPolicy::Disconnect,
             anonymous: true,
+            acked: false,
         }
     }
 }
@@ -350,10 +363,14 @@ pub struct Config {
     pub auth: crate::auth::AuthConfig,
     /// Connections must authenticate.
     pub auth_required: bool,
+    /// Unacknowledged publications are resent after this (acked namespaces).
+    pub ack_timeout: Duration,
     /// Deadline for the first `auth` frame when auth is required.
     pub auth_timeout: Duration,
     /// Most connections per user on this instance.
     pub max_connections_per_user: usize,
+    /// Key of the server HTTP API; `None` turns the API off.
+    pub api_key: Option<crate::api::ApiKey>,
     /// Per-connection message rate (per second); 0 is unlimited.
     pub rate_limit: f64,
     /// Per-connection burst above the rate.
@@ -429,7 +446,9 @@ impl Settings {
             auth_required,
             auth_timeout,
             max_connections_per_user,
-            anonymous
+            api_key_file,
+            anonymous,
+            ack_timeout
         );
         if self.namespaces.is_empty() {
             self.namespaces = lower.namespaces;
@@ -482,6 +501,7 @@ impl Config {
             client_publish: pick!(s.client_publish, true),
             slow_consumer: s.slow_consumer.unwrap_or_default(),
             anonymous: pick!(s.anonymous, true),
+            acked: false,
         };
         let mut namespaces = HashMap::new();
         for (name, ns) in s.namespaces {
@@ -505,7 +525,13 @@ impl Config {
                     .unwrap_or(default_namespace.client_publish),
                 slow_consumer: ns.slow_consumer.unwrap_or(default_namespace.slow_consumer),
                 anonymous: ns.anonymous.unwrap_or(default_namespace.anonymous),
+                acked: ns.acked.unwrap_or(false),
             };
+            if opts.acked && opts.history_size == 0 {
+                return Err(Error::Config(format!(
+                    "namespaces.{name}: acked delivery needs history (history_size > 0)"
+                )));
+            }
             if opts.join_leave && !opts.presence {
                 return Err(Error::Config(format!(
                     "namespaces.{name}: join_leave needs presence"
@@ -525,6 +551,7 @@ impl Config {
                 client_publish: false,
                 slow_consumer: SlowConsumerPolicy::ConflateLatest,
                 anonymous: true,
+                acked: false,
             });
         if default_namespace.join_leave && !default_namespace.presence {
             return Err(Error::Config(
@@ -624,6 +651,10 @@ impl Config {
                 issuer: s.auth_issuer,
             },
             auth_required: pick!(s.auth_required, false),
+            ack_timeout: nonzero(
+                "ack_timeout",
+                pick!(s.ack_timeout, HumanDuration(Duration::from_secs(10))).0,
+            )?,
             auth_timeout: nonzero(
                 "auth_timeout",
                 pick!(s.auth_timeout, HumanDuration(Duration::from_secs(5))).0,
@@ -632,6 +663,11 @@ impl Config {
                 "max_connections_per_user",
                 pick!(s.max_connections_per_user, 100),
             )?,
+            api_key: s
+                .api_key_file
+                .as_deref()
+                .map(crate::api::ApiKey::from_file)
+                .transpose()?,
             channel_echo: pick!(s.channel_echo, true),
             strict_namespaces: pick!(s.strict_namespaces, false),
             demo: pick!(s.demo, true),

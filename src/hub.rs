@@ -32,6 +32,10 @@ pub struct ClientHandle {
     /// When the connection's token expires (seconds since the Unix
     /// epoch), 0 without one; the sweeper closes it then (4003).
     expires_at: AtomicU64,
+    /// When the oldest unacknowledged publication is due to be resent (ms
+    /// since the hub started), 0 when nothing is pending; the sweeper then
+    /// queues [`Outbound::Redeliver`].
+    ack_deadline: AtomicU64,
 }
 
 impl ClientHandle {
@@ -113,6 +117,7 @@ impl Hub {
             last_seen: AtomicU64::new(self.clock_ms()),
             ping_sent: AtomicU64::new(0),
             expires_at: AtomicU64::new(0),
+            ack_deadline: AtomicU64::new(0),
         });
         self.clients
             .write()
@@ -133,7 +138,16 @@ impl Hub {
             last_seen: AtomicU64::new(self.clock_ms()),
             ping_sent: AtomicU64::new(0),
             expires_at: AtomicU64::new(0),
+            ack_deadline: AtomicU64::new(0),
         })
+    }
+
+    /// When the client's oldest unacknowledged publication is due (hub
+    /// clock ms), or `None` when nothing is pending.
+    pub fn set_ack_deadline(&self, client: &ClientHandle, due_ms: Option<u64>) {
+        client
+            .ack_deadline
+            .store(due_ms.unwrap_or(0), Ordering::Relaxed);
     }
 
     /// Connections `user_id` holds on this instance.
@@ -253,6 +267,25 @@ impl Hub {
         }
     }
 
+    /// Ask the local client `client_id` to close with `reason` (through its
+    /// queue: what is already queued is written first); false if it is not
+    /// connected here.
+    pub fn close_client(&self, client_id: &str, reason: crate::queue::CloseReason) -> bool {
+        let client = self
+            .clients
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(client_id)
+            .cloned();
+        match client {
+            Some(c) => {
+                c.queue.close(reason);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Add `client` to `channel`'s subscribers; true if it is the first
     /// local subscriber.
     pub fn subscribe(&self, channel: &Arc<str>, client: &Arc<ClientHandle>) -> bool {
@@ -347,11 +380,14 @@ impl Hub {
     /// that was disconnected reads each channel's history after this
     /// position and hands the missed publications to the handler again;
     /// sessions drop the ones they already have.
+    /// Internal channels (user-addressed messages) are left out: those
+    /// are at most once and have no history to replay.
     pub fn positions(&self) -> Vec<(Arc<str>, Option<StreamPosition>)> {
         self.channels
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
+            .filter(|(ch, _)| !crate::node::is_internal_channel(ch))
             .map(|(ch, st)| {
                 let last = st.last.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 (ch.clone(), last)
@@ -400,6 +436,11 @@ impl Hub {
         let mut dead = 0;
         let wall_secs = crate::protocol::now_ms() / 1000;
         for client in clients.values() {
+            let due = client.ack_deadline.load(Ordering::Relaxed);
+            if due != 0 && now >= due {
+                client.ack_deadline.store(0, Ordering::Relaxed);
+                self.push(client, Outbound::Redeliver);
+            }
             let expires = client.expires_at.load(Ordering::Relaxed);
             if expires != 0 && wall_secs >= expires {
                 client.queue.close(crate::queue::CloseReason::new(

@@ -31,12 +31,16 @@
 //!   dead peers, instead of a timer per connection.
 //! * [`metrics`]: counters behind `/metrics`, and the delivery-latency
 //!   histogram.
+//! * [`prometheus`]: the same counters at `/metrics/prometheus`.
 //! * [`assets`]: the embedded JavaScript client and demo pages.
 //! * [`auth`]: JWT verification and channel grants.
+//! * [`api`]: the server HTTP API for backends (`/api/publish`, `/api/broadcast`,
+//!   `/api/direct`, `/api/presence/{channel}`, `/api/disconnect`), behind an API key.
 //! * [`error`]: client-visible error codes and close codes.
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod assets;
 pub mod auth;
 pub mod broker;
@@ -46,6 +50,7 @@ pub mod hub;
 pub mod keepalive;
 pub mod metrics;
 pub mod node;
+pub mod prometheus;
 pub mod protocol;
 pub mod queue;
 pub mod server;

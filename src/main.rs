@@ -25,6 +25,10 @@ struct Cli {
     /// Validate the configuration file (and flags) and exit.
     #[arg(long, value_name = "FILE")]
     check_config: Option<PathBuf>,
+    /// Probe a running server on 127.0.0.1:$PORT (`/livez`) and exit 0 if
+    /// it answers 200: the container HEALTHCHECK, with no curl needed.
+    #[arg(long)]
+    healthcheck: bool,
     /// Log format.
     #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -43,6 +47,7 @@ fn load(cli: &Cli) -> Result<Config, switchboard::error::Error> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    switchboard::auth::init_crypto();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
@@ -58,6 +63,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if cli.healthcheck {
+        return healthcheck(config.port);
+    }
     if let Some(path) = &cli.check_config {
         println!("{}: configuration is valid", path.display());
         return ExitCode::SUCCESS;
@@ -74,6 +82,29 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "switchboard failed");
             eprintln!("switchboard: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// GET /livez on the local port; exit 0 on a 200.
+fn healthcheck(port: u16) -> ExitCode {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(2);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let probe = || -> std::io::Result<bool> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.write_all(b"GET /livez HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut head = [0u8; 16];
+        let n = s.read(&mut head)?;
+        Ok(head[..n].starts_with(b"HTTP/1.0 200") || head[..n].starts_with(b"HTTP/1.1 200"))
+    };
+    match probe() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("switchboard: healthcheck failed: {e}");
             ExitCode::FAILURE
         }
     }

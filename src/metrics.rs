@@ -21,6 +21,8 @@ pub struct Metrics {
     pub oversize_closes: AtomicU64,
     /// Connections refused: missing, invalid or expired token.
     pub auth_failures: AtomicU64,
+    /// Publications resent because their acknowledgement was overdue.
+    pub redeliveries: AtomicU64,
     /// Client messages refused by the rate limit.
     pub rate_limited: AtomicU64,
     /// Upgrades refused: origin not allowed.
@@ -32,6 +34,10 @@ pub struct Metrics {
     /// Publishes to the bus (channel publish, broadcast, direct) that
     /// failed because the bus was unreachable.
     pub bus_publish_errors: AtomicU64,
+    /// Requests to the server HTTP API (`/api/*`).
+    pub api_requests: AtomicU64,
+    /// Server API requests answered with an error (4xx or 5xx).
+    pub api_errors: AtomicU64,
     /// Publish → write latency of channel publications.
     pub latency: LatencyHistogram,
 }
@@ -46,6 +52,8 @@ pub const LATENCY_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1
 #[derive(Debug, Default)]
 pub struct LatencyHistogram {
     counts: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+    /// Sum of all observations (ms), for Prometheus' `_sum`.
+    sum_ms: AtomicU64,
 }
 
 impl LatencyHistogram {
@@ -56,6 +64,12 @@ impl LatencyHistogram {
             .position(|&b| ms <= b)
             .unwrap_or(LATENCY_BUCKETS_MS.len());
         self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ms.fetch_add(ms, Ordering::Relaxed);
+    }
+
+    /// Sum of all observations so far, in ms.
+    pub fn sum_ms(&self) -> u64 {
+        self.sum_ms.load(Ordering::Relaxed)
     }
 
     /// The cumulative counts so far.
@@ -111,6 +125,28 @@ impl Metrics {
 pub struct MemoryUsage {
     pub rss: u64,
     pub vm_size: u64,
+}
+
+/// CPU time (user + system) this process has used, in seconds, from
+/// `/proc/self/stat` (zero where that file does not exist).
+pub fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which may contain spaces) start at
+    // ") "; utime and stime are fields 14 and 15, in clock ticks (100/s on
+    // Linux).
+    let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
 /// Read this process's memory usage.

@@ -21,6 +21,22 @@ use crate::metrics::Metrics;
 use crate::protocol::{self, ClientInfo, Publication, StreamPosition};
 use crate::queue::Limits;
 
+/// Prefix of the internal channel of a user: every connection of an
+/// authenticated user is subscribed to `#user:<sub>`, so a user-addressed
+/// `direct` is one publication that reaches exactly the instances holding
+/// that user's connections. `#` is outside the client channel charset, so
+/// no client can name these channels.
+pub const USER_CHANNEL_PREFIX: &str = "#user:";
+
+/// Whether `channel` is internal (not a client channel).
+pub fn is_internal_channel(channel: &str) -> bool {
+    channel.starts_with('#')
+}
+
+fn user_channel(user_id: &str) -> Arc<str> {
+    format!("{USER_CHANNEL_PREFIX}{user_id}").into()
+}
+
 /// A handle to the node; clones share everything.
 #[derive(Clone)]
 pub struct Node {
@@ -62,6 +78,9 @@ impl BrokerHandler for Delivery {
     }
 
     fn resync_failed(&self, channel: &str) {
+        if is_internal_channel(channel) {
+            return; // user-addressed messages are at most once
+        }
         tracing::warn!(%channel, "history cannot fill the gap left by a bus outage; asking subscribers to reconnect");
         self.hub.close_subscribers(
             channel,
@@ -73,6 +92,17 @@ impl BrokerHandler for Delivery {
     }
 
     fn on_publication(&self, channel: &Arc<str>, epoch: &Arc<str>, publication: &Publication) {
+        if is_internal_channel(channel) {
+            // A user-addressed direct message: a `direct` frame to every
+            // local connection of the user.
+            let frame = protocol::direct(
+                publication.sender_id.as_deref(),
+                &publication.data,
+                publication.timestamp,
+            );
+            self.hub.channel_frame(channel, &frame, None);
+            return;
+        }
         // Encoded once for every local subscriber.
         let frame = protocol::message(channel, epoch, publication);
         let exclude = match self.channel_echo {
@@ -222,6 +252,16 @@ impl Node {
         self.shared
             .hub
             .set_expiry(&handle, identity.and_then(|i| i.expires_at));
+        if let Some(user) = &handle.info.user_id {
+            let channel = user_channel(user);
+            if self.shared.hub.subscribe(&channel, &handle) {
+                if let Err(e) = self.shared.broker.subscribe(&channel).await {
+                    self.shared.hub.unsubscribe(&channel, handle.id());
+                    self.shared.hub.remove(handle.id());
+                    return Err(e);
+                }
+            }
+        }
         Ok(handle)
     }
 
@@ -230,6 +270,14 @@ impl Node {
         for channel in channels {
             if let Err(e) = self.unsubscribe(client, &channel).await {
                 tracing::warn!(client = %client.id(), %channel, error = %e, "cleanup of a subscription failed");
+            }
+        }
+        if let Some(user) = &client.info.user_id {
+            let channel = user_channel(user);
+            if self.shared.hub.unsubscribe(&channel, client.id()) {
+                if let Err(e) = self.shared.broker.unsubscribe(&channel).await {
+                    tracing::warn!(client = %client.id(), error = %e, "leaving the user channel failed");
+                }
             }
         }
         self.shared.hub.remove(client.id());
@@ -305,6 +353,34 @@ impl Node {
             .into());
         }
         Ok(())
+    }
+
+    /// A message for every connection of `user_id`, on every instance. At
+    /// most once, and not an error when the user has no connection.
+    pub async fn direct_user(
+        &self,
+        sender_id: Option<Arc<str>>,
+        user_id: &str,
+        data: Arc<RawValue>,
+    ) -> Result<()> {
+        let r = self
+            .shared
+            .broker
+            .publish(
+                &user_channel(user_id),
+                NewPublication {
+                    data,
+                    sender_id,
+                    timestamp: protocol::now_ms(),
+                },
+                HistoryOptions {
+                    size: 0,
+                    ttl: std::time::Duration::from_secs(1),
+                },
+            )
+            .await
+            .map(|_| ());
+        self.count_bus_error(r)
     }
 
     /// Subscribe a local client: the hub index, the bus (first local

@@ -86,8 +86,11 @@ pub enum RequestKind<'a> {
     Broadcast {
         data: &'a RawValue,
     },
+    /// To one client (`targetId`), or to every connection of a user
+    /// (`userId`, on every instance).
     Direct {
         target_id: String,
+        user: bool,
         data: &'a RawValue,
     },
     Subscribe {
@@ -114,6 +117,12 @@ pub enum RequestKind<'a> {
     Auth {
         token: String,
     },
+    /// Acknowledge every publication of `channel` up to `offset`
+    /// (acked namespaces).
+    Ack {
+        channel: String,
+        offset: u64,
+    },
 }
 
 /// Every field any request may have, undecoded.
@@ -127,6 +136,8 @@ struct Envelope<'a> {
     data: Option<&'a RawValue>,
     #[serde(rename = "targetId", borrow)]
     target_id: Option<&'a RawValue>,
+    #[serde(rename = "userId", borrow)]
+    user_id: Option<&'a RawValue>,
     #[serde(borrow)]
     channel: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -135,6 +146,8 @@ struct Envelope<'a> {
     limit: Option<&'a RawValue>,
     #[serde(borrow)]
     token: Option<&'a RawValue>,
+    #[serde(borrow)]
+    offset: Option<&'a RawValue>,
 }
 
 /// A request that could not be parsed, with the `id` if one was readable.
@@ -208,9 +221,17 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, ParseError<'_>> {
         "broadcast" => RequestKind::Broadcast {
             data: env.data.unwrap_or(null()),
         },
-        "direct" => RequestKind::Direct {
-            target_id: field(env.target_id, "targetId", "a client id string").map_err(fail)?,
-            data: env.data.unwrap_or(null()),
+        "direct" => match (env.target_id, env.user_id) {
+            (None, Some(user)) => RequestKind::Direct {
+                target_id: field(Some(user), "userId", "a user id string").map_err(fail)?,
+                user: true,
+                data: env.data.unwrap_or(null()),
+            },
+            _ => RequestKind::Direct {
+                target_id: field(env.target_id, "targetId", "a client id string").map_err(fail)?,
+                user: false,
+                data: env.data.unwrap_or(null()),
+            },
         },
         "subscribe" => RequestKind::Subscribe {
             channel: channel().map_err(fail)?,
@@ -233,6 +254,10 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, ParseError<'_>> {
                 .map_err(fail)?,
         },
         "ping" => RequestKind::Ping,
+        "ack" => RequestKind::Ack {
+            channel: channel().map_err(fail)?,
+            offset: field(env.offset, "offset", "a non-negative integer").map_err(fail)?,
+        },
         "auth" => RequestKind::Auth {
             token: field(env.token, "token", "a JWT string").map_err(fail)?,
         },
@@ -400,15 +425,19 @@ struct Subscribed<'a> {
     offset: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     recovered: Option<bool>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    acked: bool,
     #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
     reference: Ref<'a>,
 }
 
-/// `{"type":"subscribed","channel","epoch","offset","recovered"?,"ref"}`.
+/// `{"type":"subscribed","channel","epoch","offset","recovered"?,"acked"?,"ref"}`;
+/// `acked` appears (true) in namespaces with acknowledged delivery.
 pub fn subscribed(
     channel: &str,
     position: &StreamPosition,
     recovered: Option<bool>,
+    acked: bool,
     reference: Ref<'_>,
 ) -> Text {
     encode(&Subscribed {
@@ -417,6 +446,7 @@ pub fn subscribed(
         epoch: &position.epoch,
         offset: position.offset,
         recovered,
+        acked,
         reference,
     })
 }

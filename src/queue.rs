@@ -47,6 +47,9 @@ pub enum Outbound {
     },
     /// A WebSocket ping from the keep-alive sweeper.
     Ping,
+    /// The sweeper found an acknowledgement overdue: resend what is
+    /// unacknowledged (acked namespaces).
+    Redeliver,
 }
 
 impl Outbound {
@@ -63,7 +66,7 @@ impl Outbound {
     fn weight(&self) -> usize {
         match self {
             Outbound::Frame(b) | Outbound::Publication { frame: b, .. } => b.len(),
-            Outbound::Ping => 0,
+            Outbound::Ping | Outbound::Redeliver => 0,
         }
     }
 }

@@ -55,7 +55,9 @@ fn router(state: AppState) -> Router {
         .route("/_ah/health", get(|| async { "OK" }))
         .route("/livez", get(|| async { "OK" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics));
+        .route("/metrics", get(metrics))
+        .route("/metrics/prometheus", get(prometheus))
+        .merge(crate::api::routes(state.node.clone()));
     if let Some(path) = state.node.config().echo_path.clone() {
         app = app.route(&path, get(echo));
     }
@@ -166,6 +168,18 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
+/// Prometheus text exposition of the same counters.
+async fn prometheus(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::prometheus::render(&state.node),
+    )
+        .into_response()
+}
+
 /// The tutorial's `/metrics`, extended with Switchboard's counters.
 async fn metrics(State(state): State<AppState>) -> Json<serde_json::Value> {
     use std::sync::atomic::Ordering::Relaxed;
@@ -191,9 +205,12 @@ async fn metrics(State(state): State<AppState>) -> Json<serde_json::Value> {
         "deadPeers": m.dead_peers.load(Relaxed),
         "oversizeCloses": m.oversize_closes.load(Relaxed),
         "rateLimited": m.rate_limited.load(Relaxed),
+        "redeliveries": m.redeliveries.load(Relaxed),
         "authFailures": m.auth_failures.load(Relaxed),
         "originRefused": m.origin_refused.load(Relaxed),
         "connectionsRefused": m.connections_refused.load(Relaxed),
+        "apiRequests": m.api_requests.load(Relaxed),
+        "apiErrors": m.api_errors.load(Relaxed),
     }))
 }
 

@@ -51,6 +51,17 @@ struct SubState {
     /// Offset of the last publication written; anything at or below it in
     /// the same epoch is a duplicate.
     last: u64,
+    /// Acknowledgement state, in namespaces with acked delivery.
+    ack: Option<AckState>,
+}
+
+/// What the client has acknowledged in one acked channel.
+struct AckState {
+    /// Every publication up to this offset (in `SubState::epoch`) is
+    /// acknowledged.
+    acked: u64,
+    /// Since when something written is waiting for an acknowledgement.
+    pending_since: Option<tokio::time::Instant>,
 }
 
 /// A token bucket: `rate` messages per second, up to `burst` at once.
@@ -327,6 +338,8 @@ where
     async fn write_queued(&mut self) -> ControlFlow<()> {
         let (items, close) = self.client.queue.take();
         let timeout = self.node.config().write_timeout;
+        let mut redeliver_due = false;
+        let mut redeliver_check = false;
         let written = tokio::time::timeout(timeout, async {
             for item in items {
                 let msg = match item {
@@ -345,13 +358,27 @@ where
                         if state.epoch == epoch && offset <= state.last {
                             continue; // already delivered (recovery overlap)
                         }
+                        if state.epoch != epoch {
+                            if let Some(ack) = &mut state.ack {
+                                ack.acked = 0; // a new stream: nothing of it is acknowledged
+                            }
+                        }
                         state.epoch = epoch;
                         state.last = offset;
+                        if let Some(ack) = &mut state.ack {
+                            ack.pending_since
+                                .get_or_insert_with(tokio::time::Instant::now);
+                            redeliver_check = true;
+                        }
                         let latency = protocol::now_ms().saturating_sub(timestamp);
                         self.node.metrics().latency.observe(latency);
                         Message::Text(frame)
                     }
                     Outbound::Ping => Message::Ping(Default::default()),
+                    Outbound::Redeliver => {
+                        redeliver_due = true;
+                        continue;
+                    }
                 };
                 if self.ws.feed(msg).await.is_err() {
                     return ControlFlow::Break(());
@@ -370,6 +397,12 @@ where
         });
         if written.is_break() {
             return written;
+        }
+        if redeliver_due && close.is_none() {
+            Box::pin(self.redeliver()).await?;
+        }
+        if redeliver_check || redeliver_due {
+            self.arm_ack_deadline();
         }
         match close {
             Some(reason) => {
@@ -512,7 +545,20 @@ where
                     None => ControlFlow::Continue(()),
                 }
             }
-            RequestKind::Direct { target_id, data } => {
+            RequestKind::Direct {
+                target_id,
+                user: true,
+                data,
+            } => {
+                self.node.direct_user(me, &target_id, to_arc(data)).await?;
+                match id {
+                    Some(_) => self.send(protocol::ack(id, None)).await,
+                    None => ControlFlow::Continue(()),
+                }
+            }
+            RequestKind::Direct {
+                target_id, data, ..
+            } => {
                 self.node.direct(me, &target_id, to_arc(data)).await?;
                 match id {
                     Some(_) => self.send(protocol::ack(id, None)).await,
@@ -562,6 +608,22 @@ where
             }
             RequestKind::Ping => self.send(protocol::pong(id)).await,
             RequestKind::Auth { token } => self.refresh(id, &token).await?,
+            RequestKind::Ack { channel, offset } => {
+                let Some(state) = self.subs.get_mut(channel.as_str()) else {
+                    self.node.channel_options(&channel)?;
+                    return Err(ClientError::new(
+                        ErrorCode::NotSubscribed,
+                        format!("not subscribed to {channel:?}"),
+                    )
+                    .into());
+                };
+                if let Some(ack) = &mut state.ack {
+                    ack.acked = ack.acked.max(offset.min(state.last));
+                    ack.pending_since = (ack.acked < state.last).then(tokio::time::Instant::now);
+                    self.arm_ack_deadline();
+                }
+                ControlFlow::Continue(())
+            }
         })
     }
 
@@ -596,6 +658,78 @@ where
         let reply = protocol::authenticated(&fresh.user_id, fresh.expires_at, id);
         self.identity = Some(fresh);
         Ok(self.send(reply).await)
+    }
+
+    /// Tell the sweeper when the oldest pending acknowledgement is due.
+    fn arm_ack_deadline(&self) {
+        let timeout = self.node.config().ack_timeout;
+        let oldest = self
+            .subs
+            .values()
+            .filter_map(|s| s.ack.as_ref().and_then(|a| a.pending_since))
+            .min();
+        let hub = self.node.hub();
+        let due = oldest.map(|since| {
+            let wait = (since + timeout).saturating_duration_since(tokio::time::Instant::now());
+            hub.clock_ms() + wait.as_millis() as u64
+        });
+        hub.set_ack_deadline(&self.client, due);
+    }
+
+    /// Resend, from history, every written but unacknowledged publication
+    /// whose acknowledgement is overdue. When history no longer holds them
+    /// the client is asked to reconnect (1012) and recover: it learns of
+    /// the gap from `recovered:false` instead of never hearing of it.
+    async fn redeliver(&mut self) -> ControlFlow<()> {
+        let timeout = self.node.config().ack_timeout;
+        let now = tokio::time::Instant::now();
+        let due: Vec<(Arc<str>, StreamPosition, u64)> = self
+            .subs
+            .iter()
+            .filter_map(|(ch, s)| {
+                let ack = s.ack.as_ref()?;
+                let since = ack.pending_since?;
+                (now.duration_since(since) >= timeout && ack.acked < s.last).then(|| {
+                    let from = StreamPosition {
+                        epoch: s.epoch.clone(),
+                        offset: ack.acked,
+                    };
+                    (ch.clone(), from, s.last)
+                })
+            })
+            .collect();
+        for (channel, from, last) in due {
+            let missing = last - from.offset;
+            let history = self
+                .node
+                .history(&channel, Some(&from), Some(missing as usize))
+                .await;
+            let complete = history.as_ref().is_ok_and(|h| {
+                h.top.epoch == from.epoch
+                    && h.publications.first().map(|p| p.offset) == Some(from.offset + 1)
+                    && h.publications.len() as u64 >= missing
+            });
+            let history = match history {
+                Ok(h) if complete => h,
+                _ => {
+                    let reason = CloseReason::new(
+                        close::SERVICE_RESTART,
+                        "resubscribe: unacknowledged publications left the history",
+                    );
+                    Box::pin(self.close(&reason)).await;
+                    return ControlFlow::Break(());
+                }
+            };
+            for publication in history.publications.iter().filter(|p| p.offset <= last) {
+                Metrics::inc(&self.node.metrics().redeliveries);
+                self.send(protocol::message(&channel, &from.epoch, publication))
+                    .await?;
+            }
+            if let Some(ack) = self.subs.get_mut(&channel).and_then(|s| s.ack.as_mut()) {
+                ack.pending_since = Some(now);
+            }
+        }
+        self.flush().await
     }
 
     /// Whether this connection may do `action` in `channel`: its namespace
@@ -665,13 +799,30 @@ where
                 return Err(e);
             }
         };
+        let acked = self.node.channel_options(&channel)?.acked;
         self.subs.insert(
             channel.clone(),
             SubState {
                 epoch: top.epoch.clone(),
                 last: top.offset,
+                ack: acked.then(|| AckState {
+                    // Recovered publications (sent below) are not yet
+                    // acknowledged; without `since` the client starts at top.
+                    acked: if recovered {
+                        since.as_ref().map_or(top.offset, |s| s.offset)
+                    } else {
+                        top.offset
+                    },
+                    pending_since: None,
+                }),
             },
         );
+        if acked && recovered && !missed.is_empty() {
+            if let Some(ack) = self.subs.get_mut(&channel).and_then(|s| s.ack.as_mut()) {
+                ack.pending_since = Some(tokio::time::Instant::now());
+            }
+            self.arm_ack_deadline();
+        }
         for publication in &missed {
             let frame = protocol::message(&channel, &top.epoch, publication);
             if self.send(frame).await.is_break() {
@@ -680,7 +831,7 @@ where
         }
         let recovered = since.is_some().then_some(recovered);
         Ok(self
-            .send(protocol::subscribed(&channel, &top, recovered, id))
+            .send(protocol::subscribed(&channel, &top, recovered, acked, id))
             .await)
     }
 }

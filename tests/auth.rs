@@ -33,6 +33,7 @@ fn secret_file() -> PathBuf {
 }
 
 fn hs256(claims: Value) -> String {
+    switchboard::auth::init_crypto();
     encode(
         &Header::new(Algorithm::HS256),
         &claims,
@@ -42,6 +43,7 @@ fn hs256(claims: Value) -> String {
 }
 
 fn rs256(claims: Value, kid: Option<&str>) -> String {
+    switchboard::auth::init_crypto();
     let pem = std::fs::read(fixture("rsa_private.pem")).unwrap();
     let mut header = Header::new(Algorithm::RS256);
     header.kid = kid.map(str::to_string);
@@ -49,6 +51,7 @@ fn rs256(claims: Value, kid: Option<&str>) -> String {
 }
 
 fn es256(claims: Value) -> String {
+    switchboard::auth::init_crypto();
     let pem = std::fs::read(fixture("ec_private.pem")).unwrap();
     encode(
         &Header::new(Algorithm::ES256),

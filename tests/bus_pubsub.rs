@@ -85,6 +85,11 @@ mod suite {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn direct_to_a_user_across_instances() {
+        bus_suite::direct_to_a_user_across_instances(&PubSub::shared().await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn presence_across_instances() {
         bus_suite::presence_across_instances(&PubSub::shared().await).await;
     }

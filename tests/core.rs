@@ -241,6 +241,48 @@ async fn http_endpoints() {
 }
 
 #[tokio::test]
+async fn prometheus_exposition() {
+    let server = start().await;
+    let mut a = Client::connect(&server).await;
+    a.request(json!({"type":"subscribe","channel":"p"}), 1)
+        .await;
+    a.request(json!({"type":"publish","channel":"p","data":1}), 2)
+        .await;
+    a.recv_type("message").await;
+    let resp = reqwest::get(server.http("/metrics/prometheus"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let body = resp.text().await.unwrap();
+    for line in [
+        "switchboard_connections 1",
+        "switchboard_publications_total 1",
+        "# TYPE switchboard_delivery_latency_ms histogram",
+        "switchboard_delivery_latency_ms_count 1",
+        "switchboard_slow_consumer_actions_total{action=\"disconnect\"} 0",
+        "switchboard_ready 1",
+        "# TYPE process_cpu_seconds_total counter",
+    ] {
+        assert!(
+            body.lines().any(|l| l == line),
+            "missing {line:?} in\n{body}"
+        );
+    }
+    // Every sample line is `name{labels} value` with a numeric value.
+    for l in body.lines().filter(|l| !l.starts_with('#')) {
+        let value = l.rsplit(' ').next().unwrap();
+        assert!(value.parse::<f64>().is_ok(), "{l}");
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn shutdown_turns_unready_and_closes_clients_with_1001() {
     let mut s = settings();
     s.drain_timeout = Some("3s".parse().unwrap());

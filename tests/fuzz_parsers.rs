@@ -156,6 +156,7 @@ fn authenticator() -> Authenticator {
 }
 
 fn token() -> String {
+    switchboard::auth::init_crypto();
     let exp = switchboard::protocol::now_ms() / 1000 + 600;
     jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),

@@ -121,3 +121,17 @@ fn bad_configuration_is_refused_with_a_clear_message() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("histroy_size"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn healthcheck_probes_the_local_server() {
+    let (_guard, port) = spawn_server(&[]).await;
+    let probe = |port: u16| {
+        Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["--healthcheck", "--port", &port.to_string()])
+            .output()
+            .unwrap()
+            .status
+    };
+    assert!(probe(port).success());
+    assert!(!probe(free_port()).success(), "nothing listens there");
+}

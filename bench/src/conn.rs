@@ -180,7 +180,7 @@ pub fn summarize_errors(errors: &[(usize, String)]) -> Vec<(String, usize)> {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.sort_by_key(|e| std::cmp::Reverse(e.1));
     v.truncate(5);
     v
 }

@@ -411,7 +411,7 @@ fn count(items: impl Iterator<Item = String>) -> Vec<(String, usize)> {
         *m.entry(i).or_default() += 1;
     }
     let mut v: Vec<_> = m.into_iter().collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.sort_by_key(|e| std::cmp::Reverse(e.1));
     v
 }
 
@@ -575,7 +575,7 @@ pub async fn run(args: &FanoutArgs) -> Result<FanoutResult, String> {
     };
     let us = |ns: u64| ns as f64 / 1e3;
     let mut cdf = Vec::new();
-    if hist.len() > 0 {
+    if !hist.is_empty() {
         let total = hist.len() as f64;
         let mut cum = 0u64;
         for v in hist.iter_recorded() {

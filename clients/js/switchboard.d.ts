@@ -53,6 +53,8 @@ export interface SubscribedFrame {
   offset: number;
   /** Present when the subscribe carried `since`. */
   recovered?: boolean;
+  /** True in namespaces with acknowledged (at-least-once) delivery. */
+  acked?: boolean;
   ref?: RequestId;
 }
 
@@ -305,6 +307,11 @@ export class Subscription extends Emitter<SubscriptionEventMap> {
   offset: number | null;
   /** True while confirmed on the current connection. */
   active: boolean;
+  /**
+   * True when the namespace uses acknowledged delivery: the client then
+   * acknowledges every publication once the handlers have run.
+   */
+  acked: boolean;
   readonly position: StreamPosition | null;
   unsubscribe(): Promise<UnsubscribedFrame | null>;
 }

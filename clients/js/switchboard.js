@@ -127,6 +127,13 @@ export class Subscription extends Emitter {
     this.offset = null;
     /** Whether the subscription is currently confirmed on the live connection. */
     this.active = false;
+    /**
+     * Whether the channel's namespace uses acknowledged delivery (from the
+     * server's `subscribed`): the client then acknowledges each publication
+     * once the app's handlers have run.
+     */
+    this.acked = false;
+    this._ackTimer = null;
     this._requestId = null;
     this._firstWaiters = [];
   }
@@ -366,7 +373,25 @@ export class RealtimeClient extends Emitter {
       sub.offset = offset;
     }
     sub._emit('message', msg);
+    if (sub.acked) this._scheduleAck(sub);
     return true;
+  }
+
+  // Acknowledge, cumulatively and at most every 50 ms, what the app's
+  // handlers have been handed. An ack lost with the connection does no
+  // harm: the resubscribe resumes from the last delivered offset, and the
+  // server resends what it did not see acknowledged.
+  _scheduleAck(sub) {
+    if (sub._ackTimer !== null) return;
+    sub._ackTimer = setTimeout(() => {
+      sub._ackTimer = null;
+      if (!this.connected || !sub.active || typeof sub.offset !== 'number') return;
+      try {
+        this._write({ type: 'ack', channel: sub.channel, offset: sub.offset });
+      } catch {
+        // The connection is going away; the resubscribe covers it.
+      }
+    }, 50);
   }
 
   _onClose(ws, code, reason) {
@@ -742,6 +767,7 @@ export class RealtimeClient extends Emitter {
     }
     sub.state = 'subscribed';
     sub.active = true;
+    sub.acked = reply.acked === true;
     sub._lastSubscribed = reply;
     for (const w of sub._firstWaiters.splice(0)) w.resolve(reply);
     sub._emit('subscribed', reply);

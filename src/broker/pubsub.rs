@@ -1197,6 +1197,9 @@ pub async fn connect_typed(
     project: &str,
     config: &Config,
 ) -> Result<(Arc<PubSubBroker>, Arc<PubSubPresence>)> {
+    // Google's auth crate signs service-account JWTs with jsonwebtoken,
+    // which needs its crypto provider chosen (see auth::init_crypto).
+    crate::auth::init_crypto();
     match tokio::time::timeout(CONNECT_TIMEOUT, connect_inner(project, config)).await {
         Ok(r) => r,
         Err(_) => Err(bus(PubSubError::Timeout("connect"))),

@@ -253,11 +253,23 @@ pub struct Cluster {
 impl Cluster {
     /// Start `n` instances (at most the factory's distinct count).
     pub async fn start(f: &dyn BusFactory, case: &str, n: usize) -> Cluster {
+        Cluster::start_with(f, case, n, |_| {}).await
+    }
+
+    /// Start `n` instances with `tweak` applied to each one's settings.
+    pub async fn start_with(
+        f: &dyn BusFactory,
+        case: &str,
+        n: usize,
+        tweak: impl Fn(&mut Settings),
+    ) -> Cluster {
         let prefix = unique_prefix(case);
         let n = n.min(f.distinct_instances()).max(1);
         let mut instances = Vec::new();
         for i in 0..n {
-            instances.push(Some(Instance::start(f.settings(&prefix, i)).await));
+            let mut s = f.settings(&prefix, i);
+            tweak(&mut s);
+            instances.push(Some(Instance::start(s).await));
         }
         Cluster { prefix, instances }
     }
@@ -415,6 +427,75 @@ pub async fn broadcast_reaches_other_instances(f: &dyn BusFactory) {
 
 /// Direct messages cross instances both ways; on the same instance too; an
 /// unknown target is `unknown_target`, and so is a target that left.
+/// `{"type":"direct","userId":U}` reaches every connection of user U on
+/// every instance, and nobody else.
+pub async fn direct_to_a_user_across_instances(f: &dyn BusFactory) {
+    bounded("direct_to_a_user_across_instances", async {
+        const SECRET: &str = "suite-secret-0123456789abcdef";
+        let path = std::env::temp_dir().join(format!("sb-suite-secret-{}", std::process::id()));
+        std::fs::write(&path, SECRET).unwrap();
+        let cluster = Cluster::start_with(f, "userdirect", 2, |s| {
+            s.auth_hs256_secret_file = Some(path.clone());
+        })
+        .await;
+        switchboard::auth::init_crypto();
+        let token = |sub: &str| {
+            let exp = switchboard::protocol::now_ms() / 1000 + 600;
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::default(),
+                &json!({"sub": sub, "exp": exp}),
+                &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+            )
+            .unwrap()
+        };
+        let as_user =
+            |i: usize, sub: &str| format!("{}?token={}", cluster.get(i).url("/ws"), token(sub));
+        let mut alice_a = Client::connect_url(&as_user(0, "alice")).await;
+        let mut alice_b = Client::connect_url(&as_user(1, "alice")).await;
+        let mut bob = Client::connect_url(&as_user(1, "bob")).await;
+        let mut anon = cluster.client(0).await;
+        // The user's connections register with the bus as they connect;
+        // retry until both are reached (bounded).
+        let mut got_a = None;
+        let mut got_b = None;
+        for attempt in 0..50u64 {
+            let ack = anon
+                .request(
+                    json!({"type":"direct","userId":"alice","data":{"n":attempt}}),
+                    100 + attempt,
+                )
+                .await;
+            assert_eq!(ack["type"], "ack", "{ack}");
+            if got_a.is_none() {
+                got_a = recv_within(&mut alice_a, Duration::from_millis(200)).await;
+            }
+            if got_b.is_none() {
+                got_b = recv_within(&mut alice_b, Duration::from_millis(200)).await;
+            }
+            if got_a.is_some() && got_b.is_some() {
+                break;
+            }
+        }
+        for m in [got_a.expect("alice on A"), got_b.expect("alice on B")] {
+            assert_eq!(m["type"], "direct", "{m}");
+            assert_eq!(m["senderId"], anon.id.as_str());
+        }
+        bob.expect_silence(QUIET).await;
+        // Nobody connected as that user: accepted, delivered to no one.
+        let ack = anon
+            .request(json!({"type":"direct","userId":"nobody","data":1}), 1)
+            .await;
+        assert_eq!(ack["type"], "ack");
+        cluster.shutdown().await;
+    })
+    .await;
+}
+
+/// The next text frame within `d`, if any.
+async fn recv_within(c: &mut Client, d: Duration) -> Option<Value> {
+    tokio::time::timeout(d, c.recv()).await.ok()
+}
+
 pub async fn direct_across_instances(f: &dyn BusFactory) {
     bounded("direct_across_instances", async {
         let cluster = Cluster::start(f, "direct", 2).await;
@@ -734,6 +815,7 @@ macro_rules! bus_suite {
     ($factory:expr) => {
         $crate::bus_suite!(@case $factory, broadcast_reaches_other_instances);
         $crate::bus_suite!(@case $factory, direct_across_instances);
+        $crate::bus_suite!(@case $factory, direct_to_a_user_across_instances);
         $crate::bus_suite!(@case $factory, channel_order_and_offsets_across_instances);
         $crate::bus_suite!(@case $factory, presence_across_instances);
         $crate::bus_suite!(@case $factory, presence_of_a_crashed_instance_expires);

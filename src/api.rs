@@ -1,0 +1,406 @@
+//! The server HTTP API for backends (notification systems, schedulers…),
+//! served on the same port as the WebSockets. `docs/openapi.yaml` describes
+//! every route.
+//!
+//! | route | effect |
+//! |---|---|
+//! | `POST /api/publish` | publish into a channel (`senderId: null`); ignores `client_publish` |
+//! | `POST /api/broadcast` | the tutorial's broadcast to every client of every instance |
+//! | `POST /api/direct` | a `direct` frame to one client id, wherever it is connected |
+//! | `GET /api/presence/{channel}` | the members of a channel on every instance |
+//! | `POST /api/disconnect` | close a client connected to *this* instance |
+//!
+//! The API is off unless an API key is configured (`api_key_file`): then
+//! every `/api/*` path answers 404, as if it did not exist. With a key,
+//! each request must carry it as `Authorization: Bearer <key>` or
+//! `X-API-Key: <key>`: none → 401, a wrong one → 403. The key is compared
+//! in constant time with the `subtle` crate (the time depends only on the
+//! configured key's length, not on where a guess differs nor on the
+//! guess's length).
+//!
+//! Every error is JSON, `{"code":…,"message":…}`, with the protocol's error
+//! codes where one applies (`bad_channel`, `unknown_target`,
+//! `presence_disabled`, …) and these API codes otherwise:
+//! `invalid_request` (400: the body is not JSON, misses a field, has an
+//! unknown one…), `unauthorized` (401), `permission_denied` (403, also a
+//! protocol code), `payload_too_large` (413: the body is larger than
+//! `max_message_size`), `method_not_allowed` (405).
+
+use std::fmt;
+use std::path::Path as FsPath;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use serde_json::value::RawValue;
+use subtle::ConstantTimeEq;
+
+use crate::error::{Error, ErrorCode};
+use crate::metrics::Metrics;
+use crate::node::Node;
+use crate::queue::CloseReason;
+
+/// The key backends present to use the API. Its `Debug` form hides it.
+#[derive(Clone)]
+pub struct ApiKey(Arc<[u8]>);
+
+impl ApiKey {
+    /// Shortest accepted key, in bytes.
+    pub const MIN_LEN: usize = 16;
+
+    /// A key from its text (surrounding whitespace ignored); at least
+    /// [`MIN_LEN`](ApiKey::MIN_LEN) bytes.
+    pub fn new(text: &str) -> crate::Result<ApiKey> {
+        let key = text.trim();
+        if key.len() < Self::MIN_LEN {
+            return Err(Error::Config(format!(
+                "api_key_file: the API key must be at least {} bytes (got {})",
+                Self::MIN_LEN,
+                key.len()
+            )));
+        }
+        Ok(ApiKey(key.as_bytes().into()))
+    }
+
+    /// Read the key from `path` (its content, trimmed).
+    pub fn from_file(path: &FsPath) -> crate::Result<ApiKey> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::Config(format!("api_key_file: cannot read {}: {e}", path.display()))
+        })?;
+        ApiKey::new(&text)
+    }
+
+    /// Whether `given` is the key, in constant time: every byte of the key
+    /// is compared (with the guess's byte at the same index, or 0 past its
+    /// end), and the lengths are compared too, all with `subtle`.
+    pub fn matches(&self, given: &[u8]) -> bool {
+        let key = &self.0;
+        let mut eq = (key.len() as u64).ct_eq(&(given.len() as u64));
+        for (i, k) in key.iter().enumerate() {
+            eq &= k.ct_eq(given.get(i).unwrap_or(&0));
+        }
+        eq.into()
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+/// An API error: its status and the JSON body `{"code","message"}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 400 `invalid_request`: the body or a parameter is wrong.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (
+            self.status,
+            Json(json!({"code": self.code, "message": self.message})),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"switchboard\""),
+            );
+        }
+        resp
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let ce = e.to_client();
+        let status = match ce.code {
+            ErrorCode::UnknownTarget => StatusCode::NOT_FOUND,
+            ErrorCode::PresenceDisabled | ErrorCode::HistoryDisabled => StatusCode::CONFLICT,
+            ErrorCode::PermissionDenied => StatusCode::FORBIDDEN,
+            ErrorCode::BusUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError::new(status, ce.code.as_str(), ce.message)
+    }
+}
+
+/// A JSON body whose every failure is an [`ApiError`] (never axum's
+/// plain-text rejections): 413 over `max_message_size`, else 400.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<Node> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, node: &Node) -> Result<Self, ApiError> {
+        let body = Bytes::from_request(req, node).await.map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!(
+                        "the body is larger than max_message_size ({} bytes)",
+                        node.config().max_message_size
+                    ),
+                )
+            } else {
+                ApiError::invalid(format!("cannot read the body: {}", r.body_text()))
+            }
+        })?;
+        serde_json::from_slice(&body)
+            .map(ApiJson)
+            .map_err(|e| ApiError::invalid(format!("invalid body: {e}")))
+    }
+}
+
+/// The `/api/*` routes, or none when no API key is configured. Merge into
+/// the server's router: `.merge(crate::api::routes(node))`.
+pub fn routes<S: Clone + Send + Sync + 'static>(node: Node) -> Router<S> {
+    if node.config().api_key.is_none() {
+        return Router::new();
+    }
+    let limit = node.config().max_message_size;
+    Router::new()
+        .route("/api/publish", post(publish))
+        .route("/api/broadcast", post(broadcast))
+        .route("/api/direct", post(direct))
+        .route("/api/presence/{*channel}", get(presence))
+        .route("/api/disconnect", post(disconnect))
+        .method_not_allowed_fallback(method_not_allowed)
+        .route_layer(middleware::from_fn_with_state(node.clone(), guard))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(node)
+}
+
+/// The key a request presents: `Authorization: Bearer <key>`, else
+/// `X-API-Key: <key>`.
+fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, rest) = v.trim().split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| rest.trim().as_bytes())
+        });
+    bearer.or_else(|| headers.get("x-api-key").map(|v| v.as_bytes().trim_ascii()))
+}
+
+/// Counts every API request and failure, and checks the key before the
+/// body is read.
+async fn guard(State(node): State<Node>, req: Request, next: Next) -> Response {
+    let metrics = node.metrics();
+    Metrics::inc(&metrics.api_requests);
+    let resp = match (&node.config().api_key, presented_key(req.headers())) {
+        (None, _) => {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "the API is off").into_response()
+        }
+        (Some(_), None) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send the API key as `Authorization: Bearer <key>` or `X-API-Key: <key>`",
+        )
+        .into_response(),
+        (Some(key), Some(given)) if !key.matches(given) => {
+            ApiError::new(StatusCode::FORBIDDEN, "permission_denied", "wrong API key")
+                .into_response()
+        }
+        (Some(_), Some(_)) => next.run(req).await,
+    };
+    if resp.status().is_client_error() || resp.status().is_server_error() {
+        Metrics::inc(&metrics.api_errors);
+    }
+    resp
+}
+
+async fn method_not_allowed(State(node): State<Node>) -> ApiError {
+    Metrics::inc(&node.metrics().api_requests);
+    Metrics::inc(&node.metrics().api_errors);
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody {
+    channel: String,
+    data: Box<RawValue>,
+}
+
+async fn publish(
+    State(node): State<Node>,
+    ApiJson(body): ApiJson<PublishBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    // The server API may publish even where clients may not.
+    let pos = node.publish(None, &body.channel, body.data.into()).await?;
+    Ok(Json(json!({
+        "channel": body.channel,
+        "offset": pos.offset,
+        "epoch": pos.epoch,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BroadcastBody {
+    data: Box<RawValue>,
+}
+
+async fn broadcast(
+    State(node): State<Node>,
+    ApiJson(body): ApiJson<BroadcastBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    node.broadcast(None, body.data.into()).await?;
+    Ok(Json(json!({})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct DirectBody {
+    /// One client, wherever it is connected.
+    client_id: Option<String>,
+    /// Every connection of this user (token `sub`), on every instance.
+    user_id: Option<String>,
+    data: Box<RawValue>,
+}
+
+async fn direct(
+    State(node): State<Node>,
+    ApiJson(body): ApiJson<DirectBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    match (body.client_id, body.user_id) {
+        (Some(client_id), None) => node.direct(None, &client_id, body.data.into()).await?,
+        (None, Some(user_id)) => node.direct_user(None, &user_id, body.data.into()).await?,
+        _ => {
+            return Err(ApiError::invalid(
+                "exactly one of clientId and userId is required",
+            ));
+        }
+    }
+    Ok(Json(json!({})))
+}
+
+async fn presence(
+    State(node): State<Node>,
+    channel: Result<Path<String>, PathRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path(channel) = channel.map_err(|r| ApiError::invalid(r.body_text()))?;
+    let members = node.presence(&channel).await?;
+    Ok(Json(json!({
+        "channel": channel,
+        "count": members.len(),
+        "members": members,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct DisconnectBody {
+    client_id: String,
+    code: Option<u16>,
+    reason: Option<String>,
+}
+
+/// Default close code of `/api/disconnect`.
+pub const DEFAULT_DISCONNECT_CODE: u16 = 4000;
+/// Longest close reason: a close frame's payload is at most 125 bytes, 2
+/// of which are the code.
+pub const MAX_CLOSE_REASON: usize = 123;
+
+async fn disconnect(
+    State(node): State<Node>,
+    ApiJson(body): ApiJson<DisconnectBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let code = body.code.unwrap_or(DEFAULT_DISCONNECT_CODE);
+    if !(4000..=4999).contains(&code) {
+        return Err(ApiError::invalid(format!(
+            "code must be between 4000 and 4999 (got {code})"
+        )));
+    }
+    let reason = body
+        .reason
+        .unwrap_or_else(|| "disconnected by the server".into());
+    if reason.len() > MAX_CLOSE_REASON {
+        return Err(ApiError::invalid(format!(
+            "reason must be at most {MAX_CLOSE_REASON} bytes"
+        )));
+    }
+    if !node
+        .hub()
+        .close_client(&body.client_id, CloseReason::new(code, reason))
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::UnknownTarget.as_str(),
+            format!(
+                "no client with id {:?} is connected to this instance",
+                body.client_id
+            ),
+        ));
+    }
+    Ok(Json(json!({"disconnected": true})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_trimmed_checked_and_compared_exactly() {
+        assert!(ApiKey::new("short").is_err());
+        assert!(ApiKey::new("  123456789012345  \n").is_err(), "15 bytes");
+        let k = ApiKey::new(" 0123456789abcdef\n").unwrap();
+        assert!(k.matches(b"0123456789abcdef"));
+        assert!(!k.matches(b"0123456789abcdeF"));
+        assert!(!k.matches(b"0123456789abcde"));
+        assert!(!k.matches(b"0123456789abcdef0"));
+        assert!(!k.matches(b"0123456789abcdef\0"));
+        assert!(!k.matches(b""));
+        assert_eq!(format!("{k:?}"), "ApiKey(<redacted>)");
+    }
+
+    #[test]
+    fn bearer_wins_over_x_api_key() {
+        let mut h = HeaderMap::new();
+        assert_eq!(presented_key(&h), None);
+        h.insert("x-api-key", HeaderValue::from_static(" k2 "));
+        assert_eq!(presented_key(&h), Some(&b"k2"[..]));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer k1"));
+        assert_eq!(presented_key(&h), Some(&b"k1"[..]));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(presented_key(&h), Some(&b"k2"[..]));
+    }
+}
