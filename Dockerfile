@@ -1,0 +1,26 @@
+# syntax=docker/dockerfile:1
+# Switchboard: a multi-stage build. The build steps are the README's:
+#   cargo build --release --locked --bin switchboard
+# The runtime image is Debian slim with CA certificates (for Memorystore
+# over TLS and Google Cloud Pub/Sub) and a non-root user.
+
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bin switchboard \
+ && cp target/release/switchboard /switchboard
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates=20230311+deb12u1 \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin switchboard
+COPY --from=build /switchboard /usr/local/bin/switchboard
+USER 10001
+ENV PORT=8080 \
+    SWITCHBOARD_LOG_FORMAT=json
+EXPOSE 8080
+# The binary probes its own /livez; no curl in the image.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+  CMD ["/usr/local/bin/switchboard", "--healthcheck"]
+ENTRYPOINT ["/usr/local/bin/switchboard"]
