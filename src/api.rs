@@ -48,7 +48,6 @@ use subtle::ConstantTimeEq;
 use crate::error::{Error, ErrorCode};
 use crate::metrics::Metrics;
 use crate::node::Node;
-use crate::queue::CloseReason;
 
 /// The key backends present to use the API. Its `Debug` form hides it.
 #[derive(Clone)]
@@ -359,8 +358,8 @@ async fn disconnect(
         )));
     }
     if !node
-        .hub()
-        .close_client(&body.client_id, CloseReason::new(code, reason))
+        .disconnect_client(&body.client_id, code, reason)
+        .await?
     {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

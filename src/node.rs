@@ -138,6 +138,10 @@ impl BrokerHandler for Delivery {
     }
 
     fn on_direct(&self, direct: &Direct) -> bool {
+        if let Some(order) = &direct.disconnect {
+            let reason = crate::queue::CloseReason::new(order.code, order.reason.clone());
+            return self.hub.close_client(&direct.target_id, reason);
+        }
         let frame = protocol::direct(direct.sender_id.as_deref(), &direct.data, direct.timestamp);
         self.hub.direct(&direct.target_id, frame)
     }
@@ -342,6 +346,7 @@ impl Node {
                 sender_id,
                 data,
                 timestamp: protocol::now_ms(),
+                disconnect: None,
             })
             .await;
         let delivered = self.count_bus_error(r)?;
@@ -353,6 +358,26 @@ impl Node {
             .into());
         }
         Ok(())
+    }
+
+    /// Close the connection of `client_id`, wherever it is connected, with
+    /// `code` and `reason`; false when no instance holds it.
+    pub async fn disconnect_client(
+        &self,
+        client_id: &str,
+        code: u16,
+        reason: String,
+    ) -> Result<bool> {
+        self.shared
+            .broker
+            .direct(Direct {
+                target_id: client_id.into(),
+                sender_id: None,
+                data: Arc::from(RawValue::NULL.to_owned()),
+                timestamp: protocol::now_ms(),
+                disconnect: Some(crate::broker::DisconnectOrder { code, reason }),
+            })
+            .await
     }
 
     /// A message for every connection of `user_id`, on every instance. At

@@ -90,6 +90,11 @@ mod suite {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn api_disconnect_across_instances() {
+        bus_suite::api_disconnect_across_instances(&PubSub::shared().await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn presence_across_instances() {
         bus_suite::presence_across_instances(&PubSub::shared().await).await;
     }

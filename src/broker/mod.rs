@@ -81,6 +81,19 @@ pub struct Direct {
     pub sender_id: Option<Arc<str>>,
     pub data: Arc<RawValue>,
     pub timestamp: u64,
+    /// Set when this is not a message but an order to close the target's
+    /// connection (the server API's disconnect); `data` is then ignored.
+    /// Travels inside the same envelope, so every bus routes it like a
+    /// direct message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disconnect: Option<DisconnectOrder>,
+}
+
+/// Close a client's connection with this code and reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisconnectOrder {
+    pub code: u16,
+    pub reason: String,
 }
 
 /// Where a broker delivers what arrives from the bus. Implemented by the

@@ -491,6 +491,42 @@ pub async fn direct_to_a_user_across_instances(f: &dyn BusFactory) {
     .await;
 }
 
+/// The server API's disconnect reaches a client on another instance.
+pub async fn api_disconnect_across_instances(f: &dyn BusFactory) {
+    bounded("api_disconnect_across_instances", async {
+        let key = "suite-api-key-0123456789abcdef";
+        let path = std::env::temp_dir().join(format!("sb-suite-api-key-{}", std::process::id()));
+        std::fs::write(&path, key).unwrap();
+        let cluster = Cluster::start_with(f, "apidisconnect", 2, |s| {
+            s.api_key_file = Some(path.clone());
+        })
+        .await;
+        let mut b = cluster.client(1).await;
+        let http = reqwest::Client::new();
+        let disconnect = |id: String| {
+            http.post(cluster.get(0).http("/api/disconnect"))
+                .bearer_auth(key)
+                .json(&json!({"clientId": id, "code": 4321, "reason": "bye"}))
+                .send()
+        };
+        // The directory may take a moment to learn of `b` on some buses.
+        let mut status = 0;
+        for _ in 0..50 {
+            status = disconnect(b.id.clone()).await.unwrap().status().as_u16();
+            if status == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(status, 200);
+        assert_eq!(b.expect_close().await, 4321);
+        let unknown = disconnect("client-nobody".into()).await.unwrap();
+        assert_eq!(unknown.status().as_u16(), 404);
+        cluster.shutdown().await;
+    })
+    .await;
+}
+
 /// The next text frame within `d`, if any.
 async fn recv_within(c: &mut Client, d: Duration) -> Option<Value> {
     tokio::time::timeout(d, c.recv()).await.ok()
@@ -816,6 +852,7 @@ macro_rules! bus_suite {
         $crate::bus_suite!(@case $factory, broadcast_reaches_other_instances);
         $crate::bus_suite!(@case $factory, direct_across_instances);
         $crate::bus_suite!(@case $factory, direct_to_a_user_across_instances);
+        $crate::bus_suite!(@case $factory, api_disconnect_across_instances);
         $crate::bus_suite!(@case $factory, channel_order_and_offsets_across_instances);
         $crate::bus_suite!(@case $factory, presence_across_instances);
         $crate::bus_suite!(@case $factory, presence_of_a_crashed_instance_expires);
