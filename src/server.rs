@@ -53,6 +53,8 @@ fn router(state: AppState) -> Router {
         .route("/", get(root))
         .route("/ws", get(ws_only))
         .route("/_ah/health", get(|| async { "OK" }))
+        // Browsers ask for it on every page; no 404 in their consoles.
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/livez", get(|| async { "OK" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -46,6 +46,8 @@ try {
   skipReason = 'playwright-core is not installed (npm install in clients/js)';
 }
 if (!skipReason && !existsSync(CHROMIUM)) skipReason = `no chromium at ${CHROMIUM}`;
+// In CI a missing browser is a failure, never a silent skip.
+if (skipReason && process.env.CI) throw new Error(`browser tests cannot run in CI: ${skipReason}`);
 
 const cleanup = [];
 afterEach(async () => {

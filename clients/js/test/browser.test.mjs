@@ -6,7 +6,7 @@
 
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 
 import { startServer } from './server.mjs';
 
@@ -28,6 +28,8 @@ try {
   skipReason = 'playwright-core is not installed (npm install in clients/js)';
 }
 if (!skipReason && !existsSync(CHROMIUM)) skipReason = `no chromium at ${CHROMIUM}`;
+// In CI a missing browser is a failure, never a silent skip.
+if (skipReason && process.env.CI) throw new Error(`browser tests cannot run in CI: ${skipReason}`);
 
 let server;
 let browser;
@@ -160,4 +162,48 @@ test('the dashboard shows the sys:metrics figures and draws its chart', { skip: 
     await ctx.close();
   }
   assert.deepEqual(problems, [], 'no console errors');
+});
+
+test("the tutorial's own client, unchanged, connects and exchanges broadcasts in Chromium", { skip: skipReason || false, timeout: 60_000 }, async () => {
+  // The class exactly as the tutorial prints it; only our `export` line is removed.
+  const source = readFileSync(new URL('./tutorial-client.js', import.meta.url), 'utf8').replace(
+    /^export \{ RealtimeClient \};$/m,
+    '',
+  );
+  const problems = [];
+  const context = await browser.newContext();
+  const pages = [];
+  for (const name of ['first', 'second']) {
+    const page = await context.newPage();
+    page.on('console', (msg) => {
+      if (msg.type() === 'error') problems.push(`${name} console error: ${msg.text()}`);
+    });
+    page.on('pageerror', (err) => problems.push(`${name} page error: ${err.message}`));
+    // Same origin as the server; the tutorial connects to the bare host.
+    await page.goto(`${server.httpUrl}/`);
+    await page.addScriptTag({ content: `${source}\nwindow.RealtimeClient = RealtimeClient;` });
+    await page.evaluate((url) => {
+      window.received = [];
+      window.ids = [];
+      const client = new window.RealtimeClient(url);
+      client.on('connected', (msg) => window.ids.push(msg.clientId));
+      client.on('broadcast', (msg) => window.received.push(msg));
+      client.connect();
+      window.client = client;
+    }, server.httpUrl.replace('http://', 'ws://'));
+    await page.waitForFunction(() => window.ids.length === 1, null, { timeout: 10_000 });
+    pages.push(page);
+  }
+  const [first, second] = pages;
+  await first.evaluate(() => window.client.send('broadcast', { text: 'hello from the tutorial client' }));
+  await second.waitForFunction(() => window.received.length === 1, null, { timeout: 10_000 });
+  const got = await second.evaluate(() => window.received[0]);
+  const firstId = await first.evaluate(() => window.ids[0]);
+  assert.equal(got.type, 'broadcast');
+  assert.deepEqual(got.data, { text: 'hello from the tutorial client' });
+  assert.equal(got.senderId, firstId);
+  await first.waitForTimeout(200);
+  assert.equal(await first.evaluate(() => window.received.length), 0, 'the sender gets nothing');
+  await context.close();
+  assert.deepEqual(problems, []);
 });
