@@ -102,6 +102,10 @@ pub struct Settings {
     /// On SIGTERM/SIGINT, how long to wait for connections to close [default: 30s].
     #[arg(long, env = "SWITCHBOARD_DRAIN_TIMEOUT")]
     pub drain_timeout: Option<HumanDuration>,
+    /// On SIGTERM/SIGINT, clients are asked to reconnect (close 1012) spread
+    /// over this long [default: half the drain timeout].
+    #[arg(long, env = "SWITCHBOARD_DRAIN_SPREAD")]
+    pub drain_spread: Option<HumanDuration>,
     /// Serve a diagnostic echo WebSocket at this path (off by default), for
     /// the Autobahn conformance suite.
     #[arg(long, env = "SWITCHBOARD_ECHO_PATH")]
@@ -349,6 +353,8 @@ pub struct Config {
     pub write_timeout: Duration,
     /// Longest the shutdown waits for connections to end.
     pub drain_timeout: Duration,
+    /// Clients are closed (1012) spread over this long at shutdown.
+    pub drain_spread: Duration,
     /// Path of the diagnostic echo endpoint, if enabled.
     pub echo_path: Option<String>,
     /// Message size limit on the echo endpoint.
@@ -422,6 +428,7 @@ impl Settings {
             queue_max_bytes,
             write_timeout,
             drain_timeout,
+            drain_spread,
             echo_path,
             echo_max_message_size,
             max_subscriptions,
@@ -592,6 +599,7 @@ impl Config {
                 "auth_required needs a key: auth_hs256_secret_file, auth_public_key_file or auth_jwks_file".into(),
             ));
         }
+        let drain_timeout = pick!(s.drain_timeout, HumanDuration(Duration::from_secs(30))).0;
         let pubsub_topic = pick!(s.pubsub_topic, "switchboard-messages".into());
         let pubsub_subscription = s
             .pubsub_subscription
@@ -623,7 +631,17 @@ impl Config {
                 "write_timeout",
                 pick!(s.write_timeout, HumanDuration(Duration::from_secs(10))).0,
             )?,
-            drain_timeout: pick!(s.drain_timeout, HumanDuration(Duration::from_secs(30))).0,
+            drain_timeout,
+            drain_spread: match s.drain_spread {
+                Some(d) if d.0 > drain_timeout => {
+                    return Err(Error::Config(format!(
+                        "drain_spread ({d}) must not exceed drain_timeout ({})",
+                        HumanDuration(drain_timeout)
+                    )));
+                }
+                Some(d) => d.0,
+                None => drain_timeout / 2,
+            },
             echo_path,
             echo_max_message_size: positive(
                 "echo_max_message_size",

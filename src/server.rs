@@ -4,8 +4,9 @@
 //! [`run`] serves until the `shutdown` future completes, then:
 //! 1. marks the node draining (`/readyz` answers 503),
 //! 2. stops accepting connections,
-//! 3. asks every connection to close with 1001 (frames already queued are
-//!    written first),
+//! 3. asks every connection to reconnect elsewhere: close 1012 with a
+//!    `retry=MS` hint, spread evenly (in random order) over `drain_spread`,
+//!    frames already queued written first ([`drain_clients`]),
 //! 4. waits for every connection task, at most `drain_timeout`,
 //! 5. closes the bus and returns.
 
@@ -244,11 +245,13 @@ pub async fn run(
     let signal = {
         let node = node.clone();
         let token = token.clone();
+        let tracker = tracker.clone();
         async move {
             shutdown.await;
             tracing::info!("shutdown: draining");
             node.start_draining();
             token.cancel();
+            tracker.spawn(drain_clients(node));
         }
     };
     // Frames are small and latency matters: no Nagle delay.
@@ -273,6 +276,33 @@ pub async fn run(
     }
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// Ask every client to reconnect elsewhere, spread over `drain_spread` so
+/// that a draining instance does not send all its clients to the others at
+/// once: each gets close 1012 `server draining; retry=MS` (MS a short
+/// random delay the JavaScript client honours) at its own moment, in
+/// random order. Clients that connect meanwhile are closed at the end.
+pub async fn drain_clients(node: Node) {
+    let spread = node.config().drain_spread;
+    let reason = || {
+        let retry = 100 + fastrand::u64(0..400);
+        crate::queue::CloseReason::new(
+            crate::error::close::SERVICE_RESTART,
+            format!("server draining; retry={retry}"),
+        )
+    };
+    let mut clients = node.hub().clients();
+    fastrand::shuffle(&mut clients);
+    let start = tokio::time::Instant::now();
+    let n = clients.len().max(1) as u32;
+    for (i, client) in clients.iter().enumerate() {
+        tokio::time::sleep_until(start + spread * i as u32 / n).await;
+        client.queue.close(reason());
+    }
+    for client in node.hub().clients() {
+        client.queue.close(reason());
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

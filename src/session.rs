@@ -325,10 +325,14 @@ where
                 }
                 _ = shutdown.cancelled(), if !shutting_down => {
                     shutting_down = true;
-                    // Through the queue, so frames already queued go first.
-                    self.client
-                        .queue
-                        .close(CloseReason::new(close::GOING_AWAY, "server shutting down"));
+                    // Protocol clients are closed by the server's drainer,
+                    // spread over the drain period (`server::drain_clients`);
+                    // the echo endpoint's are not in the hub, so close here.
+                    if self.mode == Mode::Echo {
+                        self.client
+                            .queue
+                            .close(CloseReason::new(close::GOING_AWAY, "server shutting down"));
+                    }
                 }
             }
         }
@@ -937,10 +941,12 @@ mod tests {
             (Some("unknown_type"), Some(3))
         );
 
-        // Shutdown: a 1001 close frame, then the session cleans up.
+        // Shutdown: the drainer's 1012 close frame, then the session
+        // cleans up.
         shutdown.cancel();
+        crate::server::drain_clients(node.clone()).await;
         match from_server.next().await {
-            Some(Message::Close(Some(f))) => assert_eq!(f.code, close::GOING_AWAY),
+            Some(Message::Close(Some(f))) => assert_eq!(f.code, close::SERVICE_RESTART),
             other => panic!("expected a close frame, got {other:?}"),
         }
         drop(to_server);

@@ -283,7 +283,7 @@ async fn prometheus_exposition() {
 }
 
 #[tokio::test]
-async fn shutdown_turns_unready_and_closes_clients_with_1001() {
+async fn shutdown_turns_unready_and_asks_clients_to_reconnect_with_1012() {
     let mut s = settings();
     s.drain_timeout = Some("3s".parse().unwrap());
     let mut server = start_with(s).await;
@@ -291,8 +291,15 @@ async fn shutdown_turns_unready_and_closes_clients_with_1001() {
     let mut b = Client::connect(&server).await;
     let node = server.node.clone();
     server.begin_shutdown();
-    assert_eq!(a.expect_close().await, 1001);
-    assert_eq!(b.expect_close().await, 1001);
+    for c in [&mut a, &mut b] {
+        let (code, reason) = c.expect_close_frame().await;
+        assert_eq!(code, 1012);
+        let retry: u64 = reason
+            .rsplit_once("retry=")
+            .and_then(|(_, ms)| ms.parse().ok())
+            .unwrap_or_else(|| panic!("a retry hint in {reason:?}"));
+        assert!((100..500).contains(&retry), "{retry}");
+    }
     assert!(node.is_draining());
     assert!(!node.is_ready());
     server.join().await;

@@ -67,14 +67,14 @@ async fn wait_exit(guard: &mut Guard) -> std::process::ExitStatus {
 }
 
 #[tokio::test]
-async fn sigterm_closes_clients_with_1001_and_exits_0() {
+async fn sigterm_asks_clients_to_reconnect_and_exits_0() {
     let (mut guard, port) = spawn_server(&["--drain-timeout", "5s"]).await;
     let url = format!("ws://127.0.0.1:{port}/");
     let mut a = Client::connect_url(&url).await;
     let mut b = Client::connect_url(&url).await;
     signal(&guard.0, "-TERM");
-    assert_eq!(a.expect_close().await, 1001);
-    assert_eq!(b.expect_close().await, 1001);
+    assert_eq!(a.expect_close().await, 1012);
+    assert_eq!(b.expect_close().await, 1012);
     let status = wait_exit(&mut guard).await;
     assert_eq!(status.code(), Some(0), "clean exit after the drain");
 }

@@ -187,6 +187,19 @@ impl Client {
         }
     }
 
+    /// Wait for the server's close frame and return its code and reason.
+    pub async fn expect_close_frame(&mut self) -> (u16, String) {
+        loop {
+            match tokio::time::timeout(WAIT, self.ws.next()).await {
+                Ok(Some(Ok(Message::Close(Some(f))))) => {
+                    return (f.code.into(), f.reason.to_string());
+                }
+                Ok(Some(Ok(_))) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+
     /// Wait for the server's close frame and return its code.
     pub async fn expect_close(&mut self) -> u16 {
         loop {
