@@ -73,9 +73,10 @@ start_server() { # start_server switchboard|node LOGNAME
   local which=$1 log=$OUT/logs/$2.log
   PORT=$((PORT + 1))
   if [ "$which" = switchboard ]; then
-    # --rate-limit 0: the per-connection message rate limit (100/s by
-    # default) would otherwise drop the publishers' messages.
-    "$SB_BIN" --port "$PORT" --host 127.0.0.1 --rate-limit 0 >"$log" 2>&1 &
+    # --rate-limit 0: the per-connection message rate limit (100/s by default)
+    # would otherwise drop the publishers' messages. --handshake-rate 0: the
+    # reconnect-storm admission (5000/s by default) would cap handshakes/s.
+    "$SB_BIN" --port "$PORT" --host 127.0.0.1 --rate-limit 0 --handshake-rate 0 >"$log" 2>&1 &
   else
     (cd "$NODE_DIR" && PORT=$PORT exec node server.js) >"$log" 2>&1 &
   fi

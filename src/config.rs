@@ -135,6 +135,14 @@ pub struct Settings {
     /// the limit off [default: 100].
     #[arg(long, env = "SWITCHBOARD_RATE_LIMIT")]
     pub rate_limit: Option<f64>,
+    /// New WebSocket connections admitted per second (reconnect-storm
+    /// control); beyond it upgrades get HTTP 503 with `Retry-After`. 0
+    /// turns it off [default: 5000].
+    #[arg(long, env = "SWITCHBOARD_HANDSHAKE_RATE")]
+    pub handshake_rate: Option<f64>,
+    /// Burst of handshake admission [default: the rate].
+    #[arg(long, env = "SWITCHBOARD_HANDSHAKE_BURST")]
+    pub handshake_burst: Option<u32>,
     /// Burst of the per-connection rate limit [default: 200].
     #[arg(long, env = "SWITCHBOARD_RATE_BURST")]
     pub rate_burst: Option<u32>,
@@ -381,6 +389,10 @@ pub struct Config {
     pub rate_limit: f64,
     /// Per-connection burst above the rate.
     pub rate_burst: u32,
+    /// New connections admitted per second; 0 is unlimited.
+    pub handshake_rate: f64,
+    /// Burst of handshake admission.
+    pub handshake_burst: u32,
     /// Whether a subscribed publisher gets its own publication.
     pub channel_echo: bool,
     /// Refuse channels in namespaces that are not configured.
@@ -438,6 +450,8 @@ impl Settings {
             max_connections,
             rate_limit,
             rate_burst,
+            handshake_rate,
+            handshake_burst,
             demo,
             history_size,
             history_ttl,
@@ -661,6 +675,18 @@ impl Config {
                 r => return Err(Error::Config(format!("rate_limit must be >= 0 (got {r})"))),
             },
             rate_burst: pick!(s.rate_burst, 200).max(1),
+            handshake_rate: match pick!(s.handshake_rate, 5000.0) {
+                r if r.is_finite() && r >= 0.0 => r,
+                r => {
+                    return Err(Error::Config(format!(
+                        "handshake_rate must be >= 0 (got {r})"
+                    )));
+                }
+            },
+            handshake_burst: s
+                .handshake_burst
+                .unwrap_or_else(|| pick!(s.handshake_rate, 5000.0).clamp(1.0, 1e6) as u32)
+                .max(1),
             auth: crate::auth::AuthConfig {
                 hs256_secret_file: s.auth_hs256_secret_file,
                 public_key_file: s.auth_public_key_file,

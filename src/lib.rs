@@ -27,6 +27,8 @@
 //!   allocation while empty.
 //! * [`broker`]: the narrow backend traits and their guarantees, and the
 //!   in-memory implementation (the default).
+//! * [`limits`]: the token bucket behind the rate limit and handshake
+//!   admission.
 //! * [`keepalive`]: one shared sweeper that pings every client and removes
 //!   dead peers, instead of a timer per connection.
 //! * [`metrics`]: counters behind `/metrics`, and the delivery-latency
@@ -48,6 +50,7 @@ pub mod config;
 pub mod error;
 pub mod hub;
 pub mod keepalive;
+pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod prometheus;

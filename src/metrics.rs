@@ -27,6 +27,8 @@ pub struct Metrics {
     pub rate_limited: AtomicU64,
     /// Upgrades refused: origin not allowed.
     pub origin_refused: AtomicU64,
+    /// Upgrades refused by handshake admission (503 + Retry-After).
+    pub handshakes_throttled: AtomicU64,
     /// Upgrades refused: the instance was at `max_connections`.
     pub connections_refused: AtomicU64,
     /// Publications accepted (client and API).

@@ -24,7 +24,12 @@ pub fn render(node: &Node) -> String {
     let m = node.metrics();
     let hub = node.hub();
     let mut out = String::with_capacity(4096);
-    let counters: [(&str, &str, u64); 13] = [
+    let counters: [(&str, &str, u64); 14] = [
+        (
+            "switchboard_handshakes_throttled_total",
+            "Upgrades refused by handshake admission (503 + Retry-After).",
+            m.handshakes_throttled.load(Relaxed),
+        ),
         (
             "switchboard_connections_total",
             "WebSocket connections accepted.",

@@ -25,7 +25,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use std::sync::{Arc, Mutex};
+
 use crate::error::Result;
+use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::session::{self, Mode};
@@ -46,6 +49,9 @@ struct AppState {
     shutdown: CancellationToken,
     /// Tracks every connection task so shutdown can wait for them.
     tracker: TaskTracker,
+    /// Handshake admission (reconnect-storm control); a std mutex, held
+    /// for a few instructions per upgrade.
+    admission: Arc<Mutex<TokenBucket>>,
 }
 
 /// Build the router (exposed for tests that drive it without a socket).
@@ -107,6 +113,23 @@ fn upgrade(
             Metrics::inc(&state.node.metrics().connections_refused);
             return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
         }
+        if cfg.handshake_rate > 0.0 {
+            let mut bucket = state.admission.lock().unwrap_or_else(|p| p.into_inner());
+            if !bucket.take(cfg.handshake_rate, cfg.handshake_burst) {
+                let wait = bucket.wait(cfg.handshake_rate);
+                drop(bucket);
+                Metrics::inc(&state.node.metrics().handshakes_throttled);
+                // Whole seconds, at least 1, plus jitter so that refused
+                // clients do not all come back in the same second.
+                let retry = wait.as_secs() + 1 + fastrand::u64(0..2);
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(header::RETRY_AFTER, retry.to_string())],
+                    "too many new connections; retry later",
+                )
+                    .into_response();
+            }
+        }
     }
     let limit = match mode {
         Mode::Protocol => cfg.max_message_size,
@@ -124,6 +147,7 @@ fn upgrade(
                 node,
                 shutdown,
                 tracker,
+                ..
             } = state;
             // Tracked so shutdown waits for it; the future is spawned by
             // axum, this wrapper only registers it.
@@ -208,6 +232,7 @@ async fn metrics(State(state): State<AppState>) -> Json<serde_json::Value> {
         "deadPeers": m.dead_peers.load(Relaxed),
         "oversizeCloses": m.oversize_closes.load(Relaxed),
         "rateLimited": m.rate_limited.load(Relaxed),
+        "handshakesThrottled": m.handshakes_throttled.load(Relaxed),
         "redeliveries": m.redeliveries.load(Relaxed),
         "authFailures": m.auth_failures.load(Relaxed),
         "originRefused": m.origin_refused.load(Relaxed),
@@ -232,6 +257,7 @@ pub async fn run(
         tracker.spawn(crate::assets::publish_metrics(node.clone(), token.clone()));
     }
     let state = AppState {
+        admission: Arc::new(Mutex::new(TokenBucket::new(node.config().handshake_burst))),
         node: node.clone(),
         shutdown: token.clone(),
         tracker: tracker.clone(),

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{Action, Identity};
 use crate::error::{ClientError, ErrorCode, close};
 use crate::hub::ClientHandle;
+use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::protocol::{self, RequestKind, StreamPosition, Text};
@@ -64,42 +65,6 @@ struct AckState {
     pending_since: Option<tokio::time::Instant>,
 }
 
-/// A token bucket: `rate` messages per second, up to `burst` at once.
-struct RateLimit {
-    /// Tokens available now.
-    tokens: f64,
-    /// When `tokens` was last refilled.
-    refilled: tokio::time::Instant,
-    /// Consecutive messages refused; past the burst the client is closed.
-    strikes: u32,
-}
-
-impl RateLimit {
-    fn new(burst: u32) -> Self {
-        RateLimit {
-            tokens: f64::from(burst),
-            refilled: tokio::time::Instant::now(),
-            strikes: 0,
-        }
-    }
-
-    /// Take a token; `false` when the client is over its rate.
-    fn take(&mut self, rate: f64, burst: u32) -> bool {
-        let now = tokio::time::Instant::now();
-        let elapsed = now.duration_since(self.refilled).as_secs_f64();
-        self.refilled = now;
-        self.tokens = (self.tokens + elapsed * rate).min(f64::from(burst));
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            self.strikes = 0;
-            true
-        } else {
-            self.strikes += 1;
-            false
-        }
-    }
-}
-
 struct Session<S> {
     /// The verified token's user and grants; `None` for anonymous.
     identity: Option<Identity>,
@@ -108,7 +73,7 @@ struct Session<S> {
     auth_reply: Option<Text>,
     node: Node,
     /// Per-connection message rate limit.
-    rate: RateLimit,
+    rate: TokenBucket,
     ws: S,
     client: Arc<ClientHandle>,
     mode: Mode,
@@ -249,7 +214,7 @@ pub async fn serve<S, E>(
     let mut session = Session {
         identity,
         auth_reply,
-        rate: RateLimit::new(node.config().rate_burst),
+        rate: TokenBucket::new(node.config().rate_burst),
         node: node.clone(),
         ws,
         client: client.clone(),
