@@ -11,6 +11,10 @@ pub struct Metrics {
     pub messages_in: AtomicU64,
     /// Frames written to clients.
     pub messages_out: AtomicU64,
+    /// Valid requests received, by type (`protocol::RequestKind::TYPES`).
+    pub requests_by_type: [AtomicU64; 10],
+    /// Channel publications written to clients (`message` frames).
+    pub publications_out: AtomicU64,
     /// WebSocket handshakes completed.
     pub connections_total: AtomicU64,
     /// Error frames sent.

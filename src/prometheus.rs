@@ -110,6 +110,26 @@ pub fn render(node: &Node) -> String {
         hub.dropped(),
         hub.conflated()
     );
+    let _ = writeln!(
+        out,
+        "# HELP switchboard_requests_total Valid client requests received, by type.\n\
+         # TYPE switchboard_requests_total counter"
+    );
+    for (i, ty) in crate::protocol::RequestKind::TYPES.iter().enumerate() {
+        let n = m.requests_by_type[i].load(Relaxed);
+        let _ = writeln!(out, "switchboard_requests_total{{type=\"{ty}\"}} {n}");
+    }
+    let publications_out = m.publications_out.load(Relaxed);
+    let _ = writeln!(
+        out,
+        "# HELP switchboard_frames_out_total Frames written to clients, by kind.\n\
+         # TYPE switchboard_frames_out_total counter\n\
+         switchboard_frames_out_total{{kind=\"message\"}} {publications_out}\n\
+         switchboard_frames_out_total{{kind=\"other\"}} {}",
+        m.messages_out
+            .load(Relaxed)
+            .saturating_sub(publications_out)
+    );
     metric(
         &mut out,
         "switchboard_connections",

@@ -125,6 +125,38 @@ pub enum RequestKind<'a> {
     },
 }
 
+impl RequestKind<'_> {
+    /// Every request type, in the order of [`RequestKind::index`].
+    pub const TYPES: [&'static str; 10] = [
+        "broadcast",
+        "direct",
+        "subscribe",
+        "unsubscribe",
+        "publish",
+        "presence",
+        "history",
+        "ping",
+        "auth",
+        "ack",
+    ];
+
+    /// Position of this request's type in [`RequestKind::TYPES`].
+    pub fn index(&self) -> usize {
+        match self {
+            RequestKind::Broadcast { .. } => 0,
+            RequestKind::Direct { .. } => 1,
+            RequestKind::Subscribe { .. } => 2,
+            RequestKind::Unsubscribe { .. } => 3,
+            RequestKind::Publish { .. } => 4,
+            RequestKind::Presence { .. } => 5,
+            RequestKind::History { .. } => 6,
+            RequestKind::Ping => 7,
+            RequestKind::Auth { .. } => 8,
+            RequestKind::Ack { .. } => 9,
+        }
+    }
+}
+
 /// Every field any request may have, undecoded.
 #[derive(Deserialize)]
 struct Envelope<'a> {

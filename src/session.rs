@@ -339,6 +339,7 @@ where
                                 .get_or_insert_with(tokio::time::Instant::now);
                             redeliver_check = true;
                         }
+                        Metrics::inc(&self.node.metrics().publications_out);
                         let latency = protocol::now_ms().saturating_sub(timestamp);
                         self.node.metrics().latency.observe(latency);
                         Message::Text(frame)
@@ -506,6 +507,7 @@ where
         kind: RequestKind<'_>,
     ) -> crate::Result<ControlFlow<()>> {
         let me = Some(self.client.id().clone());
+        Metrics::inc(&self.node.metrics().requests_by_type[kind.index()]);
         Ok(match kind {
             RequestKind::Broadcast { data } => {
                 self.node.broadcast(me, to_arc(data)).await?;

@@ -263,6 +263,9 @@ async fn prometheus_exposition() {
     for line in [
         "switchboard_connections 1",
         "switchboard_publications_total 1",
+        "switchboard_requests_total{type=\"publish\"} 1",
+        "switchboard_requests_total{type=\"subscribe\"} 1",
+        "switchboard_frames_out_total{kind=\"message\"} 1",
         "# TYPE switchboard_delivery_latency_ms histogram",
         "switchboard_delivery_latency_ms_count 1",
         "switchboard_slow_consumer_actions_total{action=\"disconnect\"} 0",
