@@ -252,38 +252,23 @@ impl Hub {
     /// Queue `frame` for the local client `client_id`; false if it is not
     /// connected here.
     pub fn direct(&self, client_id: &str, frame: Text) -> bool {
-        let client = self
-            .clients
+        self.get(client_id).map(|c| self.send(&c, frame)).is_some()
+    }
+
+    /// The local client `client_id`, if connected here.
+    fn get(&self, client_id: &str) -> Option<Arc<ClientHandle>> {
+        self.clients
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(client_id)
-            .cloned();
-        match client {
-            Some(c) => {
-                self.send(&c, frame);
-                true
-            }
-            None => false,
-        }
+            .cloned()
     }
 
     /// Ask the local client `client_id` to close with `reason` (through its
     /// queue: what is already queued is written first); false if it is not
     /// connected here.
     pub fn close_client(&self, client_id: &str, reason: crate::queue::CloseReason) -> bool {
-        let client = self
-            .clients
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(client_id)
-            .cloned();
-        match client {
-            Some(c) => {
-                c.queue.close(reason);
-                true
-            }
-            None => false,
-        }
+        self.get(client_id).map(|c| c.queue.close(reason)).is_some()
     }
 
     /// Add `client` to `channel`'s subscribers; true if it is the first

@@ -17,18 +17,12 @@ use switchboard::auth::{AuthConfig, Authenticator};
 use switchboard::protocol::{RequestKind, parse_request};
 
 const CODES: &[&str] = &["invalid_json", "invalid_frame", "unknown_type"];
-const TYPES: &[&str] = &[
-    "broadcast",
-    "direct",
-    "subscribe",
-    "unsubscribe",
-    "publish",
-    "presence",
-    "history",
-    "ping",
-    "auth",
-    "nope",
-];
+/// Every request type, and one that does not exist.
+fn types() -> Vec<&'static str> {
+    let mut t = RequestKind::TYPES.to_vec();
+    t.push("nope");
+    t
+}
 
 fn json_value() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
@@ -53,7 +47,7 @@ fn json_value() -> impl Strategy<Value = Value> {
 /// any JSON type.
 fn request_like() -> impl Strategy<Value = Value> {
     (
-        prop::sample::select(TYPES),
+        prop::sample::select(types()),
         prop::option::of(json_value()),
         prop::option::of(json_value()),
         prop::option::of(json_value()),

@@ -30,29 +30,55 @@ use crate::protocol::{ClientInfo, Publication, StreamPosition};
 /// How long an empty, unused stream's epoch and offset are remembered.
 pub const STREAM_IDLE_EXPIRY: Duration = Duration::from_secs(3600);
 
+/// One channel's stream held in this process: the memory broker's, and
+/// the Pub/Sub bus's per-instance history.
 #[derive(Debug)]
-struct Stream {
+pub(crate) struct Stream {
     /// Names this incarnation of the stream.
-    epoch: Arc<str>,
+    pub(crate) epoch: Arc<str>,
     /// Offset of the newest publication; 0 before the first.
-    top: u64,
+    pub(crate) top: u64,
     /// Retained publications, oldest first, each with its expiry.
-    retained: VecDeque<(Instant, Publication)>,
+    pub(crate) retained: VecDeque<(Instant, Publication)>,
     /// Last publication time, for forgetting idle streams.
-    touched: Instant,
+    pub(crate) touched: Instant,
 }
 
 impl Stream {
     fn new() -> Self {
+        Stream::with_epoch(random_base36(8).into())
+    }
+
+    /// An empty stream named `epoch`.
+    pub(crate) fn with_epoch(epoch: Arc<str>) -> Self {
         Stream {
-            epoch: random_base36(8).into(),
+            epoch,
             top: 0,
             retained: VecDeque::new(),
             touched: Instant::now(),
         }
     }
 
-    fn trim(&mut self, size: usize, now: Instant) {
+    /// Retained publications after `since` (all without it), at most
+    /// `limit`; none when `since` is of another epoch.
+    pub(crate) fn after(&self, since: Option<&StreamPosition>, limit: usize) -> Vec<Publication> {
+        match since {
+            Some(since) if since.epoch != self.epoch => Vec::new(),
+            _ => {
+                let after = since.map_or(0, |p| p.offset);
+                self.retained
+                    .iter()
+                    .map(|(_, p)| p)
+                    .filter(|p| p.offset > after)
+                    .take(limit)
+                    .cloned()
+                    .collect()
+            }
+        }
+    }
+
+    /// Drop what is beyond `size` or expired at `now`.
+    pub(crate) fn trim(&mut self, size: usize, now: Instant) {
         while self.retained.len() > size {
             self.retained.pop_front();
         }
@@ -61,7 +87,8 @@ impl Stream {
         }
     }
 
-    fn position(&self) -> StreamPosition {
+    /// The stream's top.
+    pub(crate) fn position(&self) -> StreamPosition {
         StreamPosition {
             epoch: self.epoch.clone(),
             offset: self.top,
@@ -186,21 +213,10 @@ impl Broker for MemoryBroker {
         let stream = self.stream(channel);
         let mut s = stream.lock().unwrap_or_else(|p| p.into_inner());
         s.trim(history.size, Instant::now());
-        let top = s.position();
-        let publications = match since {
-            Some(since) if since.epoch != s.epoch => Vec::new(),
-            _ => {
-                let after = since.map_or(0, |p| p.offset);
-                s.retained
-                    .iter()
-                    .map(|(_, p)| p)
-                    .filter(|p| p.offset > after)
-                    .take(limit)
-                    .cloned()
-                    .collect()
-            }
-        };
-        Ok(HistoryResult { publications, top })
+        Ok(HistoryResult {
+            publications: s.after(since, limit),
+            top: s.position(),
+        })
     }
 }
 

@@ -129,6 +129,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::memory::Stream;
 use super::{
     Broker, BrokerHandler, Control, Direct, HistoryOptions, HistoryResult, NewPublication,
     PresenceStore,
@@ -296,48 +297,11 @@ enum Body {
     Bye,
 }
 
-/// One channel's stream on this instance.
-#[derive(Debug)]
-struct Stream {
-    /// `<instance id>.<random>`: this instance's incarnation of the stream.
-    epoch: Arc<str>,
-    /// Offset of the newest publication numbered here.
-    top: u64,
-    /// Retained publications, oldest first, each with its expiry.
-    retained: VecDeque<(Instant, Publication)>,
-    /// Last publication time, for forgetting idle streams.
-    touched: Instant,
-}
-
-impl Stream {
-    fn new(me: &str) -> Self {
-        Stream {
-            epoch: format!("{me}.{}", random_base36(8)).into(),
-            top: 0,
-            retained: VecDeque::new(),
-            touched: Instant::now(),
-        }
-    }
-
-    fn trim(&mut self, size: usize, ttl_now: Instant) {
-        while self.retained.len() > size {
-            self.retained.pop_front();
-        }
-        while self
-            .retained
-            .front()
-            .is_some_and(|(exp, _)| *exp <= ttl_now)
-        {
-            self.retained.pop_front();
-        }
-    }
-
-    fn position(&self) -> StreamPosition {
-        StreamPosition {
-            epoch: self.epoch.clone(),
-            offset: self.top,
-        }
-    }
+/// A channel's history on this instance: the memory broker's stream, its
+/// epoch `<instance id>.<random>` so that another instance's offsets are
+/// never mistaken for this one's.
+fn new_stream(me: &str) -> Stream {
+    Stream::with_epoch(format!("{me}.{}", random_base36(8)).into())
 }
 
 /// This instance's own clients and memberships, versioned for gossip.
@@ -897,7 +861,7 @@ impl Inner {
                     let mut streams = lock(&self.streams);
                     let s = streams
                         .entry(channel.clone())
-                        .or_insert_with(|| Stream::new(&self.me));
+                        .or_insert_with(|| new_stream(&self.me));
                     s.top += 1;
                     s.touched = now;
                     let publication = Publication {
@@ -1420,23 +1384,12 @@ impl Broker for PubSubBroker {
         let mut streams = lock(&inner.streams);
         let s = streams
             .entry(Arc::from(channel))
-            .or_insert_with(|| Stream::new(&inner.me));
+            .or_insert_with(|| new_stream(&inner.me));
         s.trim(history.size, Instant::now());
-        let top = s.position();
-        let publications = match since {
-            Some(since) if since.epoch != s.epoch => Vec::new(),
-            _ => {
-                let after = since.map_or(0, |p| p.offset);
-                s.retained
-                    .iter()
-                    .map(|(_, p)| p)
-                    .filter(|p| p.offset > after)
-                    .take(limit)
-                    .cloned()
-                    .collect()
-            }
-        };
-        Ok(HistoryResult { publications, top })
+        Ok(HistoryResult {
+            publications: s.after(since, limit),
+            top: s.position(),
+        })
     }
 
     async fn register_client(&self, info: &ClientInfo) -> Result<()> {
