@@ -6,30 +6,11 @@
 
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync, readFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 
 import { startServer } from './server.mjs';
 
-const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
-const ARGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--no-first-run',
-];
-
-let chromium = null;
-let skipReason = null;
-try {
-  ({ chromium } = await import('playwright-core'));
-} catch {
-  skipReason = 'playwright-core is not installed (npm install in clients/js)';
-}
-if (!skipReason && !existsSync(CHROMIUM)) skipReason = `no chromium at ${CHROMIUM}`;
-// In CI a missing browser is a failure, never a silent skip.
-if (skipReason && process.env.CI) throw new Error(`browser tests cannot run in CI: ${skipReason}`);
+import { ARGS, CHROMIUM, chromium, skipReason } from './browser-env.mjs';
 
 let server;
 let browser;
