@@ -62,6 +62,18 @@ struct Recorder {
     resync_failed: Mutex<Vec<String>>,
 }
 
+impl Recorder {
+    /// Offsets of the publications handed over so far, in arrival order.
+    fn offsets(&self) -> Vec<u64> {
+        self.publications
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|p| p.2)
+            .collect()
+    }
+}
+
 impl BrokerHandler for Recorder {
     fn positions(&self) -> Vec<(Arc<str>, Option<StreamPosition>)> {
         Vec::new()
@@ -187,13 +199,7 @@ async fn offsets_history_size_limit_and_stale_epochs() {
         )
         .await
     );
-    let offsets: Vec<u64> = rec
-        .publications
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|p| p.2)
-        .collect();
+    let offsets = rec.offsets();
     assert_eq!(
         offsets,
         vec![1, 2, 3, 4, 5],
@@ -318,13 +324,7 @@ async fn concurrent_publishers_on_two_connections_get_contiguous_offsets() {
         )
         .await
     );
-    let delivered: Vec<u64> = rec_a
-        .publications
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|p| p.2)
-        .collect();
+    let delivered = rec_a.offsets();
     assert_eq!(delivered, (1..=100).collect::<Vec<_>>(), "offset order");
     a.close().await.unwrap();
     b.close().await.unwrap();
