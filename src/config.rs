@@ -113,6 +113,20 @@ pub struct Settings {
     /// Largest message on the echo endpoint [default: 16777216].
     #[arg(long, env = "SWITCHBOARD_ECHO_MAX_MESSAGE_SIZE")]
     pub echo_max_message_size: Option<usize>,
+    /// Accept permessage-deflate when a client offers it [default: false].
+    #[arg(long, env = "SWITCHBOARD_COMPRESSION")]
+    pub compression: Option<bool>,
+    /// Keep the compression window between messages (better ratio, about
+    /// 300 KiB more per compressing connection; see BENCHMARKS.md)
+    /// [default: false, i.e. no_context_takeover both ways].
+    #[arg(long, env = "SWITCHBOARD_COMPRESSION_CONTEXT_TAKEOVER")]
+    pub compression_context_takeover: Option<bool>,
+    /// Messages shorter than this many bytes are sent uncompressed [default: 128].
+    #[arg(long, env = "SWITCHBOARD_COMPRESSION_THRESHOLD")]
+    pub compression_threshold: Option<usize>,
+    /// zlib compression level, 1 (fast) to 9 (small) [default: 1].
+    #[arg(long, env = "SWITCHBOARD_COMPRESSION_LEVEL")]
+    pub compression_level: Option<u32>,
     /// Most channels one connection may subscribe to [default: 128].
     #[arg(long, env = "SWITCHBOARD_MAX_SUBSCRIPTIONS")]
     pub max_subscriptions: Option<usize>,
@@ -367,6 +381,8 @@ pub struct Config {
     pub echo_path: Option<String>,
     /// Message size limit on the echo endpoint.
     pub echo_max_message_size: usize,
+    /// permessage-deflate settings; `None` when compression is off.
+    pub compression: Option<crate::ws::deflate::DeflateConfig>,
     /// Most subscriptions per connection.
     pub max_subscriptions: usize,
     /// Browser origins allowed to connect; empty allows any.
@@ -443,6 +459,10 @@ impl Settings {
             drain_spread,
             echo_path,
             echo_max_message_size,
+            compression,
+            compression_context_takeover,
+            compression_threshold,
+            compression_level,
             max_subscriptions,
             channel_echo,
             strict_namespaces,
@@ -661,6 +681,21 @@ impl Config {
                 "echo_max_message_size",
                 pick!(s.echo_max_message_size, 16 << 20),
             )?,
+            compression: match pick!(s.compression, false) {
+                false => None,
+                true => Some(crate::ws::deflate::DeflateConfig {
+                    context_takeover: pick!(s.compression_context_takeover, false),
+                    threshold: pick!(s.compression_threshold, 128),
+                    level: match pick!(s.compression_level, 1) {
+                        l @ 1..=9 => l,
+                        l => {
+                            return Err(Error::Config(format!(
+                                "compression_level must be 1 to 9 (got {l})"
+                            )));
+                        }
+                    },
+                }),
+            },
             max_subscriptions: positive("max_subscriptions", pick!(s.max_subscriptions, 128))?,
             allowed_origins: s
                 .allowed_origins

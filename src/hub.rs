@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use tokio::time::Instant;
 
 use crate::protocol::{ClientInfo, Publication, StreamPosition, Text};
-use crate::queue::{Limits, OutQueue, Outbound, Push};
+use crate::queue::{Delivery, Limits, OutQueue, Outbound, Push};
 
 /// One connected client, shared by its session task, the hub and the
 /// keep-alive sweeper.
@@ -319,21 +319,20 @@ impl Hub {
             epoch: epoch.clone(),
             offset: publication.offset,
         });
+        let delivery = Arc::new(Delivery {
+            channel: channel.clone(),
+            epoch: epoch.clone(),
+            offset: publication.offset,
+            timestamp: publication.timestamp,
+            policy,
+            frame: frame.clone(),
+            deflated: std::sync::OnceLock::new(),
+        });
         for (id, client) in state.subscribers.iter() {
             if Some(&**id) == exclude {
                 continue;
             }
-            self.push(
-                client,
-                Outbound::Publication {
-                    channel: channel.clone(),
-                    epoch: epoch.clone(),
-                    offset: publication.offset,
-                    timestamp: publication.timestamp,
-                    policy,
-                    frame: frame.clone(),
-                },
-            );
+            self.push(client, Outbound::Publication(delivery.clone()));
         }
     }
 

@@ -58,6 +58,7 @@ pub mod protocol;
 pub mod queue;
 pub mod server;
 pub mod session;
+pub mod ws;
 
 pub use config::Config;
 pub use error::{ErrorCode, Result};

@@ -45,6 +45,14 @@ fn load(cli: &Cli) -> Result<Config, switchboard::error::Error> {
     Config::from_settings(cli.settings.clone().layered_over(file))
 }
 
+/// mimalloc instead of the system allocator: measured with
+/// `switchboard-bench idle` (BENCHMARKS.md), it keeps the many small,
+/// long-lived allocations of idle connections tighter than glibc's malloc,
+/// which adds a header to each and fragments around the handshakes'
+/// short-lived buffers.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     switchboard::auth::init_crypto();

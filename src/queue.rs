@@ -19,9 +19,10 @@
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::{Context, Poll, Waker};
 
-use tokio::sync::Notify;
+use bytes::Bytes;
 
 use crate::config::SlowConsumerPolicy;
 use crate::error::close;
@@ -32,19 +33,10 @@ use crate::protocol::Text;
 pub enum Outbound {
     /// A ready-encoded text frame.
     Frame(Text),
-    /// A channel publication; the session checks the offset to drop
-    /// duplicates and to hold live messages back during recovery.
-    Publication {
-        channel: Arc<str>,
-        epoch: Arc<str>,
-        offset: u64,
-        /// When it was published (ms since the Unix epoch), for the
-        /// delivery-latency histogram.
-        timestamp: u64,
-        /// The namespace's policy when the queue is full.
-        policy: SlowConsumerPolicy,
-        frame: Text,
-    },
+    /// A channel publication, shared by every local recipient (one `Arc`
+    /// clone each); the session checks the offset to drop duplicates and
+    /// to hold live messages back during recovery.
+    Publication(Arc<Delivery>),
     /// A WebSocket ping from the keep-alive sweeper.
     Ping,
     /// The sweeper found an acknowledgement overdue: resend what is
@@ -52,20 +44,37 @@ pub enum Outbound {
     Redeliver,
 }
 
+/// One channel publication as the hub fans it out.
+#[derive(Debug)]
+pub struct Delivery {
+    pub channel: Arc<str>,
+    pub epoch: Arc<str>,
+    pub offset: u64,
+    /// When it was published (ms since the Unix epoch), for the
+    /// delivery-latency histogram.
+    pub timestamp: u64,
+    /// The namespace's policy when the queue is full.
+    pub policy: SlowConsumerPolicy,
+    /// The encoded `message` frame.
+    pub frame: Text,
+    /// The frame deflated once for every connection that compresses with
+    /// shareable parameters; filled by the first such connection.
+    pub deflated: OnceLock<Bytes>,
+}
+
 impl Outbound {
     fn droppable(&self) -> bool {
         matches!(
             self,
-            Outbound::Publication {
-                policy: SlowConsumerPolicy::DropOldest | SlowConsumerPolicy::ConflateLatest,
-                ..
-            }
+            Outbound::Publication(d)
+                if matches!(d.policy, SlowConsumerPolicy::DropOldest | SlowConsumerPolicy::ConflateLatest)
         )
     }
 
     fn weight(&self) -> usize {
         match self {
-            Outbound::Frame(b) | Outbound::Publication { frame: b, .. } => b.len(),
+            Outbound::Frame(b) => b.len(),
+            Outbound::Publication(d) => d.frame.len(),
             Outbound::Ping | Outbound::Redeliver => 0,
         }
     }
@@ -130,6 +139,14 @@ struct State {
     bytes: usize,
     /// Set once; the writer sends it (after nothing else) and stops.
     close: Option<CloseReason>,
+    /// The writer's task, while it waits for something to write. A waker
+    /// here instead of a `tokio::sync::Notify`: the waiting side then needs
+    /// no future state of its own, which keeps every idle connection's task
+    /// smaller.
+    waker: Option<Waker>,
+    /// Something was pushed (or a close requested) since the writer last
+    /// looked; kept when the writer is not waiting, like a `Notify` permit.
+    signalled: bool,
 }
 
 /// A bounded multi-producer, single-consumer queue of outbound frames.
@@ -138,8 +155,6 @@ pub struct OutQueue {
     /// Items and the close flag; a std mutex because every critical
     /// section is a few instructions and never awaits.
     state: Mutex<State>,
-    /// Wakes the writer; `notify_one` keeps a permit if it is not waiting.
-    notify: Notify,
 }
 
 impl OutQueue {
@@ -154,15 +169,13 @@ impl OutQueue {
             return Push::Closed;
         }
         let weight = item.weight();
-        if let Outbound::Publication {
-            channel,
-            policy: SlowConsumerPolicy::ConflateLatest,
-            ..
-        } = &item
+        if let Outbound::Publication(d) = &item
+            && d.policy == SlowConsumerPolicy::ConflateLatest
         {
-            let pending = st.items.iter().rposition(
-                |i| matches!(i, Outbound::Publication { channel: c, .. } if c == channel),
-            );
+            let pending = st
+                .items
+                .iter()
+                .rposition(|i| matches!(i, Outbound::Publication(p) if p.channel == d.channel));
             if let Some(pos) = pending {
                 st.bytes = st.bytes - st.items[pos].weight() + weight;
                 st.items[pos] = item;
@@ -188,16 +201,16 @@ impl OutQueue {
             st.items = VecDeque::new();
             st.bytes = 0;
             st.close = Some(CloseReason::new(close::SLOW_CONSUMER, "slow consumer"));
-            drop(st);
-            self.notify.notify_one();
+            Self::signal(st);
             return Push::Overflow;
         }
         let was_empty = st.items.is_empty();
         st.bytes += weight;
         st.items.push_back(item);
-        drop(st);
         if was_empty {
-            self.notify.notify_one();
+            Self::signal(st);
+        } else {
+            drop(st);
         }
         match dropped {
             0 => Push::Queued,
@@ -212,8 +225,30 @@ impl OutQueue {
         if st.close.is_none() {
             st.close = Some(reason);
         }
+        Self::signal(st);
+    }
+
+    /// Mark the queue signalled and wake the writer (outside the lock).
+    fn signal(mut st: MutexGuard<'_, State>) {
+        st.signalled = true;
+        let waker = st.waker.take();
         drop(st);
-        self.notify.notify_one();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Ready once something was pushed or a close was requested since the
+    /// last time it was ready; otherwise registers the writer's waker.
+    pub fn poll_notified(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if std::mem::take(&mut st.signalled) {
+            return Poll::Ready(());
+        }
+        if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            st.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
     }
 
     /// Whether a close has been requested.
@@ -235,7 +270,7 @@ impl OutQueue {
     /// Wait until something was pushed or a close was requested since the
     /// last wake-up. Cancel-safe.
     pub async fn notified(&self) {
-        self.notify.notified().await
+        std::future::poll_fn(|cx| self.poll_notified(cx)).await
     }
 }
 
@@ -281,23 +316,22 @@ mod tests {
     }
 
     fn publication(channel: &str, offset: u64, policy: SlowConsumerPolicy) -> Outbound {
-        Outbound::Publication {
+        Outbound::Publication(Arc::new(Delivery {
             channel: channel.into(),
             epoch: "e".into(),
             offset,
             timestamp: 0,
             policy,
             frame: Text::from("x"),
-        }
+            deflated: OnceLock::new(),
+        }))
     }
 
     fn offsets(items: &VecDeque<Outbound>) -> Vec<(String, u64)> {
         items
             .iter()
             .filter_map(|i| match i {
-                Outbound::Publication {
-                    channel, offset, ..
-                } => Some((channel.to_string(), *offset)),
+                Outbound::Publication(d) => Some((d.channel.to_string(), d.offset)),
                 _ => None,
             })
             .collect()

@@ -14,12 +14,10 @@ use std::future::Future;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::ws::{WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -32,13 +30,8 @@ use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::session::{self, Mode};
-
-/// Read buffer of each WebSocket connection. Small on purpose: idle
-/// connections are the common case and this buffer is allocated for each;
-/// a large message is read in more, smaller reads.
-pub const READ_BUFFER_SIZE: usize = 1024;
-/// Frames are gathered up to this size before a write to the socket.
-pub const WRITE_BUFFER_SIZE: usize = 8 * 1024;
+use crate::ws::WebSocketUpgrade;
+use crate::ws::upgrade::UpgradeRejection;
 
 /// What every request handler needs.
 #[derive(Clone)]
@@ -138,21 +131,21 @@ fn upgrade(
     if state.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
     }
-    ws.read_buffer_size(READ_BUFFER_SIZE)
-        .write_buffer_size(WRITE_BUFFER_SIZE)
-        .max_message_size(limit)
-        .max_frame_size(limit)
-        .on_upgrade(move |socket: WebSocket| {
-            let AppState {
-                node,
-                shutdown,
-                tracker,
-                ..
-            } = state;
-            // Tracked so shutdown waits for it; the future is spawned by
-            // axum, this wrapper only registers it.
-            tracker.track_future(session::serve(node, socket, mode, shutdown, query.token))
-        })
+    ws.on_upgrade(limit, cfg.compression, move |socket| {
+        let AppState {
+            node,
+            shutdown,
+            tracker,
+            ..
+        } = state;
+        // Shutdown waits for set-up too, then for the session itself.
+        let setting_up = tracker.token();
+        async move {
+            let session = session::open(node, socket, mode, query.token).await?;
+            drop(setting_up);
+            Some(tracker.track_future(session.live(shutdown)))
+        }
+    })
 }
 
 /// `/`: the tutorial's client upgrades here; plain GETs get the status.
@@ -160,11 +153,12 @@ async fn root(
     State(state): State<AppState>,
     headers: HeaderMap,
     Query(query): Query<UpgradeQuery>,
-    ws: std::result::Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    ws: std::result::Result<WebSocketUpgrade, UpgradeRejection>,
 ) -> Response {
     match ws {
         Ok(ws) => upgrade(state, ws, &headers, query, Mode::Protocol),
-        Err(_) => Json(json!({
+        Err(e @ (UpgradeRejection::Invalid(_) | UpgradeRejection::Version)) => e.into_response(),
+        Err(UpgradeRejection::NotUpgrade) => Json(json!({
             "status": "running",
             "connectedClients": state.node.hub().len(),
         }))
@@ -280,15 +274,7 @@ pub async fn run(
             tracker.spawn(drain_clients(node));
         }
     };
-    // Frames are small and latency matters: no Nagle delay.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(signal)
-        .await?;
+    serve_http(listener, app, signal).await;
     tracker.close();
     let drain = node.config().drain_timeout;
     if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
@@ -302,6 +288,83 @@ pub async fn run(
     }
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// Longest a client may take to send its request headers (slow-loris
+/// protection).
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long HTTP requests in flight at shutdown may take to finish.
+const HTTP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Accept connections and serve HTTP/1.1 on each until `signal`
+/// completes; then stop accepting, let requests in flight finish (at most
+/// [`HTTP_GRACE`]) and return. Upgraded connections are not waited for
+/// here: their sessions are tracked by the caller.
+///
+/// Our own loop rather than `axum::serve`: HTTP/1 only, with each
+/// connection served as `TokioIo<TcpStream>`, so that an upgraded
+/// connection can be taken back as the plain `TcpStream` (see
+/// [`crate::ws::upgrade`]); and no HTTP/2 preface sniffing on the
+/// handshake path.
+async fn serve_http(listener: TcpListener, app: Router, signal: impl Future<Output = ()>) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let http = Arc::new(http);
+    let stop = CancellationToken::new();
+    let conns = TaskTracker::new();
+    let mut signal = std::pin::pin!(signal);
+    loop {
+        let (tcp, _) = tokio::select! {
+            biased;
+            () = &mut signal => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off
+                    // instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Frames are small and latency matters: no Nagle delay.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let service = TowerToHyperService::new(app.clone());
+        let http = http.clone();
+        let stop = stop.clone();
+        conns.spawn(async move {
+            let conn = http
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades();
+            let mut conn = std::pin::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "HTTP connection error");
+            }
+        });
+    }
+    drop(listener);
+    stop.cancel();
+    conns.close();
+    if tokio::time::timeout(HTTP_GRACE, conns.wait())
+        .await
+        .is_err()
+    {
+        tracing::debug!("HTTP requests still in flight at shutdown; dropping them");
+    }
 }
 
 /// Ask every client to reconnect elsewhere, spread over `drain_spread` so

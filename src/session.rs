@@ -19,7 +19,10 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +35,7 @@ use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::protocol::{self, RequestKind, StreamPosition, Text};
 use crate::queue::{CloseReason, Outbound};
+use crate::ws::{CloseFrame, Message, SendShared};
 
 /// What the connection is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,12 +69,10 @@ struct AckState {
     pending_since: Option<tokio::time::Instant>,
 }
 
-struct Session<S> {
+/// One registered connection: everything its task keeps between frames.
+pub struct Session<S> {
     /// The verified token's user and grants; `None` for anonymous.
-    identity: Option<Identity>,
-    /// The `authenticated` reply to a first-frame `auth`, sent after the
-    /// welcome.
-    auth_reply: Option<Text>,
+    identity: Option<Box<Identity>>,
     node: Node,
     /// Per-connection message rate limit.
     rate: TokenBucket,
@@ -83,17 +85,8 @@ struct Session<S> {
 
 /// Whether a read error means "message over the size limit".
 fn is_too_big(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(err);
-    while let Some(e) = cur {
-        if let Some(tungstenite::Error::Capacity(
-            tungstenite::error::CapacityError::MessageTooLong { .. },
-        )) = e.downcast_ref::<tungstenite::Error>()
-        {
-            return true;
-        }
-        cur = e.source();
-    }
-    false
+    err.downcast_ref::<crate::ws::Error>()
+        .is_some_and(crate::ws::Error::is_too_big)
 }
 
 fn to_arc(raw: &RawValue) -> Arc<RawValue> {
@@ -125,7 +118,7 @@ async fn authenticate<S, E>(
     url_token: Option<String>,
 ) -> Result<Option<(Identity, Option<Text>)>, (u16, String)>
 where
-    S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin,
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + SendShared + Unpin,
     E: std::error::Error + 'static,
 {
     let refused = |e: ClientError| {
@@ -171,21 +164,44 @@ where
 /// `url_token` is the `?token=` of the upgrade request, if any.
 pub async fn serve<S, E>(
     node: Node,
-    mut ws: S,
+    ws: S,
     mode: Mode,
     shutdown: CancellationToken,
     url_token: Option<String>,
 ) where
-    S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin,
-    E: std::error::Error + 'static,
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + SendShared + Unpin + Send + 'static,
+    E: std::error::Error + Send + 'static,
+{
+    if let Some(session) = open(node, ws, mode, url_token).await {
+        session.live(shutdown).await;
+    }
+}
+
+/// Authenticate, register and greet a new connection; `None` when it was
+/// refused (and told why) or is already gone.
+///
+/// Set-up is split from [`Session::live`] because a connection's task
+/// holds its future for as long as the connection lives, so that future's
+/// size is idle memory per connection: the server runs `open` boxed and
+/// then only `live`, whose state is little more than the [`Session`]
+/// (see `ws::WebSocketUpgrade::on_upgrade`).
+pub async fn open<S, E>(
+    node: Node,
+    mut ws: S,
+    mode: Mode,
+    url_token: Option<String>,
+) -> Option<Session<S>>
+where
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + SendShared + Unpin + Send + 'static,
+    E: std::error::Error + Send + 'static,
 {
     let mut identity = None;
     let mut auth_reply = None;
     let client = match mode {
         Mode::Protocol => {
-            match Box::pin(authenticate(&node, &mut ws, url_token)).await {
+            match authenticate(&node, &mut ws, url_token).await {
                 Ok(Some((id, reply))) => {
-                    identity = Some(id);
+                    identity = Some(Box::new(id));
                     auth_reply = reply;
                 }
                 Ok(None) => {}
@@ -193,19 +209,19 @@ pub async fn serve<S, E>(
                     Metrics::inc(&node.metrics().auth_failures);
                     tracing::info!(code, %reason, "connection refused");
                     refuse(&mut ws, code, &reason).await;
-                    return;
+                    return None;
                 }
             }
-            match node.connect(identity.as_ref()).await {
+            match node.connect(identity.as_deref()).await {
                 Ok(c) => c,
                 Err(crate::error::Error::Client(e)) => {
                     refuse(&mut ws, close::TOO_MANY_USER_CONNECTIONS, &e.message).await;
-                    return;
+                    return None;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot register a new connection");
                     refuse(&mut ws, close::INTERNAL, "bus unavailable").await;
-                    return;
+                    return None;
                 }
             }
         }
@@ -213,92 +229,188 @@ pub async fn serve<S, E>(
     };
     let mut session = Session {
         identity,
-        auth_reply,
         rate: TokenBucket::new(node.config().rate_burst),
-        node: node.clone(),
+        node,
         ws,
-        client: client.clone(),
+        client,
         mode,
         subs: HashMap::new(),
     };
-    tracing::debug!(client = %client.id(), ?mode, "connected");
-    session.run(shutdown).await;
-    let channels: Vec<Arc<str>> = session.subs.into_keys().collect();
-    if mode == Mode::Protocol {
-        node.disconnect(&client, channels).await;
+    tracing::debug!(client = %session.client.id(), ?mode, "connected");
+    if mode == Mode::Protocol && session.greet(auth_reply).await.is_break() {
+        session.finish().await;
+        return None;
     }
-    tracing::debug!(client = %client.id(), "disconnected");
+    Some(session)
+}
+
+/// What woke the connection's task.
+enum Event<M> {
+    /// The outbound queue has something (or a close).
+    Queue,
+    /// A frame from the client, or the end of the stream.
+    Frame(Option<M>),
+    /// The server is shutting down (echo endpoint only).
+    Shutdown,
+}
+
+type ShutdownWatch = Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>;
+
+/// A connection's long-lived future ([`Session::live`]), written by hand
+/// because its size is what an idle connection's task costs: while
+/// waiting it holds the [`Session`] and nothing else; each event is then
+/// handled by a boxed future that owns the session until it is done, so
+/// no handler's state is ever part of the idle task. (The same loop as an
+/// `async fn` kept every handler's largest state in the task: 680 bytes
+/// against about 260.)
+pub struct Live<S> {
+    state: LiveState<S>,
+}
+
+/// The boxed handling of one event: gives the session back, or `None`
+/// when the connection has ended.
+type Step<S> = Pin<Box<dyn Future<Output = Option<(Session<S>, Option<ShutdownWatch>)>> + Send>>;
+
+enum LiveState<S> {
+    /// Waiting for the next event.
+    Idle(Session<S>, Option<ShutdownWatch>),
+    /// Handling one.
+    Busy(Step<S>),
+    /// Ended.
+    Done,
+}
+
+impl<S, E> Future for Live<S>
+where
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + SendShared + Unpin + Send + 'static,
+    E: std::error::Error + Send + 'static,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.state {
+                LiveState::Idle(session, shutdown) => {
+                    let event = ready!(session.poll_event(shutdown, cx));
+                    let LiveState::Idle(session, shutdown) =
+                        std::mem::replace(&mut this.state, LiveState::Done)
+                    else {
+                        unreachable!("matched above")
+                    };
+                    this.state = LiveState::Busy(Box::pin(session.step(event, shutdown)));
+                }
+                LiveState::Busy(step) => match ready!(step.as_mut().poll(cx)) {
+                    Some((session, shutdown)) => this.state = LiveState::Idle(session, shutdown),
+                    None => {
+                        this.state = LiveState::Done;
+                        return Poll::Ready(());
+                    }
+                },
+                LiveState::Done => return Poll::Ready(()),
+            }
+        }
+    }
 }
 
 impl<S, E> Session<S>
 where
-    S: Stream<Item = Result<Message, E>> + Sink<Message> + Unpin,
-    E: std::error::Error + 'static,
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + SendShared + Unpin + Send + 'static,
+    E: std::error::Error + Send + 'static,
 {
-    async fn run(&mut self, shutdown: CancellationToken) {
+    /// Unregister the connection once it has ended.
+    async fn finish(self) {
+        let channels: Vec<Arc<str>> = self.subs.into_keys().collect();
         if self.mode == Mode::Protocol {
-            let welcome = protocol::connected(self.client.id(), self.node.instance_id());
-            if self.send(welcome).await.is_break() {
-                return;
-            }
-            if let Some(reply) = self.auth_reply.take() {
-                if self.send(reply).await.is_break() {
-                    return;
-                }
-            }
-            if self.flush().await.is_break() {
-                return;
+            self.node.disconnect(&self.client, channels).await;
+        }
+        tracing::debug!(client = %self.client.id(), "disconnected");
+    }
+
+    /// Serve the registered connection until it ends, then unregister it.
+    pub fn live(self, shutdown: CancellationToken) -> Live<S> {
+        // Protocol clients are closed by the server's drainer, spread over
+        // the drain period (`server::drain_clients`); the echo endpoint's
+        // are not in the hub, so they watch the shutdown themselves.
+        let shutdown = (self.mode == Mode::Echo).then(|| Box::pin(shutdown.cancelled_owned()));
+        Live {
+            state: LiveState::Idle(self, shutdown),
+        }
+    }
+
+    /// The welcome (and the `authenticated` reply to a first-frame auth).
+    async fn greet(&mut self, auth_reply: Option<Text>) -> ControlFlow<()> {
+        let welcome = protocol::connected(self.client.id(), self.node.instance_id());
+        self.send(welcome).await?;
+        if let Some(reply) = auth_reply {
+            self.send(reply).await?;
+        }
+        self.flush().await
+    }
+
+    /// Wait for the next event: the outbound queue, a frame, or (echo
+    /// endpoint) the shutdown.
+    fn poll_event(
+        &mut self,
+        shutdown: &mut Option<ShutdownWatch>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Event<Result<Message, E>>> {
+        if let Some(s) = shutdown.as_mut() {
+            if s.as_mut().poll(cx).is_ready() {
+                *shutdown = None;
+                return Poll::Ready(Event::Shutdown);
             }
         }
-        let mut shutting_down = false;
-        loop {
-            tokio::select! {
-                _ = self.client.queue.notified() => {
-                    if Box::pin(self.write_queued()).await.is_break() {
-                        return;
-                    }
-                }
-                msg = self.ws.next() => {
-                    self.node.hub().touch(&self.client);
-                    let flow = match msg {
-                        None => ControlFlow::Break(()),
-                        Some(Err(e)) => {
-                            if is_too_big(&e) {
-                                Metrics::inc(&self.node.metrics().oversize_closes);
-                                let limit = match self.mode {
-                                    Mode::Protocol => self.node.config().max_message_size,
-                                    Mode::Echo => self.node.config().echo_max_message_size,
-                                };
-                                let reason = CloseReason::new(
-                                    close::TOO_BIG,
-                                    format!("message larger than {limit} bytes"),
-                                );
-                                Box::pin(self.close(&reason)).await;
-                            } else {
-                                tracing::debug!(client = %self.client.id(), error = %e, "read error");
-                            }
-                            ControlFlow::Break(())
-                        }
-                        // Boxed: handling a request is the largest state of
-                        // this future; boxing it keeps the per-connection
-                        // task small while the connection idles.
-                        Some(Ok(m)) => Box::pin(self.on_message(m)).await,
+        if self.client.queue.poll_notified(cx).is_ready() {
+            return Poll::Ready(Event::Queue);
+        }
+        self.ws.poll_next_unpin(cx).map(Event::Frame)
+    }
+
+    /// Handle one event, owning the session meanwhile; `None` once the
+    /// connection has ended and been cleaned up.
+    async fn step(
+        mut self,
+        event: Event<Result<Message, E>>,
+        shutdown: Option<ShutdownWatch>,
+    ) -> Option<(Self, Option<ShutdownWatch>)> {
+        if self.on_event(event).await.is_break() {
+            self.finish().await;
+            return None;
+        }
+        Some((self, shutdown))
+    }
+
+    async fn on_event(&mut self, event: Event<Result<Message, E>>) -> ControlFlow<()> {
+        match event {
+            Event::Queue => self.write_queued().await,
+            Event::Shutdown => {
+                self.client
+                    .queue
+                    .close(CloseReason::new(close::GOING_AWAY, "server shutting down"));
+                ControlFlow::Continue(())
+            }
+            Event::Frame(None) => ControlFlow::Break(()),
+            Event::Frame(Some(Err(e))) => {
+                if is_too_big(&e) {
+                    Metrics::inc(&self.node.metrics().oversize_closes);
+                    let limit = match self.mode {
+                        Mode::Protocol => self.node.config().max_message_size,
+                        Mode::Echo => self.node.config().echo_max_message_size,
                     };
-                    if flow.is_break() {
-                        return;
-                    }
+                    let reason = CloseReason::new(
+                        close::TOO_BIG,
+                        format!("message larger than {limit} bytes"),
+                    );
+                    self.close(&reason).await;
+                } else {
+                    tracing::debug!(client = %self.client.id(), error = %e, "read error");
                 }
-                _ = shutdown.cancelled(), if !shutting_down => {
-                    shutting_down = true;
-                    // Protocol clients are closed by the server's drainer,
-                    // spread over the drain period (`server::drain_clients`);
-                    // the echo endpoint's are not in the hub, so close here.
-                    if self.mode == Mode::Echo {
-                        self.client
-                            .queue
-                            .close(CloseReason::new(close::GOING_AWAY, "server shutting down"));
-                    }
-                }
+                ControlFlow::Break(())
+            }
+            Event::Frame(Some(Ok(m))) => {
+                self.node.hub().touch(&self.client);
+                Box::pin(self.on_message(m)).await
             }
         }
     }
@@ -313,36 +425,39 @@ where
             for item in items {
                 let msg = match item {
                     Outbound::Frame(text) => Message::Text(text),
-                    Outbound::Publication {
-                        channel,
-                        epoch,
-                        offset,
-                        timestamp,
-                        frame,
-                        ..
-                    } => {
-                        let Some(state) = self.subs.get_mut(&channel) else {
+                    Outbound::Publication(d) => {
+                        let Some(state) = self.subs.get_mut(&d.channel) else {
                             continue; // unsubscribed meanwhile
                         };
-                        if state.epoch == epoch && offset <= state.last {
+                        if state.epoch == d.epoch && d.offset <= state.last {
                             continue; // already delivered (recovery overlap)
                         }
-                        if state.epoch != epoch {
+                        if state.epoch != d.epoch {
                             if let Some(ack) = &mut state.ack {
                                 ack.acked = 0; // a new stream: nothing of it is acknowledged
                             }
+                            state.epoch = d.epoch.clone();
                         }
-                        state.epoch = epoch;
-                        state.last = offset;
+                        state.last = d.offset;
                         if let Some(ack) = &mut state.ack {
                             ack.pending_since
                                 .get_or_insert_with(tokio::time::Instant::now);
                             redeliver_check = true;
                         }
                         Metrics::inc(&self.node.metrics().publications_out);
-                        let latency = protocol::now_ms().saturating_sub(timestamp);
+                        let latency = protocol::now_ms().saturating_sub(d.timestamp);
                         self.node.metrics().latency.observe(latency);
-                        Message::Text(frame)
+                        // Shared: compressed at most once for all recipients.
+                        let ws = &mut self.ws;
+                        if std::future::poll_fn(|cx| Pin::new(&mut *ws).poll_ready(cx))
+                            .await
+                            .is_err()
+                            || ws.start_send_shared(&d.frame, &d.deflated).is_err()
+                        {
+                            return ControlFlow::Break(());
+                        }
+                        Metrics::inc(&self.node.metrics().messages_out);
+                        continue;
                     }
                     Outbound::Ping => Message::Ping(Default::default()),
                     Outbound::Redeliver => {
@@ -627,7 +742,7 @@ where
         }
         self.node.hub().set_expiry(&self.client, fresh.expires_at);
         let reply = protocol::authenticated(&fresh.user_id, fresh.expires_at, id);
-        self.identity = Some(fresh);
+        self.identity = Some(Box::new(fresh));
         Ok(self.send(reply).await)
     }
 
@@ -858,6 +973,8 @@ mod tests {
             Pin::new(&mut self.outgoing).poll_close(cx)
         }
     }
+
+    impl SendShared for ChannelSocket {}
 
     async fn next_json(rx: &mut mpsc::UnboundedReceiver<Message>) -> Value {
         match rx.next().await {

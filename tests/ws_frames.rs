@@ -1,0 +1,1116 @@
+//! RFC 6455 conformance of the WebSocket layer, black-box, over real TCP
+//! sockets with hand-built frames.
+//!
+//! [`RawClient`] does the opening handshake by hand, writes client frames
+//! (masked with a random key, or deliberately malformed: unmasked, reserved
+//! bits or opcodes, split across TCP writes) and parses the server's frames
+//! itself. The parser checks what RFC 6455 requires of *every* frame a server
+//! sends (no mask, no RSV bit, a known opcode, control frames final and at
+//! most 125 bytes, lengths in their minimal encoding, valid close payloads,
+//! valid UTF-8 in text messages, sane fragmentation), so each test also
+//! checks the server's own framing.
+//!
+//! Close-related outcomes are compared as short strings from
+//! [`RawClient::close_summary`] (`"close 1002"`: a close frame with code 1002
+//! and, after the client's answer, the TCP connection closed by the server),
+//! so a failure says what the server did instead.
+
+mod support;
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::*;
+use switchboard::config::Settings;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout, timeout_at};
+use tokio_tungstenite::tungstenite::handshake::client::generate_key;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+// ---------------------------------------------------------------------------
+// Frame encoding (client side)
+// ---------------------------------------------------------------------------
+
+const CONTINUATION: u8 = 0x0;
+const TEXT: u8 = 0x1;
+const BINARY: u8 = 0x2;
+const CLOSE: u8 = 0x8;
+const PING: u8 = 0x9;
+const PONG: u8 = 0xA;
+
+const RSV1: u8 = 0x40;
+const RSV2: u8 = 0x20;
+const RSV3: u8 = 0x10;
+
+/// A random 64-bit number (std only: a fresh `RandomState` per call).
+fn random_u64() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    RandomState::new().hash_one(COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A random, non-zero masking key.
+fn random_mask() -> [u8; 4] {
+    loop {
+        let m = (random_u64() as u32).to_be_bytes();
+        if m != [0; 4] {
+            return m;
+        }
+    }
+}
+
+/// A frame header declaring `len` payload bytes (minimal length encoding),
+/// with the masking key if `mask` is given. `rsv` is OR-ed into the first
+/// byte (`RSV1 | RSV2 | RSV3`); `opcode` is taken as is, reserved ones too.
+fn frame_header(fin: bool, rsv: u8, opcode: u8, len: u64, mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut out = vec![if fin { 0x80 } else { 0 } | rsv | opcode];
+    let m = if mask.is_some() { 0x80 } else { 0 };
+    if len < 126 {
+        out.push(m | len as u8);
+    } else if len <= 0xFFFF {
+        out.push(m | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(m | 127);
+        out.extend_from_slice(&len.to_be_bytes());
+    }
+    if let Some(k) = mask {
+        out.extend_from_slice(&k);
+    }
+    out
+}
+
+/// A complete client frame, masked with a random key.
+fn masked_frame(fin: bool, rsv: u8, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = random_mask();
+    let mut out = frame_header(fin, rsv, opcode, payload.len() as u64, Some(mask));
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+/// A complete frame without a mask (illegal from a client, RFC 6455 §5.1).
+fn unmasked_frame(fin: bool, rsv: u8, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = frame_header(fin, rsv, opcode, payload.len() as u64, None);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A close frame payload: the code, big-endian, then the reason bytes.
+fn close_payload(code: u16, reason: &[u8]) -> Vec<u8> {
+    let mut p = code.to_be_bytes().to_vec();
+    p.extend_from_slice(reason);
+    p
+}
+
+// ---------------------------------------------------------------------------
+// Frame parsing (server side), with RFC 6455 checks on every frame
+// ---------------------------------------------------------------------------
+
+/// One frame as the server sent it (mask and RSV bits are checked to be
+/// absent by the parser, so they are not kept).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Frame {
+    fin: bool,
+    opcode: u8,
+    payload: Vec<u8>,
+}
+
+/// Whether a server may put `code` in a close frame (RFC 6455 §7.4; 1012 to
+/// 1014 are registered with IANA since).
+fn valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// Parse the frame at the front of `buf`; `None` while it is incomplete.
+/// Panics when the server's frame breaks RFC 6455.
+fn parse_server_frame(buf: &[u8]) -> Option<(Frame, usize)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let (b0, b1) = (buf[0], buf[1]);
+    assert_eq!(
+        b0 & (RSV1 | RSV2 | RSV3),
+        0,
+        "server frame has RSV bits set (first byte {b0:#04x}); no extension was negotiated (RFC 6455 §5.2)"
+    );
+    assert_eq!(
+        b1 & 0x80,
+        0,
+        "server frame is masked (RFC 6455 §5.1: a server MUST NOT mask)"
+    );
+    let fin = b0 & 0x80 != 0;
+    let opcode = b0 & 0x0F;
+    assert!(
+        matches!(opcode, CONTINUATION | TEXT | BINARY | CLOSE | PING | PONG),
+        "server frame has reserved opcode {opcode:#x}"
+    );
+    let (len, header_len) = match b1 & 0x7F {
+        126 => {
+            if buf.len() < 4 {
+                return None;
+            }
+            let len = u64::from(u16::from_be_bytes([buf[2], buf[3]]));
+            assert!(
+                len >= 126,
+                "server used a 16-bit length for {len} bytes (RFC 6455 §5.2: minimal encoding)"
+            );
+            (len, 4)
+        }
+        127 => {
+            if buf.len() < 10 {
+                return None;
+            }
+            let len = u64::from_be_bytes(buf[2..10].try_into().unwrap());
+            assert_eq!(len >> 63, 0, "server 64-bit length has its top bit set");
+            assert!(
+                len > 0xFFFF,
+                "server used a 64-bit length for {len} bytes (RFC 6455 §5.2: minimal encoding)"
+            );
+            (len, 10)
+        }
+        len => (u64::from(len), 2),
+    };
+    if opcode >= CLOSE {
+        assert!(
+            fin,
+            "server sent a fragmented control frame (RFC 6455 §5.5)"
+        );
+        assert!(
+            len <= 125,
+            "server sent a control frame of {len} bytes (RFC 6455 §5.5)"
+        );
+    }
+    let total = header_len + usize::try_from(len).expect("frame length fits in memory");
+    if buf.len() < total {
+        return None;
+    }
+    let payload = buf[header_len..total].to_vec();
+    if opcode == CLOSE {
+        assert_ne!(
+            payload.len(),
+            1,
+            "server close frame has a 1-byte payload (RFC 6455 §5.5.1)"
+        );
+        if payload.len() >= 2 {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            assert!(
+                valid_close_code(code),
+                "server sent close code {code}, which may not be sent (RFC 6455 §7.4)"
+            );
+            assert!(
+                std::str::from_utf8(&payload[2..]).is_ok(),
+                "server close reason is not UTF-8 (RFC 6455 §5.5.1)"
+            );
+        }
+    }
+    Some((
+        Frame {
+            fin,
+            opcode,
+            payload,
+        },
+        total,
+    ))
+}
+
+/// A complete server message (fragments reassembled) or control frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Msg {
+    Text(String),
+    Binary(Vec<u8>),
+    Ping(Vec<u8>),
+    Pong(Vec<u8>),
+    Close(Vec<u8>),
+}
+
+/// What reading from the server produced.
+#[derive(Debug)]
+enum Event {
+    Msg(Msg),
+    /// The TCP connection ended (EOF, or the error that ended it).
+    Closed(String),
+    /// Nothing complete arrived in time.
+    TimedOut,
+}
+
+fn data_message(opcode: u8, data: Vec<u8>) -> Msg {
+    if opcode == TEXT {
+        Msg::Text(
+            String::from_utf8(data).expect("server text message is valid UTF-8 (RFC 6455 §5.6)"),
+        )
+    } else {
+        Msg::Binary(data)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// HTTP (opening handshake)
+// ---------------------------------------------------------------------------
+
+/// A parsed HTTP response head.
+#[derive(Debug)]
+struct HttpResponse {
+    status: u16,
+    /// Header names lower-cased, values trimmed.
+    headers: Vec<(String, String)>,
+}
+
+impl HttpResponse {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Send `request` as is on a new connection and read the response head.
+/// Returns the stream, the head, and any bytes read past the head.
+async fn http_exchange(addr: SocketAddr, request: &str) -> (TcpStream, HttpResponse, Vec<u8>) {
+    let mut stream = timeout(WAIT, TcpStream::connect(addr))
+        .await
+        .expect("TCP connect in time")
+        .expect("TCP connect");
+    stream.set_nodelay(true).unwrap();
+    timeout(WAIT, stream.write_all(request.as_bytes()))
+        .await
+        .expect("request written in time")
+        .expect("request written");
+    let mut buf = Vec::new();
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        assert!(buf.len() < 64 * 1024, "response head too long");
+        let mut chunk = [0u8; 4096];
+        let n = timeout(WAIT, stream.read(&mut chunk))
+            .await
+            .expect("response head in time")
+            .expect("read the response head");
+        assert!(
+            n > 0,
+            "connection closed before the end of the response head: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = std::str::from_utf8(&buf[..end]).expect("response head is ASCII");
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap();
+    let mut parts = status_line.splitn(3, ' ');
+    assert_eq!(
+        parts.next(),
+        Some("HTTP/1.1"),
+        "status line {status_line:?}"
+    );
+    let status = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status code in {status_line:?}"));
+    let headers = lines
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let (n, v) = l
+                .split_once(':')
+                .unwrap_or_else(|| panic!("bad header line {l:?}"));
+            (n.trim().to_ascii_lowercase(), v.trim().to_string())
+        })
+        .collect();
+    let rest = buf[end..].to_vec();
+    (stream, HttpResponse { status, headers }, rest)
+}
+
+/// An upgrade request for `path`, with every required header except those
+/// in `omit`, plus `extra` header lines.
+fn upgrade_request(
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    key: &str,
+    version: &str,
+    omit: &[&str],
+) -> String {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n");
+    for (name, value) in [
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", key),
+        ("Sec-WebSocket-Version", version),
+    ] {
+        if !omit.contains(&name) {
+            req.push_str(&format!("{name}: {value}\r\n"));
+        }
+    }
+    if method != "GET" {
+        req.push_str("Content-Length: 0\r\n");
+    }
+    req.push_str("\r\n");
+    req
+}
+
+// ---------------------------------------------------------------------------
+// The raw client
+// ---------------------------------------------------------------------------
+
+/// A WebSocket client over a plain `TcpStream`, frames built and parsed by
+/// hand.
+struct RawClient {
+    stream: TcpStream,
+    /// Bytes read and not yet parsed.
+    buf: Vec<u8>,
+    /// A server message being reassembled: its opcode and data so far.
+    partial: Option<(u8, Vec<u8>)>,
+    /// Whether this client has sent a close frame.
+    sent_close: bool,
+}
+
+impl RawClient {
+    /// Handshake on `/ws` and read the `connected` welcome.
+    async fn connect(server: &TestServer) -> RawClient {
+        let mut c = RawClient::handshake(server.addr, "/ws").await;
+        let welcome = c.recv_json().await;
+        assert_eq!(welcome["type"], "connected", "{welcome}");
+        c
+    }
+
+    /// The opening handshake on `path`, checking the 101 response
+    /// (RFC 6455 §4.2.2, §4.1): `Upgrade`, `Connection`,
+    /// `Sec-WebSocket-Accept`, and no extension (none was offered).
+    async fn handshake(addr: SocketAddr, path: &str) -> RawClient {
+        let key = generate_key();
+        let req = upgrade_request("GET", addr, path, &key, "13", &[]);
+        let (stream, resp, rest) = http_exchange(addr, &req).await;
+        assert_eq!(resp.status, 101, "upgrade refused: {resp:?}");
+        assert!(
+            resp.header("upgrade")
+                .is_some_and(|v| v.eq_ignore_ascii_case("websocket")),
+            "101 without `Upgrade: websocket`: {resp:?}"
+        );
+        assert!(
+            resp.header("connection").is_some_and(|v| v
+                .split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))),
+            "101 without `Connection: Upgrade`: {resp:?}"
+        );
+        assert_eq!(
+            resp.header("sec-websocket-accept"),
+            Some(derive_accept_key(key.as_bytes()).as_str()),
+            "wrong Sec-WebSocket-Accept: {resp:?}"
+        );
+        assert_eq!(
+            resp.header("sec-websocket-extensions"),
+            None,
+            "an extension was accepted that the client did not offer: {resp:?}"
+        );
+        RawClient {
+            stream,
+            buf: rest,
+            partial: None,
+            sent_close: false,
+        }
+    }
+
+    // --- writing --------------------------------------------------------
+
+    /// Write `bytes` as they are, in one write.
+    async fn send_raw(&mut self, bytes: &[u8]) {
+        timeout(WAIT, self.stream.write_all(bytes))
+            .await
+            .expect("write in time")
+            .expect("write");
+    }
+
+    /// Write `bytes` one byte per TCP write, pausing `pause` after each.
+    async fn send_raw_slowly(&mut self, bytes: &[u8], pause: Duration) {
+        for b in bytes {
+            self.send_raw(std::slice::from_ref(b)).await;
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// Write one masked frame with any FIN, RSV bits and opcode.
+    async fn send_frame(&mut self, fin: bool, rsv: u8, opcode: u8, payload: &[u8]) {
+        if opcode == CLOSE {
+            self.sent_close = true;
+        }
+        self.send_raw(&masked_frame(fin, rsv, opcode, payload))
+            .await;
+    }
+
+    /// One final, masked text frame (the bytes need not be UTF-8).
+    async fn send_text(&mut self, payload: &[u8]) {
+        self.send_frame(true, 0, TEXT, payload).await;
+    }
+
+    async fn send_json(&mut self, v: &Value) {
+        self.send_text(v.to_string().as_bytes()).await;
+    }
+
+    /// A close frame with `payload` (see [`close_payload`]).
+    async fn send_close(&mut self, payload: &[u8]) {
+        self.send_frame(true, 0, CLOSE, payload).await;
+    }
+
+    // --- reading --------------------------------------------------------
+
+    /// The next complete message or control frame, or how the connection
+    /// ended, or [`Event::TimedOut`] after `wait`.
+    async fn next_event(&mut self, wait: Duration) -> Event {
+        let deadline = Instant::now() + wait;
+        loop {
+            while let Some((frame, used)) = parse_server_frame(&self.buf) {
+                self.buf.drain(..used);
+                if let Some(msg) = self.assemble(frame) {
+                    return Event::Msg(msg);
+                }
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            match timeout_at(deadline, self.stream.read(&mut chunk)).await {
+                Err(_) => return Event::TimedOut,
+                Ok(Ok(0)) if self.buf.is_empty() => return Event::Closed("EOF".into()),
+                Ok(Ok(0)) => {
+                    return Event::Closed(format!(
+                        "EOF in the middle of a frame, {} bytes buffered",
+                        self.buf.len()
+                    ));
+                }
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(Err(e)) => return Event::Closed(e.to_string()),
+            }
+        }
+    }
+
+    /// Reassemble fragments, checking the server's fragmentation (§5.4).
+    fn assemble(&mut self, f: Frame) -> Option<Msg> {
+        match f.opcode {
+            TEXT | BINARY => {
+                assert!(
+                    self.partial.is_none(),
+                    "server began a new message inside a fragmented one (RFC 6455 §5.4)"
+                );
+                if f.fin {
+                    Some(data_message(f.opcode, f.payload))
+                } else {
+                    self.partial = Some((f.opcode, f.payload));
+                    None
+                }
+            }
+            CONTINUATION => {
+                let (opcode, mut data) = self
+                    .partial
+                    .take()
+                    .expect("server sent a continuation frame outside a message (RFC 6455 §5.4)");
+                data.extend_from_slice(&f.payload);
+                if f.fin {
+                    Some(data_message(opcode, data))
+                } else {
+                    self.partial = Some((opcode, data));
+                    None
+                }
+            }
+            PING => Some(Msg::Ping(f.payload)),
+            PONG => Some(Msg::Pong(f.payload)),
+            CLOSE => Some(Msg::Close(f.payload)),
+            other => unreachable!("opcode {other:#x} passed the parser"),
+        }
+    }
+
+    /// The next message, skipping the server's pings; panics on anything
+    /// but a message within [`WAIT`].
+    async fn recv_msg(&mut self) -> Msg {
+        loop {
+            match self.next_event(WAIT).await {
+                Event::Msg(Msg::Ping(_)) => continue,
+                Event::Msg(m) => return m,
+                other => panic!("expected a message, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next message, which must be a JSON text message.
+    async fn recv_json(&mut self) -> Value {
+        match self.recv_msg().await {
+            Msg::Text(t) => serde_json::from_str(&t).unwrap_or_else(|e| panic!("{e}: {t}")),
+            other => panic!("expected a JSON text message, got {other:?}"),
+        }
+    }
+
+    /// The next message must be a pong carrying `payload`.
+    async fn expect_pong(&mut self, payload: &[u8]) {
+        match self.recv_msg().await {
+            Msg::Pong(p) => assert_eq!(p, payload, "pong payload differs from the ping's"),
+            other => panic!("expected a pong, got {other:?}"),
+        }
+    }
+
+    /// Read until the closing handshake is over and describe it:
+    /// - `"close CODE"`: the next message was a close frame with CODE; this
+    ///   client answered it (unless it had sent a close already) and the
+    ///   server then closed the TCP connection within [`WAIT`];
+    /// - `"close without code"`: the same with an empty close payload;
+    /// - anything else says what happened instead.
+    ///
+    /// Server pings are skipped; any other message before the close frame
+    /// is reported (a request the server should not have processed).
+    async fn close_summary(&mut self) -> String {
+        let payload = loop {
+            match self.next_event(WAIT).await {
+                Event::Msg(Msg::Ping(_)) => continue,
+                Event::Msg(Msg::Close(p)) => break p,
+                Event::Msg(m) => return format!("{m:?} instead of a close frame"),
+                Event::Closed(how) => return format!("no close frame: TCP closed ({how})"),
+                Event::TimedOut => return format!("no close frame within {WAIT:?}"),
+            }
+        };
+        let head = match payload.get(..2) {
+            Some(code) => format!("close {}", u16::from_be_bytes([code[0], code[1]])),
+            None => "close without code".to_string(),
+        };
+        if !self.sent_close {
+            // Echo the code, as RFC 6455 §5.5.1 suggests. The server may
+            // have closed already: a failed write is fine.
+            self.sent_close = true;
+            let echo = masked_frame(true, 0, CLOSE, payload.get(..2).unwrap_or_default());
+            let _ = timeout(WAIT, self.stream.write_all(&echo)).await;
+        }
+        match self.next_event(WAIT).await {
+            Event::Closed(_) => head,
+            Event::TimedOut => {
+                format!("{head}, but the TCP connection is still open {WAIT:?} later")
+            }
+            Event::Msg(m) => format!("{head}, then {m:?} after the close frame"),
+        }
+    }
+}
+
+/// Connect, send `bytes` in one write, and describe how the server closed.
+async fn outcome_of(server: &TestServer, bytes: &[u8]) -> String {
+    let mut c = RawClient::connect(server).await;
+    c.send_raw(bytes).await;
+    c.close_summary().await
+}
+
+/// A server whose `max_message_size` is `limit`.
+async fn start_with_limit(limit: usize) -> TestServer {
+    start_with(Settings {
+        max_message_size: Some(limit),
+        ..settings()
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------
+// 1-4. Framing errors: close 1002 (RFC 6455 §5.1, §5.2, §5.5, §7.4.1)
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn unmasked_client_frame_is_closed_with_1002() {
+    let server = start().await;
+    // A valid request, but unmasked: the server must not answer it.
+    let bytes = unmasked_frame(true, 0, TEXT, br#"{"type":"ping","id":1}"#);
+    assert_eq!(outcome_of(&server, &bytes).await, "close 1002");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn reserved_opcodes_are_closed_with_1002() {
+    let server = start().await;
+    let mut observed = Vec::new();
+    for opcode in [0x3, 0x4, 0x5, 0x6, 0x7, 0xB, 0xC, 0xD, 0xE, 0xF] {
+        let bytes = masked_frame(true, 0, opcode, b"x");
+        observed.push((opcode, outcome_of(&server, &bytes).await));
+    }
+    let expected: Vec<_> = observed
+        .iter()
+        .map(|(op, _)| (*op, "close 1002".to_string()))
+        .collect();
+    assert_eq!(observed, expected);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn rsv_bits_without_an_extension_are_closed_with_1002() {
+    let server = start().await;
+    let mut observed = Vec::new();
+    for (name, rsv) in [("RSV1", RSV1), ("RSV2", RSV2), ("RSV3", RSV3)] {
+        let bytes = masked_frame(true, rsv, TEXT, br#"{"type":"ping","id":3}"#);
+        observed.push((name, outcome_of(&server, &bytes).await));
+    }
+    let expected: Vec<_> = observed
+        .iter()
+        .map(|(name, _)| (*name, "close 1002".to_string()))
+        .collect();
+    assert_eq!(observed, expected);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn control_frame_with_126_byte_payload_is_closed_with_1002() {
+    let server = start().await;
+    let bytes = masked_frame(true, 0, PING, &[b'p'; 126]);
+    assert_eq!(outcome_of(&server, &bytes).await, "close 1002");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn fragmented_ping_is_closed_with_1002() {
+    let server = start().await;
+    let mut bytes = masked_frame(false, 0, PING, b"ab");
+    bytes.extend(masked_frame(true, 0, CONTINUATION, b"c"));
+    assert_eq!(outcome_of(&server, &bytes).await, "close 1002");
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// 5. UTF-8 (RFC 6455 §5.6, §8.1): close 1007
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn invalid_utf8_text_is_closed_with_1007() {
+    let server = start().await;
+    let bytes = masked_frame(true, 0, TEXT, b"{\"type\":\"ping\",\"id\":\"\xff\xfe\"}");
+    assert_eq!(outcome_of(&server, &bytes).await, "close 1007");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_utf8_across_two_fragments_is_closed_with_1007() {
+    let server = start().await;
+    // Each fragment is fine on its own (the first ends with the lead byte
+    // of a 2-byte sequence, the second is ASCII); together they are not.
+    let mut bytes = masked_frame(false, 0, TEXT, b"{\"type\":\"ping\",\"id\":\"\xce");
+    bytes.extend(masked_frame(true, 0, CONTINUATION, b"A\"}"));
+    assert_eq!(outcome_of(&server, &bytes).await, "close 1007");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn multibyte_character_split_across_fragments_is_accepted() {
+    let server = start().await;
+    let mut c = RawClient::connect(&server).await;
+    let text = r#"{"type":"ping","id":"é"}"#.as_bytes();
+    let lead = text.iter().position(|&b| b == 0xC3).unwrap();
+    // Split between the two bytes of "é" (0xC3 0xA9).
+    c.send_frame(false, 0, TEXT, &text[..=lead]).await;
+    c.send_frame(true, 0, CONTINUATION, &text[lead + 1..]).await;
+    assert_eq!(c.recv_json().await, json!({"type":"pong","ref":"é"}));
+    drop(c);
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// 6. Fragmentation errors (RFC 6455 §5.4): close 1002
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn continuation_without_a_started_message_is_closed_with_1002() {
+    let server = start().await;
+    let bytes = masked_frame(true, 0, CONTINUATION, br#"{"type":"ping","id":6}"#);
+    assert_eq!(outcome_of(&server, &bytes).await, "close 1002");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn new_text_frame_inside_a_fragmented_message_is_closed_with_1002() {
+    let server = start().await;
+    let mut bytes = masked_frame(false, 0, TEXT, br#"{"type":"ping","#);
+    bytes.extend(masked_frame(true, 0, TEXT, br#"{"type":"ping","id":6}"#));
+    assert_eq!(outcome_of(&server, &bytes).await, "close 1002");
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// 7. Size limit: close 1009 (RFC 6455 §7.4.1, §10.4)
+// ---------------------------------------------------------------------------
+
+const LIMIT: usize = 1024;
+
+#[tokio::test]
+async fn message_of_exactly_the_limit_is_accepted() {
+    let server = start_with_limit(LIMIT).await;
+    let mut c = RawClient::connect(&server).await;
+    let mut text = br#"{"type":"ping","id":70}"#.to_vec();
+    text.resize(LIMIT, b' '); // JSON allows trailing whitespace
+    c.send_text(&text).await;
+    assert_eq!(c.recv_json().await, json!({"type":"pong","ref":70}));
+    drop(c);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn frame_declaring_a_huge_length_is_closed_with_1009_without_its_body() {
+    let server = start_with_limit(LIMIT).await;
+    // The header alone: 1 MB announced, no byte of it sent.
+    let header = frame_header(true, 0, TEXT, 1_000_000, Some(random_mask()));
+    assert_eq!(outcome_of(&server, &header).await, "close 1009");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn frame_one_byte_over_the_limit_is_closed_with_1009_without_its_body() {
+    let server = start_with_limit(LIMIT).await;
+    let header = frame_header(true, 0, TEXT, LIMIT as u64 + 1, Some(random_mask()));
+    assert_eq!(outcome_of(&server, &header).await, "close 1009");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn fragments_together_over_the_limit_are_closed_with_1009() {
+    let server = start_with_limit(LIMIT).await;
+    // Three fragments of 400 bytes (1200 > 1024); the message is never
+    // finished: the server must not wait for its end to refuse it.
+    let mut bytes = masked_frame(false, 0, TEXT, &[b' '; 400]);
+    bytes.extend(masked_frame(false, 0, CONTINUATION, &[b' '; 400]));
+    bytes.extend(masked_frame(false, 0, CONTINUATION, &[b' '; 400]));
+    assert_eq!(outcome_of(&server, &bytes).await, "close 1009");
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// 8. Ping/pong (RFC 6455 §5.5.2, §5.5.3, §5.4)
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn ping_is_answered_with_a_pong_of_the_same_payload() {
+    let server = start().await;
+    let mut c = RawClient::connect(&server).await;
+    c.send_frame(true, 0, PING, b"abc").await;
+    c.expect_pong(b"abc").await;
+    // Empty and maximal (125-byte) payloads too.
+    c.send_frame(true, 0, PING, b"").await;
+    c.expect_pong(b"").await;
+    let big: Vec<u8> = (0..125u8).collect();
+    c.send_frame(true, 0, PING, &big).await;
+    c.expect_pong(&big).await;
+    drop(c);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn ping_between_fragments_is_answered_and_the_message_still_processed() {
+    let server = start().await;
+    let mut c = RawClient::connect(&server).await;
+    let text = br#"{"type":"ping","id":8}"#;
+    c.send_frame(false, 0, TEXT, &text[..10]).await;
+    c.send_frame(true, 0, PING, b"mid").await;
+    // Answered while the message is still unfinished.
+    c.expect_pong(b"mid").await;
+    c.send_frame(true, 0, CONTINUATION, &text[10..]).await;
+    assert_eq!(c.recv_json().await, json!({"type":"pong","ref":8}));
+    drop(c);
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// 9. Fragmentation and pipelining
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn request_in_five_fragments_written_byte_by_byte_is_answered() {
+    let server = start().await;
+    let mut c = RawClient::connect(&server).await;
+    let text = br#"{"type":"ping","id":9}"#;
+    let chunks: Vec<&[u8]> = text.chunks(text.len().div_ceil(5)).collect();
+    assert_eq!(chunks.len(), 5);
+    for (i, chunk) in chunks.iter().enumerate() {
+        let (fin, opcode) = (i == 4, if i == 0 { TEXT } else { CONTINUATION });
+        let frame = masked_frame(fin, 0, opcode, chunk);
+        c.send_raw_slowly(&frame, Duration::from_millis(2)).await;
+    }
+    assert_eq!(c.recv_json().await, json!({"type":"pong","ref":9}));
+    drop(c);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn fifty_requests_in_one_write_are_answered_in_order() {
+    let server = start().await;
+    let mut c = RawClient::connect(&server).await;
+    let mut bytes = Vec::new();
+    for id in 0..50 {
+        let req = json!({"type":"ping","id":id}).to_string();
+        bytes.extend(masked_frame(true, 0, TEXT, req.as_bytes()));
+    }
+    c.send_raw(&bytes).await;
+    let mut refs = Vec::new();
+    for _ in 0..50 {
+        let r = c.recv_json().await;
+        assert_eq!(r["type"], "pong", "{r}");
+        refs.push(r["ref"].as_u64().unwrap());
+    }
+    assert_eq!(refs, (0..50).collect::<Vec<u64>>());
+    drop(c);
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// 10. Closing handshake (RFC 6455 §5.5.1, §7.1, §7.4)
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn client_close_is_answered_with_1000_and_tcp_closed_by_the_server() {
+    let server = start().await;
+    let mut c = RawClient::connect(&server).await;
+    c.send_close(&close_payload(1000, b"bye")).await;
+    // The server answers with its close frame, then closes TCP itself
+    // (§7.1.1: the server closes the TCP connection first).
+    assert_eq!(c.close_summary().await, "close 1000");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn client_close_without_a_code_is_answered() {
+    let server = start().await;
+    let mut c = RawClient::connect(&server).await;
+    c.send_close(b"").await;
+    let summary = c.close_summary().await;
+    assert!(
+        summary == "close without code" || summary == "close 1000",
+        "{summary}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn client_close_with_other_valid_codes_is_answered() {
+    let server = start().await;
+    let mut observed = Vec::new();
+    for code in [1001u16, 1003, 1007, 1011, 3000, 3999, 4000, 4999] {
+        let mut c = RawClient::connect(&server).await;
+        c.send_close(&close_payload(code, b"")).await;
+        let summary = c.close_summary().await;
+        // Any valid code (the parser checks it), then TCP closed.
+        let ok = summary.starts_with("close ") && !summary.contains(',');
+        observed.push((code, if ok { "answered".into() } else { summary }));
+    }
+    let expected: Vec<_> = observed
+        .iter()
+        .map(|(code, _)| (*code, "answered".to_string()))
+        .collect();
+    assert_eq!(observed, expected);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn close_with_an_invalid_code_is_closed_with_1002() {
+    let server = start().await;
+    let mut observed = Vec::new();
+    for code in [
+        0u16, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+    ] {
+        let bytes = masked_frame(true, 0, CLOSE, &close_payload(code, b""));
+        observed.push((code, outcome_of(&server, &bytes).await));
+    }
+    let expected: Vec<_> = observed
+        .iter()
+        .map(|(code, _)| (*code, "close 1002".to_string()))
+        .collect();
+    assert_eq!(observed, expected);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn close_with_a_one_byte_payload_is_closed_with_1002() {
+    let server = start().await;
+    let bytes = masked_frame(true, 0, CLOSE, &[0x03]);
+    assert_eq!(outcome_of(&server, &bytes).await, "close 1002");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn close_reason_with_invalid_utf8_is_closed_with_1007() {
+    let server = start().await;
+    let bytes = masked_frame(true, 0, CLOSE, &close_payload(1000, b"bye\xff"));
+    assert_eq!(outcome_of(&server, &bytes).await, "close 1007");
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// 11. Binary frames on the protocol endpoint
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn binary_frame_gets_an_error_and_the_connection_stays_open() {
+    let server = start().await;
+    let mut c = RawClient::connect(&server).await;
+    c.send_frame(true, 0, BINARY, &[0, 1, 2, 0xFF]).await;
+    let e = c.recv_json().await;
+    assert_eq!(e["type"], "error", "{e}");
+    assert_eq!(e["code"], "binary_not_supported", "{e}");
+    c.send_json(&json!({"type":"ping","id":11})).await;
+    assert_eq!(c.recv_json().await, json!({"type":"pong","ref":11}));
+    drop(c);
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// 12. Isolation
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn protocol_error_on_one_connection_does_not_disturb_another() {
+    let server = start().await;
+    let mut subscriber = Client::connect(&server).await;
+    let r = subscriber
+        .request(json!({"type":"subscribe","channel":"iso"}), 1)
+        .await;
+    assert_eq!(r["type"], "subscribed", "{r}");
+    let mut publisher = Client::connect(&server).await;
+    let mut bad = RawClient::connect(&server).await;
+
+    bad.send_frame(true, 0, 0x3, b"x").await;
+    // The server has seen the error and is closing `bad` (its close frame
+    // is here, this client has not answered it yet).
+    match bad.next_event(WAIT).await {
+        Event::Msg(Msg::Close(p)) => assert_eq!(p.get(..2), Some(&1002u16.to_be_bytes()[..])),
+        other => panic!("expected a close frame with 1002, got {other:?}"),
+    }
+
+    // Meanwhile the others carry on.
+    let ack = publisher
+        .request(json!({"type":"publish","channel":"iso","data":"after"}), 2)
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let m = subscriber.recv_type("message").await;
+    assert_eq!(m["data"], "after", "{m}");
+    assert_eq!(m["channel"], "iso", "{m}");
+
+    // And `bad` finishes closing.
+    let echo = masked_frame(true, 0, CLOSE, &close_payload(1002, b""));
+    let _ = timeout(WAIT, bad.stream.write_all(&echo)).await;
+    assert!(
+        matches!(bad.next_event(WAIT).await, Event::Closed(_)),
+        "TCP closed after the closing handshake"
+    );
+    drop(subscriber);
+    drop(publisher);
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// 13. Handshake errors (RFC 6455 §4.2.1, §4.2.2, §4.4)
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn handshake_without_a_key_is_400() {
+    let server = start().await;
+    let req = upgrade_request("GET", server.addr, "/ws", "", "13", &["Sec-WebSocket-Key"]);
+    let (_s, resp, _) = http_exchange(server.addr, &req).await;
+    assert_eq!(resp.status, 400, "{resp:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn handshake_with_version_8_is_426_naming_version_13() {
+    let server = start().await;
+    let req = upgrade_request("GET", server.addr, "/ws", &generate_key(), "8", &[]);
+    let (_s, resp, _) = http_exchange(server.addr, &req).await;
+    assert_eq!(resp.status, 426, "{resp:?}");
+    assert!(
+        resp.header("sec-websocket-version")
+            .is_some_and(|v| v.split(',').any(|t| t.trim() == "13")),
+        "426 must name the supported version (RFC 6455 §4.4): {resp:?}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn post_with_upgrade_headers_is_not_upgraded() {
+    let server = start().await;
+    let req = upgrade_request("POST", server.addr, "/ws", &generate_key(), "13", &[]);
+    let (_s, resp, _) = http_exchange(server.addr, &req).await;
+    assert_ne!(resp.status, 101, "{resp:?}");
+    assert!((400..500).contains(&resp.status), "{resp:?}");
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// 14. The server's own frames (also checked on every frame above)
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn server_frames_are_unmasked_and_use_every_length_encoding_minimally() {
+    // Replies of < 126, 126..=65535 and > 65535 bytes: the three length
+    // encodings, each checked by the parser (no mask, no RSV, minimal).
+    let server = start_with_limit(256 * 1024).await;
+    let mut c = RawClient::connect(&server).await;
+    for (id, n) in [(1u64, 1usize), (2, 300), (3, 100_000)] {
+        let long = "x".repeat(n);
+        c.send_json(&json!({"type":"ping","id":long})).await;
+        let r = c.recv_json().await;
+        assert_eq!(r["type"], "pong", "reply {id}");
+        assert_eq!(r["ref"].as_str().map(str::len), Some(n), "reply {id}");
+    }
+    drop(c);
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// The helpers themselves (no server)
+// ---------------------------------------------------------------------------
+
+#[test]
+fn helper_encodes_lengths_minimally_and_masks() {
+    let mask = [1, 2, 3, 4];
+    assert_eq!(frame_header(true, 0, TEXT, 125, None), [0x81, 125]);
+    assert_eq!(frame_header(true, 0, TEXT, 126, None), [0x81, 126, 0, 126]);
+    assert_eq!(
+        frame_header(false, RSV1, CONTINUATION, 65535, Some(mask)),
+        [0x40, 0x80 | 126, 0xFF, 0xFF, 1, 2, 3, 4]
+    );
+    assert_eq!(
+        frame_header(true, 0, BINARY, 65536, None),
+        [0x82, 127, 0, 0, 0, 0, 0, 1, 0, 0]
+    );
+    let f = masked_frame(true, 0, TEXT, b"hello");
+    let k = [f[2], f[3], f[4], f[5]];
+    let unmasked: Vec<u8> = f[6..]
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b ^ k[i % 4])
+        .collect();
+    assert_eq!(f[1], 0x80 | 5);
+    assert_eq!(unmasked, b"hello");
+}
+
+#[test]
+fn helper_parses_server_frames() {
+    let mut bytes = unmasked_frame(true, 0, TEXT, &[b'a'; 300]);
+    assert_eq!(parse_server_frame(&bytes[..100]), None, "incomplete");
+    bytes.extend(unmasked_frame(true, 0, PONG, b"x"));
+    let (f, used) = parse_server_frame(&bytes).unwrap();
+    assert_eq!(
+        (f.fin, f.opcode, f.payload.len(), used),
+        (true, TEXT, 300, 304)
+    );
+    let (f, _) = parse_server_frame(&bytes[used..]).unwrap();
+    assert_eq!(f.payload, b"x");
+}
+
+#[test]
+#[should_panic(expected = "masked")]
+fn helper_rejects_a_masked_server_frame() {
+    parse_server_frame(&masked_frame(true, 0, TEXT, b"hi"));
+}
+
+#[test]
+#[should_panic(expected = "RSV")]
+fn helper_rejects_rsv_bits_from_the_server() {
+    parse_server_frame(&unmasked_frame(true, RSV1, TEXT, b"hi"));
+}
+
+#[test]
+#[should_panic(expected = "minimal")]
+fn helper_rejects_a_non_minimal_length_from_the_server() {
+    parse_server_frame(&[0x81, 126, 0, 5, b'h', b'e', b'l', b'l', b'o']);
+}
+
+#[test]
+#[should_panic(expected = "close code 1005")]
+fn helper_rejects_an_unsendable_close_code_from_the_server() {
+    parse_server_frame(&unmasked_frame(true, 0, CLOSE, &close_payload(1005, b"")));
+}
