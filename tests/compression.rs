@@ -1,0 +1,1038 @@
+//! permessage-deflate (RFC 7692), black-box, over real TCP sockets.
+//!
+//! [`RawClient`] does the opening handshake by hand (with or without a
+//! `Sec-WebSocket-Extensions` offer), writes masked client frames (RSV1 and
+//! DEFLATE data built here with flate2) and parses the server's frames
+//! itself, keeping the RSV1 bit and the exact wire bytes. Compressed server
+//! messages are inflated as RFC 7692 §7.2.2 says (append `00 00 FF FF`, raw
+//! inflate) with a window of the agreed size, by a fresh inflater per message
+//! or, when the server kept its context, by ONE inflater for the whole
+//! connection.
+//!
+//! Close outcomes are compared as short strings from
+//! [`RawClient::close_summary`] (`"close 1009"`), so a failure says what the
+//! server did instead.
+
+mod support;
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
+use serde_json::{Value, json};
+use support::*;
+use switchboard::config::Settings;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout, timeout_at};
+use tokio_tungstenite::tungstenite::handshake::client::generate_key;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+const CONTINUATION: u8 = 0x0;
+const TEXT: u8 = 0x1;
+const CLOSE: u8 = 0x8;
+const PING: u8 = 0x9;
+const PONG: u8 = 0xA;
+
+const RSV1: u8 = 0x40;
+
+/// What a sync flush ends with (RFC 7692 §7.2.1).
+const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+
+/// The server's answer to any offer while context takeover is off.
+const BOTH_NCT: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+
+// ---------------------------------------------------------------------------
+// Settings and payloads
+// ---------------------------------------------------------------------------
+
+/// Test settings with compression on (defaults otherwise: threshold 128,
+/// level 1, no context takeover).
+fn compressing() -> Settings {
+    Settings {
+        compression: Some(true),
+        ..settings()
+    }
+}
+
+/// `n` bytes of JSON-safe text that compresses well but not trivially:
+/// words drawn pseudo-randomly (xorshift, fixed seed) from a small list.
+fn words(n: usize, mut seed: u64) -> String {
+    const WORDS: [&str; 16] = [
+        "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india",
+        "juliet", "kilo", "lima", "mike", "november", "oscar", "papa",
+    ];
+    let mut s = String::with_capacity(n + 16);
+    while s.len() < n {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        s.push_str(WORDS[(seed >> 40) as usize % WORDS.len()]);
+        s.push(' ');
+    }
+    s.truncate(n);
+    s
+}
+
+/// A publication's `data` whose JSON is about `n` bytes and compressible.
+fn big_data(n: usize) -> Value {
+    json!({ "items": (0..n / 64).map(|i| json!({"id": i, "name": "widget", "state": "ok"})).collect::<Vec<_>>() })
+}
+
+/// `n` pseudo-random alphanumeric characters: no 3-byte string repeats
+/// nearby, so deflate finds no short matches in it.
+fn noise(n: usize, mut seed: u64) -> String {
+    const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    (0..n)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            char::from(ALNUM[(seed >> 32) as usize % ALNUM.len()])
+        })
+        .collect()
+}
+
+/// About 3.8 KB of JSON whose second 1,400-byte block can only be
+/// compressed by referring back 1,400 bytes to the first: beyond a 10-bit
+/// (1 KiB) window. With a 15-bit window it deflates to about 1.5 KB, with a
+/// 10-bit one to about 2.8 KB. The repetitive `pad` keeps it compressible
+/// with a 10-bit window too.
+fn far_repeat(seed: u64) -> Value {
+    let block = noise(1400, seed);
+    json!({ "a": block, "b": block, "pad": "x".repeat(1000) })
+}
+
+// ---------------------------------------------------------------------------
+// DEFLATE (client side, with flate2)
+// ---------------------------------------------------------------------------
+
+/// `data` compressed by `c` (continuing its stream) with a sync flush, the
+/// trailing `00 00 FF FF` removed (RFC 7692 §7.2.1).
+fn deflate_with(c: &mut Compress, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() / 2 + 64);
+    let start = c.total_in();
+    loop {
+        let used = (c.total_in() - start) as usize;
+        c.compress_vec(&data[used..], &mut out, FlushCompress::Sync)
+            .expect("deflate");
+        if (c.total_in() - start) as usize == data.len() && out.len() < out.capacity() {
+            break;
+        }
+        out.reserve(out.capacity().max(64));
+    }
+    assert!(out.ends_with(&TAIL), "a sync flush ends with 00 00 FF FF");
+    out.truncate(out.len() - TAIL.len());
+    out
+}
+
+/// `data` as one self-contained permessage-deflate payload.
+fn deflate(data: &[u8]) -> Vec<u8> {
+    deflate_with(&mut Compress::new(Compression::default(), false), data)
+}
+
+/// Inflate one message payload with `d` (continuing its stream): append
+/// `00 00 FF FF` and raw-inflate (RFC 7692 §7.2.2). At most 16 MiB.
+///
+/// zlib-rs inflates with a 32 KiB window whatever window bits it is given,
+/// so a window size agreed below 15 bits is checked by the compressed size
+/// instead (see [`far_repeat`]).
+fn inflate_with(d: &mut Decompress, payload: &[u8]) -> Result<Vec<u8>, String> {
+    const CHUNK: usize = 4096;
+    let mut input = payload.to_vec();
+    input.extend_from_slice(&TAIL);
+    let mut out = Vec::new();
+    let mut chunk = [0u8; CHUNK];
+    let mut pos = 0;
+    loop {
+        let (in_before, out_before) = (d.total_in(), d.total_out());
+        d.decompress(&input[pos..], &mut chunk, FlushDecompress::Sync)
+            .map_err(|e| format!("inflate failed after {} bytes: {e}", out.len()))?;
+        let used = (d.total_in() - in_before) as usize;
+        let made = (d.total_out() - out_before) as usize;
+        pos += used;
+        out.extend_from_slice(&chunk[..made]);
+        if pos == input.len() && made < CHUNK {
+            return Ok(out);
+        }
+        if used == 0 && made == 0 {
+            return Err(format!(
+                "inflate made no progress ({pos} of {} input bytes used)",
+                input.len()
+            ));
+        }
+        if out.len() > 16 << 20 {
+            return Err("inflated beyond 16 MiB".into());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Client frames
+// ---------------------------------------------------------------------------
+
+/// A random 64-bit number (std only: a fresh `RandomState` per call).
+fn random_u64() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    RandomState::new().hash_one(COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A complete client frame, masked with a random non-zero key.
+fn masked_frame(fin: bool, rsv: u8, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = loop {
+        let m = (random_u64() as u32).to_be_bytes();
+        if m != [0; 4] {
+            break m;
+        }
+    };
+    let mut out = vec![if fin { 0x80 } else { 0 } | rsv | opcode];
+    let len = payload.len();
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if len <= 0xFFFF {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Server frames
+// ---------------------------------------------------------------------------
+
+/// One frame as the server sent it.
+#[derive(Debug, Clone)]
+struct Frame {
+    fin: bool,
+    rsv1: bool,
+    opcode: u8,
+    payload: Vec<u8>,
+    /// The whole frame, header included, as it came over the wire.
+    wire: Vec<u8>,
+}
+
+/// Parse the frame at the front of `buf`; `None` while it is incomplete.
+/// Panics on a server frame that is masked or has RSV2/RSV3 set.
+fn parse_server_frame(buf: &[u8]) -> Option<(Frame, usize)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let (b0, b1) = (buf[0], buf[1]);
+    assert_eq!(b0 & 0x30, 0, "server frame has RSV2/RSV3 set ({b0:#04x})");
+    assert_eq!(b1 & 0x80, 0, "server frame is masked");
+    let (len, header) = match b1 & 0x7F {
+        126 => {
+            let b = buf.get(2..4)?;
+            (usize::from(u16::from_be_bytes([b[0], b[1]])), 4)
+        }
+        127 => {
+            let b = buf.get(2..10)?;
+            (
+                usize::try_from(u64::from_be_bytes(b.try_into().unwrap())).unwrap(),
+                10,
+            )
+        }
+        n => (usize::from(n), 2),
+    };
+    let total = header + len;
+    if buf.len() < total {
+        return None;
+    }
+    let frame = Frame {
+        fin: b0 & 0x80 != 0,
+        rsv1: b0 & RSV1 != 0,
+        opcode: b0 & 0x0F,
+        payload: buf[header..total].to_vec(),
+        wire: buf[..total].to_vec(),
+    };
+    Some((frame, total))
+}
+
+/// A complete data message from the server.
+#[derive(Debug, Clone)]
+struct Received {
+    opcode: u8,
+    /// RSV1 was set on its first frame.
+    compressed: bool,
+    /// Its frames exactly as they came over the wire.
+    wire: Vec<u8>,
+    /// The payload as sent (compressed when `compressed`).
+    raw: Vec<u8>,
+    /// The payload after inflating.
+    data: Vec<u8>,
+}
+
+impl Received {
+    fn text(&self) -> &str {
+        assert_eq!(self.opcode, TEXT, "not a text message: {self:?}");
+        std::str::from_utf8(&self.data).expect("text message is UTF-8")
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(self.text()).unwrap_or_else(|e| panic!("{e}: {}", self.text()))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The raw client
+// ---------------------------------------------------------------------------
+
+/// The parameters the server agreed to, from its response header.
+#[derive(Debug)]
+struct Agreed {
+    server_no_context_takeover: bool,
+    server_max_window_bits: u8,
+}
+
+impl Agreed {
+    fn parse(header: &str) -> Agreed {
+        let mut params = header.split(';').map(str::trim);
+        assert_eq!(params.next(), Some("permessage-deflate"), "{header}");
+        let mut agreed = Agreed {
+            server_no_context_takeover: false,
+            server_max_window_bits: 15,
+        };
+        for p in params {
+            match p.split_once('=') {
+                None if p == "server_no_context_takeover" => {
+                    agreed.server_no_context_takeover = true
+                }
+                None if p == "client_no_context_takeover" => {}
+                Some(("server_max_window_bits", v)) => {
+                    agreed.server_max_window_bits = v.trim_matches('"').parse().unwrap()
+                }
+                Some(("client_max_window_bits", _)) => {}
+                _ => panic!("unexpected parameter {p:?} in {header:?}"),
+            }
+        }
+        agreed
+    }
+}
+
+/// A WebSocket client over a plain `TcpStream`, frames built and parsed by
+/// hand.
+struct RawClient {
+    stream: TcpStream,
+    /// Bytes read and not yet parsed.
+    buf: Vec<u8>,
+    /// The `Sec-WebSocket-Extensions` of the 101, if any.
+    extensions: Option<String>,
+    /// With permessage-deflate: the inflater (fresh per message unless the
+    /// server keeps its context) and whether it is reset per message.
+    inflater: Option<(Decompress, bool)>,
+    sent_close: bool,
+}
+
+/// An upgrade request for `/ws`, with `offer` as `Sec-WebSocket-Extensions`.
+fn upgrade_request(addr: SocketAddr, key: &str, offer: Option<&str>) -> String {
+    let mut req = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+    );
+    if let Some(offer) = offer {
+        req.push_str(&format!("Sec-WebSocket-Extensions: {offer}\r\n"));
+    }
+    req.push_str("\r\n");
+    req
+}
+
+impl RawClient {
+    /// Handshake on `/ws` with `offer` and read the `connected` welcome.
+    async fn connect(server: &TestServer, offer: Option<&str>) -> RawClient {
+        let mut c = RawClient::handshake(server.addr, offer).await;
+        let welcome = c.recv().await.json();
+        assert_eq!(welcome["type"], "connected", "{welcome}");
+        c
+    }
+
+    /// The opening handshake: checks the 101 and its accept key, records
+    /// the extension response and sets up inflating accordingly.
+    async fn handshake(addr: SocketAddr, offer: Option<&str>) -> RawClient {
+        let key = generate_key();
+        let mut stream = timeout(WAIT, TcpStream::connect(addr))
+            .await
+            .expect("TCP connect in time")
+            .expect("TCP connect");
+        stream.set_nodelay(true).unwrap();
+        stream
+            .write_all(upgrade_request(addr, &key, offer).as_bytes())
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = timeout(WAIT, stream.read(&mut chunk))
+                .await
+                .expect("response head in time")
+                .expect("read the response head");
+            assert!(n > 0, "closed before the response head ended");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = std::str::from_utf8(&buf[..end]).unwrap().to_string();
+        let mut lines = head.split("\r\n");
+        let status = lines.next().unwrap();
+        assert!(status.starts_with("HTTP/1.1 101"), "not a 101: {head}");
+        let headers: Vec<(String, String)> = lines
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let (n, v) = l.split_once(':').unwrap();
+                (n.trim().to_ascii_lowercase(), v.trim().to_string())
+            })
+            .collect();
+        let header = |name: &str| {
+            let mut all = headers.iter().filter(|(n, _)| n == name).map(|(_, v)| v);
+            let first = all.next().cloned();
+            assert!(all.next().is_none(), "two `{name}` headers: {head}");
+            first
+        };
+        assert_eq!(
+            header("sec-websocket-accept"),
+            Some(derive_accept_key(key.as_bytes())),
+            "{head}"
+        );
+        let extensions = header("sec-websocket-extensions");
+        let inflater = extensions.as_deref().map(|h| {
+            let agreed = Agreed::parse(h);
+            (
+                Decompress::new_with_window_bits(false, agreed.server_max_window_bits),
+                agreed.server_no_context_takeover,
+            )
+        });
+        RawClient {
+            stream,
+            buf: buf[end..].to_vec(),
+            extensions,
+            inflater,
+            sent_close: false,
+        }
+    }
+
+    async fn send_raw(&mut self, bytes: &[u8]) {
+        timeout(WAIT, self.stream.write_all(bytes))
+            .await
+            .expect("write in time")
+            .expect("write");
+    }
+
+    async fn send_frame(&mut self, fin: bool, rsv: u8, opcode: u8, payload: &[u8]) {
+        if opcode == CLOSE {
+            self.sent_close = true;
+        }
+        self.send_raw(&masked_frame(fin, rsv, opcode, payload))
+            .await;
+    }
+
+    /// An uncompressed JSON text message.
+    async fn send_json(&mut self, v: &Value) {
+        self.send_frame(true, 0, TEXT, v.to_string().as_bytes())
+            .await;
+    }
+
+    /// A JSON text message compressed by a fresh compressor, RSV1 set.
+    async fn send_json_deflated(&mut self, v: &Value) {
+        self.send_frame(true, RSV1, TEXT, &deflate(v.to_string().as_bytes()))
+            .await;
+    }
+
+    /// The next frame, or why there is none (`Err`) within `wait`.
+    async fn next_frame(&mut self, wait: Duration) -> Result<Frame, String> {
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some((frame, used)) = parse_server_frame(&self.buf) {
+                self.buf.drain(..used);
+                return Ok(frame);
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            match timeout_at(deadline, self.stream.read(&mut chunk)).await {
+                Err(_) => return Err(format!("nothing within {wait:?}")),
+                Ok(Ok(0)) => return Err(format!("TCP closed ({} bytes left)", self.buf.len())),
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(Err(e)) => return Err(format!("TCP error: {e}")),
+            }
+        }
+    }
+
+    /// The next data message (skipping pings and pongs), inflated when
+    /// RSV1 was set; panics on anything else within [`WAIT`].
+    async fn recv(&mut self) -> Received {
+        let mut msg: Option<Received> = None;
+        loop {
+            let f = self
+                .next_frame(WAIT)
+                .await
+                .unwrap_or_else(|e| panic!("expected a message: {e}"));
+            match f.opcode {
+                PING | PONG => {
+                    assert!(!f.rsv1, "RSV1 on a control frame");
+                    continue;
+                }
+                CLOSE => panic!("expected a message, got close {:?}", f.payload),
+                CONTINUATION => {
+                    assert!(!f.rsv1, "server set RSV1 on a continuation frame");
+                    let m = msg.as_mut().expect("continuation outside a message");
+                    m.wire.extend_from_slice(&f.wire);
+                    m.raw.extend_from_slice(&f.payload);
+                }
+                op => {
+                    assert!(msg.is_none(), "new message inside a fragmented one");
+                    assert!(
+                        !f.rsv1 || self.inflater.is_some(),
+                        "RSV1 set although no extension was agreed"
+                    );
+                    msg = Some(Received {
+                        opcode: op,
+                        compressed: f.rsv1,
+                        wire: f.wire,
+                        raw: f.payload,
+                        data: Vec::new(),
+                    });
+                }
+            }
+            if f.fin {
+                let mut m = msg.take().unwrap();
+                m.data = if m.compressed {
+                    let (d, fresh) = self.inflater.as_mut().unwrap();
+                    if *fresh {
+                        d.reset(false);
+                    }
+                    inflate_with(d, &m.raw).unwrap_or_else(|e| {
+                        panic!("server's compressed message does not inflate: {e}")
+                    })
+                } else {
+                    m.raw.clone()
+                };
+                return m;
+            }
+        }
+    }
+
+    /// The next message whose JSON `type` is `ty`, skipping others
+    /// (join/leave noise).
+    async fn recv_type(&mut self, ty: &str) -> Received {
+        loop {
+            let m = self.recv().await;
+            if m.json()["type"] == ty {
+                return m;
+            }
+        }
+    }
+
+    /// Subscribe to `channel` and return the `subscribed` reply.
+    async fn subscribe(&mut self, channel: &str) -> Received {
+        self.send_json(&json!({"type":"subscribe","channel":channel,"id":1}))
+            .await;
+        let reply = self.recv_type("subscribed").await;
+        assert_eq!(reply.json()["ref"], 1, "{}", reply.text());
+        reply
+    }
+
+    /// Read until the closing handshake is over and describe it:
+    /// `"close CODE"` (a close frame with CODE, then, after this client's
+    /// answer, the TCP connection closed by the server) or what happened
+    /// instead.
+    async fn close_summary(&mut self) -> String {
+        let payload = loop {
+            match self.next_frame(WAIT).await {
+                Ok(f) if f.opcode == PING => continue,
+                Ok(f) if f.opcode == CLOSE => break f.payload,
+                Ok(f) => {
+                    return format!(
+                        "frame opcode {} rsv1 {} {:?} instead of a close frame",
+                        f.opcode,
+                        f.rsv1,
+                        String::from_utf8_lossy(&f.payload)
+                    );
+                }
+                Err(e) => return format!("no close frame: {e}"),
+            }
+        };
+        let head = match payload.get(..2) {
+            Some(c) => format!("close {}", u16::from_be_bytes([c[0], c[1]])),
+            None => "close without code".to_string(),
+        };
+        if !self.sent_close {
+            self.sent_close = true;
+            let echo = masked_frame(true, 0, CLOSE, payload.get(..2).unwrap_or_default());
+            let _ = timeout(WAIT, self.stream.write_all(&echo)).await;
+        }
+        match self.next_frame(WAIT).await {
+            Err(e) if e.starts_with("TCP") => head,
+            Err(e) => format!("{head}, but then {e}"),
+            Ok(f) => format!("{head}, then a frame with opcode {}", f.opcode),
+        }
+    }
+}
+
+/// Connect with the default offer, send `bytes` in one write, and describe
+/// how the server closed.
+async fn outcome_of(server: &TestServer, bytes: &[u8]) -> String {
+    let mut c = RawClient::connect(server, Some("permessage-deflate")).await;
+    assert!(c.extensions.is_some(), "deflate was not negotiated");
+    c.send_raw(bytes).await;
+    c.close_summary().await
+}
+
+// ---------------------------------------------------------------------------
+// Negotiation
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn without_compression_an_offer_is_ignored_and_nothing_is_compressed() {
+    let server = start().await;
+    let mut c = RawClient::connect(&server, Some("permessage-deflate")).await;
+    assert_eq!(c.extensions, None, "compression is off by default");
+    // A large message (our own publication) must go out plain; `recv`
+    // also panics on RSV1 since nothing was agreed.
+    c.subscribe("plain").await;
+    let data = big_data(2048);
+    c.send_json(&json!({"type":"publish","channel":"plain","data":data}))
+        .await;
+    let m = c.recv_type("message").await;
+    assert!(!m.compressed, "RSV1 set with compression off");
+    assert_eq!(m.json()["data"], data);
+    // And the server refuses RSV1 from the client: nothing was agreed.
+    c.send_frame(true, RSV1, TEXT, &deflate(br#"{"type":"ping","id":1}"#))
+        .await;
+    assert_eq!(c.close_summary().await, "close 1002");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn offers_are_answered_with_no_context_takeover_by_default() {
+    let server = start_with(compressing()).await;
+    let mut observed = Vec::new();
+    for offer in [
+        "permessage-deflate",
+        // What browsers (and Node's WebSocket) offer.
+        "permessage-deflate; client_max_window_bits",
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+    ] {
+        let c = RawClient::handshake(server.addr, Some(offer)).await;
+        observed.push((offer, c.extensions));
+    }
+    let expected: Vec<_> = observed
+        .iter()
+        .map(|(offer, _)| (*offer, Some(BOTH_NCT.to_string())))
+        .collect();
+    assert_eq!(observed, expected);
+
+    // No offer: no extension.
+    let c = RawClient::handshake(server.addr, None).await;
+    assert_eq!(c.extensions, None);
+    // An offer of another extension only: no extension.
+    let c = RawClient::handshake(server.addr, Some("x-webkit-deflate-frame")).await;
+    assert_eq!(c.extensions, None);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn server_max_window_bits_is_echoed_and_honoured() {
+    let server = start_with(compressing()).await;
+    let mut c = RawClient::connect(
+        &server,
+        Some("permessage-deflate; server_max_window_bits=10"),
+    )
+    .await;
+    assert_eq!(
+        c.extensions.as_deref(),
+        Some(
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover; \
+             server_max_window_bits=10"
+        )
+    );
+    // A payload that repeats at a distance of ~1400 bytes: a 10-bit window
+    // cannot reach back that far, so the repeat costs as much again.
+    let data = far_repeat(7);
+    c.subscribe("bits").await;
+    c.send_json(&json!({"type":"publish","channel":"bits","data":data}))
+        .await;
+    let m = c.recv_type("message").await;
+    assert!(m.compressed, "a 4 KB message is compressed");
+    assert_eq!(m.json()["data"], data);
+    let wide = deflate_with(
+        &mut Compress::new(Compression::fast(), false),
+        m.text().as_bytes(),
+    );
+    assert!(
+        m.raw.len() > wide.len() * 3 / 2,
+        "{} compressed bytes, as few as with a 15-bit window ({}): \
+         the server compressed beyond the agreed 10-bit window",
+        m.raw.len(),
+        wide.len()
+    );
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// Sending: shared compression, threshold
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn broadcast_is_compressed_once_and_shared() {
+    let server = start_with(compressing()).await;
+    let mut a = RawClient::connect(&server, Some("permessage-deflate")).await;
+    let mut b =
+        RawClient::connect(&server, Some("permessage-deflate; client_max_window_bits")).await;
+    let mut plain = RawClient::connect(&server, None).await;
+    // A client with a smaller window cannot share the others' bytes.
+    let mut narrow = RawClient::connect(
+        &server,
+        Some("permessage-deflate; server_max_window_bits=10"),
+    )
+    .await;
+    assert_eq!(a.extensions.as_deref(), Some(BOTH_NCT));
+    assert_eq!(b.extensions.as_deref(), Some(BOTH_NCT));
+    assert_eq!(plain.extensions, None);
+    for c in [&mut a, &mut b, &mut plain, &mut narrow] {
+        // The `subscribed` reply is under the default threshold of 128.
+        let reply = c.subscribe("shared").await;
+        assert!(!reply.compressed, "{reply:?}");
+    }
+    let mut publisher = Client::connect(&server).await;
+    // ~4 KB of compressible JSON, with a repeat ~1400 bytes back that
+    // `narrow` cannot inflate if it is sent the shared 15-bit copy.
+    let data = far_repeat(3);
+    let ack = publisher
+        .request(json!({"type":"publish","channel":"shared","data":data}), 9)
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+
+    let from_plain = plain.recv_type("message").await;
+    assert!(
+        !from_plain.compressed,
+        "a client that made no offer got RSV1"
+    );
+    let text = from_plain.text().to_string();
+    assert!(text.len() > 3000, "{}", text.len());
+    assert_eq!(from_plain.json()["data"], data);
+    assert_eq!(from_plain.json()["offset"], ack["offset"]);
+
+    let from_a = a.recv_type("message").await;
+    let from_b = b.recv_type("message").await;
+    let from_narrow = narrow.recv_type("message").await;
+    for (name, m) in [("a", &from_a), ("b", &from_b), ("narrow", &from_narrow)] {
+        assert!(m.compressed, "{name}: the broadcast is not compressed");
+        assert_eq!(m.opcode, TEXT, "{name}");
+        assert!(
+            m.raw.len() < text.len(),
+            "{name}: {} compressed bytes for {}",
+            m.raw.len(),
+            text.len()
+        );
+        assert_eq!(m.text(), text, "{name}: inflates to another message");
+    }
+    assert!(
+        from_a.raw.len() < text.len() / 2,
+        "{} compressed bytes for {}: the far repeat was not used",
+        from_a.raw.len(),
+        text.len()
+    );
+    assert_eq!(
+        from_a.wire, from_b.wire,
+        "two clients with the same parameters got different bytes"
+    );
+    // `narrow` got a copy compressed with its 10-bit window, not the
+    // shared one (whose second block refers 1,400 bytes back).
+    assert_ne!(from_narrow.raw, from_a.raw);
+    assert!(
+        from_narrow.raw.len() > from_a.raw.len() * 3 / 2,
+        "{} compressed bytes for the 10-bit client, {} for the others: \
+         it was sent data compressed with a 15-bit window",
+        from_narrow.raw.len(),
+        from_a.raw.len()
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn messages_below_the_threshold_are_not_compressed() {
+    let server = start_with(Settings {
+        compression_threshold: Some(512),
+        ..compressing()
+    })
+    .await;
+    let mut c = RawClient::connect(&server, Some("permessage-deflate")).await;
+    assert_eq!(c.extensions.as_deref(), Some(BOTH_NCT));
+    let sub = c.subscribe("small").await;
+    assert!(!sub.compressed, "`subscribed` reply compressed: {sub:?}");
+
+    c.send_json(&json!({"type":"ping","id":2})).await;
+    let pong = c.recv_type("pong").await;
+    assert!(!pong.compressed);
+    assert_eq!(pong.json(), json!({"type":"pong","ref":2}));
+
+    // A small publication (~150 bytes, under 512), then a large one.
+    c.send_json(&json!({"type":"publish","channel":"small","data":{"t":1}}))
+        .await;
+    let small = c.recv_type("message").await;
+    assert!(small.raw.len() < 512, "{}", small.text());
+    assert!(!small.compressed, "{} bytes compressed", small.raw.len());
+    assert_eq!(small.json()["data"], json!({"t":1}));
+
+    let data = big_data(2048);
+    c.send_json(&json!({"type":"publish","channel":"small","data":data}))
+        .await;
+    let large = c.recv_type("message").await;
+    assert!(large.compressed, "a 2 KB publication went out plain");
+    assert_eq!(large.json()["data"], data);
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// Receiving: compressed requests, limits, protocol errors
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn compressed_requests_are_processed() {
+    let server = start_with(compressing()).await;
+    let mut c = RawClient::connect(&server, Some("permessage-deflate")).await;
+
+    c.send_json_deflated(&json!({"type":"ping","id":5})).await;
+    let pong = c.recv().await;
+    assert_eq!(pong.json(), json!({"type":"pong","ref":5}));
+    assert!(!pong.compressed, "a 23-byte pong was compressed");
+
+    // Fragmented: RSV1 on the first frame only (RFC 7692 §6.1).
+    let packed = deflate(br#"{"type":"ping","id":6}"#);
+    let (head, tail) = packed.split_at(packed.len() / 2);
+    c.send_frame(false, RSV1, TEXT, head).await;
+    c.send_frame(true, 0, CONTINUATION, tail).await;
+    assert_eq!(c.recv().await.json(), json!({"type":"pong","ref":6}));
+
+    // A compressed publication reaches a plain subscriber intact.
+    let mut plain = RawClient::connect(&server, None).await;
+    plain.subscribe("in").await;
+    let data = big_data(4096);
+    c.send_json_deflated(&json!({"type":"publish","channel":"in","data":data,"id":7}))
+        .await;
+    let ack = c.recv_type("ack").await.json();
+    assert_eq!(ack["ref"], 7, "{ack}");
+    assert_eq!(plain.recv_type("message").await.json()["data"], data);
+
+    // Uncompressed messages stay allowed on a compressing connection.
+    c.send_json(&json!({"type":"ping","id":8})).await;
+    assert_eq!(c.recv().await.json(), json!({"type":"pong","ref":8}));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn inflated_size_is_limited_by_max_message_size() {
+    let limit = 64 * 1024;
+    let server = start_with(Settings {
+        max_message_size: Some(limit),
+        ..compressing()
+    })
+    .await;
+
+    // Exactly the limit once inflated: accepted.
+    let mut c = RawClient::connect(&server, Some("permessage-deflate")).await;
+    let mut exact = br#"{"type":"ping","id":10}"#.to_vec();
+    exact.resize(limit, b' ');
+    let packed = deflate(&exact);
+    assert!(packed.len() < 1024);
+    c.send_frame(true, RSV1, TEXT, &packed).await;
+    assert_eq!(c.recv().await.json(), json!({"type":"pong","ref":10}));
+
+    // One byte more: 1009.
+    let mut over = exact.clone();
+    over.push(b' ');
+    c.send_frame(true, RSV1, TEXT, &deflate(&over)).await;
+    assert_eq!(c.close_summary().await, "close 1009");
+
+    // A bomb: 2 MB of spaces in ~2 KB.
+    let bomb = deflate(&vec![b' '; 2 << 20]);
+    assert!(bomb.len() < 8 * 1024, "{}", bomb.len());
+    let bytes = masked_frame(true, RSV1, TEXT, &bomb);
+    assert_eq!(outcome_of(&server, &bytes).await, "close 1009");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn corrupt_deflate_data_is_closed_with_1007() {
+    let server = start_with(compressing()).await;
+    let mut observed = Vec::new();
+    for (name, payload) in [
+        // BTYPE 11 (reserved) in the first block header.
+        ("reserved block type", vec![0xff; 16]),
+        ("garbage", b"this is not deflate data at all".to_vec()),
+    ] {
+        let bytes = masked_frame(true, RSV1, TEXT, &payload);
+        observed.push((name, outcome_of(&server, &bytes).await));
+    }
+    // Valid DEFLATE, but the text is not UTF-8.
+    let bytes = masked_frame(
+        true,
+        RSV1,
+        TEXT,
+        &deflate(b"{\"type\":\"ping\",\"id\":\"\xff\"}"),
+    );
+    observed.push(("invalid UTF-8 inside", outcome_of(&server, &bytes).await));
+    let expected: Vec<_> = observed
+        .iter()
+        .map(|(name, _)| (*name, "close 1007".to_string()))
+        .collect();
+    assert_eq!(observed, expected);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn rsv1_on_continuation_or_control_frames_is_closed_with_1002() {
+    let server = start_with(compressing()).await;
+    let packed = deflate(br#"{"type":"ping","id":11}"#);
+    let (head, tail) = packed.split_at(packed.len() / 2);
+    let mut observed = Vec::new();
+
+    let mut bytes = masked_frame(false, RSV1, TEXT, head);
+    bytes.extend(masked_frame(true, RSV1, CONTINUATION, tail));
+    observed.push(("RSV1 on a continuation", outcome_of(&server, &bytes).await));
+
+    let bytes = masked_frame(true, RSV1, PING, b"hi");
+    observed.push(("RSV1 on a ping", outcome_of(&server, &bytes).await));
+
+    let bytes = masked_frame(true, 0x20, TEXT, br#"{"type":"ping","id":12}"#);
+    observed.push(("RSV2 on a text frame", outcome_of(&server, &bytes).await));
+
+    let expected: Vec<_> = observed
+        .iter()
+        .map(|(name, _)| (*name, "close 1002".to_string()))
+        .collect();
+    assert_eq!(observed, expected);
+    server.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------
+// Context takeover
+// ---------------------------------------------------------------------------
+
+fn takeover() -> Settings {
+    Settings {
+        compression_context_takeover: Some(true),
+        ..compressing()
+    }
+}
+
+#[tokio::test]
+async fn with_context_takeover_only_what_was_asked_is_echoed() {
+    let server = start_with(takeover()).await;
+    let mut observed = Vec::new();
+    for offer in [
+        "permessage-deflate",
+        "permessage-deflate; client_max_window_bits",
+        "permessage-deflate; client_no_context_takeover",
+        "permessage-deflate; server_no_context_takeover",
+    ] {
+        let c = RawClient::handshake(server.addr, Some(offer)).await;
+        observed.push((offer, c.extensions));
+    }
+    let answer = |s: &str| Some(s.to_string());
+    assert_eq!(
+        observed,
+        vec![
+            ("permessage-deflate", answer("permessage-deflate")),
+            (
+                "permessage-deflate; client_max_window_bits",
+                answer("permessage-deflate")
+            ),
+            (
+                "permessage-deflate; client_no_context_takeover",
+                answer("permessage-deflate; client_no_context_takeover")
+            ),
+            (
+                "permessage-deflate; server_no_context_takeover",
+                answer("permessage-deflate; server_no_context_takeover")
+            ),
+        ]
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn with_context_takeover_the_window_is_kept_between_messages() {
+    let server = start_with(takeover()).await;
+    let mut c = RawClient::connect(&server, Some("permessage-deflate")).await;
+    assert_eq!(c.extensions.as_deref(), Some("permessage-deflate"));
+    assert!(
+        !c.inflater.as_ref().unwrap().1,
+        "the client keeps ONE inflater for the connection"
+    );
+    // Two identical messages: pongs echoing the same 2 KB id. Its first
+    // half has no short-range repeats, so the second copy can only shrink
+    // by referring back into the first message: to the kept window.
+    let id = noise(1000, 11) + &"x".repeat(1000);
+    let mut frames = Vec::new();
+    for _ in 0..2 {
+        c.send_json(&json!({"type":"ping","id":id})).await;
+        let pong = c.recv_type("pong").await;
+        assert!(pong.compressed, "a 2 KB pong went out plain");
+        assert_eq!(pong.json(), json!({"type":"pong","ref":id}));
+        frames.push(pong);
+    }
+    assert!(
+        frames[1].raw.len() * 4 < frames[0].raw.len(),
+        "the second copy ({} bytes) is not much shorter than the first ({} bytes): \
+         the window was not kept",
+        frames[1].raw.len(),
+        frames[0].raw.len()
+    );
+    // And a third, different message still inflates in the same stream.
+    c.send_json(&json!({"type":"ping","id":13})).await;
+    assert_eq!(c.recv().await.json(), json!({"type":"pong","ref":13}));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn with_context_takeover_the_client_may_keep_its_window() {
+    let server = start_with(takeover()).await;
+    let mut c = RawClient::connect(&server, Some("permessage-deflate")).await;
+    assert_eq!(c.extensions.as_deref(), Some("permessage-deflate"));
+    // ONE compressor for both messages: the second refers back into the
+    // first, so the server must have kept its inflater's window.
+    let mut compressor = Compress::new(Compression::default(), false);
+    let id = words(2048, 5);
+    let request = json!({"type":"ping","id":id}).to_string();
+    let first = deflate_with(&mut compressor, request.as_bytes());
+    let second = deflate_with(&mut compressor, request.as_bytes());
+    assert!(
+        second.len() * 4 < first.len(),
+        "{} vs {}",
+        second.len(),
+        first.len()
+    );
+    for packed in [first, second] {
+        c.send_frame(true, RSV1, TEXT, &packed).await;
+        let pong = c.recv_type("pong").await;
+        assert_eq!(pong.json(), json!({"type":"pong","ref":id}));
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_context_takeover_a_client_window_reference_fails() {
+    // The default answer includes client_no_context_takeover: a client
+    // that ignored it and referred back into its previous message breaks
+    // the agreement; the server must not silently accept it.
+    let server = start_with(compressing()).await;
+    let mut c = RawClient::connect(&server, Some("permessage-deflate")).await;
+    assert_eq!(c.extensions.as_deref(), Some(BOTH_NCT));
+    let mut compressor = Compress::new(Compression::default(), false);
+    let id = words(2048, 5);
+    let request = json!({"type":"ping","id":id}).to_string();
+    let first = deflate_with(&mut compressor, request.as_bytes());
+    let second = deflate_with(&mut compressor, request.as_bytes());
+    c.send_frame(true, RSV1, TEXT, &first).await;
+    assert_eq!(c.recv_type("pong").await.json()["ref"], id);
+    c.send_frame(true, RSV1, TEXT, &second).await;
+    assert_eq!(c.close_summary().await, "close 1007");
+    server.shutdown().await;
+}
