@@ -15,10 +15,7 @@
 
 mod support;
 
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
@@ -31,13 +28,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-const CONTINUATION: u8 = 0x0;
-const TEXT: u8 = 0x1;
-const CLOSE: u8 = 0x8;
-const PING: u8 = 0x9;
-const PONG: u8 = 0xA;
-
-const RSV1: u8 = 0x40;
+use support::frames::*;
 
 /// What a sync flush ends with (RFC 7692 §7.2.1).
 const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
@@ -173,36 +164,6 @@ fn inflate_with(d: &mut Decompress, payload: &[u8]) -> Result<Vec<u8>, String> {
 // ---------------------------------------------------------------------------
 // Client frames
 // ---------------------------------------------------------------------------
-
-/// A random 64-bit number (std only: a fresh `RandomState` per call).
-fn random_u64() -> u64 {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    RandomState::new().hash_one(COUNTER.fetch_add(1, Ordering::Relaxed))
-}
-
-/// A complete client frame, masked with a random non-zero key.
-fn masked_frame(fin: bool, rsv: u8, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = loop {
-        let m = (random_u64() as u32).to_be_bytes();
-        if m != [0; 4] {
-            break m;
-        }
-    };
-    let mut out = vec![if fin { 0x80 } else { 0 } | rsv | opcode];
-    let len = payload.len();
-    if len < 126 {
-        out.push(0x80 | len as u8);
-    } else if len <= 0xFFFF {
-        out.push(0x80 | 126);
-        out.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        out.push(0x80 | 127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
-}
 
 // ---------------------------------------------------------------------------
 // Server frames

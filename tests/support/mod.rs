@@ -2,6 +2,8 @@
 //! real sockets.
 #![allow(dead_code)]
 
+pub mod frames;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
