@@ -512,6 +512,19 @@ fn positive(name: &str, v: usize) -> Result<usize> {
     Ok(v)
 }
 
+/// A message size limit: above 0 and at most 1 GiB (the WebSocket layer
+/// keeps it in 32 bits; a larger message would be a design problem, not a
+/// setting).
+fn message_limit(name: &str, v: usize) -> Result<usize> {
+    const MAX: usize = 1 << 30;
+    if v > MAX {
+        return Err(Error::Config(format!(
+            "{name} must be at most {MAX} (1 GiB)"
+        )));
+    }
+    positive(name, v)
+}
+
 fn nonzero(name: &str, d: Duration) -> Result<Duration> {
     if d.is_zero() {
         return Err(Error::Config(format!("{name} must be greater than 0")));
@@ -650,7 +663,10 @@ impl Config {
                 "presence_ttl",
                 pick!(s.presence_ttl, HumanDuration(Duration::from_secs(30))).0,
             )?,
-            max_message_size: positive("max_message_size", pick!(s.max_message_size, 64 * 1024))?,
+            max_message_size: message_limit(
+                "max_message_size",
+                pick!(s.max_message_size, 64 * 1024),
+            )?,
             ping_interval: nonzero(
                 "ping_interval",
                 pick!(s.ping_interval, HumanDuration(Duration::from_secs(30))).0,
@@ -677,7 +693,7 @@ impl Config {
                 None => drain_timeout / 2,
             },
             echo_path,
-            echo_max_message_size: positive(
+            echo_max_message_size: message_limit(
                 "echo_max_message_size",
                 pick!(s.echo_max_message_size, 16 << 20),
             )?,
@@ -839,6 +855,15 @@ mod tests {
         };
         let err = Config::from_settings(s).unwrap_err().to_string();
         assert!(err.contains("max_subscriptions"), "{err}");
+        let s = Settings {
+            max_message_size: Some((1 << 30) + 1),
+            ..Default::default()
+        };
+        let err = Config::from_settings(s).unwrap_err().to_string();
+        assert!(
+            err.contains("max_message_size") && err.contains("1 GiB"),
+            "{err}"
+        );
     }
 
     #[test]

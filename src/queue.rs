@@ -138,7 +138,8 @@ struct State {
     /// Sum of the queued frames' lengths.
     bytes: usize,
     /// Set once; the writer sends it (after nothing else) and stops.
-    close: Option<CloseReason>,
+    /// Boxed: it is rare, and every connection carries this struct.
+    close: Option<Box<CloseReason>>,
     /// The writer's task, while it waits for something to write. A waker
     /// here instead of a `tokio::sync::Notify`: the waiting side then needs
     /// no future state of its own, which keeps every idle connection's task
@@ -200,7 +201,10 @@ impl OutQueue {
         if full(&st) {
             st.items = VecDeque::new();
             st.bytes = 0;
-            st.close = Some(CloseReason::new(close::SLOW_CONSUMER, "slow consumer"));
+            st.close = Some(Box::new(CloseReason::new(
+                close::SLOW_CONSUMER,
+                "slow consumer",
+            )));
             Self::signal(st);
             return Push::Overflow;
         }
@@ -223,7 +227,7 @@ impl OutQueue {
     pub fn close(&self, reason: CloseReason) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if st.close.is_none() {
-            st.close = Some(reason);
+            st.close = Some(Box::new(reason));
         }
         Self::signal(st);
     }
@@ -264,7 +268,7 @@ impl OutQueue {
     pub fn take(&self) -> (VecDeque<Outbound>, Option<CloseReason>) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.bytes = 0;
-        (std::mem::take(&mut st.items), st.close.clone())
+        (std::mem::take(&mut st.items), st.close.as_deref().cloned())
     }
 
     /// Wait until something was pushed or a close was requested since the

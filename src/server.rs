@@ -108,7 +108,11 @@ fn upgrade(
         }
         if cfg.handshake_rate > 0.0 {
             let mut bucket = state.admission.lock().unwrap_or_else(|p| p.into_inner());
-            if !bucket.take(cfg.handshake_rate, cfg.handshake_burst) {
+            if !bucket.take(
+                state.node.hub().clock_ms(),
+                cfg.handshake_rate,
+                cfg.handshake_burst,
+            ) {
                 let wait = bucket.wait(cfg.handshake_rate);
                 drop(bucket);
                 Metrics::inc(&state.node.metrics().handshakes_throttled);
@@ -251,7 +255,10 @@ pub async fn run(
         tracker.spawn(crate::assets::publish_metrics(node.clone(), token.clone()));
     }
     let state = AppState {
-        admission: Arc::new(Mutex::new(TokenBucket::new(node.config().handshake_burst))),
+        admission: Arc::new(Mutex::new(TokenBucket::new(
+            node.config().handshake_burst,
+            node.hub().clock_ms(),
+        ))),
         node: node.clone(),
         shutdown: token.clone(),
         tracker: tracker.clone(),

@@ -28,24 +28,40 @@ const READ_CHUNK: usize = 16 * 1024;
 /// that never flushes cannot grow `wbuf` without limit.
 const WRITE_HIGH_WATER: usize = 64 * 1024;
 
+/// Bytes waiting in one direction, and how far they are consumed. Boxed
+/// and only present while something is waiting, so that an idle
+/// connection holds a pointer per direction (its task is what an idle
+/// connection costs: see `session::Live`).
+#[derive(Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    /// How much of `bytes` is consumed (decoded, or written) already.
+    pos: usize,
+}
+
+impl Pending {
+    fn rest(&self) -> &[u8] {
+        &self.bytes[self.pos..]
+    }
+}
+
 /// A server-side WebSocket connection.
 pub struct WebSocket {
     /// The upgraded TCP connection.
     io: TcpStream,
-    /// Received bytes not yet decoded; empty (no allocation) unless a
-    /// frame is split across reads or several arrived at once.
-    rbuf: Vec<u8>,
-    /// How much of `rbuf` is decoded already.
-    rpos: usize,
+    /// Received bytes not yet decoded: the start of a frame split across
+    /// reads, or frames that arrived together. `None` between frames.
+    rbuf: Option<Box<Pending>>,
+    /// Encoded frames not yet written; `None` once written.
+    wbuf: Option<Box<Pending>>,
     /// Frame decoding and the fragmented message in progress.
     decoder: Decoder,
-    /// Encoded frames not yet written; freed once written.
-    wbuf: Vec<u8>,
-    /// How much of `wbuf` is written already.
-    wpos: usize,
+    /// Largest message accepted, in bytes (after decompression); `u32`
+    /// so that it shares a word with the flags below.
+    max_message: u32,
     /// permessage-deflate, when the client offered it and the server
-    /// allows it.
-    deflate: Option<Deflate>,
+    /// allows it; boxed because most connections go without.
+    deflate: Option<Box<Deflate>>,
     /// A close frame was queued: nothing more may be sent.
     close_sent: bool,
     /// The peer closed, or broke the protocol: nothing more is read.
@@ -63,12 +79,16 @@ impl WebSocket {
     ) -> Self {
         WebSocket {
             io,
-            rbuf: read_buf.to_vec(),
-            rpos: 0,
-            decoder: Decoder::new(max_message),
-            wbuf: Vec::new(),
-            wpos: 0,
-            deflate,
+            rbuf: (!read_buf.is_empty()).then(|| {
+                Box::new(Pending {
+                    bytes: read_buf.to_vec(),
+                    pos: 0,
+                })
+            }),
+            wbuf: None,
+            decoder: Decoder::new(),
+            max_message: u32::try_from(max_message).unwrap_or(u32::MAX),
+            deflate: deflate.map(Box::new),
             close_sent: false,
             read_done: false,
         }
@@ -81,21 +101,32 @@ impl WebSocket {
 
     /// Write out `wbuf`; frees it once everything is written.
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.wpos < self.wbuf.len() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wpos..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        if let Some(w) = self.wbuf.as_deref_mut() {
+            while w.pos < w.bytes.len() {
+                let n = ready!(Pin::new(&mut self.io).poll_write(cx, w.rest()))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                w.pos += n;
             }
-            self.wpos += n;
+            self.wbuf = None;
         }
-        self.wbuf = Vec::new();
-        self.wpos = 0;
         Poll::Ready(Ok(()))
+    }
+
+    /// The write buffer, created when the first frame is queued.
+    fn out(&mut self) -> &mut Vec<u8> {
+        &mut self.wbuf.get_or_insert_with(Box::default).bytes
+    }
+
+    /// Bytes queued and not yet written.
+    fn unwritten(&self) -> usize {
+        self.wbuf.as_ref().map_or(0, |w| w.bytes.len() - w.pos)
     }
 
     /// Try to write what is queued without waiting (control replies).
     fn write_opportunistically(&mut self, cx: &mut Context<'_>) -> Result<(), Error> {
-        if self.wpos < self.wbuf.len() {
+        if self.wbuf.is_some() {
             if let Poll::Ready(Err(e)) = self.poll_write_out(cx) {
                 return Err(e.into());
             }
@@ -109,11 +140,11 @@ impl WebSocket {
             let mut packed = Vec::with_capacity(payload.len() / 2 + 16);
             // Sent uncompressed when deflate does not make it smaller.
             if d.compress_if_smaller(payload, &mut packed) {
-                frame::frame(&mut self.wbuf, opcode, true, &packed);
+                frame::frame(self.out(), opcode, true, &packed);
                 return;
             }
         }
-        frame::frame(&mut self.wbuf, opcode, false, payload);
+        frame::frame(self.out(), opcode, false, payload);
     }
 
     fn queue(&mut self, msg: Message) {
@@ -123,23 +154,17 @@ impl WebSocket {
         match msg {
             Message::Text(t) => self.queue_data(frame::OP_TEXT, t.as_bytes()),
             Message::Binary(b) => self.queue_data(frame::OP_BINARY, &b),
-            Message::Ping(p) => frame::frame(
-                &mut self.wbuf,
-                frame::OP_PING,
-                false,
-                &p[..p.len().min(125)],
-            ),
-            Message::Pong(p) => frame::frame(
-                &mut self.wbuf,
-                frame::OP_PONG,
-                false,
-                &p[..p.len().min(125)],
-            ),
+            Message::Ping(p) => {
+                frame::frame(self.out(), frame::OP_PING, false, &p[..p.len().min(125)])
+            }
+            Message::Pong(p) => {
+                frame::frame(self.out(), frame::OP_PONG, false, &p[..p.len().min(125)])
+            }
             Message::Close(f) => {
                 self.close_sent = true;
                 match f {
-                    Some(f) => frame::close_frame(&mut self.wbuf, f.code, &f.reason),
-                    None => frame::frame(&mut self.wbuf, frame::OP_CLOSE, false, &[]),
+                    Some(f) => frame::close_frame(self.out(), f.code, &f.reason),
+                    None => frame::frame(self.out(), frame::OP_CLOSE, false, &[]),
                 }
             }
         }
@@ -149,7 +174,7 @@ impl WebSocket {
     fn received(&mut self, msg: Message, cx: &mut Context<'_>) -> Result<Message, Error> {
         match &msg {
             Message::Ping(p) if !self.close_sent => {
-                frame::frame(&mut self.wbuf, frame::OP_PONG, false, p);
+                frame::frame(self.out(), frame::OP_PONG, false, p);
                 self.write_opportunistically(cx)?;
             }
             Message::Close(f) => {
@@ -158,8 +183,8 @@ impl WebSocket {
                     // Echo the code (RFC 6455 §5.5.1).
                     self.close_sent = true;
                     match f {
-                        Some(f) => frame::close_frame(&mut self.wbuf, f.code, ""),
-                        None => frame::frame(&mut self.wbuf, frame::OP_CLOSE, false, &[]),
+                        Some(f) => frame::close_frame(self.out(), f.code, ""),
+                        None => frame::frame(self.out(), frame::OP_CLOSE, false, &[]),
                     }
                     self.write_opportunistically(cx)?;
                 }
@@ -172,32 +197,51 @@ impl WebSocket {
     /// Fail the connection: send the close the error calls for.
     fn failed(&mut self, err: Error, cx: &mut Context<'_>) -> Error {
         self.read_done = true;
-        self.rbuf = Vec::new();
-        self.rpos = 0;
+        self.rbuf = None;
         if let Error::Protocol { code, reason } = &err {
             if !self.close_sent {
                 self.close_sent = true;
-                frame::close_frame(&mut self.wbuf, *code, reason);
+                frame::close_frame(self.out(), *code, reason);
                 let _ = self.write_opportunistically(cx);
             }
         }
         err
     }
 
-    /// Decode the next frame of `rbuf`.
+    /// Decode the next frame of `rbuf`: `None` when it holds no whole
+    /// frame (or nothing).
     fn decode_buffered(&mut self) -> Result<Option<Option<Message>>, Error> {
-        let buf = &mut self.rbuf[self.rpos..];
-        match self.decoder.decode(buf, self.deflate.as_mut())? {
+        let Some(r) = self.rbuf.as_deref_mut() else {
+            return Ok(None);
+        };
+        match self.decoder.decode(
+            &mut r.bytes[r.pos..],
+            self.max_message as usize,
+            self.deflate.as_deref_mut(),
+        )? {
             Decoded::Incomplete => Ok(None),
             Decoded::Frame { len, msg } => {
-                self.rpos += len;
-                if self.rpos == self.rbuf.len() {
-                    self.rbuf = Vec::new();
-                    self.rpos = 0;
+                r.pos += len;
+                if r.pos == r.bytes.len() {
+                    self.rbuf = None;
                 }
                 Ok(Some(msg))
             }
         }
+    }
+
+    /// Keep `bytes` (received, not yet decoded) for the next read.
+    fn keep(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let r = self.rbuf.get_or_insert_with(Box::default);
+        if r.pos > 0 {
+            // Compact before appending.
+            r.bytes.drain(..r.pos);
+            r.pos = 0;
+        }
+        r.bytes.extend_from_slice(bytes);
     }
 }
 
@@ -214,7 +258,7 @@ impl Stream for WebSocket {
                 return Poll::Ready(Some(Err(e)));
             }
             // Frames already buffered first.
-            while !this.rbuf.is_empty() {
+            while this.rbuf.is_some() {
                 match this.decode_buffered() {
                     Ok(None) => break,
                     Ok(Some(None)) => continue,
@@ -235,35 +279,32 @@ impl Stream for WebSocket {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Some(Err(e.into()))),
             };
-            if !this.rbuf.is_empty() {
-                // Finish the frame that was cut: compact, then append.
-                if this.rpos > 0 {
-                    this.rbuf.drain(..this.rpos);
-                    this.rpos = 0;
-                }
-                this.rbuf.extend_from_slice(&chunk[..n]);
+            if this.rbuf.is_some() {
+                // Finish the frame that was cut.
+                this.keep(&chunk[..n]);
                 continue;
             }
             // The common case: decode straight from the stack buffer and
             // keep only what is left over.
             let mut pos = 0;
             while pos < n {
-                match this
-                    .decoder
-                    .decode(&mut chunk[pos..n], this.deflate.as_mut())
-                {
+                match this.decoder.decode(
+                    &mut chunk[pos..n],
+                    this.max_message as usize,
+                    this.deflate.as_deref_mut(),
+                ) {
                     Ok(Decoded::Incomplete) => break,
                     Ok(Decoded::Frame { len, msg }) => {
                         pos += len;
                         if let Some(msg) = msg {
-                            this.rbuf.extend_from_slice(&chunk[pos..n]);
+                            this.keep(&chunk[pos..n]);
                             return Poll::Ready(Some(this.received(msg, cx)));
                         }
                     }
                     Err(e) => return Poll::Ready(Some(Err(this.failed(e, cx)))),
                 }
             }
-            this.rbuf.extend_from_slice(&chunk[pos..n]);
+            this.keep(&chunk[pos..n]);
         }
     }
 }
@@ -273,7 +314,7 @@ impl Sink<Message> for WebSocket {
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         let this = self.get_mut();
-        if this.wbuf.len() - this.wpos >= WRITE_HIGH_WATER {
+        if this.unwritten() >= WRITE_HIGH_WATER {
             ready!(this.poll_write_out(cx))?;
         }
         Poll::Ready(Ok(()))
@@ -311,14 +352,14 @@ impl SendShared for WebSocket {
             return Ok(());
         }
         let payload = text.as_bytes();
-        match &self.deflate {
+        match self.deflate.as_deref() {
             Some(d) if d.agreed().shareable() && d.wants(payload.len()) => {
                 let level = d.level();
                 let packed = deflated.get_or_init(|| deflate::compress_shared(payload, level));
                 if packed.len() < payload.len() {
-                    frame::frame(&mut self.wbuf, frame::OP_TEXT, true, packed);
+                    frame::frame(self.out(), frame::OP_TEXT, true, packed);
                 } else {
-                    frame::frame(&mut self.wbuf, frame::OP_TEXT, false, payload);
+                    frame::frame(self.out(), frame::OP_TEXT, false, payload);
                 }
             }
             _ => self.queue_data(frame::OP_TEXT, payload),

@@ -50,8 +50,6 @@ pub(crate) enum Decoded {
 
 /// Decoding state of one connection.
 pub(crate) struct Decoder {
-    /// Largest message accepted, after decompression (close 1009 beyond).
-    max: usize,
     /// The fragmented message in progress; `None` (no allocation) between
     /// messages.
     partial: Option<Box<Partial>>,
@@ -93,22 +91,25 @@ fn unmask(payload: &mut [u8], mask: [u8; 4]) {
 }
 
 impl Decoder {
-    pub(crate) fn new(max: usize) -> Self {
-        Decoder { max, partial: None }
+    pub(crate) fn new() -> Self {
+        Decoder { partial: None }
     }
 
-    fn too_big(&self) -> Error {
+    fn too_big(max: usize) -> Error {
         Error::Protocol {
             code: close::TOO_BIG,
-            reason: format!("message larger than {} bytes", self.max).into(),
+            reason: format!("message larger than {max} bytes").into(),
         }
     }
 
-    /// Decode the first frame in `buf`, unmasking it in place. `deflate`
-    /// is the connection's permessage-deflate state, when negotiated.
+    /// Decode the first frame in `buf`, unmasking it in place. `max` is
+    /// the largest message accepted, after decompression (close 1009
+    /// beyond); `deflate` is the connection's permessage-deflate state,
+    /// when negotiated.
     pub(crate) fn decode(
         &mut self,
         buf: &mut [u8],
+        max: usize,
         deflate: Option<&mut Deflate>,
     ) -> Result<Decoded, Error> {
         if buf.len() < 2 {
@@ -181,12 +182,12 @@ impl Decoder {
             let compressed = rsv1 || self.partial.as_ref().is_some_and(|p| p.compressed);
             // Deflated data may be a little larger than what it inflates to.
             let limit = if compressed {
-                self.max as u64 + self.max as u64 / 64 + 64
+                max as u64 + max as u64 / 64 + 64
             } else {
-                self.max as u64
+                max as u64
             };
             if so_far + len > limit {
-                return Err(self.too_big());
+                return Err(Self::too_big(max));
             }
         }
         let total = header + 4 + len as usize;
@@ -200,7 +201,7 @@ impl Decoder {
             OP_PING => Some(Message::Ping(Bytes::copy_from_slice(payload))),
             OP_PONG => Some(Message::Pong(Bytes::copy_from_slice(payload))),
             OP_CLOSE => Some(Message::Close(parse_close(payload)?)),
-            _ => self.data(opcode, fin, rsv1, payload, deflate)?,
+            _ => self.data(opcode, fin, rsv1, payload, max, deflate)?,
         };
         Ok(Decoded::Frame { len: total, msg })
     }
@@ -212,12 +213,13 @@ impl Decoder {
         fin: bool,
         rsv1: bool,
         payload: &[u8],
+        max: usize,
         deflate: Option<&mut Deflate>,
     ) -> Result<Option<Message>, Error> {
         if fin && self.partial.is_none() {
             // The common case: an unfragmented message.
             return self
-                .finish(opcode == OP_TEXT, rsv1, payload.to_vec(), deflate)
+                .finish(opcode == OP_TEXT, rsv1, payload.to_vec(), max, deflate)
                 .map(Some);
         }
         let partial = self.partial.get_or_insert_with(|| {
@@ -242,7 +244,8 @@ impl Decoder {
             return Ok(None);
         }
         let p = self.partial.take().expect("a message in progress");
-        self.finish(p.text, p.compressed, p.data, deflate).map(Some)
+        self.finish(p.text, p.compressed, p.data, max, deflate)
+            .map(Some)
     }
 
     /// Turn a whole message's payload into a [`Message`].
@@ -251,12 +254,13 @@ impl Decoder {
         text: bool,
         compressed: bool,
         data: Vec<u8>,
+        max: usize,
         deflate: Option<&mut Deflate>,
     ) -> Result<Message, Error> {
         let data = if compressed {
             let deflate = deflate.expect("RSV1 is refused without deflate");
-            deflate.decompress(&data, self.max).map_err(|e| match e {
-                InflateError::TooBig => self.too_big(),
+            deflate.decompress(&data, max).map_err(|e| match e {
+                InflateError::TooBig => Self::too_big(max),
                 InflateError::Invalid => Error::Protocol {
                     code: INVALID_PAYLOAD,
                     reason: "invalid compressed data".into(),
@@ -356,11 +360,11 @@ mod tests {
         out
     }
 
-    fn decode_all(d: &mut Decoder, mut bytes: Vec<u8>) -> Result<Vec<Message>, Error> {
+    fn decode_all(d: &mut Decoder, max: usize, mut bytes: Vec<u8>) -> Result<Vec<Message>, Error> {
         let mut out = Vec::new();
         let mut pos = 0;
         while pos < bytes.len() {
-            match d.decode(&mut bytes[pos..], None)? {
+            match d.decode(&mut bytes[pos..], max, None)? {
                 Decoded::Incomplete => break,
                 Decoded::Frame { len, msg } => {
                     pos += len;
@@ -380,29 +384,33 @@ mod tests {
 
     #[test]
     fn text_binary_and_lengths() {
-        let mut d = Decoder::new(1 << 20);
+        let (mut d, max) = (Decoder::new(), 1 << 20);
         for n in [0, 1, 125, 126, 127, 65535, 65536, 100_000] {
             let text = "x".repeat(n);
-            let msgs = decode_all(&mut d, client(OP_TEXT, true, false, text.as_bytes())).unwrap();
+            let msgs =
+                decode_all(&mut d, max, client(OP_TEXT, true, false, text.as_bytes())).unwrap();
             assert!(matches!(&msgs[..], [Message::Text(t)] if t.as_str() == text));
         }
-        let msgs = decode_all(&mut d, client(OP_BINARY, true, false, &[0, 255])).unwrap();
+        let msgs = decode_all(&mut d, max, client(OP_BINARY, true, false, &[0, 255])).unwrap();
         assert!(matches!(&msgs[..], [Message::Binary(b)] if b[..] == [0, 255]));
     }
 
     #[test]
     fn every_prefix_is_incomplete() {
         let frame = client(OP_TEXT, true, false, &[b'a'; 300]);
-        let mut d = Decoder::new(1024);
+        let (mut d, max) = (Decoder::new(), 1024);
         for cut in 0..frame.len() {
             let mut part = frame[..cut].to_vec();
-            assert!(matches!(d.decode(&mut part, None), Ok(Decoded::Incomplete)));
+            assert!(matches!(
+                d.decode(&mut part, max, None),
+                Ok(Decoded::Incomplete)
+            ));
         }
     }
 
     #[test]
     fn fragments_and_interleaved_control() {
-        let mut d = Decoder::new(1024);
+        let (mut d, max) = (Decoder::new(), 1024);
         let mut bytes = client(OP_TEXT, false, false, "h\u{e9}".as_bytes()[..2].as_ref());
         bytes.extend(client(OP_PING, true, false, b"p"));
         bytes.extend(client(
@@ -411,7 +419,7 @@ mod tests {
             false,
             &"h\u{e9}".as_bytes()[2..],
         ));
-        let msgs = decode_all(&mut d, bytes).unwrap();
+        let msgs = decode_all(&mut d, max, bytes).unwrap();
         assert!(matches!(&msgs[0], Message::Ping(p) if &p[..] == b"p"));
         assert!(matches!(&msgs[1], Message::Text(t) if t.as_str() == "h\u{e9}"));
     }
@@ -437,46 +445,52 @@ mod tests {
             (client(OP_TEXT, true, false, &[b'a'; 2000]), close::TOO_BIG),
         ];
         for (bytes, want) in cases {
-            let mut d = Decoder::new(1024);
-            let got = decode_all(&mut d, bytes.clone()).map(|_| ());
+            let (mut d, max) = (Decoder::new(), 1024);
+            let got = decode_all(&mut d, max, bytes.clone()).map(|_| ());
             assert_eq!(code(got.unwrap_err()), want, "{bytes:02x?}");
         }
         // Too big is known from the header alone.
-        let mut d = Decoder::new(1024);
+        let (mut d, max) = (Decoder::new(), 1024);
         let mut header_only = client(OP_BINARY, true, false, &[0; 70_000])[..14].to_vec();
         assert_eq!(
-            code(d.decode(&mut header_only, None).err().unwrap()),
+            code(d.decode(&mut header_only, max, None).err().unwrap()),
             close::TOO_BIG
         );
         // A new message inside a fragmented one.
-        let mut d = Decoder::new(1024);
+        let (mut d, max) = (Decoder::new(), 1024);
         let mut bytes = client(OP_TEXT, false, false, b"a");
         bytes.extend(client(OP_TEXT, true, false, b"b"));
-        assert_eq!(code(decode_all(&mut d, bytes).unwrap_err()), PROTOCOL_ERROR);
+        assert_eq!(
+            code(decode_all(&mut d, max, bytes).unwrap_err()),
+            PROTOCOL_ERROR
+        );
         // Fragments that together exceed the limit.
-        let mut d = Decoder::new(1024);
+        let (mut d, max) = (Decoder::new(), 1024);
         let mut bytes = client(OP_TEXT, false, false, &[b'a'; 600]);
         bytes.extend(client(OP_CONTINUATION, true, false, &[b'a'; 600]));
-        assert_eq!(code(decode_all(&mut d, bytes).unwrap_err()), close::TOO_BIG);
+        assert_eq!(
+            code(decode_all(&mut d, max, bytes).unwrap_err()),
+            close::TOO_BIG
+        );
         // Invalid UTF-8 fails at the fragment that holds it.
-        let mut d = Decoder::new(1024);
+        let (mut d, max) = (Decoder::new(), 1024);
         let mut bytes = client(OP_TEXT, false, false, &[b'a', 0xC0]);
         assert_eq!(
-            code(d.decode(&mut bytes, None).err().unwrap()),
+            code(d.decode(&mut bytes, max, None).err().unwrap()),
             INVALID_PAYLOAD
         );
     }
 
     #[test]
     fn close_frames() {
-        let mut d = Decoder::new(1024);
+        let (mut d, max) = (Decoder::new(), 1024);
         let mut payload = 1000u16.to_be_bytes().to_vec();
         payload.extend_from_slice(b"bye");
-        let msgs = decode_all(&mut d, client(OP_CLOSE, true, false, &payload)).unwrap();
+        let msgs = decode_all(&mut d, max, client(OP_CLOSE, true, false, &payload)).unwrap();
         assert!(
             matches!(&msgs[..], [Message::Close(Some(f))] if f.code == 1000 && f.reason == "bye")
         );
-        let msgs = decode_all(&mut d, client(OP_CLOSE, true, false, b"")).unwrap();
+        let msgs = decode_all(&mut d, max, client(OP_CLOSE, true, false, b"")).unwrap();
         assert!(matches!(&msgs[..], [Message::Close(None)]));
     }
 
