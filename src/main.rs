@@ -85,7 +85,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config)) {
+    // The server runs as a task on a worker thread, not on this thread
+    // inside `block_on`: the accept loop then spawns each connection's task
+    // onto its own worker's queue instead of waking a worker through the
+    // injection queue on every handshake.
+    let served = runtime.block_on(async {
+        match tokio::spawn(serve(config)).await {
+            Ok(r) => r,
+            Err(e) => match e.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(e) => Err(std::io::Error::other(e).into()),
+            },
+        }
+    });
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "switchboard failed");

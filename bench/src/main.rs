@@ -129,7 +129,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli.cmd)) {
+    // Run on a worker, not inside `block_on` on this thread: tasks the
+    // tool spawns then start on that worker's own queue instead of waking
+    // a worker through the injection queue each time.
+    let result = rt.block_on(async {
+        tokio::spawn(run(cli.cmd))
+            .await
+            .unwrap_or_else(|e| Err(format!("the benchmark task failed: {e}")))
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("switchboard-bench: {e}");
