@@ -305,16 +305,29 @@ async fn publish(
     if let Some(rate) = args.rate {
         let period = 1e9 * args.publishers as f64 / rate;
         let offset = period * p as f64 / args.publishers as f64;
-        let due = |k: u64| t0 + (offset + period * k as f64) as u64;
-        loop {
-            let next = due(k);
-            if next >= end {
-                break;
+        let due = move |k: u64| t0 + (offset + period * k as f64) as u64;
+        // Paced by an OS thread: Tokio's timer wheel ticks once a
+        // millisecond, so a `sleep` would make the tool itself up to a
+        // millisecond late on every message, and since messages carry
+        // their scheduled time that lateness would count as the server's
+        // latency. `thread::sleep` wakes within tens of microseconds.
+        // (Still open loop: a stalled tool or server shows as latency.)
+        let (tick_tx, mut tick) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let clock = shared.clone();
+        std::thread::spawn(move || {
+            let mut k = 0;
+            while due(k) < end {
+                let now = clock.now_ns();
+                if due(k) > now {
+                    std::thread::sleep(Duration::from_nanos(due(k) - now));
+                }
+                if tick_tx.send(()).is_err() {
+                    break;
+                }
+                k += 1;
             }
-            let now = shared.now_ns();
-            if next > now {
-                tokio::time::sleep(Duration::from_nanos(next - now)).await;
-            }
+        });
+        while tick.recv().await.is_some() {
             let now = shared.now_ns();
             let mut n = 0;
             while due(k) <= now && due(k) < end {
