@@ -21,6 +21,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct Target {
     pub url: String,
     pub addr: SocketAddr,
+    /// Each client's read buffer ([`FANOUT_READ_BUFFER`] unless changed).
+    pub read_buffer: usize,
 }
 
 impl Target {
@@ -48,14 +50,22 @@ impl Target {
         Ok(Target {
             url: url.to_string(),
             addr,
+            read_buffer: FANOUT_READ_BUFFER,
         })
     }
 }
 
-fn ws_config() -> WebSocketConfig {
-    // Small buffers: 19k connections in one process must stay cheap.
+/// Client read buffer of the fan-out scenarios: several frames per read
+/// at saturation.
+pub const FANOUT_READ_BUFFER: usize = 8 * 1024;
+/// Client read buffer of the idle scenario: a welcome frame fits. The tool
+/// shares the cores with the server it measures, and at 19k connections
+/// zero-filling bigger buffers was a third of its CPU time.
+pub const IDLE_READ_BUFFER: usize = 1024;
+
+fn ws_config(read_buffer: usize) -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(8 * 1024)
+        .read_buffer_size(read_buffer)
         .write_buffer_size(16 * 1024)
 }
 
@@ -89,10 +99,13 @@ async fn connect_inner(target: &Target, i: usize) -> Result<Client, String> {
     stream
         .set_nodelay(true)
         .map_err(|e| format!("nodelay: {e}"))?;
-    let (mut ws, _) =
-        tokio_tungstenite::client_async_with_config(target.url.as_str(), stream, Some(ws_config()))
-            .await
-            .map_err(|e| format!("upgrade: {e}"))?;
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+        target.url.as_str(),
+        stream,
+        Some(ws_config(target.read_buffer)),
+    )
+    .await
+    .map_err(|e| format!("upgrade: {e}"))?;
     loop {
         match ws.next().await {
             Some(Ok(Message::Text(t))) => {
@@ -129,6 +142,17 @@ fn bind_address_no_port(sock: &TcpSocket) {
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
+}
+
+/// Make dropping these clients reset their connections instead of closing
+/// them: a closed connection leaves its port in TIME_WAIT for a minute,
+/// and tens of thousands of those make the next run's connects slower
+/// (back-to-back runs would not be comparable). Only for teardown after
+/// the measurement.
+pub fn reset_all<'a>(clients: impl Iterator<Item = &'a Client>) {
+    for c in clients {
+        let _ = c.ws.get_ref().set_zero_linger();
+    }
 }
 
 /// The outcome of opening many connections.

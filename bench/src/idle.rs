@@ -63,7 +63,10 @@ pub struct IdleResult {
 }
 
 pub async fn run(args: &IdleArgs) -> Result<IdleResult, String> {
-    let target = Target::parse(&args.url)?;
+    let target = Target {
+        read_buffer: conn::IDLE_READ_BUFFER,
+        ..Target::parse(&args.url)?
+    };
     if args.warmup > 0 {
         let w = conn::open_many(&target, 0..args.warmup, args.concurrency).await;
         if w.clients.is_empty() {
@@ -73,6 +76,7 @@ pub async fn run(args: &IdleArgs) -> Result<IdleResult, String> {
                 conn::summarize_errors(&w.errors)
             ));
         }
+        conn::reset_all(w.clients.iter().map(|(_, c)| c));
         drop(w);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -122,6 +126,7 @@ pub async fn run(args: &IdleArgs) -> Result<IdleResult, String> {
         concurrency: args.concurrency,
         machine: procfs::machine(),
     };
+    conn::reset_all(opened.clients.iter().map(|(_, c)| c));
     drop(opened);
     Ok(result)
 }
