@@ -309,7 +309,8 @@ const HTTP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// here: their sessions are tracked by the caller.
 ///
 /// Our own loop rather than `axum::serve`: HTTP/1 only, with each
-/// connection served as `TokioIo<TcpStream>`, so that an upgraded
+/// connection served as `TokioIo<HttpIo>` (the `TcpStream`, holding back
+/// a 101 response to send with the first frame), so that an upgraded
 /// connection can be taken back as the plain `TcpStream` (see
 /// [`crate::ws::upgrade`]); and no HTTP/2 preface sniffing on the
 /// handshake path.
@@ -348,7 +349,7 @@ async fn serve_http(listener: TcpListener, app: Router, signal: impl Future<Outp
         let stop = stop.clone();
         conns.spawn(async move {
             let conn = http
-                .serve_connection(TokioIo::new(tcp), service)
+                .serve_connection(TokioIo::new(crate::ws::HttpIo::new(tcp)), service)
                 .with_upgrades();
             let mut conn = std::pin::pin!(conn);
             let result = tokio::select! {

@@ -925,6 +925,47 @@ async fn protocol_error_on_one_connection_does_not_disturb_another() {
 // ---------------------------------------------------------------------------
 
 #[tokio::test]
+async fn the_101_and_the_welcome_leave_in_one_write() {
+    // The 101 response is held back and sent with the welcome (one write,
+    // one segment on loopback): the read that completes the response head
+    // already holds the whole welcome frame.
+    let server = start().await;
+    let key = generate_key();
+    let req = upgrade_request("GET", server.addr, "/ws", &key, "13", &[]);
+    let (_s, resp, rest) = http_exchange(server.addr, &req).await;
+    assert_eq!(resp.status, 101, "{resp:?}");
+    let (frame, len) = parse_server_frame(&rest).expect("the welcome came with the 101");
+    assert_eq!(frame.opcode, TEXT);
+    let welcome: Value = serde_json::from_slice(&frame.payload).unwrap();
+    assert_eq!(welcome["type"], "connected", "{welcome}");
+    assert_eq!(len, rest.len(), "nothing but the welcome follows the 101");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn with_first_frame_auth_the_101_is_not_held_for_the_welcome() {
+    // When the server waits for an `auth` frame, the client must have the
+    // 101 first: the held response goes out when the session starts
+    // reading, and the client can authenticate.
+    let dir = std::env::temp_dir().join(format!("sb-ws-frames-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "a-test-secret-of-enough-length-0123456789\n").unwrap();
+    let server = start_with(Settings {
+        auth_required: Some(true),
+        auth_hs256_secret_file: Some(secret),
+        ..settings()
+    })
+    .await;
+    let key = generate_key();
+    let req = upgrade_request("GET", server.addr, "/ws", &key, "13", &[]);
+    let (_s, resp, rest) = http_exchange(server.addr, &req).await;
+    assert_eq!(resp.status, 101, "{resp:?}");
+    assert!(rest.is_empty(), "no welcome before auth: {rest:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn handshake_without_a_key_is_400() {
     let server = start().await;
     let req = upgrade_request("GET", server.addr, "/ws", "", "13", &["Sec-WebSocket-Key"]);

@@ -70,10 +70,13 @@ pub struct WebSocket {
 
 impl WebSocket {
     /// Wrap an upgraded connection. `read_buf` holds bytes the HTTP layer
-    /// read past the upgrade request; `max_message` is the size limit.
+    /// read past the upgrade request; `owed` bytes the client is still due
+    /// (the held-back 101 response), sent ahead of the first frame;
+    /// `max_message` is the size limit.
     pub fn new(
         io: TcpStream,
         read_buf: Bytes,
+        owed: Vec<u8>,
         max_message: usize,
         deflate: Option<Deflate>,
     ) -> Self {
@@ -85,7 +88,12 @@ impl WebSocket {
                     pos: 0,
                 })
             }),
-            wbuf: None,
+            wbuf: (!owed.is_empty()).then(|| {
+                Box::new(Pending {
+                    bytes: owed,
+                    pos: 0,
+                })
+            }),
             decoder: Decoder::new(),
             max_message: u32::try_from(max_message).unwrap_or(u32::MAX),
             deflate: deflate.map(Box::new),

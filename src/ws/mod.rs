@@ -23,6 +23,7 @@
 pub mod conn;
 pub mod deflate;
 pub mod frame;
+pub mod http_io;
 pub mod upgrade;
 
 use std::borrow::Cow;
@@ -34,6 +35,7 @@ use bytes::Bytes;
 use futures_util::Sink;
 
 pub use conn::WebSocket;
+pub use http_io::HttpIo;
 pub use upgrade::WebSocketUpgrade;
 
 /// Why a WebSocket connection failed.

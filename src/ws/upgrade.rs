@@ -6,12 +6,16 @@
 //! negotiates permessage-deflate, and once hyper hands the connection over
 //! runs the callback with a [`WebSocket`] on the plain `TcpStream`.
 //!
-//! The server must serve HTTP/1 connections as `TokioIo<TcpStream>`
+//! The server must serve HTTP/1 connections as `TokioIo<HttpIo>`
 //! (`server::run` does): that is what lets the upgraded connection be
-//! taken back as a `TcpStream` instead of a boxed, buffered stream.
+//! taken back as a `TcpStream` instead of a boxed, buffered stream, with
+//! the 101 response still to send ahead of the first frame
+//! ([`HttpIo`](super::HttpIo)).
 
 use std::future::Future;
 
+use super::deflate::{self, Deflate, DeflateConfig};
+use super::{HttpIo, WebSocket};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
@@ -21,10 +25,6 @@ use futures_util::FutureExt;
 use futures_util::future::OptionFuture;
 use hyper_util::rt::TokioIo;
 use sha1::{Digest, Sha1};
-use tokio::net::TcpStream;
-
-use super::WebSocket;
-use super::deflate::{self, Deflate, DeflateConfig};
 
 /// RFC 6455 §1.3.
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -188,12 +188,14 @@ impl WebSocketUpgrade {
                     return None;
                 }
             };
-            let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
-                tracing::error!("upgraded connection is not a TcpStream; dropping it");
+            let Ok(parts) = upgraded.downcast::<TokioIo<HttpIo>>() else {
+                tracing::error!("upgraded connection is not an HttpIo; dropping it");
                 return None;
             };
             let deflate = agreed.map(|(a, cfg)| Deflate::new(a, &cfg));
-            let ws = WebSocket::new(parts.io.into_inner(), parts.read_buf, max_message, deflate);
+            // The 101 response is still owed: it goes out with the first frame.
+            let (tcp, owed) = parts.io.into_inner().into_parts();
+            let ws = WebSocket::new(tcp, parts.read_buf, owed, max_message, deflate);
             setup(ws).await
         });
         let task = start.map(OptionFuture::from).flatten();
