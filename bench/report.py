@@ -448,10 +448,17 @@ def markdown(summary, meta, machine):
     if p99 is not None:
         L.append(f"| p99 ≤ 2 ms at {meta['rate_subs']} subscribers × {meta['rate']} msg/s | {p99:,.0f} µs | "
                  f"{status(p99 <= 2000)}{'' if p99 <= 2000 else f' by {p99 - 2000:,.0f} µs'} |")
-    hs = median([idle[n]["switchboard"]["handshakes_per_sec"] for n in ns])
-    hsmax = max([idle[n]["switchboard"]["handshakes_per_sec"] or 0 for n in ns])
+    # Judged on the largest N: the longest burst of handshakes (about a
+    # second at 19k); runs at small N last tens of milliseconds, mostly
+    # ramp-up, and are shown beside it.
+    nmax = max(ns)
+    hs = idle[nmax]["switchboard"]["handshakes_per_sec"]
+    others = [idle[n]["switchboard"]["handshakes_per_sec"] for n in ns if n != nmax]
+    others = [x for x in others if x]
     if hs is not None:
-        L.append(f"| ≥ 20k handshakes/s | {hs:,.0f}/s (median over N; best {hsmax:,.0f}/s) | "
+        rest = (f"; {min(others) / 1000:.1f}–{max(others) / 1000:.1f} k/s in the shorter runs at N ≤ "
+                f"{max(n for n in ns if n != nmax):,}" if others else "")
+        L.append(f"| ≥ 20k handshakes/s | {hs:,.0f}/s at N={nmax:,} (median of {meta['reps']}{rest}) | "
                  f"{status(hs >= 20000)}{'' if hs >= 20000 else f' ({hs / 20000:.0%} of the target)'} |")
     L.append("")
     L.append("![latency CDF](docs/bench/latency-cdf.svg)")
