@@ -117,9 +117,12 @@ impl AsyncWrite for HttpIo {
             .iter()
             .find(|b| !b.is_empty())
             .map_or(&[][..], |b| &b[..]);
-        if this.hold(first, || {
-            bufs.iter().flat_map(|b| b.iter().copied()).collect()
-        }) {
+        let concat = || {
+            let mut all = Vec::with_capacity(bufs.iter().map(|b| b.len()).sum());
+            bufs.iter().for_each(|b| all.extend_from_slice(b));
+            all
+        };
+        if this.hold(first, concat) {
             return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
         }
         ready!(this.poll_release(cx))?;
@@ -169,6 +172,24 @@ mod tests {
         io.flush().await.unwrap();
         let (_tcp, owed) = io.into_parts();
         assert_eq!(owed, b"HTTP/1.1 101 Switching Protocols\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_vectored_101_is_held_whole() {
+        // hyper writes the head with `writev` when the stream supports it.
+        let (mut io, _client) = pair().await;
+        let parts = [
+            IoSlice::new(b""),
+            IoSlice::new(b"HTTP/1.1 101 Switching Protocols\r\n"),
+            IoSlice::new(b"upgrade: websocket\r\n\r\n"),
+        ];
+        let n = io.write_vectored(&parts).await.unwrap();
+        assert_eq!(n, 56);
+        let (_tcp, owed) = io.into_parts();
+        assert_eq!(
+            owed,
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n"
+        );
     }
 
     #[tokio::test]
