@@ -33,15 +33,37 @@ const WRITE_HIGH_WATER: usize = 64 * 1024;
 /// connection holds a pointer per direction (its task is what an idle
 /// connection costs: see `session::Live`).
 #[derive(Default)]
-struct Pending {
+pub(super) struct Pending {
     bytes: Vec<u8>,
     /// How much of `bytes` is consumed (decoded, or written) already.
     pos: usize,
 }
 
 impl Pending {
-    fn rest(&self) -> &[u8] {
+    /// `bytes` waiting, or `None` (no allocation) when there are none.
+    pub(super) fn boxed(bytes: Vec<u8>) -> Option<Box<Pending>> {
+        (!bytes.is_empty()).then(|| Box::new(Pending { bytes, pos: 0 }))
+    }
+
+    /// The bytes not yet consumed.
+    pub(super) fn rest(&self) -> &[u8] {
         &self.bytes[self.pos..]
+    }
+
+    /// Write what is left to `io`; ready once all of it is written.
+    pub(super) fn poll_write_to(
+        &mut self,
+        io: &mut TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        while self.pos < self.bytes.len() {
+            let n = ready!(Pin::new(&mut *io).poll_write(cx, self.rest()))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.pos += n;
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -71,29 +93,19 @@ pub struct WebSocket {
 impl WebSocket {
     /// Wrap an upgraded connection. `read_buf` holds bytes the HTTP layer
     /// read past the upgrade request; `owed` bytes the client is still due
-    /// (the held-back 101 response), sent ahead of the first frame;
-    /// `max_message` is the size limit.
-    pub fn new(
+    /// (the held-back 101 response, see [`HttpIo`](super::HttpIo)), sent
+    /// ahead of the first frame; `max_message` is the size limit.
+    pub(super) fn new(
         io: TcpStream,
         read_buf: Bytes,
-        owed: Vec<u8>,
+        owed: Option<Box<Pending>>,
         max_message: usize,
         deflate: Option<Deflate>,
     ) -> Self {
         WebSocket {
             io,
-            rbuf: (!read_buf.is_empty()).then(|| {
-                Box::new(Pending {
-                    bytes: read_buf.to_vec(),
-                    pos: 0,
-                })
-            }),
-            wbuf: (!owed.is_empty()).then(|| {
-                Box::new(Pending {
-                    bytes: owed,
-                    pos: 0,
-                })
-            }),
+            rbuf: Pending::boxed(read_buf.to_vec()),
+            wbuf: owed,
             decoder: Decoder::new(),
             max_message: u32::try_from(max_message).unwrap_or(u32::MAX),
             deflate: deflate.map(Box::new),
@@ -110,13 +122,7 @@ impl WebSocket {
     /// Write out `wbuf`; frees it once everything is written.
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if let Some(w) = self.wbuf.as_deref_mut() {
-            while w.pos < w.bytes.len() {
-                let n = ready!(Pin::new(&mut self.io).poll_write(cx, w.rest()))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                w.pos += n;
-            }
+            ready!(w.poll_write_to(&mut self.io, cx))?;
             self.wbuf = None;
         }
         Poll::Ready(Ok(()))

@@ -21,54 +21,36 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::conn::Pending;
+
 /// The start of the only response that is held back.
 const SWITCHING_PROTOCOLS: &[u8] = b"HTTP/1.1 101 ";
 
 /// The accepted `TcpStream`, plus a held-back 101 response.
 pub struct HttpIo {
     tcp: TcpStream,
-    /// A 101 response hyper has written, not yet sent; `None` until then
-    /// (no allocation for plain HTTP).
-    held: Option<Vec<u8>>,
-    /// How much of `held` has been sent since (only when something else
-    /// had to follow it on the HTTP side).
-    held_pos: usize,
+    /// A 101 response hyper has written, not yet sent (or not all of it,
+    /// when something had to follow it on the HTTP side); `None` until
+    /// then (no allocation for plain HTTP).
+    held: Option<Box<Pending>>,
 }
 
 impl HttpIo {
     pub fn new(tcp: TcpStream) -> Self {
-        HttpIo {
-            tcp,
-            held: None,
-            held_pos: 0,
-        }
+        HttpIo { tcp, held: None }
     }
 
     /// The connection, and what it still owes the client (the 101
     /// response, or nothing) ahead of anything else.
-    pub fn into_parts(self) -> (TcpStream, Vec<u8>) {
-        let owed = match self.held {
-            Some(mut held) => {
-                held.drain(..self.held_pos);
-                held
-            }
-            None => Vec::new(),
-        };
-        (self.tcp, owed)
+    pub(super) fn into_parts(self) -> (TcpStream, Option<Box<Pending>>) {
+        (self.tcp, self.held)
     }
 
     /// Send the held bytes, if any, before anything else is written.
     fn poll_release(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if let Some(held) = &self.held {
-            while self.held_pos < held.len() {
-                let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &held[self.held_pos..]))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                self.held_pos += n;
-            }
+        if let Some(held) = self.held.as_deref_mut() {
+            ready!(held.poll_write_to(&mut self.tcp, cx))?;
             self.held = None;
-            self.held_pos = 0;
         }
         Poll::Ready(Ok(()))
     }
@@ -76,7 +58,7 @@ impl HttpIo {
     /// Hold `bytes` if they are a 101 response and nothing is held yet.
     fn hold(&mut self, first: &[u8], bytes: impl FnOnce() -> Vec<u8>) -> bool {
         if self.held.is_none() && first.starts_with(SWITCHING_PROTOCOLS) {
-            self.held = Some(bytes());
+            self.held = Pending::boxed(bytes());
             return true;
         }
         false
@@ -171,7 +153,10 @@ mod tests {
             .unwrap();
         io.flush().await.unwrap();
         let (_tcp, owed) = io.into_parts();
-        assert_eq!(owed, b"HTTP/1.1 101 Switching Protocols\r\n\r\n");
+        assert_eq!(
+            owed.expect("the 101 is owed").rest(),
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n"
+        );
     }
 
     #[tokio::test]
@@ -187,7 +172,7 @@ mod tests {
         assert_eq!(n, 56);
         let (_tcp, owed) = io.into_parts();
         assert_eq!(
-            owed,
+            owed.expect("the 101 is owed").rest(),
             b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n"
         );
     }
@@ -203,6 +188,6 @@ mod tests {
         let mut got = Vec::new();
         client.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"HTTP/1.1 101 Switching Protocols\r\n\r\nafter");
-        assert!(io.into_parts().1.is_empty());
+        assert!(io.into_parts().1.is_none(), "nothing is owed any more");
     }
 }
