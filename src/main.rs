@@ -131,23 +131,9 @@ fn healthcheck(port: u16) -> ExitCode {
     }
 }
 
-/// Pending connections the kernel may queue before `accept` (capped by
-/// `net.core.somaxconn`). `TcpListener::bind` asks for 128, which a
-/// reconnect storm overflows: the dropped SYNs are retried by clients only
-/// after a second.
-const LISTEN_BACKLOG: u32 = 4096;
-
 async fn serve(config: Config) -> switchboard::Result<()> {
     let addr = SocketAddr::new(config.host, config.port);
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    // As `TcpListener::bind` does: a restarted instance can bind again
-    // while its old connections sit in TIME_WAIT.
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    let listener = socket.listen(LISTEN_BACKLOG)?;
+    let listener = server::bind(addr)?;
     let node = Node::new(config).await?;
     server::run(listener, node, server::shutdown_signal()).await
 }

@@ -240,6 +240,25 @@ async fn metrics(State(state): State<AppState>) -> Json<serde_json::Value> {
     }))
 }
 
+/// Pending connections the kernel may queue before `accept` (capped by
+/// `net.core.somaxconn`). `TcpListener::bind` asks for 128, which a
+/// reconnect storm overflows: the dropped SYNs are retried by clients only
+/// after a second.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Bind the listening socket for [`run`], with [`LISTEN_BACKLOG`] and
+/// `SO_REUSEADDR` (as `TcpListener::bind` sets it: a restarted instance can
+/// bind again while its old connections sit in TIME_WAIT).
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Serve on `listener` until `shutdown` completes, then drain (see the
 /// module docs). Returns once every connection task has ended or the drain
 /// timeout has passed.

@@ -278,9 +278,7 @@ impl Served {
         let (broker, presence) = switchboard::broker::pubsub::connect_typed(project, &config)
             .await
             .expect("the emulator is reachable");
-        let listener = tokio::net::TcpListener::bind((config.host, config.port))
-            .await
-            .unwrap();
+        let listener = switchboard::server::bind((config.host, config.port).into()).unwrap();
         let addr = listener.local_addr().unwrap();
         let node = Node::with_backends(config, broker.clone(), presence)
             .await

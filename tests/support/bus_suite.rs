@@ -168,7 +168,7 @@ impl Instance {
             .build()?;
         let (stop, stopped) = oneshot::channel::<()>();
         let started = rt.spawn(async move {
-            let listener = tokio::net::TcpListener::bind((config.host, config.port)).await?;
+            let listener = switchboard::server::bind((config.host, config.port).into())?;
             let addr = listener.local_addr()?;
             let node = Node::new(config).await?;
             let n = node.clone();

@@ -88,9 +88,7 @@ pub async fn start_with(settings: Settings) -> TestServer {
 }
 
 pub async fn start_config(config: Config) -> TestServer {
-    let listener = tokio::net::TcpListener::bind((config.host, config.port))
-        .await
-        .unwrap();
+    let listener = server::bind((config.host, config.port).into()).unwrap();
     let addr = listener.local_addr().unwrap();
     let node = Node::new(config).await.expect("node starts");
     let (stop, stopped) = oneshot::channel::<()>();
