@@ -4,11 +4,16 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::handshake::client::generate_key;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 pub type Ws = WebSocketStream<TcpStream>;
 
@@ -19,13 +24,27 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Clone, Debug)]
 pub struct Target {
-    pub url: String,
     pub addr: SocketAddr,
     /// Each client's read buffer ([`FANOUT_READ_BUFFER`] unless changed).
     pub read_buffer: usize,
+    /// The opening handshake's request, encoded once per run: the tool
+    /// shares the cores with the server it measures, so its own cost per
+    /// connection is kept low. One key for the run; the server only checks
+    /// a key's form.
+    request: Arc<str>,
+    /// The `Sec-WebSocket-Accept` value the 101 must carry for that key.
+    accept: Arc<str>,
 }
 
 impl Target {
+    /// The same target, with `bytes` of read buffer per client.
+    pub fn with_read_buffer(self, bytes: usize) -> Target {
+        Target {
+            read_buffer: bytes,
+            ..self
+        }
+    }
+
     /// Parse `ws://host:port/path`; refuses anything but a loopback address.
     pub fn parse(url: &str) -> Result<Target, String> {
         let rest = url
@@ -47,10 +66,19 @@ impl Target {
                 "{url}: the benchmark only targets loopback addresses"
             ));
         }
+        let path = rest.find('/').map_or("/", |i| &rest[i..]);
+        let host = rest.split('/').next().unwrap_or(rest);
+        let key = generate_key();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n\
+             Sec-WebSocket-Version: 13\r\n\r\n"
+        );
         Ok(Target {
-            url: url.to_string(),
             addr,
             read_buffer: FANOUT_READ_BUFFER,
+            request: request.into(),
+            accept: derive_accept_key(key.as_bytes()).into(),
         })
     }
 }
@@ -99,27 +127,62 @@ async fn connect_inner(target: &Target, i: usize) -> Result<Client, String> {
     stream
         .set_nodelay(true)
         .map_err(|e| format!("nodelay: {e}"))?;
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
-        target.url.as_str(),
-        stream,
-        Some(ws_config(target.read_buffer)),
-    )
-    .await
-    .map_err(|e| format!("upgrade: {e}"))?;
+    let mut ws = upgrade(target, stream).await?;
     loop {
         match ws.next().await {
-            Some(Ok(Message::Text(t))) => {
-                let v: serde_json::Value =
-                    serde_json::from_str(&t).map_err(|e| format!("welcome: {e}"))?;
-                if v.get("type").and_then(|t| t.as_str()) == Some("connected") {
-                    return Ok(Client { ws });
-                }
+            // The welcome, found without parsing the JSON.
+            Some(Ok(Message::Text(t))) if t.contains("\"type\":\"connected\"") => {
+                return Ok(Client { ws });
             }
             Some(Ok(_)) => continue,
             Some(Err(e)) => return Err(format!("before welcome: {e}")),
             None => return Err("closed before welcome".into()),
         }
     }
+}
+
+/// The client side of the opening handshake (RFC 6455 §4.1), by hand:
+/// send the prepared request, read the response head, check the 101 and
+/// its accept key, and hand what followed the head (the welcome, usually)
+/// to the WebSocket.
+async fn upgrade(target: &Target, mut stream: TcpStream) -> Result<Ws, String> {
+    stream
+        .write_all(target.request.as_bytes())
+        .await
+        .map_err(|e| format!("upgrade request: {e}"))?;
+    let mut buf = [0u8; 2048];
+    let mut n = 0;
+    let end = loop {
+        let got = stream
+            .read(&mut buf[n..])
+            .await
+            .map_err(|e| format!("upgrade response: {e}"))?;
+        if got == 0 {
+            return Err("closed during the upgrade".into());
+        }
+        n += got;
+        if let Some(i) = buf[..n].windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if n == buf.len() {
+            return Err("upgrade response head too long".into());
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]);
+    if !head.starts_with("HTTP/1.1 101") {
+        let status = head.lines().next().unwrap_or_default().to_string();
+        return Err(format!("upgrade refused: {status}"));
+    }
+    if !head.contains(&*target.accept) {
+        return Err("upgrade response without the expected Sec-WebSocket-Accept".into());
+    }
+    Ok(WebSocketStream::from_partially_read(
+        stream,
+        buf[end..n].to_vec(),
+        Role::Client,
+        Some(ws_config(target.read_buffer)),
+    )
+    .await)
 }
 
 /// Let `connect` pick the source port instead of `bind`. With port 0,

@@ -63,10 +63,7 @@ pub struct IdleResult {
 }
 
 pub async fn run(args: &IdleArgs) -> Result<IdleResult, String> {
-    let target = Target {
-        read_buffer: conn::IDLE_READ_BUFFER,
-        ..Target::parse(&args.url)?
-    };
+    let target = Target::parse(&args.url)?.with_read_buffer(conn::IDLE_READ_BUFFER);
     if args.warmup > 0 {
         let w = conn::open_many(&target, 0..args.warmup, args.concurrency).await;
         if w.clients.is_empty() {
