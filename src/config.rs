@@ -225,6 +225,13 @@ pub struct Settings {
     /// [default: disconnect].
     #[arg(long, env = "SWITCHBOARD_SLOW_CONSUMER")]
     pub slow_consumer: Option<SlowConsumerPolicy>,
+    // -- history budget (issue 13) --
+    /// Instance-wide budget of retained history bytes: the NATS stream's
+    /// `max_bytes` (oldest dropped first); the memory and Pub/Sub buses
+    /// trim to it [default: 268435456].
+    #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_BYTES")]
+    pub history_max_bytes: Option<u64>,
+    // -- end history budget --
     /// Per-namespace options; only in the TOML file (`[namespaces.chat]`).
     #[arg(skip)]
     pub namespaces: HashMap<String, NamespaceSettings>,
@@ -415,6 +422,12 @@ pub struct Config {
     pub strict_namespaces: bool,
     /// Serve demo pages, /client.js and the `sys:metrics` channel.
     pub demo: bool,
+    // -- history budget (issue 13) --
+    /// Instance-wide budget of retained history bytes, so that history
+    /// cannot grow without bound: the NATS stream's `max_bytes`; on Redis
+    /// the operator's `maxmemory` is the bound (see `broker::redis`).
+    pub history_max_bytes: u64,
+    // -- end history budget --
     /// Options of channels without a configured namespace.
     pub default_namespace: NamespaceOptions,
     /// Options per configured namespace.
@@ -489,7 +502,9 @@ impl Settings {
             max_connections_per_user,
             api_key_file,
             anonymous,
-            ack_timeout
+            ack_timeout,
+            // history budget (issue 13)
+            history_max_bytes
         );
         if self.namespaces.is_empty() {
             self.namespaces = lower.namespaces;
@@ -766,6 +781,15 @@ impl Config {
             channel_echo: pick!(s.channel_echo, true),
             strict_namespaces: pick!(s.strict_namespaces, false),
             demo: pick!(s.demo, true),
+            // history budget (issue 13)
+            history_max_bytes: match pick!(s.history_max_bytes, 256 << 20) {
+                0 => {
+                    return Err(Error::Config(
+                        "history_max_bytes must be greater than 0".into(),
+                    ));
+                }
+                n => n,
+            },
             default_namespace,
             namespaces,
         })
