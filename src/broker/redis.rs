@@ -9,19 +9,20 @@
 //!
 //! | key / topic | type | what |
 //! |---|---|---|
-//! | `P:ch:{ch}:meta` | hash `epoch`, `top` | the stream's epoch (random) and newest offset; expires `max(history ttl, 1 h)` after the last publish |
-//! | `P:ch:{ch}:stream` | stream, ids `0-<offset>` | retained publications: field `b` the JSON body, `x` the expiry (Redis ms); `MAXLEN` = history size, key expires history ttl after the last publish |
+//! | `P:ch:{ch}:meta` | hash `epoch`, `top` | the stream's epoch and newest offset; written only by a publish, expires the namespace's `history_ttl` after the last one |
+//! | `P:ch:{ch}:stream` | stream, ids `0-<offset>` | retained publications: field `b` the JSON body, `x` the expiry (Redis ms); exact `MAXLEN` = the namespace's `history_size` (no key when it is 0); expires `history_ttl` after the last publish |
+//! | `P:gen` | string, no expiry | the epoch the next new stream takes (one key per deployment, rewritten by each stream creation, restored by the heartbeat) |
 //! | `P:pr:{ch}:members` | hash client id → info JSON | presence |
 //! | `P:pr:{ch}:expiry` | zset client id → expiry (Redis ms) | per-member expiry, refreshed by the heartbeat |
 //! | `P:client:<client id>` | string → instance id, `PX presence_ttl` | the direct-message directory |
-//! | topic `P:ch:{ch}` | pub/sub | `p <epoch> <offset> <body>` publications and `c <control>` join/leave of the channel |
+//! | topic `P:ch:{ch}` | pub/sub | `p <epoch> <offset> <body>` publications and `c <control>` join/leave of the channel; for a user channel `#user:<sub>`, `p - 0 <body>` (no key behind it) |
 //! | topic `P:all` | pub/sub | `b <body>` broadcasts |
 //! | topic `P:inst:<instance id>` | pub/sub | `d <direct>` messages for clients of that instance |
 //!
 //! # Guarantees
 //!
 //! * **Publish** is one Lua script: create the epoch if the meta is gone,
-//!   `HINCRBY top`, `XADD` (exact `MAXLEN`), `PUBLISH`. Redis runs scripts
+//!   `HINCRBY top`, `XADD` (exact `MAXLEN`), `PEXPIRE`, `PUBLISH`. Redis runs scripts
 //!   one at a time, so offsets grow by exactly one and the publications of
 //!   a channel enter every subscriber connection in offset order. Each
 //!   instance holds one pub/sub connection, `SUBSCRIBE`d to the topics of
@@ -31,10 +32,42 @@
 //!   shortcut), so every instance delivers the same order, exactly once.
 //! * **History and recovery**: the stream keeps the last `history_size`
 //!   publications, each until its expiry (filtered on read with Redis
-//!   `TIME`, so clocks of instances do not matter). A client can recover on
-//!   any instance. When Redis loses the keys (restart without persistence,
-//!   `FLUSHALL`, idle expiry) the next publish or read creates a new epoch,
-//!   so a stale position is never trusted.
+//!   `TIME`, so clocks of instances do not matter; a read also returns at
+//!   most the newest `history_size`, should a namespace have shrunk). A
+//!   client can recover on any instance.
+//! * **Epochs, and nothing written by reads.** A history or position read
+//!   (every subscribe makes one) writes nothing: for a channel without a
+//!   stream it reports `(G, 0)`, `G` being the current value of `P:gen`.
+//!   The publish that creates a stream takes `G` as its epoch and replaces
+//!   `P:gen` with a fresh random value in the same script, so every stream
+//!   ever created has an epoch of its own, and a reader that saw `(G, 0)`
+//!   recovers everything after it exactly when the stream it finds is the
+//!   first one created after its read. (If another channel's stream was
+//!   created in between, the epochs differ: live delivery simply moves to
+//!   the new epoch, a recovery from `(G, 0)` answers `recovered:false`.)
+//!   When Redis loses the keys (restart without persistence, `FLUSHALL`,
+//!   eviction, expiry) the next publish starts a new epoch, so a stale
+//!   position is never trusted. `P:gen` lives in its own hash slot: the
+//!   scripts are not Redis-Cluster-safe (the bus speaks to one Redis
+//!   endpoint, e.g. Memorystore Basic/Standard).
+//! * **What history keeps, and for how long.** A channel's keys expire
+//!   `history_ttl` after its last publication, the meta key included:
+//!   once every publication has expired, nothing of the channel is left.
+//!   Remembering the epoch longer (this bus did, for an hour) is not needed
+//!   for correct recovery: a client recovering across the restart of an
+//!   idle channel gets `recovered:false`, which is true to what the server
+//!   can prove; the only cost is that a client that had seen everything is
+//!   told so too. A namespace with `history_size = 0` keeps the meta key
+//!   only (offsets keep advancing) for `history_ttl`; user channels
+//!   (`#user:<sub>`, user-addressed `direct`) keep nothing at all: their
+//!   messages are a bare `PUBLISH`, at most once.
+//! * **Memory bound.** One instance cannot enforce an instance-wide byte
+//!   budget (`history_max_bytes`) on a Redis shared by many: the bound
+//!   there is the operator's `maxmemory` with a `volatile-ttl` or
+//!   `volatile-lru` policy. Every history key carries a TTL, so these
+//!   policies can evict them (a channel whose keys are evicted restarts in
+//!   a new epoch, as above); presence and directory keys carry TTLs too,
+//!   and only `P:gen` has none (one small key).
 //! * **Presence**: each member has an expiry `presence_ttl` ahead,
 //!   refreshed every `presence_ttl / 3` by the instance's heartbeat (which
 //!   rewrites the entries, so they also come back after Redis lost them);
@@ -84,6 +117,7 @@ use super::{
 };
 use crate::config::{Config, random_base36};
 use crate::error::{Error, Result};
+use crate::node::is_internal_channel;
 use crate::protocol::{ClientInfo, Publication, StreamPosition};
 
 /// Longest `connect` waits for Redis at start-up.
@@ -96,15 +130,24 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest reconnection delay.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The epoch written on user-addressed messages, which have none.
+const NO_EPOCH: &str = "-";
 
 /// Atomic publish: epoch, offset, append, fan-out.
-/// KEYS: meta, stream. ARGV: topic, body, size, ttl ms, new epoch, meta ttl ms.
+/// KEYS: meta, stream, generation. ARGV: topic, body, size, ttl ms, next
+/// generation, fallback epoch.
+///
+/// A new stream takes the deployment's current generation as its epoch
+/// (what reads of the absent stream reported) and moves the generation on,
+/// so no two streams ever carry the same epoch. Every key it writes
+/// expires `ttl` after this publish.
 const PUBLISH_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
-  epoch = ARGV[5]
+  epoch = redis.call('GET', KEYS[3]) or ARGV[6]
+  redis.call('SET', KEYS[3], ARGV[5])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', 0)
   redis.call('DEL', KEYS[2])
 end
@@ -116,31 +159,30 @@ if size > 0 then
 else
   redis.call('DEL', KEYS[2])
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PUBLISH', ARGV[1], 'p ' .. epoch .. ' ' .. top .. ' ' .. ARGV[2])
 return {epoch, top}
 "#;
 
-/// History read (creates the epoch if missing, so positions are stable).
-/// KEYS: meta, stream. ARGV: since epoch or '', since offset, limit (-1:
-/// all), new epoch, meta ttl ms. Returns {epoch, top, {{offset, body}…}}.
+/// History read; writes nothing. An absent stream reports the current
+/// generation (the epoch its first publication will carry) at offset 0,
+/// or `fallback` (never stored) when the generation key is gone too.
+/// KEYS: meta, stream, generation. ARGV: since epoch or '', since offset,
+/// limit (-1: all), fallback epoch, size. Returns {epoch, top,
+/// {{offset, body}…}}.
 const HISTORY_LUA: &str = r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  return {redis.call('GET', KEYS[3]) or ARGV[4], 0, {}}
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-local top = 0
-if not epoch then
-  epoch = ARGV[4]
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', 0)
-  redis.call('DEL', KEYS[2])
-  redis.call('PEXPIRE', KEYS[1], ARGV[5])
-else
-  top = tonumber(redis.call('HGET', KEYS[1], 'top') or '0')
-end
+local top = tonumber(redis.call('HGET', KEYS[1], 'top') or '0')
 local out = {}
 local limit = tonumber(ARGV[3])
 if limit ~= 0 and (ARGV[1] == '' or ARGV[1] == epoch) then
-  local entries = redis.call('XRANGE', KEYS[2], '(0-' .. ARGV[2], '+')
+  local after = math.max(tonumber(ARGV[2]), top - tonumber(ARGV[5]))
+  local entries = redis.call('XRANGE', KEYS[2], '(0-' .. after, '+')
   for _, e in ipairs(entries) do
     if limit > 0 and #out >= limit then break end
     local f = e[2]
@@ -213,6 +255,9 @@ struct Keys {
     all: String,
     /// `P:inst:<this instance>`, this instance's direct topic.
     own: String,
+    /// `P:gen`, the epoch the next new stream takes (one key per
+    /// deployment, no expiry).
+    generation: String,
 }
 
 impl Keys {
@@ -222,6 +267,7 @@ impl Keys {
             channel_topic_start: format!("{prefix}:ch:{{"),
             all: format!("{prefix}:all"),
             own: format!("{prefix}:inst:{instance_id}"),
+            generation: format!("{prefix}:gen"),
         }
     }
     fn topic(&self, channel: &str) -> String {
@@ -444,6 +490,13 @@ impl Inner {
         // Chunks keep each pipeline (and the memory it needs) bounded.
         let mut pipe = redis::pipe();
         let mut queued = 0usize;
+        // The generation (the epoch reads report for absent streams) comes
+        // back within a beat after Redis lost it.
+        pipe.cmd("SET")
+            .arg(&self.keys.generation)
+            .arg(random_base36(8))
+            .arg("NX")
+            .ignore();
         for id in &clients {
             pipe.cmd("SET")
                 .arg(self.keys.client(id))
@@ -482,9 +535,6 @@ impl Inner {
                 queued = 0;
             }
         }
-        if pipe.is_empty() {
-            return Ok(());
-        }
         pipe.exec_async(&mut conn).await.map_err(bus_err)
     }
 
@@ -505,11 +555,12 @@ impl Inner {
             .history
             .key(self.keys.meta(channel))
             .key(self.keys.stream(channel))
+            .key(&self.keys.generation)
             .arg(since.map_or("", |s| &*s.epoch))
             .arg(since.map_or(0, |s| s.offset))
             .arg(limit)
             .arg(random_base36(8))
-            .arg(meta_ttl_ms(history))
+            .arg(history.size)
             .invoke_async(&mut conn)
             .await
             .map_err(bus_err)?;
@@ -685,15 +736,6 @@ fn backoff(attempt: u32) -> Duration {
     base.mul_f64(0.5 + fastrand::f64())
 }
 
-/// How long a channel's epoch and offset outlive its last publication.
-fn meta_ttl_ms(history: HistoryOptions) -> u64 {
-    history
-        .ttl
-        .max(super::memory::STREAM_IDLE_EXPIRY)
-        .as_millis()
-        .min(u128::from(u64::MAX)) as u64
-}
-
 /// The Redis [`Broker`].
 pub struct RedisBroker {
     /// Shared with the presence store and the supervisor.
@@ -844,17 +886,36 @@ impl Broker for RedisBroker {
             timestamp: publication.timestamp,
         })
         .map_err(bus_err)?;
+        if is_internal_channel(channel) {
+            // A user-addressed direct message: at most once, no history,
+            // no offset, no key; only the instances holding the user's
+            // connections listen on the topic.
+            let _: u64 = redis::cmd("PUBLISH")
+                .arg(self.inner.keys.topic(channel))
+                .arg(format!("p {NO_EPOCH} 0 {body}"))
+                .query_async(&mut conn)
+                .await
+                .map_err(bus_err)?;
+            return Ok(StreamPosition {
+                epoch: NO_EPOCH.into(),
+                offset: 0,
+            });
+        }
+        let ttl_ms = u64::try_from(history.ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
         let (epoch, offset): (String, u64) = self
             .inner
             .publish
             .key(self.inner.keys.meta(channel))
             .key(self.inner.keys.stream(channel))
+            .key(&self.inner.keys.generation)
             .arg(self.inner.keys.topic(channel))
             .arg(body)
             .arg(history.size)
-            .arg(history.ttl.as_millis().max(1) as u64)
+            .arg(ttl_ms)
             .arg(random_base36(8))
-            .arg(meta_ttl_ms(history))
+            .arg(random_base36(8))
             .invoke_async(&mut conn)
             .await
             .map_err(bus_err)?;
