@@ -4,14 +4,16 @@
 //!
 //! # Layout (`P` = `bus_prefix`, `T(x)` = [`token`] of `x`)
 //!
-//! | what | where |
-//! | --- | --- |
-//! | channel history | stream `P-channels`, subjects `P.ch.T(channel)` |
-//! | live publications | `P.chl.T(channel).p`, republished by the stream |
-//! | join / leave | `P.chl.T(channel).e` (core) |
-//! | broadcast | `P.bcast` (core) |
-//! | direct | request to `P.cl.T(client id)` (core request/reply) |
-//! | presence | KV bucket `P-presence`, key `T(channel).T(instance)` |
+//! | what | where | kept |
+//! | --- | --- | --- |
+//! | channel history | stream `P-channels`, subjects `P.ch.T(channel)` | per subject: the largest namespace `history_size` (at least 1); `max_age` the longest namespace `history_ttl`; `max_bytes` = `history_max_bytes`, oldest dropped first |
+//! | live publications | `P.chl.T(channel).p`, republished by the stream | no |
+//! | join / leave | `P.chl.T(channel).e` (core) | no |
+//! | user-addressed direct (`#user:<sub>`) | `P.chl.T(#user:<sub>).u` (core; outside the stream) | no |
+//! | epoch generation | stream `P-gen`, subject `P.gen` | one message, no expiry |
+//! | broadcast | `P.bcast` (core) | no |
+//! | direct to a client | request to `P.cl.T(client id)` (core request/reply) | no |
+//! | presence | KV bucket `P-presence`, key `T(channel).T(instance)` | `presence_ttl` |
 //!
 //! [`token`] keeps `[A-Za-z0-9_-]` and writes every other byte as `=XX`, so
 //! any channel or client id is one valid subject token and KV key part.
@@ -29,12 +31,25 @@
 //! publishers. Publishes of one channel on one instance are serialized by
 //! a per-channel lock, so they do not contend with each other.
 //!
-//! A channel whose subject is empty (never used, purged, or expired) gets a
-//! new random epoch: the first publish writes offset 1 in a fresh epoch,
-//! and a history or position query on an empty channel writes a marker
-//! (offset 0, no data) so that the epoch it reports is the one the next
-//! publication will carry; a client that saw `(epoch, 0)` recovers
-//! everything after it. Markers are never delivered nor returned.
+//! A history or position query (every subscribe makes one) **writes
+//! nothing**. For a channel whose subject is empty (never used, purged,
+//! expired, dropped by `max_bytes`) it reports `(G, 0)`, `G` being the
+//! current value of the generation (`P.gen`). The publish that starts a
+//! channel's stream first replaces the generation, conditionally on the
+//! sequence it read (so each value is taken by one creation only), then
+//! writes offset 1 in epoch `G`. So no two streams of a channel share an
+//! epoch, and a reader that saw `(G, 0)` recovers everything after it when
+//! the channel's stream is the first one created after its read (it reads
+//! the generation before its second look at the channel, which makes a
+//! stream created and lost in between detectable: that one would have
+//! taken `G`). If another channel's creation took `G` first, the epochs
+//! differ: live delivery moves to the new epoch, and a recovery from
+//! `(G, 0)` answers `recovered:false` — never a silent gap. One narrow
+//! case is not covered: a creator that stalls between taking `G` and
+//! writing offset 1 for longer than a whole other stream of the channel
+//! lives. When the generation itself is lost, reads report a random
+//! epoch that is never stored and the next creation starts a new one.
+//! Markers (offset 0, no data) written by earlier versions are skipped.
 //!
 //! Live delivery comes from the stream's **republish** (`P.ch.*` →
 //! `P.chl.*.p`): the server republishes each message only once it is
@@ -53,17 +68,30 @@
 //! # History
 //!
 //! One stream per deployment: `max_msgs_per_subject` is the largest history
-//! size of all namespaces (plus one for the marker, at least 1 so the
-//! newest offset survives with history off) and `max_age` is the longest
-//! history TTL, but at least [`NatsOptions::idle_expiry`] (1 hour, as the
-//! memory bus): a channel keeps its epoch and offset until it has been
-//! idle that long, then the next publication starts a new epoch. Each
-//! namespace's own size and TTL are enforced on read (`history` returns at
-//! most the newest `size` publications younger than `ttl`). Short gaps are
-//! read by following each message's `prev` sequence with direct gets;
-//! longer ones with a short-lived ordered pull consumer on the subject.
-//! All instances of a deployment must run the same namespace options; an
-//! instance that needs larger limits grows the stream, never shrinks it.
+//! size of all namespaces (at least 1, so the newest offset survives with
+//! history off), `max_age` is the longest history TTL, and `max_bytes` is
+//! `history_max_bytes` with discard-old: the oldest publications of the
+//! whole deployment go first when the budget is reached. A channel keeps
+//! its epoch and offset until its newest message leaves the stream (`ttl`
+//! after its last publication, or earlier under byte pressure); the next
+//! publication then starts a new epoch. No longer memory is kept (earlier
+//! versions kept every message at least an hour): it is not needed for
+//! correct recovery — a client recovering across the restart of an idle
+//! channel gets `recovered:false`, which is what the server can prove; the
+//! only cost is that a client that had seen everything is told so too.
+//! Each namespace's own size and TTL are enforced on read (`history`
+//! returns at most the newest `size` publications younger than `ttl`, by
+//! their timestamp). Short gaps are read by following each message's
+//! `prev` sequence with direct gets; longer ones with a short-lived
+//! ordered pull consumer on the subject. All instances of a deployment
+//! must run the same namespace options: each sets the stream's limits to
+//! its own at start-up and after a reconnect (both ways, so the limits of
+//! an older, more generous version do not linger).
+//!
+//! User channels (`#user:<sub>`, the user-addressed `direct`) keep
+//! nothing: their messages are core publishes on `.u`, outside the
+//! stream, received by the instances subscribed to the channel's live
+//! subjects (those holding the user's connections), at most once.
 //!
 //! # Presence
 //!
@@ -126,6 +154,7 @@ use super::{
 };
 use crate::config::{Config, random_base36};
 use crate::error::{Error, Result};
+use crate::node::is_internal_channel;
 use crate::protocol::{ClientInfo, Publication, StreamPosition};
 
 /// Tunables of the NATS bus; [`NatsOptions::from_config`] gives the
@@ -140,9 +169,6 @@ pub struct NatsOptions {
     pub presence_ttl: Duration,
     /// How often this instance rewrites its presence keys.
     pub presence_refresh: Duration,
-    /// How long an idle channel keeps its epoch and offset (lower bound of
-    /// the stream's max age).
-    pub idle_expiry: Duration,
 }
 
 impl NatsOptions {
@@ -153,7 +179,6 @@ impl NatsOptions {
             request_timeout: Duration::from_secs(5),
             presence_ttl: config.presence_ttl,
             presence_refresh: config.presence_ttl / 3,
-            idle_expiry: Duration::from_secs(3600),
         }
     }
 }
@@ -164,6 +189,9 @@ const WALK_LIMIT: u64 = 16;
 
 /// Attempts of an optimistic publish before it gives up.
 const PUBLISH_ATTEMPTS: usize = 64;
+
+/// The epoch written on user-addressed messages, which have none.
+const NO_EPOCH: &str = "-";
 
 /// Connect the NATS bus with the production options.
 pub async fn connect(
@@ -210,10 +238,14 @@ pub async fn connect_with(
         client,
         js,
         stream_name: format!("{prefix}-channels"),
+        gen_stream_name: format!("{prefix}-gen"),
         bucket_name: format!("{prefix}-presence"),
         instance_token: token(&config.instance_id),
-        max_per_subject: i64::try_from(size).unwrap_or(i64::MAX - 1) + 1,
-        max_age: ttl.max(opts.idle_expiry),
+        // At least 1: with history off the newest message still carries
+        // the channel's epoch and offset.
+        max_per_subject: i64::try_from(size).unwrap_or(i64::MAX).max(1),
+        max_age: ttl,
+        max_bytes: i64::try_from(config.history_max_bytes).unwrap_or(i64::MAX),
         prefix,
         config: config.clone(),
         opts,
@@ -221,6 +253,7 @@ pub async fn connect_with(
         presence_dirty: Notify::new(),
     });
     bus.ensure_stream().await?;
+    bus.ensure_gen_stream().await?;
     bus.ensure_bucket().await?;
     let broker = Arc::new(NatsBroker {
         bus: bus.clone(),
@@ -335,6 +368,8 @@ struct Bus {
     prefix: String,
     /// The channel stream, `P-channels`.
     stream_name: String,
+    /// The stream of the epoch generation, `P-gen` (one message).
+    gen_stream_name: String,
     /// The presence bucket, `P-presence`.
     bucket_name: String,
     /// This instance's id as a key part.
@@ -343,6 +378,8 @@ struct Bus {
     max_per_subject: i64,
     /// The stream's `max_age`.
     max_age: Duration,
+    /// The stream's `max_bytes` (`history_max_bytes`, oldest dropped).
+    max_bytes: i64,
     /// Namespaces (per-channel history options for gap fills).
     config: Config,
     /// Timeouts and presence intervals.
@@ -386,6 +423,17 @@ impl Bus {
         format!("{}.chl.{}.e", self.prefix, token(channel))
     }
 
+    /// Core subject of a user channel's messages: under the channel's live
+    /// subjects (so only the instances holding the user get them), outside
+    /// the stream (so nothing is kept).
+    fn user_subject(&self, channel: &str) -> String {
+        format!("{}.chl.{}.u", self.prefix, token(channel))
+    }
+
+    fn gen_subject(&self) -> String {
+        format!("{}.gen", self.prefix)
+    }
+
     fn broadcast_subject(&self) -> String {
         format!("{}.bcast", self.prefix)
     }
@@ -401,6 +449,7 @@ impl Bus {
             subjects: vec![format!("{}.ch.*", self.prefix)],
             max_messages_per_subject: self.max_per_subject,
             max_age: self.max_age,
+            max_bytes: self.max_bytes,
             storage: stream::StorageType::File,
             discard: stream::DiscardPolicy::Old,
             allow_direct: true,
@@ -413,7 +462,9 @@ impl Bus {
         }
     }
 
-    /// Create the channel stream, or grow an existing one to our limits.
+    /// Create the channel stream, or set an existing one to our limits
+    /// (both ways: a stream made with larger limits, or by an older
+    /// version that kept everything for an hour, is brought down to them).
     async fn ensure_stream(&self) -> Result<()> {
         let wanted = self.stream_config();
         let mut stream = self
@@ -426,24 +477,96 @@ impl Bus {
             .await
             .map_err(|e| bus_err(format!("JetStream stream {}: {e}", self.stream_name)))?;
         let have = &info.config;
-        if have.max_messages_per_subject < wanted.max_messages_per_subject
-            || have.max_age < wanted.max_age
+        if have.max_messages_per_subject != wanted.max_messages_per_subject
+            || have.max_age != wanted.max_age
+            || have.max_bytes != wanted.max_bytes
+            || have.discard != wanted.discard
             || have.republish != wanted.republish
             || !have.allow_direct
         {
-            let mut grown = have.clone();
-            grown.max_messages_per_subject = have
-                .max_messages_per_subject
-                .max(wanted.max_messages_per_subject);
-            grown.max_age = have.max_age.max(wanted.max_age);
-            grown.republish = wanted.republish;
-            grown.allow_direct = true;
+            let mut updated = have.clone();
+            updated.max_messages_per_subject = wanted.max_messages_per_subject;
+            updated.max_age = wanted.max_age;
+            updated.max_bytes = wanted.max_bytes;
+            updated.discard = wanted.discard;
+            updated.republish = wanted.republish;
+            updated.allow_direct = true;
             self.js
-                .update_stream(grown)
+                .update_stream(updated)
                 .await
                 .map_err(|e| bus_err(format!("updating stream {}: {e}", self.stream_name)))?;
         }
         Ok(())
+    }
+
+    /// Create the generation stream if needed and give it a first value
+    /// if it has none.
+    async fn ensure_gen_stream(&self) -> Result<()> {
+        self.create_gen_stream().await?;
+        if self.generation().await?.is_none() {
+            // Refused when another instance got there first: fine.
+            let _ = self.rotate_generation(0).await?;
+        }
+        Ok(())
+    }
+
+    /// Create the generation stream: one subject, one message, no expiry,
+    /// no byte limit that channel traffic could push it out of.
+    async fn create_gen_stream(&self) -> Result<()> {
+        let config = stream::Config {
+            name: self.gen_stream_name.clone(),
+            description: Some("switchboard: the epoch the next new channel stream takes".into()),
+            subjects: vec![self.gen_subject()],
+            max_messages_per_subject: 1,
+            storage: stream::StorageType::File,
+            discard: stream::DiscardPolicy::Old,
+            allow_direct: true,
+            ..Default::default()
+        };
+        self.js
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| bus_err(format!("JetStream stream {}: {e}", self.gen_stream_name)))?;
+        Ok(())
+    }
+
+    /// The current generation and its stream sequence; `None` when the
+    /// server lost it.
+    async fn generation(&self) -> Result<Option<(Arc<str>, u64)>> {
+        let stream = self.stream_named(&self.gen_stream_name).await?;
+        match stream.direct_get_last_for_subject(self.gen_subject()).await {
+            Ok(m) => Ok(std::str::from_utf8(&m.payload)
+                .ok()
+                .map(|g| (Arc::from(g), m.sequence))),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(bus_err(format!("reading the epoch generation: {e}"))),
+        }
+    }
+
+    /// Replace the generation at sequence `expected` (0: none) with a
+    /// fresh one; `false` when another instance replaced it first.
+    async fn rotate_generation(&self, expected: u64) -> Result<bool> {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            expected.to_string().as_str(),
+        );
+        let ack = self
+            .js
+            .publish_with_headers(self.gen_subject(), headers, Bytes::from(random_base36(8)))
+            .await
+            .map_err(|e| bus_err(format!("writing the epoch generation: {e}")))?;
+        match ack.await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                Ok(false)
+            }
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound => {
+                self.create_gen_stream().await?;
+                Ok(false)
+            }
+            Err(e) => Err(bus_err(format!("writing the epoch generation: {e}"))),
+        }
     }
 
     /// Create the presence bucket if it does not exist.
@@ -528,32 +651,18 @@ impl Bus {
         }
     }
 
-    /// The channel's head, writing an epoch marker if it is empty, so the
-    /// epoch reported now is the one its next publication will carry.
-    async fn head_or_marker(&self, subject: &str) -> Result<Head> {
+    /// The epoch of a new channel stream: the current generation, which
+    /// this call replaces (conditionally, so each generation is taken by
+    /// one creation only); a fresh random one when the server lost it.
+    async fn take_epoch(&self) -> Result<Arc<str>> {
         for _ in 0..PUBLISH_ATTEMPTS {
-            if let Some(head) = self.head(subject).await? {
-                return Ok(head);
-            }
-            let epoch = random_base36(8);
-            let body = serde_json::to_vec(&WireOut {
-                epoch: &epoch,
-                offset: 0,
-                prev: 0,
-                sender_id: None,
-                timestamp: crate::protocol::now_ms(),
-                data: None,
-            })
-            .map_err(|e| bus_err(format!("encoding a marker: {e}")))?;
-            if let Some(seq) = self.append(subject, 0, body).await? {
-                return Ok(Head {
-                    seq,
-                    epoch: epoch.into(),
-                    offset: 0,
-                });
+            let current = self.generation().await?;
+            let expected = current.as_ref().map_or(0, |g| g.1);
+            if self.rotate_generation(expected).await? {
+                return Ok(current.map_or_else(|| Arc::from(random_base36(8)), |g| g.0));
             }
         }
-        Err(bus_err(format!("{subject}: too much contention")))
+        Err(bus_err("epoch generation: too much contention"))
     }
 
     /// Publications of `subject` in `head`'s epoch with `lower < offset <=
@@ -681,7 +790,26 @@ impl Bus {
     ) -> Result<HistoryResult> {
         self.connected()?;
         let subject = self.stream_subject(channel);
-        let head = self.head_or_marker(&subject).await?;
+        let head = match self.head(&subject).await? {
+            Some(h) => h,
+            None => {
+                // Nothing is written for an empty channel: it reports the
+                // generation, the epoch its first publication will take.
+                // Read before the second look at the channel (see the
+                // module docs for why the order matters).
+                let generation = self.generation().await?;
+                match self.head(&subject).await? {
+                    Some(h) => h,
+                    None => {
+                        let epoch = generation.map_or_else(|| Arc::from(random_base36(8)), |g| g.0);
+                        return Ok(HistoryResult {
+                            publications: Vec::new(),
+                            top: StreamPosition { epoch, offset: 0 },
+                        });
+                    }
+                }
+            }
+        };
         let top = StreamPosition {
             epoch: head.epoch.clone(),
             offset: head.offset,
@@ -806,7 +934,7 @@ impl NatsBroker {
             let (epoch, offset, expected): (&str, u64, u64) = match &head {
                 Some(h) => (&h.epoch, h.offset + 1, h.seq),
                 None => {
-                    fresh_epoch = random_base36(8);
+                    fresh_epoch = self.bus.take_epoch().await?;
                     (&fresh_epoch, 1, 0)
                 }
             };
@@ -831,6 +959,36 @@ impl NatsBroker {
             // Someone else appended: re-read the head and retry.
         }
         Err(bus_err(format!("{channel}: too much publish contention")))
+    }
+
+    /// A user-addressed direct message: a core publish on the user
+    /// channel's `.u` subject, which only the instances holding the user's
+    /// connections subscribe to and which no stream captures. At most
+    /// once; nothing is kept.
+    async fn publish_to_user(
+        &self,
+        channel: &str,
+        publication: &NewPublication,
+    ) -> Result<StreamPosition> {
+        self.bus.connected()?;
+        let body = serde_json::to_vec(&WireOut {
+            epoch: NO_EPOCH,
+            offset: 0,
+            prev: 0,
+            sender_id: publication.sender_id.as_deref(),
+            timestamp: publication.timestamp,
+            data: Some(&publication.data),
+        })
+        .map_err(|e| bus_err(format!("encoding a user message: {e}")))?;
+        self.bus
+            .client
+            .publish(self.bus.user_subject(channel), Bytes::from(body))
+            .await
+            .map_err(|e| bus_err(format!("publishing a user message: {e}")))?;
+        Ok(StreamPosition {
+            epoch: NO_EPOCH.into(),
+            offset: 0,
+        })
     }
 
     /// Ask every channel task to replay what it missed (after a
@@ -946,6 +1104,9 @@ impl Broker for NatsBroker {
                     if let Err(e) = bus.ensure_stream().await {
                         tracing::warn!(error = %e, "re-creating the NATS channel stream failed");
                     }
+                    if let Err(e) = bus.ensure_gen_stream().await {
+                        tracing::warn!(error = %e, "re-creating the NATS epoch generation failed");
+                    }
                     if let Err(e) = bus.ensure_bucket().await {
                         tracing::warn!(error = %e, "re-creating the NATS presence bucket failed");
                     }
@@ -968,12 +1129,18 @@ impl Broker for NatsBroker {
             .map_err(|e| bus_err(format!("subscribing to {channel}: {e}")))?;
         // The head is read by a request sent after the SUB on the same
         // connection, so the server has the subscription by then: every
-        // later publication arrives live.
-        let head = bus.head(&bus.stream_subject(channel)).await?;
-        let last = head.map(|h| Delivered {
-            epoch: h.epoch,
-            offset: h.offset,
-        });
+        // later publication arrives live. A user channel has no head: a
+        // round trip does the same.
+        let last = if is_internal_channel(channel) {
+            bus.sync().await?;
+            None
+        } else {
+            let head = bus.head(&bus.stream_subject(channel)).await?;
+            head.map(|h| Delivered {
+                epoch: h.epoch,
+                offset: h.offset,
+            })
+        };
         let channel: Arc<str> = Arc::from(channel);
         let cancel = self.shutdown.child_token();
         let resync = Arc::new(Notify::new());
@@ -1015,7 +1182,10 @@ impl Broker for NatsBroker {
         publication: NewPublication,
         _history: HistoryOptions,
     ) -> Result<StreamPosition> {
-        let result = self.try_publish(channel, &publication).await;
+        let result = match is_internal_channel(channel) {
+            true => self.publish_to_user(channel, &publication).await,
+            false => self.try_publish(channel, &publication).await,
+        };
         if let Err(e) = &result {
             self.count_failure("a channel publication", e);
         }
@@ -1168,9 +1338,20 @@ async fn channel_task(
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
-            _ = resync.notified() => catch_up(&bus, &*handler, &channel, &mut last, None).await,
+            // A user channel keeps nothing to catch up from.
+            _ = resync.notified(), if !is_internal_channel(&channel) => {
+                catch_up(&bus, &*handler, &channel, &mut last, None).await
+            }
             m = sub.next() => {
                 let Some(m) = m else { break };
+                if m.subject.as_str().ends_with(".u") {
+                    // A user-addressed message: no offset, no history.
+                    match WireIn::parse(&m.payload).and_then(WireIn::publication) {
+                        Some(p) => handler.on_publication(&channel, &Arc::from(NO_EPOCH), &p),
+                        None => tracing::warn!(%channel, "undecodable user message on the NATS bus"),
+                    }
+                    continue;
+                }
                 if m.subject.as_str().ends_with(".e") {
                     match serde_json::from_slice::<Control>(&m.payload) {
                         Ok(c) => handler.on_control(&c),
@@ -1222,6 +1403,9 @@ async fn catch_up(
     last: &mut Option<Delivered>,
     until: Option<u64>,
 ) {
+    if is_internal_channel(channel) {
+        return; // user channels: at most once, no history
+    }
     let opts = bus.history_options(channel);
     let since = last.as_ref().map(|l| StreamPosition {
         epoch: l.epoch.clone(),
