@@ -188,7 +188,7 @@ async fn offsets_history_size_limit_and_stale_epochs() {
     for n in 1..=5 {
         let pos = b.publish("c", new_pub(n), OPTS).await.unwrap();
         assert_eq!(pos.offset, n);
-        assert_eq!(pos.epoch, empty.top.epoch, "the marker's epoch is kept");
+        assert_eq!(pos.epoch, empty.top.epoch, "the reported epoch is kept");
         epoch = Some(pos.epoch);
     }
     let epoch = epoch.unwrap();

@@ -299,7 +299,8 @@ pub fn token(s: &str) -> String {
 #[derive(Serialize)]
 struct WireOut<'a> {
     epoch: &'a str,
-    /// 0 for an epoch marker.
+    /// 0 for an epoch marker (written by earlier versions) and for a
+    /// user-addressed message.
     offset: u64,
     /// Stream sequence of the channel's previous message (0: none).
     prev: u64,
@@ -1365,7 +1366,8 @@ async fn channel_task(
                 };
                 let same_epoch = last.as_ref().is_some_and(|l| l.epoch == w.epoch);
                 if w.offset == 0 {
-                    // An epoch marker: the channel (re)starts here.
+                    // An epoch marker of an earlier version: the channel
+                    // (re)starts here.
                     if !same_epoch {
                         last = Some(Delivered { epoch: w.epoch, offset: 0 });
                     }
