@@ -100,7 +100,13 @@ impl BrokerHandler for Delivery {
                 &publication.data,
                 publication.timestamp,
             );
-            self.hub.channel_frame(channel, &frame, None);
+            match &publication.sender_id {
+                Some(sender) => {
+                    let dropped = self.hub.relay_channel(channel, &frame);
+                    self.tell_sender(sender, dropped, "direct");
+                }
+                None => self.hub.channel_frame(channel, &frame, None),
+            }
             return;
         }
         // Encoded once for every local subscriber.
@@ -126,7 +132,13 @@ impl BrokerHandler for Delivery {
                 timestamp,
             } => {
                 let frame = protocol::broadcast(sender_id.as_deref(), data, *timestamp);
-                self.hub.broadcast(&frame, sender_id.as_deref());
+                match sender_id {
+                    Some(sender) => {
+                        let dropped = self.hub.relay_broadcast(&frame, sender);
+                        self.tell_sender(sender, dropped, "broadcast");
+                    }
+                    None => self.hub.broadcast(&frame, None),
+                }
             }
             Control::Join { channel, info } | Control::Leave { channel, info } => {
                 let join = matches!(control, Control::Join { .. });
@@ -143,7 +155,35 @@ impl BrokerHandler for Delivery {
             return self.hub.close_client(&direct.target_id, reason);
         }
         let frame = protocol::direct(direct.sender_id.as_deref(), &direct.data, direct.timestamp);
-        self.hub.direct(&direct.target_id, frame)
+        let Some(sender) = &direct.sender_id else {
+            return self.hub.direct(&direct.target_id, frame);
+        };
+        match self.hub.relay_direct(&direct.target_id, frame) {
+            None => false,
+            Some(queued) => {
+                self.tell_sender(sender, usize::from(!queued), "direct");
+                true
+            }
+        }
+    }
+}
+
+impl Delivery {
+    /// A client's `broadcast` or `direct` was dropped for `dropped` local
+    /// recipients that are behind: one `recipient_busy` error (without
+    /// `ref`) to the sender, if it is connected here. One per frame sent,
+    /// whatever the number of recipients, so the sender's own rate bounds
+    /// them. A sender on another instance is not told (the bus carries no
+    /// reply); the drop is counted here either way.
+    fn tell_sender(&self, sender: &str, dropped: usize, what: &str) {
+        if dropped == 0 {
+            return;
+        }
+        let err = ClientError::new(
+            ErrorCode::RecipientBusy,
+            format!("{dropped} recipient(s) are behind; this {what} was dropped for them"),
+        );
+        self.hub.notify(sender, protocol::error(&err, None));
     }
 }
 
@@ -338,6 +378,22 @@ impl Node {
         target_id: &str,
         data: Arc<RawValue>,
     ) -> Result<()> {
+        if let Some(sender) = &sender_id {
+            // A client's message to a client of this instance: delivered
+            // here, so that a drop (the recipient is behind) is the reply.
+            let frame = protocol::direct(Some(sender), &data, protocol::now_ms());
+            match self.shared.hub.relay_direct(target_id, frame) {
+                Some(true) => return Ok(()),
+                Some(false) => {
+                    return Err(ClientError::new(
+                        ErrorCode::RecipientBusy,
+                        format!("{target_id:?} is behind; this direct was dropped for it"),
+                    )
+                    .into());
+                }
+                None => {}
+            }
+        }
         let r = self
             .shared
             .broker
