@@ -196,6 +196,14 @@ pub struct Settings {
     /// bytes, surrounding whitespace ignored). Without it the API is off.
     #[arg(long, env = "SWITCHBOARD_API_KEY_FILE")]
     pub api_key_file: Option<std::path::PathBuf>,
+    /// Clients may send the tutorial's `broadcast` (the server API always
+    /// may) [default: true].
+    #[arg(long, env = "SWITCHBOARD_CLIENT_BROADCAST")]
+    pub client_broadcast: Option<bool>,
+    /// Clients may send `direct` messages to a client id or, with a token
+    /// granting it, to a user id (the server API always may) [default: true].
+    #[arg(long, env = "SWITCHBOARD_CLIENT_DIRECT")]
+    pub client_direct: Option<bool>,
     /// Default namespace: connections without a token may use it
     /// [default: true].
     #[arg(long, env = "SWITCHBOARD_ANONYMOUS")]
@@ -415,6 +423,11 @@ pub struct Config {
     pub strict_namespaces: bool,
     /// Serve demo pages, /client.js and the `sys:metrics` channel.
     pub demo: bool,
+    /// Whether clients may `broadcast`: off, only the server API does.
+    pub client_broadcast: bool,
+    /// Whether clients may send `direct` messages: off, only the server
+    /// API does.
+    pub client_direct: bool,
     /// Options of channels without a configured namespace.
     pub default_namespace: NamespaceOptions,
     /// Options per configured namespace.
@@ -489,7 +502,9 @@ impl Settings {
             max_connections_per_user,
             api_key_file,
             anonymous,
-            ack_timeout
+            ack_timeout,
+            client_broadcast,
+            client_direct
         );
         if self.namespaces.is_empty() {
             self.namespaces = lower.namespaces;
@@ -766,6 +781,8 @@ impl Config {
             channel_echo: pick!(s.channel_echo, true),
             strict_namespaces: pick!(s.strict_namespaces, false),
             demo: pick!(s.demo, true),
+            client_broadcast: pick!(s.client_broadcast, true),
+            client_direct: pick!(s.client_direct, true),
             default_namespace,
             namespaces,
         })
