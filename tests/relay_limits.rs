@@ -201,6 +201,39 @@ async fn a_broadcast_flood_does_not_disconnect_a_slow_reader() {
 }
 
 #[tokio::test]
+async fn across_instances_the_recipients_instance_drops_and_counts() {
+    // Two instances on the shared Redis (a unique prefix): the stranger on
+    // A, the slow reader on B. B drops and counts; A acknowledges (the bus
+    // carries no reply).
+    let prefix = format!("sbt-relay-{}", switchboard::config::random_base36(8));
+    let on_redis = |i: usize| {
+        let mut s = settings();
+        s.bus = Some("redis://127.0.0.1:6379".into());
+        s.bus_prefix = Some(prefix.clone());
+        s.instance_id = Some(format!("{prefix}-i{i}"));
+        s
+    };
+    let a = start_with(on_redis(0)).await;
+    let b = start_with(on_redis(1)).await;
+    let mut victim = subscribed_slow_reader(&b).await;
+    let mut stranger = Client::connect(&a).await;
+    let pad = padding();
+    for n in 0..FLOOD {
+        stranger
+            .send(json!({"type":"direct","targetId":victim.id,"data":pad,"id":n}))
+            .await;
+    }
+    for _ in 0..FLOOD {
+        let r = stranger.recv().await;
+        assert_eq!(r["type"], "ack", "{r}");
+    }
+    victim_survives(&b, &mut victim, "direct").await;
+    assert_eq!(a.node.hub().relay_dropped(), 0);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_reader_that_keeps_up_gets_every_direct() {
     let server = start().await;
     let mut reader = Client::connect(&server).await;
