@@ -169,21 +169,8 @@ impl BrokerHandler for Delivery {
 }
 
 impl Delivery {
-    /// A client's `broadcast` or `direct` was dropped for `dropped` local
-    /// recipients that are behind: one `recipient_busy` error (without
-    /// `ref`) to the sender, if it is connected here. One per frame sent,
-    /// whatever the number of recipients, so the sender's own rate bounds
-    /// them. A sender on another instance is not told (the bus carries no
-    /// reply); the drop is counted here either way.
     fn tell_sender(&self, sender: &str, dropped: usize, what: &str) {
-        if dropped == 0 {
-            return;
-        }
-        let err = ClientError::new(
-            ErrorCode::RecipientBusy,
-            format!("{dropped} recipient(s) are behind; this {what} was dropped for them"),
-        );
-        self.hub.notify(sender, protocol::error(&err, None));
+        crate::relay::tell_sender(&self.hub, sender, dropped, what);
     }
 }
 
@@ -379,19 +366,8 @@ impl Node {
         data: Arc<RawValue>,
     ) -> Result<()> {
         if let Some(sender) = &sender_id {
-            // A client's message to a client of this instance: delivered
-            // here, so that a drop (the recipient is behind) is the reply.
-            let frame = protocol::direct(Some(sender), &data, protocol::now_ms());
-            match self.shared.hub.relay_direct(target_id, frame) {
-                Some(true) => return Ok(()),
-                Some(false) => {
-                    return Err(ClientError::new(
-                        ErrorCode::RecipientBusy,
-                        format!("{target_id:?} is behind; this direct was dropped for it"),
-                    )
-                    .into());
-                }
-                None => {}
+            if let Some(r) = crate::relay::direct_here(&self.shared.hub, sender, target_id, &data) {
+                return Ok(r?);
             }
         }
         let r = self
