@@ -196,6 +196,7 @@ pub struct Settings {
     /// bytes, surrounding whitespace ignored). Without it the API is off.
     #[arg(long, env = "SWITCHBOARD_API_KEY_FILE")]
     pub api_key_file: Option<std::path::PathBuf>,
+    // -- client relay (issue 13) --
     /// Clients may send the tutorial's `broadcast` (the server API always
     /// may) [default: true].
     #[arg(long, env = "SWITCHBOARD_CLIENT_BROADCAST")]
@@ -204,6 +205,7 @@ pub struct Settings {
     /// granting it, to a user id (the server API always may) [default: true].
     #[arg(long, env = "SWITCHBOARD_CLIENT_DIRECT")]
     pub client_direct: Option<bool>,
+    // -- end client relay --
     /// Default namespace: connections without a token may use it
     /// [default: true].
     #[arg(long, env = "SWITCHBOARD_ANONYMOUS")]
@@ -413,6 +415,13 @@ pub struct Config {
     pub rate_limit: f64,
     /// Per-connection burst above the rate.
     pub rate_burst: u32,
+    // -- client relay (issue 13) --
+    /// Whether clients may `broadcast`: off, only the server API does.
+    pub client_broadcast: bool,
+    /// Whether clients may send `direct` messages: off, only the server
+    /// API does.
+    pub client_direct: bool,
+    // -- end client relay --
     /// New connections admitted per second; 0 is unlimited.
     pub handshake_rate: f64,
     /// Burst of handshake admission.
@@ -423,11 +432,6 @@ pub struct Config {
     pub strict_namespaces: bool,
     /// Serve demo pages, /client.js and the `sys:metrics` channel.
     pub demo: bool,
-    /// Whether clients may `broadcast`: off, only the server API does.
-    pub client_broadcast: bool,
-    /// Whether clients may send `direct` messages: off, only the server
-    /// API does.
-    pub client_direct: bool,
     /// Options of channels without a configured namespace.
     pub default_namespace: NamespaceOptions,
     /// Options per configured namespace.
@@ -483,6 +487,9 @@ impl Settings {
             max_connections,
             rate_limit,
             rate_burst,
+            // client relay (issue 13)
+            client_broadcast,
+            client_direct,
             handshake_rate,
             handshake_burst,
             demo,
@@ -502,9 +509,7 @@ impl Settings {
             max_connections_per_user,
             api_key_file,
             anonymous,
-            ack_timeout,
-            client_broadcast,
-            client_direct
+            ack_timeout
         );
         if self.namespaces.is_empty() {
             self.namespaces = lower.namespaces;
@@ -779,10 +784,11 @@ impl Config {
                 .map(crate::api::ApiKey::from_file)
                 .transpose()?,
             channel_echo: pick!(s.channel_echo, true),
-            strict_namespaces: pick!(s.strict_namespaces, false),
-            demo: pick!(s.demo, true),
+            // client relay (issue 13)
             client_broadcast: pick!(s.client_broadcast, true),
             client_direct: pick!(s.client_direct, true),
+            strict_namespaces: pick!(s.strict_namespaces, false),
+            demo: pick!(s.demo, true),
             default_namespace,
             namespaces,
         })
