@@ -196,6 +196,16 @@ pub struct Settings {
     /// bytes, surrounding whitespace ignored). Without it the API is off.
     #[arg(long, env = "SWITCHBOARD_API_KEY_FILE")]
     pub api_key_file: Option<std::path::PathBuf>,
+    // -- client relay (issue 13) --
+    /// Clients may send the tutorial's `broadcast` (the server API always
+    /// may) [default: true].
+    #[arg(long, env = "SWITCHBOARD_CLIENT_BROADCAST")]
+    pub client_broadcast: Option<bool>,
+    /// Clients may send `direct` messages to a client id or, with a token
+    /// granting it, to a user id (the server API always may) [default: true].
+    #[arg(long, env = "SWITCHBOARD_CLIENT_DIRECT")]
+    pub client_direct: Option<bool>,
+    // -- end client relay --
     /// Default namespace: connections without a token may use it
     /// [default: true].
     #[arg(long, env = "SWITCHBOARD_ANONYMOUS")]
@@ -412,6 +422,13 @@ pub struct Config {
     pub rate_limit: f64,
     /// Per-connection burst above the rate.
     pub rate_burst: u32,
+    // -- client relay (issue 13) --
+    /// Whether clients may `broadcast`: off, only the server API does.
+    pub client_broadcast: bool,
+    /// Whether clients may send `direct` messages: off, only the server
+    /// API does.
+    pub client_direct: bool,
+    // -- end client relay --
     /// New connections admitted per second; 0 is unlimited.
     pub handshake_rate: f64,
     /// Burst of handshake admission.
@@ -483,6 +500,9 @@ impl Settings {
             max_connections,
             rate_limit,
             rate_burst,
+            // client relay (issue 13)
+            client_broadcast,
+            client_direct,
             handshake_rate,
             handshake_burst,
             demo,
@@ -779,6 +799,9 @@ impl Config {
                 .map(crate::api::ApiKey::from_file)
                 .transpose()?,
             channel_echo: pick!(s.channel_echo, true),
+            // client relay (issue 13)
+            client_broadcast: pick!(s.client_broadcast, true),
+            client_direct: pick!(s.client_direct, true),
             strict_namespaces: pick!(s.strict_namespaces, false),
             demo: pick!(s.demo, true),
             // history budget (issue 13)

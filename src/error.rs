@@ -28,6 +28,12 @@ pub enum ErrorCode {
     InvalidToken,
     TokenExpired,
     PermissionDenied,
+    /// A client-relayed frame was dropped for a recipient that is behind.
+    RecipientBusy,
+    /// Client `broadcast` is turned off (`client_broadcast = false`).
+    BroadcastNotAllowed,
+    /// Client `direct` is turned off (`client_direct = false`).
+    DirectNotAllowed,
     Internal,
 }
 
@@ -53,6 +59,9 @@ impl ErrorCode {
             ErrorCode::InvalidToken => "invalid_token",
             ErrorCode::TokenExpired => "token_expired",
             ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::RecipientBusy => "recipient_busy",
+            ErrorCode::BroadcastNotAllowed => "broadcast_not_allowed",
+            ErrorCode::DirectNotAllowed => "direct_not_allowed",
             ErrorCode::Internal => "internal",
         }
     }

@@ -5,6 +5,11 @@
 //! recipient, never an await, never a copy of the payload. A recipient
 //! whose queue overflows is marked closed (slow consumer) and its own task
 //! removes it.
+//!
+//! Frames one client sends to others (`broadcast`, `direct`) go through
+//! the `relay*` methods instead: they are held to their share of each
+//! recipient's queue and dropped for a recipient that is behind
+//! ([`Hub::relay_dropped`]), never closing it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,6 +84,9 @@ pub struct Hub {
     /// Publications replaced by a newer one of their channel
     /// (conflate-latest policy).
     conflated: AtomicU64,
+    /// Client-relayed frames (`broadcast`, `direct`) dropped for a
+    /// recipient whose queue had no room for them.
+    relay_dropped: AtomicU64,
 }
 
 impl Hub {
@@ -93,6 +101,7 @@ impl Hub {
             users: Mutex::default(),
             dropped: AtomicU64::new(0),
             conflated: AtomicU64::new(0),
+            relay_dropped: AtomicU64::new(0),
         }
     }
 
@@ -230,7 +239,64 @@ impl Hub {
                 tracing::info!(client = %client.id(), "slow consumer: outbound queue overflowed, closing");
                 false
             }
-            Push::Closed => false,
+            Push::Closed | Push::Refused => false,
+        }
+    }
+
+    /// Queue a frame another client sent; false when it was dropped for
+    /// this recipient because its queue has no room for relayed frames
+    /// (counted in [`Hub::relay_dropped`]). A closed recipient is not a
+    /// drop: it is going away.
+    pub fn relay(&self, client: &ClientHandle, frame: Text) -> bool {
+        match client.queue.push_relayed(frame, self.limits) {
+            Push::Refused => {
+                self.relay_dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(client = %client.id(), "relayed frame dropped: recipient is behind");
+                false
+            }
+            Push::Queued => {
+                self.delivered.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            _ => true,
+        }
+    }
+
+    /// A client's broadcast: queue `frame` for every local client but the
+    /// sender, as a relayed frame. Returns how many recipients dropped it.
+    pub fn relay_broadcast(&self, frame: &Text, sender: &str) -> usize {
+        let clients = self.clients.read().unwrap_or_else(|p| p.into_inner());
+        clients
+            .iter()
+            .filter(|(id, client)| &***id != sender && !self.relay(client, frame.clone()))
+            .count()
+    }
+
+    /// A client's direct message to the local client `client_id`: `None`
+    /// when it is not connected here, else whether it was queued.
+    pub fn relay_direct(&self, client_id: &str, frame: Text) -> Option<bool> {
+        self.get(client_id).map(|c| self.relay(&c, frame))
+    }
+
+    /// A client's direct message to every local subscriber of an internal
+    /// channel (a user's connections). Returns how many dropped it.
+    pub fn relay_channel(&self, channel: &str, frame: &Text) -> usize {
+        let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
+        let Some(state) = channels.get(channel) else {
+            return 0;
+        };
+        state
+            .subscribers
+            .values()
+            .filter(|client| !self.relay(client, frame.clone()))
+            .count()
+    }
+
+    /// Queue a server-originated `frame` (an error about the client's own
+    /// relayed frames) for the local client `client_id`, if it is here.
+    pub fn notify(&self, client_id: &str, frame: Text) {
+        if let Some(c) = self.get(client_id) {
+            self.send(&c, frame);
         }
     }
 
@@ -404,6 +470,11 @@ impl Hub {
     /// Publications replaced by the conflate-latest policy so far.
     pub fn conflated(&self) -> u64 {
         self.conflated.load(Ordering::Relaxed)
+    }
+
+    /// Client-relayed frames dropped for a recipient that was behind.
+    pub fn relay_dropped(&self) -> u64 {
+        self.relay_dropped.load(Ordering::Relaxed)
     }
 
     /// Clients closed as slow consumers so far.

@@ -36,6 +36,8 @@
 //! * [`prometheus`]: the same counters at `/metrics/prometheus`.
 //! * [`assets`]: the embedded JavaScript client and demo pages.
 //! * [`auth`]: JWT verification and channel grants.
+//! * [`relay`]: who may `broadcast` and `direct` to other clients, and
+//!   what a refreshed token no longer grants.
 //! * [`api`]: the server HTTP API for backends (`/api/publish`, `/api/broadcast`,
 //!   `/api/direct`, `/api/presence/{channel}`, `/api/disconnect`), behind an API key.
 //! * [`error`]: client-visible error codes and close codes.
@@ -56,6 +58,7 @@ pub mod node;
 pub mod prometheus;
 pub mod protocol;
 pub mod queue;
+pub mod relay;
 pub mod server;
 pub mod session;
 pub mod ws;

@@ -100,7 +100,13 @@ impl BrokerHandler for Delivery {
                 &publication.data,
                 publication.timestamp,
             );
-            self.hub.channel_frame(channel, &frame, None);
+            match &publication.sender_id {
+                Some(sender) => {
+                    let dropped = self.hub.relay_channel(channel, &frame);
+                    self.tell_sender(sender, dropped, "direct");
+                }
+                None => self.hub.channel_frame(channel, &frame, None),
+            }
             return;
         }
         // Encoded once for every local subscriber.
@@ -126,7 +132,13 @@ impl BrokerHandler for Delivery {
                 timestamp,
             } => {
                 let frame = protocol::broadcast(sender_id.as_deref(), data, *timestamp);
-                self.hub.broadcast(&frame, sender_id.as_deref());
+                match sender_id {
+                    Some(sender) => {
+                        let dropped = self.hub.relay_broadcast(&frame, sender);
+                        self.tell_sender(sender, dropped, "broadcast");
+                    }
+                    None => self.hub.broadcast(&frame, None),
+                }
             }
             Control::Join { channel, info } | Control::Leave { channel, info } => {
                 let join = matches!(control, Control::Join { .. });
@@ -143,7 +155,22 @@ impl BrokerHandler for Delivery {
             return self.hub.close_client(&direct.target_id, reason);
         }
         let frame = protocol::direct(direct.sender_id.as_deref(), &direct.data, direct.timestamp);
-        self.hub.direct(&direct.target_id, frame)
+        let Some(sender) = &direct.sender_id else {
+            return self.hub.direct(&direct.target_id, frame);
+        };
+        match self.hub.relay_direct(&direct.target_id, frame) {
+            None => false,
+            Some(queued) => {
+                self.tell_sender(sender, usize::from(!queued), "direct");
+                true
+            }
+        }
+    }
+}
+
+impl Delivery {
+    fn tell_sender(&self, sender: &str, dropped: usize, what: &str) {
+        crate::relay::tell_sender(&self.hub, sender, dropped, what);
     }
 }
 
@@ -338,6 +365,11 @@ impl Node {
         target_id: &str,
         data: Arc<RawValue>,
     ) -> Result<()> {
+        if let Some(sender) = &sender_id {
+            if let Some(r) = crate::relay::direct_here(&self.shared.hub, sender, target_id, &data) {
+                return Ok(r?);
+            }
+        }
         let r = self
             .shared
             .broker

@@ -110,6 +110,13 @@ pub fn render(node: &Node) -> String {
         hub.dropped(),
         hub.conflated()
     );
+    metric(
+        &mut out,
+        "switchboard_relay_dropped_total",
+        "counter",
+        "Client broadcast/direct frames dropped for a recipient that was behind.",
+        hub.relay_dropped(),
+    );
     let _ = writeln!(
         out,
         "# HELP switchboard_requests_total Valid client requests received, by type.\n\

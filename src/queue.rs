@@ -16,6 +16,12 @@
 //! conflate-latest namespaces are ever dropped: replies, direct messages
 //! and other channels' publications are not, and when nothing droppable is
 //! left the connection is closed as for `disconnect`.
+//!
+//! Frames that one client sends to others (`broadcast` and `direct` from a
+//! client, see [`OutQueue::push_relayed`]) never close the recipient: they
+//! may use only a share of its queue ([`RELAY_SHARE`]: a quarter of each
+//! bound), and one that does not fit is refused for that recipient alone.
+//! So no client can get another one disconnected by sending to it.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -27,6 +33,13 @@ use bytes::Bytes;
 use crate::config::SlowConsumerPolicy;
 use crate::error::close;
 use crate::protocol::Text;
+
+/// The share of a queue that client-relayed frames may use: `1/RELAY_SHARE`
+/// of `max_messages` and of `max_bytes` (but always room for one frame when
+/// none is queued, so a large `direct` still reaches a client that keeps
+/// up). The other three quarters stay for the client's replies, channel
+/// publications and the server API's frames.
+pub const RELAY_SHARE: usize = 4;
 
 /// One item for the writer.
 #[derive(Debug, Clone)]
@@ -122,6 +135,9 @@ pub enum Push {
     Closed,
     /// This push overflowed the queue, which is now closed (slow consumer).
     Overflow,
+    /// A client-relayed frame did not fit the relayed share (or the
+    /// queue): it was dropped for this recipient, which is left as it was.
+    Refused,
 }
 
 /// Bounds of a queue.
@@ -148,6 +164,13 @@ struct State {
     /// Something was pushed (or a close requested) since the writer last
     /// looked; kept when the writer is not waiting, like a `Notify` permit.
     signalled: bool,
+    /// Client-relayed frames among `items`, to hold them to their share.
+    /// Narrow integers: they fit the padding after `signalled`, so every
+    /// connection's queue stays the same size (saturating; the share is
+    /// capped to what they hold).
+    relayed_frames: u16,
+    /// Sum of those frames' lengths.
+    relayed_bytes: u32,
 }
 
 /// A bounded multi-producer, single-consumer queue of outbound frames.
@@ -201,6 +224,8 @@ impl OutQueue {
         if full(&st) {
             st.items = VecDeque::new();
             st.bytes = 0;
+            st.relayed_frames = 0;
+            st.relayed_bytes = 0;
             st.close = Some(Box::new(CloseReason::new(
                 close::SLOW_CONSUMER,
                 "slow consumer",
@@ -220,6 +245,39 @@ impl OutQueue {
             0 => Push::Queued,
             n => Push::DroppedOldest(n),
         }
+    }
+
+    /// Queue a frame that another client sent (`broadcast`, `direct`),
+    /// unless it would take client-relayed frames past their share of the
+    /// queue ([`RELAY_SHARE`]) or the queue past its bounds: then it is
+    /// [`Push::Refused`] and nothing changes. Never closes the queue.
+    pub fn push_relayed(&self, frame: Text, limits: Limits) -> Push {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.close.is_some() {
+            return Push::Closed;
+        }
+        let weight = frame.len();
+        let max_frames = (limits.max_messages / RELAY_SHARE).clamp(1, u16::MAX as usize);
+        let max_bytes = (limits.max_bytes / RELAY_SHARE).min(u32::MAX as usize);
+        let over_share = st.relayed_frames > 0
+            && (st.relayed_frames as usize >= max_frames
+                || st.relayed_bytes as usize + weight > max_bytes);
+        let over_queue =
+            st.items.len() >= limits.max_messages || st.bytes + weight > limits.max_bytes;
+        if over_share || over_queue {
+            return Push::Refused;
+        }
+        st.relayed_frames = st.relayed_frames.saturating_add(1);
+        st.relayed_bytes = st
+            .relayed_bytes
+            .saturating_add(weight.min(u32::MAX as usize) as u32);
+        let was_empty = st.items.is_empty();
+        st.bytes += weight;
+        st.items.push_back(Outbound::Frame(frame));
+        if was_empty {
+            Self::signal(st);
+        }
+        Push::Queued
     }
 
     /// Ask the writer to close the connection. The first reason wins; what
@@ -268,6 +326,8 @@ impl OutQueue {
     pub fn take(&self) -> (VecDeque<Outbound>, Option<CloseReason>) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.bytes = 0;
+        st.relayed_frames = 0;
+        st.relayed_bytes = 0;
         (std::mem::take(&mut st.items), st.close.as_deref().cloned())
     }
 
@@ -389,6 +449,42 @@ mod tests {
         let p = publication("b", 1, SlowConsumerPolicy::DropOldest);
         assert_eq!(q.push(p, LIMITS), Push::Overflow);
         assert_eq!(q.take().1.unwrap().code, Some(close::SLOW_CONSUMER));
+    }
+
+    #[test]
+    fn relayed_frames_get_a_quarter_and_never_close_the_queue() {
+        let limits = Limits {
+            max_messages: 8,
+            max_bytes: 40,
+        };
+        let q = OutQueue::new();
+        let frame = || Text::from("0123");
+        // A quarter of 8 frames: two relayed frames, then refused.
+        assert_eq!(q.push_relayed(frame(), limits), Push::Queued);
+        assert_eq!(q.push_relayed(frame(), limits), Push::Queued);
+        assert_eq!(q.push_relayed(frame(), limits), Push::Refused);
+        // The rest of the queue is still there for everything else.
+        for _ in 0..6 {
+            assert_eq!(q.push(Outbound::Frame(frame()), limits), Push::Queued);
+        }
+        assert_eq!(q.take().0.len(), 8);
+        // The writer took them: the share is free again.
+        assert_eq!(q.push_relayed(frame(), limits), Push::Queued);
+        // A relayed frame larger than the share still passes alone...
+        let q = OutQueue::new();
+        let big = Text::from("0123456789abcdef");
+        assert_eq!(q.push_relayed(big.clone(), limits), Push::Queued);
+        assert_eq!(q.push_relayed(frame(), limits), Push::Refused);
+        // ...but never past the queue's own bounds, and never closes it.
+        for _ in 0..6 {
+            q.push(Outbound::Frame(frame()), limits);
+        }
+        q.take();
+        for _ in 0..8 {
+            q.push(Outbound::Ping, limits);
+        }
+        assert_eq!(q.push_relayed(frame(), limits), Push::Refused);
+        assert!(!q.is_closed());
     }
 
     #[test]

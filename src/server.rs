@@ -227,6 +227,7 @@ async fn metrics(State(state): State<AppState>) -> Json<serde_json::Value> {
         "slowConsumers": hub.slow_consumers(),
         "droppedOldest": hub.dropped(),
         "conflated": hub.conflated(),
+        "relayDropped": hub.relay_dropped(),
         "deadPeers": m.dead_peers.load(Relaxed),
         "oversizeCloses": m.oversize_closes.load(Relaxed),
         "rateLimited": m.rate_limited.load(Relaxed),

@@ -676,6 +676,7 @@ where
         Metrics::inc(&self.node.metrics().requests_by_type[kind.index()]);
         Ok(match kind {
             RequestKind::Broadcast { data } => {
+                crate::relay::check_broadcast(&self.node)?;
                 self.node.broadcast(me, to_arc(data)).await?;
                 match id {
                     Some(_) => self.send(protocol::ack(id, None)).await,
@@ -687,6 +688,7 @@ where
                 user: true,
                 data,
             } => {
+                crate::relay::check_direct(&self.node, self.identity.as_deref(), Some(&target_id))?;
                 self.node.direct_user(me, &target_id, to_arc(data)).await?;
                 match id {
                     Some(_) => self.send(protocol::ack(id, None)).await,
@@ -696,6 +698,7 @@ where
             RequestKind::Direct {
                 target_id, data, ..
             } => {
+                crate::relay::check_direct(&self.node, self.identity.as_deref(), None)?;
                 self.node.direct(me, &target_id, to_arc(data)).await?;
                 match id {
                     Some(_) => self.send(protocol::ack(id, None)).await,
@@ -792,8 +795,27 @@ where
             }
         }
         self.node.hub().set_expiry(&self.client, fresh.expires_at);
+        // Narrower grants take effect now: what the new token no longer
+        // grants is unsubscribed (told before the `authenticated` reply).
+        let revoked = crate::relay::revoked(&self.node, &fresh, self.subs.iter().map(|(c, _)| c));
         let reply = protocol::authenticated(&fresh.user_id, fresh.expires_at, id);
         self.identity = Some(Box::new(fresh));
+        for channel in &revoked {
+            self.subs.remove_entry(channel);
+            if let Err(e) = self.node.unsubscribe(&self.client, channel).await {
+                tracing::warn!(client = %self.client.id(), %channel, error = %e, "unsubscribing a revoked channel failed");
+            }
+            if self
+                .send(protocol::unsubscribed(channel, None))
+                .await
+                .is_break()
+            {
+                return Ok(ControlFlow::Break(()));
+            }
+        }
+        if !revoked.is_empty() {
+            self.arm_ack_deadline();
+        }
         Ok(self.send(reply).await)
     }
 
@@ -884,6 +906,7 @@ where
         let what = match action {
             Action::Subscribe => "subscribe to",
             Action::Publish => "publish to",
+            Action::Direct => "send direct messages in",
         };
         Err(ClientError::new(
             ErrorCode::PermissionDenied,

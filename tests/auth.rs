@@ -331,3 +331,191 @@ async fn connections_per_user_are_limited() {
     assert!(ok, "a slot frees up when a connection leaves");
     server.shutdown().await;
 }
+
+/// Auth required, with both an audience and an issuer configured.
+fn strict_settings() -> Settings {
+    let mut s = auth_settings();
+    s.auth_required = Some(true);
+    s.auth_issuer = Some("https://issuer.example".into());
+    s
+}
+
+/// Present `token` in `?token=` and return the close code and reason.
+async fn refused_over_url(server: &TestServer, token: &str) -> (u16, String) {
+    let url = format!("{}?token={token}", server.url("/ws"));
+    let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut c = Client {
+        ws,
+        id: String::new(),
+    };
+    c.expect_close_frame().await
+}
+
+/// Present `token` in a first `auth` frame and return the close code and
+/// reason.
+async fn refused_over_frame(server: &TestServer, token: &str) -> (u16, String) {
+    let (ws, _) = tokio_tungstenite::connect_async(server.url("/ws"))
+        .await
+        .unwrap();
+    let mut c = Client {
+        ws,
+        id: String::new(),
+    };
+    c.send(json!({"type":"auth","token":token})).await;
+    c.expect_close_frame().await
+}
+
+#[tokio::test]
+async fn a_configured_audience_and_issuer_are_required() {
+    let server = start_with(strict_settings()).await;
+    let good = json!({"sub":"strict", "exp": now() + 600, "aud":"switchboard",
+                      "iss":"https://issuer.example"});
+    assert!(connect_token(&server, &hs256(good.clone())).await.is_ok());
+    for (claim, reason) in [
+        ("aud", "invalid_token: missing claim aud"),
+        ("iss", "invalid_token: missing claim iss"),
+    ] {
+        let mut without = good.clone();
+        without.as_object_mut().unwrap().remove(claim);
+        let token = hs256(without);
+        assert_eq!(
+            refused_over_url(&server, &token).await,
+            (4001, reason.to_string())
+        );
+        assert_eq!(
+            refused_over_frame(&server, &token).await,
+            (4001, reason.to_string())
+        );
+    }
+    let mut other_service = good.clone();
+    other_service["iss"] = json!("https://someone-else.example");
+    let token = hs256(other_service);
+    let wrong = (4001, "invalid_token: wrong issuer".to_string());
+    assert_eq!(refused_over_url(&server, &token).await, wrong);
+    assert_eq!(refused_over_frame(&server, &token).await, wrong);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn refusals_give_a_short_stable_reason() {
+    let server = start_with(strict_settings()).await;
+    let base = json!({"sub":"x", "exp": now() + 600, "aud":"switchboard",
+                      "iss":"https://issuer.example"});
+    let mut wrong_type = base.clone();
+    wrong_type["sub"] = json!(42);
+    let mut expired = base.clone();
+    expired["exp"] = json!(now() - 3600);
+    let forged = encode(
+        &Header::new(Algorithm::HS256),
+        &base,
+        &EncodingKey::from_secret(b"not-the-secret-at-all-000"),
+    )
+    .unwrap();
+    for (token, want) in [
+        (
+            "not.a.jwt".to_string(),
+            (4001, "invalid_token: malformed token"),
+        ),
+        (hs256(wrong_type), (4001, "invalid_token: invalid token")),
+        (forged, (4001, "invalid_token: bad signature")),
+        (
+            hs256(expired),
+            (4003, "token_expired: the token has expired"),
+        ),
+    ] {
+        let want = (want.0, want.1.to_string());
+        assert_eq!(refused_over_url(&server, &token).await, want);
+        assert_eq!(refused_over_frame(&server, &token).await, want);
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn direct_to_a_user_needs_a_grant() {
+    let server = start_with(auth_settings()).await;
+    let mut support = connect_token(&server, &hs256(claims("support")))
+        .await
+        .unwrap();
+    let mut granted = claims("alice");
+    granted["direct"] = json!(["supp*"]);
+    let mut alice = connect_token(&server, &hs256(granted)).await.unwrap();
+    let mut bob = connect_token(&server, &hs256(claims("bob"))).await.unwrap();
+    let mut anon = Client::connect(&server).await;
+
+    let ack = alice
+        .request(json!({"type":"direct","userId":"support","data":"help"}), 1)
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let d = support.recv_type("direct").await;
+    assert_eq!(
+        (d["data"].as_str(), d["senderId"].as_str()),
+        (Some("help"), Some(&*alice.id))
+    );
+    // Not granted: another user, no `direct` claim, anonymous.
+    for (c, target) in [
+        (&mut alice, "bob"),
+        (&mut bob, "support"),
+        (&mut anon, "support"),
+    ] {
+        let e = c
+            .request(json!({"type":"direct","userId":target,"data":"x"}), 2)
+            .await;
+        assert_eq!(e["code"], "permission_denied", "{e}");
+    }
+    // A client id needs no grant (client_direct is on).
+    let ack = anon
+        .request(
+            json!({"type":"direct","targetId":support.id,"data":"hi"}),
+            3,
+        )
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(support.recv_type("direct").await["data"], "hi");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_refresh_with_narrower_grants_unsubscribes() {
+    let server = start_with(auth_settings()).await;
+    let mut c = connect_token(&server, &hs256(claims("narrow")))
+        .await
+        .unwrap();
+    for (i, ch) in ["private:a", "private:b", "open"].iter().enumerate() {
+        let r = c
+            .request(json!({"type":"subscribe","channel":ch}), i as u64)
+            .await;
+        assert_eq!(r["type"], "subscribed", "{r}");
+    }
+    let mut narrower = claims("narrow");
+    narrower["channels"]["subscribe"] = json!(["private:a"]);
+    c.send(json!({"type":"auth","token":hs256(narrower),"id":9}))
+        .await;
+    let gone = c.recv_type("unsubscribed").await;
+    assert_eq!(gone["channel"], "private:b");
+    assert!(gone.get("ref").is_none_or(Value::is_null), "{gone}");
+    let ok = c.recv().await;
+    assert_eq!(
+        (ok["type"].as_str(), ok["ref"].as_u64()),
+        (Some("authenticated"), Some(9))
+    );
+    assert_eq!(server.node.hub().subscriber_count("private:b"), 0);
+    assert_eq!(server.node.hub().subscriber_count("private:a"), 1);
+    assert_eq!(
+        server.node.hub().subscriber_count("open"),
+        1,
+        "anonymous namespace: kept"
+    );
+    // Still served where it is still granted.
+    let mut grant = claims("pub");
+    grant["channels"]["publish"] = json!(["private:*"]);
+    let mut publisher = connect_token(&server, &hs256(grant)).await.unwrap();
+    let ack = publisher
+        .request(
+            json!({"type":"publish","channel":"private:a","data":"still"}),
+            1,
+        )
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(c.recv_type("message").await["data"], "still");
+    server.shutdown().await;
+}

@@ -134,6 +134,13 @@ export type ServerErrorCode =
   | 'presence_disabled'
   | 'publish_not_allowed'
   | 'bus_unavailable'
+  | 'rate_limited'
+  | 'invalid_token'
+  | 'token_expired'
+  | 'permission_denied'
+  | 'broadcast_not_allowed'
+  | 'direct_not_allowed'
+  | 'recipient_busy'
   | 'internal';
 
 /**
@@ -226,6 +233,8 @@ export interface SubscriptionEventMap {
   'recovery-failed': [event: RecoveryFailedEvent];
   join: [frame: JoinLeaveFrame];
   leave: [frame: JoinLeaveFrame];
+  /** The server ended the subscription (a refreshed token no longer grants it). */
+  unsubscribed: [frame: UnsubscribedFrame];
   error: [error: SwitchboardError];
 }
 

@@ -112,6 +112,8 @@ class Emitter {
  *   subscription goes on live from `offset`; fetch `history` if you need
  *   what is still retained.
  * - `join` / `leave` (frame): presence events of the channel
+ * - `unsubscribed` (frame): the server ended the subscription (a refreshed
+ *   token no longer grants the channel); it is not resubscribed
  * - `error` (SwitchboardError): a (re)subscribe was refused
  */
 export class Subscription extends Emitter {
@@ -349,6 +351,18 @@ export class RealtimeClient extends Emitter {
       case 'leave': {
         const sub = this.subscriptions.get(msg.channel);
         if (sub) sub._emit(msg.type, msg);
+        break;
+      }
+      case 'unsubscribed': {
+        // Without `ref` the server ended the subscription itself (a refreshed
+        // token no longer grants the channel): it is not resubscribed.
+        if (msg.ref !== undefined && msg.ref !== null) break;
+        const sub = this.subscriptions.get(msg.channel);
+        if (!sub) break;
+        this.subscriptions.delete(msg.channel);
+        sub.state = 'unsubscribed';
+        sub.active = false;
+        sub._emit('unsubscribed', msg);
         break;
       }
       default:
