@@ -7,7 +7,7 @@
 //! client that does not read. A client that stops reading must not hold
 //! its session there: it would stay in the hub and in presence, and never
 //! act on the close requests that reach it through its
-//! [`OutQueue`](crate::queue::OutQueue) (keep-alive, token expiry, slow
+//! [`OutQueue`] (keep-alive, token expiry, slow
 //! consumer, `/api/disconnect`, drain). So the session waits on the
 //! socket only through [`wait`], which ends:
 //!
