@@ -320,6 +320,23 @@ mod tests {
     }
 
     #[test]
+    fn poll_close_sees_only_closes_and_keeps_the_push_signal() {
+        let q = OutQueue::new();
+        let mut cx = Context::from_waker(Waker::noop());
+        q.push(Outbound::Ping, LIMITS);
+        assert!(q.poll_close(&mut cx).is_pending(), "a push is not a close");
+        assert!(
+            q.poll_notified(&mut cx).is_ready(),
+            "the push signal is kept"
+        );
+        q.close(CloseReason::abort("no pong"));
+        assert_eq!(q.poll_close(&mut cx), Poll::Ready(None));
+        let q = OutQueue::new();
+        q.close(CloseReason::new(4003, "token expired"));
+        assert_eq!(q.poll_close(&mut cx), Poll::Ready(Some(4003)));
+    }
+
+    #[test]
     fn overflow_by_count_or_bytes_closes_as_slow_consumer() {
         let q = OutQueue::new();
         for _ in 0..3 {
@@ -406,23 +423,6 @@ mod tests {
         let p = publication("b", 1, SlowConsumerPolicy::DropOldest);
         assert_eq!(q.push(p, LIMITS), Push::Overflow);
         assert_eq!(q.take().1.unwrap().code, Some(close::SLOW_CONSUMER));
-    }
-
-    #[test]
-    fn poll_close_sees_only_closes_and_keeps_the_push_signal() {
-        let q = OutQueue::new();
-        let mut cx = Context::from_waker(Waker::noop());
-        q.push(Outbound::Ping, LIMITS);
-        assert!(q.poll_close(&mut cx).is_pending(), "a push is not a close");
-        assert!(
-            q.poll_notified(&mut cx).is_ready(),
-            "the push signal is kept"
-        );
-        q.close(CloseReason::abort("no pong"));
-        assert_eq!(q.poll_close(&mut cx), Poll::Ready(None));
-        let q = OutQueue::new();
-        q.close(CloseReason::new(4003, "token expired"));
-        assert_eq!(q.poll_close(&mut cx), Poll::Ready(Some(4003)));
     }
 
     #[test]
