@@ -96,7 +96,9 @@ pub struct Settings {
     /// consumer (4008) [default: 4194304].
     #[arg(long, env = "SWITCHBOARD_QUEUE_MAX_BYTES")]
     pub queue_max_bytes: Option<usize>,
-    /// A write to a client that takes longer than this closes it [default: 10s].
+    /// How long one write to a client may wait for its socket (a batch of
+    /// queued messages, or one reply, recovered or resent message); the
+    /// connection is then dropped without a close frame [default: 10s].
     #[arg(long, env = "SWITCHBOARD_WRITE_TIMEOUT")]
     pub write_timeout: Option<HumanDuration>,
     /// On SIGTERM/SIGINT, how long to wait for connections to close [default: 30s].
@@ -388,7 +390,8 @@ pub struct Config {
     pub queue_max_messages: usize,
     /// Per-connection outbound queue bound, in bytes.
     pub queue_max_bytes: usize,
-    /// Longest a single write to a client may take.
+    /// Longest one write to a client may wait for its socket (see
+    /// [`crate::bounded_write`]).
     pub write_timeout: Duration,
     /// Longest the shutdown waits for connections to end.
     pub drain_timeout: Duration,

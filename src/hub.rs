@@ -236,7 +236,17 @@ impl Hub {
             }
             Push::Overflow => {
                 self.slow_consumers.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(client = %client.id(), "slow consumer: outbound queue overflowed, closing");
+                // A client can cause this once per connection, in a loop.
+                static SLOW: crate::log_limit::LogLimit =
+                    crate::log_limit::LogLimit::new(std::time::Duration::from_secs(10));
+                match SLOW.allow() {
+                    Some(suppressed) => {
+                        tracing::info!(client = %client.id(), suppressed, "slow consumer: outbound queue overflowed, closing")
+                    }
+                    None => {
+                        tracing::debug!(client = %client.id(), "slow consumer: outbound queue overflowed, closing")
+                    }
+                }
                 false
             }
             Push::Closed | Push::Refused => false,
@@ -485,12 +495,18 @@ impl Hub {
     /// One keep-alive pass at `now` (see [`crate::keepalive`]): ping the
     /// clients that have been quiet for `ping_ms`, and close, without a
     /// close frame, those that stayed silent `timeout_ms` after a ping.
-    /// Returns how many were found dead.
+    /// Returns how many were found dead in this pass. A client whose close
+    /// was already requested (dead, expired, slow, disconnected) is
+    /// skipped: it is counted and closed once, and its task removes it
+    /// within its write timeout (see [`crate::bounded_write`]).
     pub fn keepalive_pass(&self, now: u64, ping_ms: u64, timeout_ms: u64) -> usize {
         let clients = self.clients.read().unwrap_or_else(|p| p.into_inner());
         let mut dead = 0;
         let wall_secs = crate::protocol::now_ms() / 1000;
         for client in clients.values() {
+            if client.queue.is_closed() {
+                continue;
+            }
             let due = client.ack_deadline.load(Ordering::Relaxed);
             if due != 0 && now >= due {
                 client.ack_deadline.store(0, Ordering::Relaxed);
@@ -578,5 +594,10 @@ mod tests {
         );
         assert_eq!(hub.keepalive_pass(seen + 200, 100, 100), 1);
         assert!(a.queue.is_closed());
+        assert_eq!(
+            hub.keepalive_pass(seen + 300, 100, 100),
+            0,
+            "a dead peer is counted once, not on every pass until it is gone"
+        );
     }
 }

@@ -3,9 +3,12 @@
 //! Every tick the sweeper walks the hub once: a client quiet for
 //! `ping_interval` gets a WebSocket ping; a client that has sent nothing
 //! (no pong, no frame) for `pong_timeout` after that ping is closed without
-//! a close handshake and removed by its task. The tick is a quarter of the
-//! shorter of the two intervals (at most 1 s), so detection is late by at
-//! most one tick.
+//! a close handshake and removed by its task, at once even if that task is
+//! waiting on a write ([`crate::bounded_write`]). A client whose close was
+//! already requested is not looked at again, so each dead peer is counted
+//! (`deadPeers`) and logged once. The tick is a quarter of the shorter of
+//! the two intervals (at most 1 s), so detection is late by at most one
+//! tick.
 
 use std::time::Duration;
 

@@ -29,6 +29,10 @@
 //!   in-memory implementation (the default).
 //! * [`limits`]: the token bucket behind the rate limit and handshake
 //!   admission.
+//! * [`bounded_write`]: every wait on a client's socket has a deadline
+//!   (`write_timeout`) and gives way to the connection's close requests.
+//! * [`log_limit`]: at most one log line per interval for events a client
+//!   can cause at will.
 //! * [`keepalive`]: one shared sweeper that pings every client and removes
 //!   dead peers, instead of a timer per connection.
 //! * [`metrics`]: counters behind `/metrics`, and the delivery-latency
@@ -47,12 +51,14 @@
 pub mod api;
 pub mod assets;
 pub mod auth;
+pub mod bounded_write;
 pub mod broker;
 pub mod config;
 pub mod error;
 pub mod hub;
 pub mod keepalive;
 pub mod limits;
+pub mod log_limit;
 pub mod metrics;
 pub mod node;
 pub mod prometheus;

@@ -313,6 +313,23 @@ impl OutQueue {
         Poll::Pending
     }
 
+    /// Ready with the requested close's code once a close was requested
+    /// (`Ready(None)`: drop the connection without a close frame);
+    /// otherwise registers the writer's waker. Unlike
+    /// [`poll_notified`](Self::poll_notified) it leaves the push signal
+    /// alone, so a writer blocked on a slow socket can watch for a close
+    /// request (see [`crate::bounded_write`]) without losing a wake-up.
+    pub fn poll_close(&self, cx: &mut Context<'_>) -> Poll<Option<u16>> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(reason) = &st.close {
+            return Poll::Ready(reason.code);
+        }
+        if !st.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            st.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
     /// Whether a close has been requested.
     pub fn is_closed(&self) -> bool {
         self.state
@@ -360,6 +377,23 @@ mod tests {
         assert_eq!(items.len(), 2);
         assert!(close.is_none());
         assert!(q.take().0.is_empty());
+    }
+
+    #[test]
+    fn poll_close_sees_only_closes_and_keeps_the_push_signal() {
+        let q = OutQueue::new();
+        let mut cx = Context::from_waker(Waker::noop());
+        q.push(Outbound::Ping, LIMITS);
+        assert!(q.poll_close(&mut cx).is_pending(), "a push is not a close");
+        assert!(
+            q.poll_notified(&mut cx).is_ready(),
+            "the push signal is kept"
+        );
+        q.close(CloseReason::abort("no pong"));
+        assert_eq!(q.poll_close(&mut cx), Poll::Ready(None));
+        let q = OutQueue::new();
+        q.close(CloseReason::new(4003, "token expired"));
+        assert_eq!(q.poll_close(&mut cx), Poll::Ready(Some(4003)));
     }
 
     #[test]

@@ -4,6 +4,10 @@
 //! client frames, and when the connection's [`OutQueue`](crate::queue)
 //! signals, it takes every queued frame and writes them with one flush.
 //! Replies to the client's own requests are written directly, in order.
+//! Every wait on the socket is bounded by `write_timeout` and gives way to
+//! the queue's close requests ([`crate::bounded_write`]), so a client that
+//! stops reading cannot hold its session (and its place in the hub and in
+//! presence) in a write.
 //!
 //! The session is generic over any `Sink`/`Stream` of WebSocket messages,
 //! so the protocol logic can be driven by in-memory channels in tests.
@@ -28,6 +32,7 @@ use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Action, Identity};
+use crate::bounded_write::{self, Deadline, Op, Until, Wrote};
 use crate::error::{ClientError, ErrorCode, close};
 use crate::hub::ClientHandle;
 use crate::limits::TokenBucket;
@@ -463,74 +468,66 @@ where
         }
     }
 
-    /// Write everything queued, with one flush; close if asked to.
+    /// Write everything queued, with one flush; close if asked to. The
+    /// batch may wait on the socket for `write_timeout` in all, or
+    /// [`CLOSE_GRACE`](crate::bounded_write::CLOSE_GRACE) once a close is
+    /// requested; an abort drops the connection at once.
     async fn write_queued(&mut self) -> ControlFlow<()> {
         let (items, close) = self.client.queue.take();
-        let timeout = self.node.config().write_timeout;
+        if let Some(reason) = close.as_ref().filter(|r| r.code.is_none()) {
+            // A dead peer: nothing more is written.
+            self.close(reason).await;
+            return ControlFlow::Break(());
+        }
+        let mut deadline = Deadline::new(self.node.config().write_timeout);
         let mut redeliver_due = false;
         let mut redeliver_check = false;
-        let written = tokio::time::timeout(timeout, async {
-            for item in items {
-                let msg = match item {
-                    Outbound::Frame(text) => Message::Text(text),
-                    Outbound::Publication(d) => {
-                        let Some(state) = self.subs.get_mut(&d.channel) else {
-                            continue; // unsubscribed meanwhile
-                        };
-                        if state.epoch == d.epoch && d.offset <= state.last {
-                            continue; // already delivered (recovery overlap)
-                        }
-                        if state.epoch != d.epoch {
-                            if let Some(ack) = &mut state.ack {
-                                ack.acked = 0; // a new stream: nothing of it is acknowledged
-                            }
-                            state.epoch = d.epoch.clone();
-                        }
-                        state.last = d.offset;
+        for item in items {
+            let msg = match item {
+                Outbound::Frame(text) => Message::Text(text),
+                Outbound::Publication(d) => {
+                    let Some(state) = self.subs.get_mut(&d.channel) else {
+                        continue; // unsubscribed meanwhile
+                    };
+                    if state.epoch == d.epoch && d.offset <= state.last {
+                        continue; // already delivered (recovery overlap)
+                    }
+                    if state.epoch != d.epoch {
                         if let Some(ack) = &mut state.ack {
-                            ack.pending_since
-                                .get_or_insert_with(tokio::time::Instant::now);
-                            redeliver_check = true;
+                            ack.acked = 0; // a new stream: nothing of it is acknowledged
                         }
-                        Metrics::inc(&self.node.metrics().publications_out);
-                        let latency = protocol::now_ms().saturating_sub(d.timestamp);
-                        self.node.metrics().latency.observe(latency);
-                        // Shared: compressed at most once for all recipients.
-                        let ws = &mut self.ws;
-                        if std::future::poll_fn(|cx| Pin::new(&mut *ws).poll_ready(cx))
-                            .await
-                            .is_err()
-                            || ws.start_send_shared(&d.frame, &d.deflated).is_err()
-                        {
-                            return ControlFlow::Break(());
-                        }
-                        Metrics::inc(&self.node.metrics().messages_out);
-                        continue;
+                        state.epoch = d.epoch.clone();
                     }
-                    Outbound::Ping => Message::Ping(Default::default()),
-                    Outbound::Redeliver => {
-                        redeliver_due = true;
-                        continue;
+                    state.last = d.offset;
+                    if let Some(ack) = &mut state.ack {
+                        ack.pending_since
+                            .get_or_insert_with(tokio::time::Instant::now);
+                        redeliver_check = true;
                     }
-                };
-                if self.ws.feed(msg).await.is_err() {
-                    return ControlFlow::Break(());
+                    Metrics::inc(&self.node.metrics().publications_out);
+                    let latency = protocol::now_ms().saturating_sub(d.timestamp);
+                    self.node.metrics().latency.observe(latency);
+                    // Shared: compressed at most once for all recipients.
+                    self.wait(Op::Ready, &mut deadline, Until::Abort).await?;
+                    if self.ws.start_send_shared(&d.frame, &d.deflated).is_err() {
+                        return ControlFlow::Break(());
+                    }
+                    Metrics::inc(&self.node.metrics().messages_out);
+                    continue;
                 }
-                Metrics::inc(&self.node.metrics().messages_out);
+                Outbound::Ping => Message::Ping(Default::default()),
+                Outbound::Redeliver => {
+                    redeliver_due = true;
+                    continue;
+                }
+            };
+            self.wait(Op::Ready, &mut deadline, Until::Abort).await?;
+            if Pin::new(&mut self.ws).start_send(msg).is_err() {
+                return ControlFlow::Break(());
             }
-            match self.ws.flush().await {
-                Ok(()) => ControlFlow::Continue(()),
-                Err(_) => ControlFlow::Break(()),
-            }
-        })
-        .await
-        .unwrap_or_else(|_| {
-            tracing::info!(client = %self.client.id(), "write timed out, dropping the connection");
-            ControlFlow::Break(())
-        });
-        if written.is_break() {
-            return written;
+            Metrics::inc(&self.node.metrics().messages_out);
         }
+        self.wait(Op::Flush, &mut deadline, Until::Abort).await?;
         if redeliver_due && close.is_none() {
             Box::pin(self.redeliver()).await?;
         }
@@ -544,6 +541,24 @@ where
             }
             None => ControlFlow::Continue(()),
         }
+    }
+
+    /// Wait on the socket for `op`, bounded (see [`crate::bounded_write`]);
+    /// `Break` when the connection is to end: the write timed out, the
+    /// socket failed, or a close request came meanwhile (then acted on:
+    /// what is queued and the close frame, within the close grace).
+    async fn wait(&mut self, op: Op, deadline: &mut Deadline, until: Until) -> ControlFlow<()> {
+        let wrote =
+            bounded_write::wait(&mut self.ws, op, &self.client.queue, deadline, until).await;
+        match wrote {
+            Wrote::Done => return ControlFlow::Continue(()),
+            Wrote::Failed => {}
+            Wrote::TimedOut => bounded_write::log_timeout(self.client.id()),
+            Wrote::Closing => {
+                let _ = Box::pin(self.write_queued()).await;
+            }
+        }
+        ControlFlow::Break(())
     }
 
     /// Send a close frame (unless the reason says to just drop the
@@ -567,22 +582,29 @@ where
         .await;
     }
 
+    /// Write a reply frame (buffered until [`flush`](Self::flush)).
     async fn send(&mut self, frame: Text) -> ControlFlow<()> {
-        match self.ws.feed(Message::Text(frame)).await {
-            Ok(()) => {
-                Metrics::inc(&self.node.metrics().messages_out);
-                ControlFlow::Continue(())
-            }
+        self.feed(Message::Text(frame)).await?;
+        Metrics::inc(&self.node.metrics().messages_out);
+        ControlFlow::Continue(())
+    }
+
+    /// Hand a frame to the socket layer, which writes out its buffer first
+    /// when that holds 64 KiB: bounded by `write_timeout`, and a close
+    /// request ends it.
+    async fn feed(&mut self, msg: Message) -> ControlFlow<()> {
+        let mut deadline = Deadline::new(self.node.config().write_timeout);
+        self.wait(Op::Ready, &mut deadline, Until::Close).await?;
+        match Pin::new(&mut self.ws).start_send(msg) {
+            Ok(()) => ControlFlow::Continue(()),
             Err(_) => ControlFlow::Break(()),
         }
     }
 
+    /// Write out the replies, bounded like [`feed`](Self::feed).
     async fn flush(&mut self) -> ControlFlow<()> {
-        let timeout = self.node.config().write_timeout;
-        match tokio::time::timeout(timeout, self.ws.flush()).await {
-            Ok(Ok(())) => ControlFlow::Continue(()),
-            _ => ControlFlow::Break(()),
-        }
+        let mut deadline = Deadline::new(self.node.config().write_timeout);
+        self.wait(Op::Flush, &mut deadline, Until::Close).await
     }
 
     /// Apply the rate limit to a data frame: `Some(flow)` when the frame
@@ -628,9 +650,7 @@ where
                 Metrics::inc(&self.node.metrics().messages_in);
                 match self.mode {
                     Mode::Echo => {
-                        if self.ws.feed(Message::Binary(data)).await.is_err() {
-                            return ControlFlow::Break(());
-                        }
+                        self.feed(Message::Binary(data)).await?;
                     }
                     Mode::Protocol => {
                         let err = ClientError::new(
