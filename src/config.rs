@@ -225,6 +225,20 @@ pub struct Settings {
     /// [default: disconnect].
     #[arg(long, env = "SWITCHBOARD_SLOW_CONSUMER")]
     pub slow_consumer: Option<SlowConsumerPolicy>,
+    /// Instance-wide budget of retained history, in bytes (each
+    /// publication counts its data plus a fixed overhead); beyond it the
+    /// least recently published channels lose their history
+    /// [default: 268435456, i.e. 256 MiB].
+    #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_BYTES")]
+    pub history_max_bytes: Option<usize>,
+    /// Instance-wide budget of channels with a stream (history or offsets);
+    /// beyond it the least recently published are forgotten [default: 100000].
+    #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_CHANNELS")]
+    pub history_max_channels: Option<usize>,
+    /// New channels one connection may bring into existence by publishing,
+    /// per minute; 0 turns the limit off [default: 60].
+    #[arg(long, env = "SWITCHBOARD_CHANNEL_CREATE_RATE")]
+    pub channel_create_rate: Option<u32>,
     /// Per-namespace options; only in the TOML file (`[namespaces.chat]`).
     #[arg(skip)]
     pub namespaces: HashMap<String, NamespaceSettings>,
@@ -415,6 +429,16 @@ pub struct Config {
     pub strict_namespaces: bool,
     /// Serve demo pages, /client.js and the `sys:metrics` channel.
     pub demo: bool,
+    /// Instance-wide budget of retained history bytes (memory and Pub/Sub
+    /// buses; NATS: the stream's `max_bytes`): what an attacker publishing
+    /// into many channels can make this instance hold.
+    pub history_max_bytes: usize,
+    /// Instance-wide budget of channels with a stream: each costs memory
+    /// even with nothing retained.
+    pub history_max_channels: usize,
+    /// New channels per minute one connection may create by publishing;
+    /// 0 is unlimited. Stops one client from filling the budgets above.
+    pub channel_create_rate: u32,
     /// Options of channels without a configured namespace.
     pub default_namespace: NamespaceOptions,
     /// Options per configured namespace.
@@ -489,7 +513,10 @@ impl Settings {
             max_connections_per_user,
             api_key_file,
             anonymous,
-            ack_timeout
+            ack_timeout,
+            history_max_bytes,
+            history_max_channels,
+            channel_create_rate
         );
         if self.namespaces.is_empty() {
             self.namespaces = lower.namespaces;
@@ -766,6 +793,15 @@ impl Config {
             channel_echo: pick!(s.channel_echo, true),
             strict_namespaces: pick!(s.strict_namespaces, false),
             demo: pick!(s.demo, true),
+            history_max_bytes: positive(
+                "history_max_bytes",
+                pick!(s.history_max_bytes, 256 << 20),
+            )?,
+            history_max_channels: positive(
+                "history_max_channels",
+                pick!(s.history_max_channels, 100_000),
+            )?,
+            channel_create_rate: pick!(s.channel_create_rate, 60),
             default_namespace,
             namespaces,
         })

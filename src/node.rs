@@ -199,6 +199,12 @@ impl Node {
         &self.shared.metrics
     }
 
+    /// What the in-process channel history holds (memory and Pub/Sub
+    /// buses); zeros for buses that keep history elsewhere.
+    pub fn history_stats(&self) -> Arc<crate::metrics::HistoryStats> {
+        self.shared.broker.history_stats().unwrap_or_default()
+    }
+
     pub fn instance_id(&self) -> &str {
         &self.shared.config.instance_id
     }
