@@ -27,6 +27,7 @@
 //!   allocation while empty.
 //! * [`broker`]: the narrow backend traits and their guarantees, and the
 //!   in-memory implementation (the default).
+//! * [`create_limit`]: the per-connection limit on creating channels.
 //! * [`limits`]: the token bucket behind the rate limit and handshake
 //!   admission.
 //! * [`keepalive`]: one shared sweeper that pings every client and removes
@@ -47,6 +48,7 @@ pub mod assets;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod create_limit;
 pub mod error;
 pub mod hub;
 pub mod keepalive;

@@ -519,6 +519,12 @@ impl Node {
         Ok(h.top)
     }
 
+    /// Whether `channel` has a stream (its top offset is above 0). A read
+    /// that creates nothing: the creation limit asks it before a publish.
+    pub async fn channel_exists(&self, channel: &str) -> Result<bool> {
+        Ok(self.position(channel).await?.offset > 0)
+    }
+
     /// Everything published after `since`, if the history still holds all
     /// of it: `(publications, top, true)`; otherwise `(vec![], top, false)`
     /// — nothing partial is passed off as complete.
