@@ -230,7 +230,7 @@ pub struct Settings {
     /// least recently published channels lose their history
     /// [default: 268435456, i.e. 256 MiB].
     #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_BYTES")]
-    pub history_max_bytes: Option<usize>,
+    pub history_max_bytes: Option<u64>,
     /// Instance-wide budget of channels with a stream (history or offsets);
     /// beyond it the least recently published are forgotten [default: 100000].
     #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_CHANNELS")]
@@ -432,7 +432,7 @@ pub struct Config {
     /// Instance-wide budget of retained history bytes (memory and Pub/Sub
     /// buses; NATS: the stream's `max_bytes`): what an attacker publishing
     /// into many channels can make this instance hold.
-    pub history_max_bytes: usize,
+    pub history_max_bytes: u64,
     /// Instance-wide budget of channels with a stream: each costs memory
     /// even with nothing retained.
     pub history_max_channels: usize,
@@ -793,10 +793,14 @@ impl Config {
             channel_echo: pick!(s.channel_echo, true),
             strict_namespaces: pick!(s.strict_namespaces, false),
             demo: pick!(s.demo, true),
-            history_max_bytes: positive(
-                "history_max_bytes",
-                pick!(s.history_max_bytes, 256 << 20),
-            )?,
+            history_max_bytes: match pick!(s.history_max_bytes, 256 << 20) {
+                0 => {
+                    return Err(Error::Config(
+                        "history_max_bytes must be greater than 0".into(),
+                    ));
+                }
+                n => n,
+            },
             history_max_channels: positive(
                 "history_max_channels",
                 pick!(s.history_max_channels, 100_000),

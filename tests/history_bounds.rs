@@ -152,7 +152,7 @@ async fn the_budget_holds_and_evicted_channels_recover_false() {
     const MAX_BYTES: u64 = 1 << 20;
     const MAX_CHANNELS: u64 = 50;
     let server = start_with(Settings {
-        history_max_bytes: Some(MAX_BYTES as usize),
+        history_max_bytes: Some(MAX_BYTES),
         history_max_channels: Some(MAX_CHANNELS as usize),
         ..unlimited()
     })

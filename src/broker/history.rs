@@ -105,7 +105,7 @@ impl Default for HistoryLimits {
 impl HistoryLimits {
     pub fn from_config(config: &Config) -> Self {
         HistoryLimits {
-            max_bytes: config.history_max_bytes,
+            max_bytes: usize::try_from(config.history_max_bytes).unwrap_or(usize::MAX),
             max_channels: config.history_max_channels,
         }
     }
