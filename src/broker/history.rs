@@ -386,6 +386,11 @@ impl Store {
     /// epoch, publication) under the stream's lock, which orders the
     /// channel; returns its position. Keeps `history.size` publications for
     /// `history.ttl`, within the budgets.
+    ///
+    /// Internal channels (`#user:…`, at-most-once user-addressed messages
+    /// that nobody reads by offset) get no stream: a client sending `direct`
+    /// to many user ids must not fill the channel budget. They are
+    /// delivered at offset 0 of an empty epoch.
     pub(crate) fn publish(
         &self,
         channel: &str,
@@ -393,6 +398,17 @@ impl Store {
         history: HistoryOptions,
         deliver: impl FnOnce(&Arc<str>, &Arc<str>, &Publication),
     ) -> StreamPosition {
+        if crate::node::is_internal_channel(channel) {
+            let epoch: Arc<str> = Arc::from("");
+            let publication = Publication {
+                offset: 0,
+                data: new.data,
+                sender_id: new.sender_id,
+                timestamp: new.timestamp,
+            };
+            deliver(&Arc::from(channel), &epoch, &publication);
+            return StreamPosition { epoch, offset: 0 };
+        }
         loop {
             let now = Instant::now();
             let (name, stream) = self.open(channel, now);

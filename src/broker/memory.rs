@@ -351,6 +351,20 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn internal_channels_are_delivered_without_a_stream() {
+        let b = MemoryBroker::new();
+        let rec = Arc::new(Recorder::default());
+        b.start(rec.clone()).await.unwrap();
+        for i in 0..10 {
+            b.publish(&format!("#user:u{i}"), new_pub(), OPTS)
+                .await
+                .unwrap();
+        }
+        assert_eq!(rec.0.lock().unwrap().len(), 10, "delivered");
+        assert_eq!(b.streams.stats().streams.load(Relaxed), 0, "kept nothing");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn one_stream_over_the_byte_budget_loses_its_oldest() {
         let per = 1 + ENTRY_OVERHEAD;
         let b = MemoryBroker::with_limits(HistoryLimits {
