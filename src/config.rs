@@ -130,6 +130,18 @@ pub struct Settings {
     /// Most channels one connection may subscribe to [default: 128].
     #[arg(long, env = "SWITCHBOARD_MAX_SUBSCRIPTIONS")]
     pub max_subscriptions: Option<usize>,
+    // -- history channels and creation limit (issue 13) --
+    /// Memory and Pub/Sub buses: instance-wide budget of channel streams
+    /// (with history, or only their epoch and offset); beyond it, or beyond
+    /// `history_max_bytes`, the least recently published are evicted
+    /// [default: 100000].
+    #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_CHANNELS")]
+    pub history_max_channels: Option<usize>,
+    /// New channels one connection may bring into existence by publishing,
+    /// per minute; 0 turns the limit off [default: 60].
+    #[arg(long, env = "SWITCHBOARD_CHANNEL_CREATE_RATE")]
+    pub channel_create_rate: Option<u32>,
+    // -- end history channels and creation limit --
     /// Whether a subscribed publisher receives its own publication [default: true].
     #[arg(long, env = "SWITCHBOARD_CHANNEL_ECHO")]
     pub channel_echo: Option<bool>,
@@ -225,20 +237,13 @@ pub struct Settings {
     /// [default: disconnect].
     #[arg(long, env = "SWITCHBOARD_SLOW_CONSUMER")]
     pub slow_consumer: Option<SlowConsumerPolicy>,
-    /// Instance-wide budget of retained history, in bytes (each
-    /// publication counts its data plus a fixed overhead); beyond it the
-    /// least recently published channels lose their history
-    /// [default: 268435456, i.e. 256 MiB].
+    // -- history budget (issue 13) --
+    /// Instance-wide budget of retained history bytes: the NATS stream's
+    /// `max_bytes` (oldest dropped first); the memory and Pub/Sub buses
+    /// trim to it [default: 268435456].
     #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_BYTES")]
     pub history_max_bytes: Option<u64>,
-    /// Instance-wide budget of channels with a stream (history or offsets);
-    /// beyond it the least recently published are forgotten [default: 100000].
-    #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_CHANNELS")]
-    pub history_max_channels: Option<usize>,
-    /// New channels one connection may bring into existence by publishing,
-    /// per minute; 0 turns the limit off [default: 60].
-    #[arg(long, env = "SWITCHBOARD_CHANNEL_CREATE_RATE")]
-    pub channel_create_rate: Option<u32>,
+    // -- end history budget --
     /// Per-namespace options; only in the TOML file (`[namespaces.chat]`).
     #[arg(skip)]
     pub namespaces: HashMap<String, NamespaceSettings>,
@@ -399,6 +404,14 @@ pub struct Config {
     pub compression: Option<crate::ws::deflate::DeflateConfig>,
     /// Most subscriptions per connection.
     pub max_subscriptions: usize,
+    // -- history channels and creation limit (issue 13) --
+    /// Instance-wide budget of channel streams held in memory (memory and
+    /// Pub/Sub buses): each costs memory even with nothing retained.
+    pub history_max_channels: usize,
+    /// New channels per minute one connection may create by publishing;
+    /// 0 is unlimited. Stops one client from filling the budgets.
+    pub channel_create_rate: u32,
+    // -- end history channels and creation limit --
     /// Browser origins allowed to connect; empty allows any.
     pub allowed_origins: Vec<String>,
     /// Most WebSocket connections on this instance.
@@ -429,16 +442,12 @@ pub struct Config {
     pub strict_namespaces: bool,
     /// Serve demo pages, /client.js and the `sys:metrics` channel.
     pub demo: bool,
-    /// Instance-wide budget of retained history bytes (memory and Pub/Sub
-    /// buses; NATS: the stream's `max_bytes`): what an attacker publishing
-    /// into many channels can make this instance hold.
+    // -- history budget (issue 13) --
+    /// Instance-wide budget of retained history bytes, so that history
+    /// cannot grow without bound: the NATS stream's `max_bytes`; on Redis
+    /// the operator's `maxmemory` is the bound (see `broker::redis`).
     pub history_max_bytes: u64,
-    /// Instance-wide budget of channels with a stream: each costs memory
-    /// even with nothing retained.
-    pub history_max_channels: usize,
-    /// New channels per minute one connection may create by publishing;
-    /// 0 is unlimited. Stops one client from filling the budgets above.
-    pub channel_create_rate: u32,
+    // -- end history budget --
     /// Options of channels without a configured namespace.
     pub default_namespace: NamespaceOptions,
     /// Options per configured namespace.
@@ -488,6 +497,9 @@ impl Settings {
             compression_threshold,
             compression_level,
             max_subscriptions,
+            // history channels and creation limit (issue 13)
+            history_max_channels,
+            channel_create_rate,
             channel_echo,
             strict_namespaces,
             allowed_origins,
@@ -514,9 +526,8 @@ impl Settings {
             api_key_file,
             anonymous,
             ack_timeout,
-            history_max_bytes,
-            history_max_channels,
-            channel_create_rate
+            // history budget (issue 13)
+            history_max_bytes
         );
         if self.namespaces.is_empty() {
             self.namespaces = lower.namespaces;
@@ -740,6 +751,12 @@ impl Config {
                 }),
             },
             max_subscriptions: positive("max_subscriptions", pick!(s.max_subscriptions, 128))?,
+            // history channels and creation limit (issue 13)
+            history_max_channels: positive(
+                "history_max_channels",
+                pick!(s.history_max_channels, 100_000),
+            )?,
+            channel_create_rate: pick!(s.channel_create_rate, 60),
             allowed_origins: s
                 .allowed_origins
                 .unwrap_or_default()
@@ -793,6 +810,7 @@ impl Config {
             channel_echo: pick!(s.channel_echo, true),
             strict_namespaces: pick!(s.strict_namespaces, false),
             demo: pick!(s.demo, true),
+            // history budget (issue 13)
             history_max_bytes: match pick!(s.history_max_bytes, 256 << 20) {
                 0 => {
                     return Err(Error::Config(
@@ -801,11 +819,6 @@ impl Config {
                 }
                 n => n,
             },
-            history_max_channels: positive(
-                "history_max_channels",
-                pick!(s.history_max_channels, 100_000),
-            )?,
-            channel_create_rate: pick!(s.channel_create_rate, 60),
             default_namespace,
             namespaces,
         })
