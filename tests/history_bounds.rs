@@ -272,6 +272,8 @@ const FLOOD: Duration = Duration::from_secs(15);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_new_channels_stays_within_the_budget() {
     let port = pubsub_emulator::free_port();
+    let log_path = std::env::temp_dir().join(format!("sb-flood-{}-{port}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path).unwrap();
     let guard = Guard(
         Command::new(env!("CARGO_BIN_EXE_switchboard"))
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
@@ -280,7 +282,8 @@ async fn a_flood_of_new_channels_stays_within_the_budget() {
             // Many connections could create this many channels anyway:
             // the budget is what is under test.
             .args(["--channel-create-rate", "0"])
-            .stdout(Stdio::null())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log))
             .stderr(Stdio::null())
             .spawn()
             .expect("the binary starts"),
@@ -353,6 +356,15 @@ async fn a_flood_of_new_channels_stays_within_the_budget() {
         "RSS grew by {} KiB, over the budget + allowance",
         growth >> 10
     );
+    // Thousands of evictions, a handful of log lines (one per 5 s at most).
+    drop(guard);
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&log_path);
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("channel history over its budget"))
+        .count();
+    assert!((1..=5).contains(&lines), "{lines} eviction lines:\n{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
