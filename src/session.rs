@@ -28,7 +28,6 @@ use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Action, Identity};
-use crate::create_limit::CreateLimit;
 use crate::error::{ClientError, ErrorCode, close};
 use crate::hub::ClientHandle;
 use crate::limits::TokenBucket;
@@ -131,7 +130,7 @@ pub struct Session<S> {
     /// Subscribed channels.
     subs: Subs,
     /// Channels this connection may still create (`channel_create_rate`).
-    creates: CreateLimit,
+    creates: crate::create_limit::CreateLimit,
 }
 
 /// Whether a read error means "message over the size limit".
@@ -286,7 +285,7 @@ where
         client,
         mode,
         subs: Subs::default(),
-        creates: CreateLimit::default(),
+        creates: crate::create_limit::CreateLimit::default(),
     };
     tracing::debug!(client = %session.client.id(), ?mode, "connected");
     if mode == Mode::Protocol && session.greet(auth_reply).await.is_break() {
