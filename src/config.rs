@@ -132,6 +132,18 @@ pub struct Settings {
     /// Most channels one connection may subscribe to [default: 128].
     #[arg(long, env = "SWITCHBOARD_MAX_SUBSCRIPTIONS")]
     pub max_subscriptions: Option<usize>,
+    // -- history channels and creation limit (issue 13) --
+    /// Memory and Pub/Sub buses: instance-wide budget of channel streams
+    /// (with history, or only their epoch and offset); beyond it, or beyond
+    /// `history_max_bytes`, the least recently published are evicted
+    /// [default: 100000].
+    #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_CHANNELS")]
+    pub history_max_channels: Option<usize>,
+    /// New channels one connection may bring into existence by publishing,
+    /// per minute; 0 turns the limit off [default: 60].
+    #[arg(long, env = "SWITCHBOARD_CHANNEL_CREATE_RATE")]
+    pub channel_create_rate: Option<u32>,
+    // -- end history channels and creation limit --
     /// Whether a subscribed publisher receives its own publication [default: true].
     #[arg(long, env = "SWITCHBOARD_CHANNEL_ECHO")]
     pub channel_echo: Option<bool>,
@@ -405,6 +417,14 @@ pub struct Config {
     pub compression: Option<crate::ws::deflate::DeflateConfig>,
     /// Most subscriptions per connection.
     pub max_subscriptions: usize,
+    // -- history channels and creation limit (issue 13) --
+    /// Instance-wide budget of channel streams held in memory (memory and
+    /// Pub/Sub buses): each costs memory even with nothing retained.
+    pub history_max_channels: usize,
+    /// New channels per minute one connection may create by publishing;
+    /// 0 is unlimited. Stops one client from filling the budgets.
+    pub channel_create_rate: u32,
+    // -- end history channels and creation limit --
     /// Browser origins allowed to connect; empty allows any.
     pub allowed_origins: Vec<String>,
     /// Most WebSocket connections on this instance.
@@ -497,6 +517,9 @@ impl Settings {
             compression_threshold,
             compression_level,
             max_subscriptions,
+            // history channels and creation limit (issue 13)
+            history_max_channels,
+            channel_create_rate,
             channel_echo,
             strict_namespaces,
             allowed_origins,
@@ -751,6 +774,12 @@ impl Config {
                 }),
             },
             max_subscriptions: positive("max_subscriptions", pick!(s.max_subscriptions, 128))?,
+            // history channels and creation limit (issue 13)
+            history_max_channels: positive(
+                "history_max_channels",
+                pick!(s.history_max_channels, 100_000),
+            )?,
+            channel_create_rate: pick!(s.channel_create_rate, 60),
             allowed_origins: s
                 .allowed_origins
                 .unwrap_or_default()

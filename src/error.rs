@@ -25,6 +25,8 @@ pub enum ErrorCode {
     PublishNotAllowed,
     BusUnavailable,
     RateLimited,
+    /// The connection created channels faster than `channel_create_rate`.
+    ChannelLimit,
     InvalidToken,
     TokenExpired,
     PermissionDenied,
@@ -56,6 +58,7 @@ impl ErrorCode {
             ErrorCode::PublishNotAllowed => "publish_not_allowed",
             ErrorCode::BusUnavailable => "bus_unavailable",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::ChannelLimit => "channel_limit",
             ErrorCode::InvalidToken => "invalid_token",
             ErrorCode::TokenExpired => "token_expired",
             ErrorCode::PermissionDenied => "permission_denied",

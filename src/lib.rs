@@ -27,6 +27,7 @@
 //!   allocation while empty.
 //! * [`broker`]: the narrow backend traits and their guarantees, and the
 //!   in-memory implementation (the default).
+//! * [`create_limit`]: the per-connection limit on creating channels.
 //! * [`limits`]: the token bucket behind the rate limit and handshake
 //!   admission.
 //! * [`bounded_write`]: every wait on a client's socket has a deadline
@@ -54,6 +55,7 @@ pub mod auth;
 pub mod bounded_write;
 pub mod broker;
 pub mod config;
+pub mod create_limit;
 pub mod error;
 pub mod hub;
 pub mod keepalive;

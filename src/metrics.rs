@@ -44,8 +44,26 @@ pub struct Metrics {
     pub api_requests: AtomicU64,
     /// Server API requests answered with an error (4xx or 5xx).
     pub api_errors: AtomicU64,
+    /// Client publishes refused by `channel_create_rate` (`channel_limit`).
+    pub channel_limited: AtomicU64,
     /// Publish → write latency of channel publications.
     pub latency: LatencyHistogram,
+}
+
+/// What the in-process channel history holds (memory and Pub/Sub buses,
+/// `broker::history`): gauges kept exact by the store, read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct HistoryStats {
+    /// Bytes of retained publications as counted against
+    /// `history_max_bytes` (data + `broker::history::ENTRY_OVERHEAD` each).
+    pub bytes: AtomicU64,
+    /// Channels with at least one retained publication.
+    pub channels: AtomicU64,
+    /// Streams held, empty ones included (their epoch and offset are
+    /// remembered); bounded by `history_max_channels`.
+    pub streams: AtomicU64,
+    /// Streams evicted to stay within the budgets.
+    pub evictions: AtomicU64,
 }
 
 /// Upper bounds (ms) of the latency histogram's buckets; a last bucket

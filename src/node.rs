@@ -226,6 +226,12 @@ impl Node {
         &self.shared.metrics
     }
 
+    /// What the in-process channel history holds (memory and Pub/Sub
+    /// buses); zeros for buses that keep history elsewhere.
+    pub fn history_stats(&self) -> Arc<crate::metrics::HistoryStats> {
+        self.shared.broker.history_stats().unwrap_or_default()
+    }
+
     pub fn instance_id(&self) -> &str {
         &self.shared.config.instance_id
     }
@@ -543,6 +549,12 @@ impl Node {
             .history(channel, None, 0, Self::history_options(opts))
             .await?;
         Ok(h.top)
+    }
+
+    /// Whether `channel` has a stream (its top offset is above 0). A read
+    /// that creates nothing: the creation limit asks it before a publish.
+    pub async fn channel_exists(&self, channel: &str) -> Result<bool> {
+        Ok(self.position(channel).await?.offset > 0)
     }
 
     /// Everything published after `since`, if the history still holds all

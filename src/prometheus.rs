@@ -24,7 +24,8 @@ pub fn render(node: &Node) -> String {
     let m = node.metrics();
     let hub = node.hub();
     let mut out = String::with_capacity(4096);
-    let counters: [(&str, &str, u64); 14] = [
+    let history = node.history_stats();
+    let counters: [(&str, &str, u64); 16] = [
         (
             "switchboard_handshakes_throttled_total",
             "Upgrades refused by handshake admission (503 + Retry-After).",
@@ -91,6 +92,16 @@ pub fn render(node: &Node) -> String {
             m.bus_publish_errors.load(Relaxed),
         ),
         (
+            "switchboard_history_evictions_total",
+            "Channel streams evicted to keep history within its budget.",
+            history.evictions.load(Relaxed),
+        ),
+        (
+            "switchboard_channel_limited_total",
+            "Client publishes refused by the channel creation limit.",
+            m.channel_limited.load(Relaxed),
+        ),
+        (
             "switchboard_upgrades_refused_total",
             "Upgrades refused (origin or connection limit).",
             m.origin_refused.load(Relaxed) + m.connections_refused.load(Relaxed),
@@ -151,6 +162,26 @@ pub fn render(node: &Node) -> String {
         "1 when ready (not draining, bus reachable).",
         u8::from(node.is_ready()),
     );
+    let history_gauges: [(&str, &str, u64); 3] = [
+        (
+            "switchboard_history_bytes",
+            "Retained channel history, in bytes as counted against history_max_bytes.",
+            history.bytes.load(Relaxed),
+        ),
+        (
+            "switchboard_history_channels",
+            "Channels with retained publications.",
+            history.channels.load(Relaxed),
+        ),
+        (
+            "switchboard_history_streams",
+            "Channel streams held (empty ones included), bounded by history_max_channels.",
+            history.streams.load(Relaxed),
+        ),
+    ];
+    for (name, help, value) in history_gauges {
+        metric(&mut out, name, "gauge", help, value);
+    }
     metric(
         &mut out,
         "switchboard_uptime_seconds",

@@ -211,6 +211,7 @@ async fn metrics(State(state): State<AppState>) -> Json<serde_json::Value> {
     let node = &state.node;
     let m = node.metrics();
     let hub = node.hub();
+    let history = node.history_stats();
     Json(json!({
         "connectedClients": hub.len(),
         "uptime": node.uptime(),
@@ -238,6 +239,11 @@ async fn metrics(State(state): State<AppState>) -> Json<serde_json::Value> {
         "connectionsRefused": m.connections_refused.load(Relaxed),
         "apiRequests": m.api_requests.load(Relaxed),
         "apiErrors": m.api_errors.load(Relaxed),
+        "channelLimited": m.channel_limited.load(Relaxed),
+        "historyBytes": history.bytes.load(Relaxed),
+        "historyChannels": history.channels.load(Relaxed),
+        "historyStreams": history.streams.load(Relaxed),
+        "historyEvictions": history.evictions.load(Relaxed),
     }))
 }
 

@@ -134,6 +134,8 @@ pub struct Session<S> {
     mode: Mode,
     /// Subscribed channels.
     subs: Subs,
+    /// Channels this connection may still create (`channel_create_rate`).
+    creates: crate::create_limit::CreateLimit,
 }
 
 /// Whether a read error means "message over the size limit".
@@ -288,6 +290,7 @@ where
         client,
         mode,
         subs: Subs::default(),
+        creates: crate::create_limit::CreateLimit::default(),
     };
     tracing::debug!(client = %session.client.id(), ?mode, "connected");
     if mode == Mode::Protocol && session.greet(auth_reply).await.is_break() {
@@ -747,7 +750,24 @@ where
                     )
                     .into());
                 }
+                let per_minute = self.node.config().channel_create_rate;
+                let now = self.node.hub().clock_ms();
+                if !self.creates.may_create(now, per_minute)
+                    && !self.node.channel_exists(&channel).await?
+                {
+                    Metrics::inc(&self.node.metrics().channel_limited);
+                    return Err(ClientError::new(
+                        ErrorCode::ChannelLimit,
+                        format!(
+                            "{channel:?} does not exist and this connection may create at most {per_minute} channels per minute"
+                        ),
+                    )
+                    .into());
+                }
                 let pos = self.node.publish(me, &channel, to_arc(data)).await?;
+                if pos.offset == 1 {
+                    self.creates.created(self.node.hub().clock_ms(), per_minute);
+                }
                 self.send(protocol::ack(id, Some((&channel, pos.offset))))
                     .await
             }

@@ -1,117 +1,72 @@
 //! The in-memory broker and presence store: one instance, nothing to
 //! connect to. The default bus.
 //!
-//! Each channel has a stream: an epoch chosen at random when the stream is
-//! created, the newest offset, and the retained publications, trimmed by
-//! count and age. Publishing takes the stream's lock, appends and hands the
-//! publication to the handler before releasing it, which is what makes
-//! "append + deliver" atomic and ordered per channel. The handler only
-//! queues frames, so the lock is held for microseconds.
+//! Channel streams live in the bounded [`history`](super::history) store
+//! (shared with the Pub/Sub bus's per-instance history): each has an
+//! epoch, the newest offset and the retained publications. Publishing
+//! takes the stream's lock, appends and hands the publication to the
+//! handler before releasing it, which is what makes "append + deliver"
+//! atomic and ordered per channel. The handler only queues frames, so the
+//! lock is held for microseconds.
 //!
-//! A stream with nothing retained that has seen no publication for
-//! [`STREAM_IDLE_EXPIRY`] is forgotten; its next publication starts a new
-//! epoch. That bounds the memory of channels that are no longer used.
+//! What the store bounds, whatever clients publish:
+//!
+//! * publications are freed within about a second of their `history_ttl`,
+//!   whether or not their channel is used again;
+//! * retained bytes stay within `history_max_bytes` (data + 128 bytes per
+//!   publication) and streams within `history_max_channels`; beyond, the
+//!   least recently published channels are evicted, and their next
+//!   publication starts a new epoch (a client recovering from the old one
+//!   gets `recovered:false`);
+//! * an empty stream (everything expired, or history off) remembers its
+//!   epoch and offset for [`STREAM_IDLE_EXPIRY`] after its last
+//!   publication, counted against the channel budget;
+//! * reading a channel that has no stream (history, position, recovery)
+//!   answers offset 0 and the epoch its first publication will have, and
+//!   creates nothing.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
-use tokio::time::Instant;
 
+use super::history::{HistoryLimits, Store};
 use super::{
     Broker, BrokerHandler, Control, Direct, HistoryOptions, HistoryResult, NewPublication,
     PresenceStore,
 };
-use crate::config::random_base36;
 use crate::error::Result;
-use crate::protocol::{ClientInfo, Publication, StreamPosition};
+use crate::metrics::HistoryStats;
+use crate::protocol::{ClientInfo, StreamPosition};
 
-/// How long an empty, unused stream's epoch and offset are remembered.
-pub const STREAM_IDLE_EXPIRY: Duration = Duration::from_secs(3600);
-
-/// One channel's stream held in this process: the memory broker's, and
-/// the Pub/Sub bus's per-instance history.
-#[derive(Debug)]
-pub(crate) struct Stream {
-    /// Names this incarnation of the stream.
-    pub(crate) epoch: Arc<str>,
-    /// Offset of the newest publication; 0 before the first.
-    pub(crate) top: u64,
-    /// Retained publications, oldest first, each with its expiry.
-    pub(crate) retained: VecDeque<(Instant, Publication)>,
-    /// Last publication time, for forgetting idle streams.
-    pub(crate) touched: Instant,
-}
-
-impl Stream {
-    fn new() -> Self {
-        Stream::with_epoch(random_base36(8).into())
-    }
-
-    /// An empty stream named `epoch`.
-    pub(crate) fn with_epoch(epoch: Arc<str>) -> Self {
-        Stream {
-            epoch,
-            top: 0,
-            retained: VecDeque::new(),
-            touched: Instant::now(),
-        }
-    }
-
-    /// Retained publications after `since` (all without it), at most
-    /// `limit`; none when `since` is of another epoch.
-    pub(crate) fn after(&self, since: Option<&StreamPosition>, limit: usize) -> Vec<Publication> {
-        match since {
-            Some(since) if since.epoch != self.epoch => Vec::new(),
-            _ => {
-                let after = since.map_or(0, |p| p.offset);
-                self.retained
-                    .iter()
-                    .map(|(_, p)| p)
-                    .filter(|p| p.offset > after)
-                    .take(limit)
-                    .cloned()
-                    .collect()
-            }
-        }
-    }
-
-    /// Drop what is beyond `size` or expired at `now`.
-    pub(crate) fn trim(&mut self, size: usize, now: Instant) {
-        while self.retained.len() > size {
-            self.retained.pop_front();
-        }
-        while self.retained.front().is_some_and(|(exp, _)| *exp <= now) {
-            self.retained.pop_front();
-        }
-    }
-
-    /// The stream's top.
-    pub(crate) fn position(&self) -> StreamPosition {
-        StreamPosition {
-            epoch: self.epoch.clone(),
-            offset: self.top,
-        }
-    }
-}
-
-/// Channel name → its stream.
-type Streams = Mutex<HashMap<Arc<str>, Arc<Mutex<Stream>>>>;
+pub use super::history::STREAM_IDLE_EXPIRY;
 
 /// The in-memory [`Broker`].
-#[derive(Default)]
 pub struct MemoryBroker {
     /// Set once by `start`; every delivery goes through it.
     handler: OnceLock<Arc<dyn BrokerHandler>>,
-    /// Channel name → stream. The map lock is only held to find or create
-    /// a stream; each stream has its own lock for append + deliver.
-    streams: Arc<Streams>,
+    /// The channels' streams, within the history budget.
+    streams: Arc<Store>,
+}
+
+impl Default for MemoryBroker {
+    fn default() -> Self {
+        MemoryBroker::with_limits(HistoryLimits::default())
+    }
 }
 
 impl MemoryBroker {
+    /// A broker with the default history budget.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A broker whose history stays within `limits`.
+    pub fn with_limits(limits: HistoryLimits) -> Self {
+        MemoryBroker {
+            handler: OnceLock::new(),
+            streams: Store::new(limits, ""),
+        }
     }
 
     fn handler(&self) -> &Arc<dyn BrokerHandler> {
@@ -119,42 +74,13 @@ impl MemoryBroker {
             .get()
             .expect("MemoryBroker::start must be called before use")
     }
-
-    fn stream(&self, channel: &str) -> Arc<Mutex<Stream>> {
-        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = streams.get(channel) {
-            return s.clone();
-        }
-        let s = Arc::new(Mutex::new(Stream::new()));
-        streams.insert(Arc::from(channel), s.clone());
-        s
-    }
-
-    /// Forget streams that retain nothing and were idle for `idle`.
-    fn sweep(streams: &Streams, idle: Duration) {
-        let now = Instant::now();
-        let mut streams = streams.lock().unwrap_or_else(|p| p.into_inner());
-        streams.retain(|_, s| {
-            let s = s.lock().unwrap_or_else(|p| p.into_inner());
-            let empty = s.retained.iter().all(|(exp, _)| *exp <= now);
-            !(empty && now.duration_since(s.touched) >= idle)
-        });
-    }
 }
 
 #[async_trait]
 impl Broker for MemoryBroker {
     async fn start(&self, handler: Arc<dyn BrokerHandler>) -> Result<()> {
         let _ = self.handler.set(handler);
-        let weak: Weak<Streams> = Arc::downgrade(&self.streams);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(60));
-            loop {
-                tick.tick().await;
-                let Some(streams) = weak.upgrade() else { break };
-                MemoryBroker::sweep(&streams, STREAM_IDLE_EXPIRY);
-            }
-        });
+        self.streams.spawn_sweeper();
         Ok(())
     }
 
@@ -172,26 +98,13 @@ impl Broker for MemoryBroker {
         publication: NewPublication,
         history: HistoryOptions,
     ) -> Result<StreamPosition> {
-        let stream = self.stream(channel);
-        let channel: Arc<str> = Arc::from(channel);
-        let mut s = stream.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        s.top += 1;
-        s.touched = now;
-        let publication = Publication {
-            offset: s.top,
-            data: publication.data,
-            sender_id: publication.sender_id,
-            timestamp: publication.timestamp,
-        };
-        // Deliver inside the stream lock: this is the per-channel order.
-        self.handler()
-            .on_publication(&channel, &s.epoch, &publication);
-        if history.size > 0 {
-            s.retained.push_back((now + history.ttl, publication));
-        }
-        s.trim(history.size, now);
-        Ok(s.position())
+        let handler = self.handler();
+        // Delivered inside the stream lock: this is the per-channel order.
+        Ok(self
+            .streams
+            .publish(channel, publication, history, |channel, epoch, p| {
+                handler.on_publication(channel, epoch, p)
+            }))
     }
 
     async fn publish_control(&self, control: Control) -> Result<()> {
@@ -210,13 +123,11 @@ impl Broker for MemoryBroker {
         limit: usize,
         history: HistoryOptions,
     ) -> Result<HistoryResult> {
-        let stream = self.stream(channel);
-        let mut s = stream.lock().unwrap_or_else(|p| p.into_inner());
-        s.trim(history.size, Instant::now());
-        Ok(HistoryResult {
-            publications: s.after(since, limit),
-            top: s.position(),
-        })
+        Ok(self.streams.read(channel, since, limit, history))
+    }
+
+    fn history_stats(&self) -> Option<Arc<HistoryStats>> {
+        Some(self.streams.stats().clone())
     }
 }
 
@@ -270,7 +181,14 @@ impl PresenceStore for MemoryPresence {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::super::history::{ENTRY_OVERHEAD, SWEEP_INTERVAL};
     use super::*;
+    use crate::protocol::Publication;
 
     #[derive(Default)]
     struct Recorder(Mutex<Vec<(String, u64)>>);
@@ -335,14 +253,135 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn idle_streams_are_forgotten_with_a_new_epoch() {
+    async fn idle_empty_streams_are_forgotten_with_a_new_epoch() {
         let b = MemoryBroker::new();
         b.start(Arc::new(Recorder::default())).await.unwrap();
         let first = b.publish("c", new_pub(), OPTS).await.unwrap();
-        tokio::time::advance(Duration::from_secs(20)).await;
-        MemoryBroker::sweep(&b.streams, Duration::from_secs(15));
+        tokio::time::advance(STREAM_IDLE_EXPIRY + Duration::from_secs(2)).await;
+        b.streams.sweep(Instant::now());
+        assert_eq!(b.streams.stats().streams.load(Relaxed), 0);
         let second = b.publish("c", new_pub(), OPTS).await.unwrap();
         assert_ne!(first.epoch, second.epoch);
         assert_eq!(second.offset, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reads_create_nothing_and_announce_the_first_epoch() {
+        let b = MemoryBroker::new();
+        b.start(Arc::new(Recorder::default())).await.unwrap();
+        let h = b.history("new", None, 10, OPTS).await.unwrap();
+        assert_eq!(h.top.offset, 0);
+        assert!(h.publications.is_empty());
+        assert_eq!(b.streams.stats().streams.load(Relaxed), 0, "nothing kept");
+        let again = b.history("new", None, 10, OPTS).await.unwrap();
+        assert_eq!(again.top, h.top, "the same answer every time");
+        let first = b.publish("new", new_pub(), OPTS).await.unwrap();
+        assert_eq!(
+            first.epoch, h.top.epoch,
+            "the epoch announced is the first one"
+        );
+        assert_eq!(first.offset, 1);
+        let other = b.history("other", None, 10, OPTS).await.unwrap();
+        assert_ne!(other.top.epoch, h.top.epoch);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_publications_are_freed_without_another_use() {
+        let b = MemoryBroker::new();
+        b.start(Arc::new(Recorder::default())).await.unwrap();
+        for i in 0..20 {
+            b.publish(&format!("c{i}"), new_pub(), OPTS).await.unwrap();
+        }
+        let stats = b.streams.stats().clone();
+        assert_eq!(stats.channels.load(Relaxed), 20);
+        assert_eq!(stats.bytes.load(Relaxed), 20 * (1 + ENTRY_OVERHEAD as u64));
+        // The sweeper task runs on its own as the paused clock advances.
+        tokio::time::sleep(OPTS.ttl + SWEEP_INTERVAL * 2).await;
+        assert_eq!(stats.bytes.load(Relaxed), 0);
+        assert_eq!(stats.channels.load(Relaxed), 0);
+        assert_eq!(stats.streams.load(Relaxed), 20, "offsets remembered");
+        let h = b.history("c3", None, 10, OPTS).await.unwrap();
+        assert_eq!(h.top.offset, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_evicts_the_least_recently_published() {
+        let per = 1 + ENTRY_OVERHEAD;
+        let b = MemoryBroker::with_limits(HistoryLimits {
+            max_bytes: 10 * per,
+            max_channels: 3,
+        });
+        b.start(Arc::new(Recorder::default())).await.unwrap();
+        let a = b.publish("a", new_pub(), OPTS).await.unwrap();
+        b.publish("b", new_pub(), OPTS).await.unwrap();
+        b.publish("c", new_pub(), OPTS).await.unwrap();
+        b.publish("a", new_pub(), OPTS).await.unwrap(); // a is recent again
+        b.publish("d", new_pub(), OPTS).await.unwrap(); // evicts b
+        let stats = b.streams.stats().clone();
+        assert_eq!(stats.evictions.load(Relaxed), 1);
+        assert_eq!(stats.streams.load(Relaxed), 3);
+        let gone = b.history("b", None, 10, OPTS).await.unwrap();
+        assert_eq!(gone.top.offset, 0, "evicted");
+        let kept = b.history("a", None, 10, OPTS).await.unwrap();
+        assert_eq!(
+            (kept.top.epoch.clone(), kept.top.offset),
+            (a.epoch.clone(), 2)
+        );
+        // Bytes: 3 channels × 3 publications = 9 units, the 11th evicts.
+        for ch in ["a", "c", "d"] {
+            for _ in 0..3 {
+                b.publish(ch, new_pub(), OPTS).await.unwrap();
+            }
+        }
+        assert!(stats.bytes.load(Relaxed) as usize <= 10 * per);
+        assert_eq!(stats.evictions.load(Relaxed), 1, "9 units fit");
+        b.publish("e", new_pub(), OPTS).await.unwrap();
+        b.publish("e", new_pub(), OPTS).await.unwrap();
+        assert!(stats.bytes.load(Relaxed) as usize <= 10 * per);
+        assert!(stats.evictions.load(Relaxed) >= 2);
+        // A stream forgotten and started again has a new epoch.
+        let b_again = b.publish("b", new_pub(), OPTS).await.unwrap();
+        assert_eq!(b_again.offset, 1);
+        let since = StreamPosition {
+            epoch: a.epoch.clone(),
+            offset: 1,
+        };
+        let stale = b.history("a", Some(&since), 10, OPTS).await.unwrap();
+        assert!(stale.top.epoch != a.epoch || !stale.publications.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn internal_channels_are_delivered_without_a_stream() {
+        let b = MemoryBroker::new();
+        let rec = Arc::new(Recorder::default());
+        b.start(rec.clone()).await.unwrap();
+        for i in 0..10 {
+            b.publish(&format!("#user:u{i}"), new_pub(), OPTS)
+                .await
+                .unwrap();
+        }
+        assert_eq!(rec.0.lock().unwrap().len(), 10, "delivered");
+        assert_eq!(b.streams.stats().streams.load(Relaxed), 0, "kept nothing");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_stream_over_the_byte_budget_loses_its_oldest() {
+        let per = 1 + ENTRY_OVERHEAD;
+        let b = MemoryBroker::with_limits(HistoryLimits {
+            max_bytes: 2 * per,
+            max_channels: 10,
+        });
+        b.start(Arc::new(Recorder::default())).await.unwrap();
+        let opts = HistoryOptions {
+            size: 10,
+            ttl: Duration::from_secs(10),
+        };
+        for _ in 0..5 {
+            b.publish("big", new_pub(), opts).await.unwrap();
+        }
+        let h = b.history("big", None, 10, opts).await.unwrap();
+        let kept: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
+        assert_eq!(kept, vec![4, 5]);
+        assert_eq!(h.top.offset, 5, "same stream, same epoch");
     }
 }

@@ -10,6 +10,7 @@
 //! in-memory implementation ([`memory`]) is the default and serves one
 //! instance.
 
+pub mod history;
 pub mod memory;
 #[cfg(feature = "nats")]
 pub mod nats;
@@ -183,6 +184,12 @@ pub trait Broker: Send + Sync + 'static {
         Ok(())
     }
 
+    /// What the in-process history holds (`/metrics`); `None` for buses
+    /// that keep history elsewhere.
+    fn history_stats(&self) -> Option<Arc<crate::metrics::HistoryStats>> {
+        None
+    }
+
     /// Whether the bus is reachable now (drives `/readyz`).
     fn is_ready(&self) -> bool {
         true
@@ -213,7 +220,9 @@ pub trait PresenceStore: Send + Sync + 'static {
 pub async fn connect(config: &Config) -> Result<(Arc<dyn Broker>, Arc<dyn PresenceStore>)> {
     match &config.bus {
         BusConfig::Memory => Ok((
-            Arc::new(memory::MemoryBroker::new()),
+            Arc::new(memory::MemoryBroker::with_limits(
+                history::HistoryLimits::from_config(config),
+            )),
             Arc::new(memory::MemoryPresence::new()),
         )),
         #[cfg(feature = "redis")]

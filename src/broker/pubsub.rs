@@ -129,7 +129,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::memory::Stream;
+use super::history::{HistoryLimits, Store};
 use super::{
     Broker, BrokerHandler, Control, Direct, HistoryOptions, HistoryResult, NewPublication,
     PresenceStore,
@@ -153,8 +153,7 @@ pub const PRESENCE_ACK_WAIT: Duration = Duration::from_millis(1000);
 pub const DEDUPE_WINDOW: Duration = Duration::from_secs(600);
 /// At most this many message names are remembered.
 pub const DEDUPE_MAX: usize = 200_000;
-/// An empty stream idle this long is forgotten (next publication: new epoch).
-pub const STREAM_IDLE_EXPIRY: Duration = Duration::from_secs(3600);
+pub use super::history::STREAM_IDLE_EXPIRY;
 /// The receive stream of a streaming pull.
 type PullStream = gcloud_gax::grpc::Streaming<gcloud_googleapis::pubsub::v1::StreamingPullResponse>;
 
@@ -295,13 +294,6 @@ enum Body {
     Hello,
     /// Clean shutdown: forget the source now.
     Bye,
-}
-
-/// A channel's history on this instance: the memory broker's stream, its
-/// epoch `<instance id>.<random>` so that another instance's offsets are
-/// never mistaken for this one's.
-fn new_stream(me: &str) -> Stream {
-    Stream::with_epoch(format!("{me}.{}", random_base36(8)).into())
 }
 
 /// This instance's own clients and memberships, versioned for gossip.
@@ -461,8 +453,11 @@ struct Inner {
     handler: OnceLock<Arc<dyn BrokerHandler>>,
     /// Per-boot message counter.
     seq: AtomicU64,
-    /// Channel → this instance's stream.
-    streams: Mutex<HashMap<Arc<str>, Stream>>,
+    /// Channel → this instance's stream: the memory bus's bounded store
+    /// (expiry, `history_max_bytes`, `history_max_channels`), its epochs
+    /// `<instance id>.<hash>` so that another instance's offsets are never
+    /// mistaken for this one's.
+    streams: Arc<Store>,
     /// Channels with local subscribers (the only ones handed to the node).
     subscribed: Mutex<HashSet<Arc<str>>>,
     /// Own publications waiting for their round trip, by message id.
@@ -649,7 +644,7 @@ impl Inner {
         if lost {
             // Messages may have been lost with the old subscription: new
             // epochs, and the subscribers reconnect to recover honestly.
-            lock(&self.streams).clear();
+            self.streams.clear();
             if let Some(h) = self.handler() {
                 let channels: Vec<Arc<str>> = lock(&self.subscribed).iter().cloned().collect();
                 for ch in channels {
@@ -659,17 +654,9 @@ impl Inner {
         } else if let Some(h) = self.handler() {
             // Replay what the local history holds after each position.
             for (channel, pos) in h.positions() {
-                let replay: Vec<(Arc<str>, Publication)> = {
-                    let streams = lock(&self.streams);
-                    match (streams.get(&channel), &pos) {
-                        (Some(s), Some(p)) if s.epoch == p.epoch => s
-                            .retained
-                            .iter()
-                            .filter(|(_, x)| x.offset > p.offset)
-                            .map(|(_, x)| (s.epoch.clone(), x.clone()))
-                            .collect(),
-                        _ => Vec::new(),
-                    }
+                let replay: Vec<(Arc<str>, Publication)> = match &pos {
+                    Some(p) => self.streams.replay_after(&channel, p),
+                    None => Vec::new(),
                 };
                 for (epoch, p) in replay {
                     h.on_publication(&channel, &epoch, &p);
@@ -857,31 +844,24 @@ impl Inner {
                 ttl_ms,
             } => {
                 let subscribed = lock(&self.subscribed).contains(&channel);
-                let position = {
-                    let mut streams = lock(&self.streams);
-                    let s = streams
-                        .entry(channel.clone())
-                        .or_insert_with(|| new_stream(&self.me));
-                    s.top += 1;
-                    s.touched = now;
-                    let publication = Publication {
-                        offset: s.top,
-                        data,
-                        sender_id,
-                        timestamp,
-                    };
-                    // Delivered under the streams lock: the local order is
-                    // the stream's order even against a concurrent replay.
-                    if subscribed {
-                        handler.on_publication(&channel, &s.epoch, &publication);
-                    }
-                    if size > 0 {
-                        s.retained
-                            .push_back((now + Duration::from_millis(ttl_ms), publication));
-                    }
-                    s.trim(size, now);
-                    s.position()
+                let new = NewPublication {
+                    data,
+                    sender_id,
+                    timestamp,
                 };
+                let history = HistoryOptions {
+                    size,
+                    ttl: Duration::from_millis(ttl_ms),
+                };
+                // Delivered under the stream's lock: the local order is
+                // the stream's order even against a concurrent replay.
+                let position = self
+                    .streams
+                    .publish(&channel, new, history, |ch, epoch, p| {
+                        if subscribed {
+                            handler.on_publication(ch, epoch, p);
+                        }
+                    });
                 if own {
                     if let Some(tx) = lock(&self.pending).remove(&wire.id) {
                         let _ = tx.send(position);
@@ -1105,10 +1085,6 @@ impl Inner {
             }
             let now = Instant::now();
             lock(&self.remotes).retain(|_, r| now.duration_since(r.heard) < self.presence_ttl * 4);
-            lock(&self.streams).retain(|_, s| {
-                let empty = s.retained.iter().all(|(exp, _)| *exp <= now);
-                !(empty && now.duration_since(s.touched) >= STREAM_IDLE_EXPIRY)
-            });
         }
     }
 }
@@ -1217,7 +1193,10 @@ async fn connect_inner(
         presence_ttl: config.presence_ttl,
         handler: OnceLock::new(),
         seq: AtomicU64::new(0),
-        streams: Mutex::default(),
+        streams: Store::new(
+            HistoryLimits::from_config(config),
+            &format!("{}.", config.instance_id),
+        ),
         subscribed: Mutex::default(),
         pending: Mutex::default(),
         waiters: Mutex::default(),
@@ -1259,6 +1238,7 @@ impl Broker for PubSubBroker {
         }
         tokio::spawn(inner.clone().receive_loop(stream));
         tokio::spawn(inner.clone().heartbeat_loop());
+        inner.streams.spawn_sweeper();
         Ok(())
     }
 
@@ -1380,16 +1360,11 @@ impl Broker for PubSubBroker {
         limit: usize,
         history: HistoryOptions,
     ) -> Result<HistoryResult> {
-        let inner = &self.inner;
-        let mut streams = lock(&inner.streams);
-        let s = streams
-            .entry(Arc::from(channel))
-            .or_insert_with(|| new_stream(&inner.me));
-        s.trim(history.size, Instant::now());
-        Ok(HistoryResult {
-            publications: s.after(since, limit),
-            top: s.position(),
-        })
+        Ok(self.inner.streams.read(channel, since, limit, history))
+    }
+
+    fn history_stats(&self) -> Option<Arc<crate::metrics::HistoryStats>> {
+        Some(self.inner.streams.stats().clone())
     }
 
     async fn register_client(&self, info: &ClientInfo) -> Result<()> {
