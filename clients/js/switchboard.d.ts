@@ -113,6 +113,16 @@ export interface HistoryFrame<T = Json> {
   ref?: RequestId;
 }
 
+/** The reply to `{"type":"auth","token":…}` (docs/protocol.md, Authentication). */
+export interface AuthenticatedFrame {
+  type: 'authenticated';
+  /** The token's `sub`. */
+  userId: string;
+  /** The token's `exp`, in seconds since the Unix epoch. */
+  expiresAt: number;
+  ref?: RequestId;
+}
+
 export interface PongFrame {
   type: 'pong';
   ref?: RequestId;
@@ -134,6 +144,10 @@ export type ServerErrorCode =
   | 'presence_disabled'
   | 'publish_not_allowed'
   | 'bus_unavailable'
+  | 'invalid_token'
+  | 'token_expired'
+  | 'permission_denied'
+  | 'rate_limited'
   | 'internal';
 
 /**
@@ -168,6 +182,7 @@ export interface FrameMap {
   leave: JoinLeaveFrame;
   history: HistoryFrame;
   pong: PongFrame;
+  authenticated: AuthenticatedFrame;
   error: ErrorFrame;
 }
 
@@ -293,11 +308,15 @@ export class SwitchboardError extends Error {
 }
 
 declare class Emitter<M extends { [K in keyof M]: any[] }> {
+  /** Event type → its handlers, in the order added (as in the tutorial's client). Use `on`/`off`. */
+  readonly listeners: Map<string, Array<(...args: any[]) => void>>;
   on<K extends keyof M & string>(type: K, handler: (...args: M[K]) => void): this;
   off<K extends keyof M & string>(type: K, handler?: (...args: M[K]) => void): this;
 }
 
 export class Subscription extends Emitter<SubscriptionEventMap> {
+  /** Made by `client.subscribe()`; an app does not construct one itself. */
+  constructor(client: RealtimeClient, channel: string, since?: StreamPosition);
   readonly client: RealtimeClient;
   readonly channel: string;
   state: 'pending' | 'subscribed' | 'unsubscribed';
