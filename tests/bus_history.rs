@@ -4,6 +4,7 @@
 //! not exist write nothing, user-addressed `direct` messages keep nothing,
 //! history keeps no more than its size and no longer than its TTL, and the
 //! JetStream stream carries the configured limits.
+#![cfg(all(feature = "redis", feature = "nats"))]
 
 mod support;
 #[macro_use]

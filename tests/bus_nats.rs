@@ -3,6 +3,7 @@
 //! and history, start-up failure, and outage tests against a PRIVATE
 //! `nats-server -js` on a free port (killed with SIGKILL and restarted on
 //! the same store), plus a TCP proxy that partitions one instance.
+#![cfg(feature = "nats")]
 
 mod support;
 #[macro_use]
@@ -114,6 +115,7 @@ async fn broker(
     prefix: &str,
     instance: &str,
 ) -> (Arc<NatsBroker>, Arc<NatsPresence>, Arc<Recorder>) {
+    support::services::require_bus(url);
     let config = config(prefix, instance);
     let (b, p) = nats::connect_with(url, &config, NatsOptions::from_config(&config))
         .await
@@ -473,7 +475,13 @@ impl PrivateNats {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("nats-server is installed");
+            .unwrap_or_else(|e| {
+                support::services::cannot_run(
+                    "nats-server",
+                    e,
+                    "install it with `apt-get install nats-server`",
+                )
+            });
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {

@@ -6,6 +6,7 @@
 //!
 //! One emulator is shared by the suite cases (each case has its own topic
 //! and subscriptions); the outage test has a private one it can kill.
+#![cfg(feature = "pubsub")]
 
 mod support;
 

@@ -1,7 +1,8 @@
 //! The Redis bus: the shared cross-instance suite against the Redis on
-//! 127.0.0.1:6379 (and against the memory bus, where one server stands for
-//! every instance), plus Redis-specific outage tests against a private
-//! `redis-server` that is killed and restarted.
+//! 127.0.0.1:6379, plus Redis-specific outage tests against a private
+//! `redis-server` that is killed and restarted. (The memory bus runs the
+//! same suite in `tests/bus_memory.rs`.)
+#![cfg(feature = "redis")]
 
 mod support;
 #[macro_use]
@@ -33,24 +34,8 @@ impl BusFactory for RedisBus {
     }
 }
 
-/// The memory bus: one server plays every instance.
-struct MemoryBus;
-
-impl BusFactory for MemoryBus {
-    fn settings(&self, prefix: &str, i: usize) -> Settings {
-        base_settings(prefix, i)
-    }
-    fn distinct_instances(&self) -> usize {
-        1
-    }
-}
-
 mod redis_bus {
     bus_suite!(super::RedisBus);
-}
-
-mod memory_bus {
-    bus_suite!(super::MemoryBus);
 }
 
 // ---------------------------------------------------------------------

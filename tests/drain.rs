@@ -3,6 +3,7 @@
 //! instance is asked to reconnect (1012 with a retry hint), resumes on the
 //! other instance with `since`, and its app sees every channel message
 //! exactly once, in order.
+#![cfg(feature = "redis")]
 
 mod support;
 #[macro_use]

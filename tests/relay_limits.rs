@@ -200,6 +200,7 @@ async fn a_broadcast_flood_does_not_disconnect_a_slow_reader() {
     server.shutdown().await;
 }
 
+#[cfg(feature = "redis")]
 #[tokio::test]
 async fn across_instances_the_recipients_instance_drops_and_counts() {
     // Two instances on the shared Redis (a unique prefix): the stranger on

@@ -113,6 +113,16 @@ export interface HistoryFrame<T = Json> {
   ref?: RequestId;
 }
 
+/** The reply to `{"type":"auth","token":…}` (docs/protocol.md, Authentication). */
+export interface AuthenticatedFrame {
+  type: 'authenticated';
+  /** The token's `sub`. */
+  userId: string;
+  /** The token's `exp`, in seconds since the Unix epoch. */
+  expiresAt: number;
+  ref?: RequestId;
+}
+
 export interface PongFrame {
   type: 'pong';
   ref?: RequestId;
@@ -141,6 +151,7 @@ export type ServerErrorCode =
   | 'broadcast_not_allowed'
   | 'direct_not_allowed'
   | 'recipient_busy'
+  | 'channel_limit'
   | 'internal';
 
 /**
@@ -175,6 +186,7 @@ export interface FrameMap {
   leave: JoinLeaveFrame;
   history: HistoryFrame;
   pong: PongFrame;
+  authenticated: AuthenticatedFrame;
   error: ErrorFrame;
 }
 
@@ -302,11 +314,15 @@ export class SwitchboardError extends Error {
 }
 
 declare class Emitter<M extends { [K in keyof M]: any[] }> {
+  /** Event type → its handlers, in the order added (as in the tutorial's client). Use `on`/`off`. */
+  readonly listeners: Map<string, Array<(...args: any[]) => void>>;
   on<K extends keyof M & string>(type: K, handler: (...args: M[K]) => void): this;
   off<K extends keyof M & string>(type: K, handler?: (...args: M[K]) => void): this;
 }
 
 export class Subscription extends Emitter<SubscriptionEventMap> {
+  /** Made by `client.subscribe()`; an app does not construct one itself. */
+  constructor(client: RealtimeClient, channel: string, since?: StreamPosition);
   readonly client: RealtimeClient;
   readonly channel: string;
   state: 'pending' | 'subscribed' | 'unsubscribed';

@@ -117,16 +117,22 @@ class Emitter {
  * - `error` (SwitchboardError): a (re)subscribe was refused
  */
 export class Subscription extends Emitter {
-  constructor(client, channel) {
+  /**
+   * Made by `client.subscribe()`, never by the app.
+   * @param {RealtimeClient} client
+   * @param {string} channel
+   * @param {{epoch: string, offset: number}} [since] a position to resume from
+   */
+  constructor(client, channel, since) {
     super();
     this.client = client;
     this.channel = channel;
     /** `pending` until the first `subscribed`, then `subscribed`; `unsubscribed` at the end. */
     this.state = 'pending';
     /** Epoch of the stream the position below belongs to (null before the first `subscribed`). */
-    this.epoch = null;
+    this.epoch = since ? since.epoch : null;
     /** Offset of the last publication delivered (or the stream top at subscribe time). */
-    this.offset = null;
+    this.offset = since ? since.offset : null;
     /** Whether the subscription is currently confirmed on the live connection. */
     this.active = false;
     /**
@@ -135,8 +141,13 @@ export class Subscription extends Emitter {
      * once the app's handlers have run.
      */
     this.acked = false;
+    // The last `subscribed` frame: what a later subscribe() of the channel resolves with.
+    this._lastSubscribed = null;
+    // The pending cumulative ack (see _scheduleAck), or null.
     this._ackTimer = null;
+    // The id of the last subscribe request sent for this subscription.
     this._requestId = null;
+    // subscribe() calls waiting for the first `subscribed`: {resolve, reject, timeout}.
     this._firstWaiters = [];
   }
 
@@ -147,6 +158,119 @@ export class Subscription extends Emitter {
 
   unsubscribe() {
     return this.client.unsubscribe(this.channel);
+  }
+
+  // ------------------------------------------------------------ used by the client
+  // The subscription's state changes only here; RealtimeClient calls these.
+
+  // A promise of the first `subscribed` frame (at once if already confirmed).
+  _confirmation(timeout) {
+    return new Promise((resolve, reject) => {
+      if (this.state === 'subscribed' && this._lastSubscribed) resolve(this._lastSubscribed);
+      else this._firstWaiters.push({ resolve, reject, timeout });
+    });
+  }
+
+  // The subscribe request `id` was sent. Returns the `since` to send (a copy
+  // of the position, or null when there is none to resume from) and the
+  // timeout a waiting subscribe() asked for (undefined if none did).
+  _subscribing(id) {
+    this._requestId = id;
+    const since =
+      this.epoch !== null && typeof this.offset === 'number' ? { epoch: this.epoch, offset: this.offset } : null;
+    const timeout = this._firstWaiters.find((w) => w.timeout !== undefined)?.timeout;
+    return { since, timeout };
+  }
+
+  // Whether `msg` (a `message` of this channel) reaches the app: false for a
+  // publication already delivered. Otherwise the position moves to it, the
+  // `message` handlers run, and an ack is scheduled in acked namespaces.
+  _deliver(msg) {
+    const epoch = msg.epoch ?? this.epoch;
+    const offset = msg.offset;
+    if (typeof offset === 'number' && this.epoch !== null && epoch === this.epoch && offset <= this.offset) {
+      return false;
+    }
+    if (typeof offset === 'number') {
+      this.epoch = epoch;
+      this.offset = offset;
+    }
+    this._emit('message', msg);
+    if (this.acked) this._scheduleAck();
+    return true;
+  }
+
+  // Acknowledge, cumulatively and at most every 50 ms, what the app's
+  // handlers have been handed. An ack lost with the connection does no
+  // harm: the resubscribe resumes from the last delivered offset, and the
+  // server resends what it did not see acknowledged.
+  _scheduleAck() {
+    if (this._ackTimer !== null) return;
+    this._ackTimer = setTimeout(() => {
+      this._ackTimer = null;
+      if (!this.active || typeof this.offset !== 'number') return;
+      this.client._sendAck(this.channel, this.offset);
+    }, 50);
+  }
+
+  // The server confirmed a (re)subscribe that asked to resume from `since`
+  // (or null). Moves the position, resolves the waiting subscribe() calls
+  // and emits `subscribed`; returns the `recovery-failed` event when the
+  // server could not recover from `since` (emitted here too), else null.
+  _confirmed(reply, since) {
+    const previous = since ? { ...since } : null;
+    if (reply.recovered === false || this.epoch !== reply.epoch || typeof this.offset !== 'number') {
+      this.epoch = reply.epoch;
+      this.offset = reply.offset;
+    } else if (reply.offset > this.offset) {
+      // Recovered: every missed publication was delivered before this frame,
+      // so reply.offset === this.offset in practice; never move backwards.
+      this.offset = reply.offset;
+    }
+    this.state = 'subscribed';
+    this.active = true;
+    this.acked = reply.acked === true;
+    this._lastSubscribed = reply;
+    for (const w of this._firstWaiters.splice(0)) w.resolve(reply);
+    this._emit('subscribed', reply);
+    if (!previous || reply.recovered !== false) return null;
+    const info = {
+      type: 'recovery-failed',
+      channel: this.channel,
+      epoch: reply.epoch,
+      offset: reply.offset,
+      previous,
+      frame: reply,
+    };
+    this._emit('recovery-failed', info);
+    return info;
+  }
+
+  // The connection this subscription was confirmed on is gone (it stays,
+  // and is resubscribed on the next connection).
+  _disconnected() {
+    this.active = false;
+  }
+
+  // The subscription is over: unsubscribed by the app, or refused by the
+  // server (`err`: then the waiting subscribe() calls reject with it and
+  // `error` is emitted). Returns what it was: `{wasActive, requestId}`.
+  _ended(err) {
+    const wasActive = this.active;
+    this.state = 'unsubscribed';
+    this.active = false;
+    const waiters = this._firstWaiters.splice(0);
+    const reason =
+      err ?? new SwitchboardError('unsubscribed', `unsubscribed from ${this.channel} before it was confirmed`);
+    for (const w of waiters) w.reject(reason);
+    if (err) this._emit('error', err);
+    return { wasActive, requestId: this._requestId };
+  }
+
+  // The client gave up (close(), or reconnecting gave up): the waiting
+  // subscribe() calls reject with `err`; the subscription itself is kept.
+  _abandonWaiters(err) {
+    for (const w of this._firstWaiters.splice(0)) w.reject(err);
   }
 }
 
@@ -360,8 +484,7 @@ export class RealtimeClient extends Emitter {
         const sub = this.subscriptions.get(msg.channel);
         if (!sub) break;
         this.subscriptions.delete(msg.channel);
-        sub.state = 'unsubscribed';
-        sub.active = false;
+        sub._ended();
         sub._emit('unsubscribed', msg);
         break;
       }
@@ -377,35 +500,18 @@ export class RealtimeClient extends Emitter {
   _acceptMessage(msg) {
     const sub = this.subscriptions.get(msg.channel);
     if (!sub) return true; // not ours to track (e.g. subscribed via raw send())
-    const epoch = msg.epoch ?? sub.epoch;
-    const offset = msg.offset;
-    if (typeof offset === 'number' && sub.epoch !== null && epoch === sub.epoch && offset <= sub.offset) {
-      return false;
-    }
-    if (typeof offset === 'number') {
-      sub.epoch = epoch;
-      sub.offset = offset;
-    }
-    sub._emit('message', msg);
-    if (sub.acked) this._scheduleAck(sub);
-    return true;
+    return sub._deliver(msg);
   }
 
-  // Acknowledge, cumulatively and at most every 50 ms, what the app's
-  // handlers have been handed. An ack lost with the connection does no
-  // harm: the resubscribe resumes from the last delivered offset, and the
-  // server resends what it did not see acknowledged.
-  _scheduleAck(sub) {
-    if (sub._ackTimer !== null) return;
-    sub._ackTimer = setTimeout(() => {
-      sub._ackTimer = null;
-      if (!this.connected || !sub.active || typeof sub.offset !== 'number') return;
-      try {
-        this._write({ type: 'ack', channel: sub.channel, offset: sub.offset });
-      } catch {
-        // The connection is going away; the resubscribe covers it.
-      }
-    }, 50);
+  // A subscription's cumulative ack (see Subscription#_scheduleAck): sent
+  // when connected, else dropped (the resubscribe covers it).
+  _sendAck(channel, offset) {
+    if (!this.connected) return;
+    try {
+      this._write({ type: 'ack', channel, offset });
+    } catch {
+      // The connection is going away; the resubscribe covers it.
+    }
   }
 
   _onClose(ws, code, reason) {
@@ -415,7 +521,7 @@ export class RealtimeClient extends Emitter {
     this.ws = null;
     this.clientId = null;
     this._stopHeartbeat();
-    for (const sub of this.subscriptions.values()) sub.active = false;
+    for (const sub of this.subscriptions.values()) sub._disconnected();
     this._rejectPending('disconnected', `connection closed (${code}${reason ? ` ${reason}` : ''})`);
     if (this._closedByUser) {
       this._setState('closed', { code, reason });
@@ -478,9 +584,7 @@ export class RealtimeClient extends Emitter {
     this._queue = [];
     for (const item of queued) if (item.request) item.request.reject(err);
     this._rejectPending(err.code, err.message);
-    for (const sub of this.subscriptions.values()) {
-      for (const w of sub._firstWaiters.splice(0)) w.reject(err);
-    }
+    for (const sub of this.subscriptions.values()) sub._abandonWaiters(err);
   }
 
   /**
@@ -505,7 +609,7 @@ export class RealtimeClient extends Emitter {
       }
     }
     this.clientId = null;
-    for (const sub of this.subscriptions.values()) sub.active = false;
+    for (const sub of this.subscriptions.values()) sub._disconnected();
     this._setState('closed', { code, reason });
   }
 
@@ -731,37 +835,26 @@ export class RealtimeClient extends Emitter {
     let sub = this.subscriptions.get(channel);
     const isNew = !sub;
     if (!sub) {
-      sub = new Subscription(this, channel);
-      if (opts.since) {
-        sub.epoch = opts.since.epoch;
-        sub.offset = opts.since.offset;
-      }
+      sub = new Subscription(this, channel, opts.since);
       this.subscriptions.set(channel, sub);
     }
     if (handler) sub.on('message', handler);
-    const p = new Promise((resolve, reject) => {
-      if (sub.state === 'subscribed' && sub._lastSubscribed) resolve(sub._lastSubscribed);
-      else sub._firstWaiters.push({ resolve, reject, handler, timeout: opts.timeout });
-    });
+    const p = sub._confirmation(opts.timeout);
     if (isNew && this.connected) this._sendSubscribe(sub);
     return p;
   }
 
   _sendSubscribe(sub) {
-    const frame = { type: 'subscribe', channel: sub.channel };
-    if (sub.epoch !== null && typeof sub.offset === 'number') {
-      frame.since = { epoch: sub.epoch, offset: sub.offset };
-    }
-    const since = frame.since ? { ...frame.since } : null;
     const id = this._nextId++;
+    const { since, timeout } = sub._subscribing(id);
+    const frame = { type: 'subscribe', channel: sub.channel };
+    if (since) frame.since = { ...since };
     frame.id = id;
-    sub._requestId = id;
-    const timeout = sub._firstWaiters.find((w) => w.timeout !== undefined)?.timeout ?? this.options.requestTimeout;
     const request = {
       id,
       type: 'subscribe',
       timer: null,
-      timeout,
+      timeout: timeout ?? this.options.requestTimeout,
       resolve: (reply) => this._onSubscribed(sub, reply, since),
       reject: (err) => this._onSubscribeFailed(sub, err),
     };
@@ -770,33 +863,8 @@ export class RealtimeClient extends Emitter {
 
   _onSubscribed(sub, reply, since) {
     if (this.subscriptions.get(sub.channel) !== sub) return; // unsubscribed meanwhile
-    const previous = since ? { ...since } : null;
-    if (reply.recovered === false || sub.epoch !== reply.epoch || typeof sub.offset !== 'number') {
-      sub.epoch = reply.epoch;
-      sub.offset = reply.offset;
-    } else if (reply.offset > sub.offset) {
-      // Recovered: every missed publication was delivered before this frame,
-      // so reply.offset === sub.offset in practice; never move backwards.
-      sub.offset = reply.offset;
-    }
-    sub.state = 'subscribed';
-    sub.active = true;
-    sub.acked = reply.acked === true;
-    sub._lastSubscribed = reply;
-    for (const w of sub._firstWaiters.splice(0)) w.resolve(reply);
-    sub._emit('subscribed', reply);
-    if (previous && reply.recovered === false) {
-      const info = {
-        type: 'recovery-failed',
-        channel: sub.channel,
-        epoch: reply.epoch,
-        offset: reply.offset,
-        previous,
-        frame: reply,
-      };
-      sub._emit('recovery-failed', info);
-      this._emit('recovery-failed', info);
-    }
+    const failed = sub._confirmed(reply, since);
+    if (failed) this._emit('recovery-failed', failed);
   }
 
   _onSubscribeFailed(sub, err) {
@@ -811,8 +879,6 @@ export class RealtimeClient extends Emitter {
     }
     // Refused (bad channel, too many subscriptions, …) or timed out: drop it.
     this.subscriptions.delete(sub.channel);
-    sub.state = 'unsubscribed';
-    sub.active = false;
     if (err.code === 'timeout' && this.connected) {
       // The server may still subscribe us: undo it, fire and forget.
       try {
@@ -821,9 +887,7 @@ export class RealtimeClient extends Emitter {
         // ignore
       }
     }
-    const waiters = sub._firstWaiters.splice(0);
-    for (const w of waiters) w.reject(err);
-    sub._emit('error', err);
+    sub._ended(err);
     this._emit('subscription-error', { channel: sub.channel, error: err });
   }
 
@@ -836,13 +900,8 @@ export class RealtimeClient extends Emitter {
     const sub = this.subscriptions.get(channel);
     if (sub) {
       this.subscriptions.delete(channel);
-      sub.state = 'unsubscribed';
-      const wasActive = sub.active;
-      sub.active = false;
-      const pendingSubscribe = sub._requestId !== null && this._pending.has(jsonId(sub._requestId));
-      for (const w of sub._firstWaiters.splice(0)) {
-        w.reject(new SwitchboardError('unsubscribed', `unsubscribed from ${channel} before it was confirmed`));
-      }
+      const { wasActive, requestId } = sub._ended();
+      const pendingSubscribe = requestId !== null && this._pending.has(jsonId(requestId));
       if (!this.connected || (!wasActive && !pendingSubscribe)) return Promise.resolve(null);
     } else if (!this.connected) {
       return Promise.resolve(null);

@@ -149,7 +149,8 @@ pub struct Instance {
 
 impl Instance {
     /// Start a server with `settings` in a runtime of its own. Panics if the
-    /// node cannot start (the bus is unreachable).
+    /// node cannot start (the bus is unreachable; a shared bus server that
+    /// is down is named, with how to start it).
     pub async fn start(settings: Settings) -> Instance {
         match Instance::try_start(settings).await {
             Ok(i) => i,
@@ -160,6 +161,9 @@ impl Instance {
     /// Like [`start`](Instance::start), returning the start-up error.
     pub async fn try_start(settings: Settings) -> switchboard::Result<Instance> {
         init_logging();
+        if let Some(url) = &settings.bus {
+            crate::support::services::require_bus(url);
+        }
         let config = Config::from_settings(settings)?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)

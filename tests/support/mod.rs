@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod frames;
+pub mod services;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -83,6 +84,9 @@ pub async fn start() -> TestServer {
 }
 
 pub async fn start_with(settings: Settings) -> TestServer {
+    if let Some(url) = &settings.bus {
+        services::require_bus(url);
+    }
     let config = Config::from_settings(settings).expect("valid test config");
     start_config(config).await
 }

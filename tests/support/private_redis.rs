@@ -2,7 +2,7 @@
 //! restarted at will, and always killed on drop (also when a test
 //! panics); and a loopback TCP proxy that can cut one instance off the bus
 //! while Redis stays up.
-
+#![cfg(feature = "redis")]
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -50,7 +50,13 @@ impl PrivateRedis {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server runs");
+            .unwrap_or_else(|e| {
+                crate::support::services::cannot_run(
+                    "redis-server",
+                    e,
+                    "install it with `apt-get install redis-server`",
+                )
+            });
         self.child = Some(child);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
@@ -91,6 +97,7 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(upstream: SocketAddr) -> Proxy {
+        crate::support::services::require_addr(upstream);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
         let cut = Arc::new(AtomicBool::new(false));

@@ -6,6 +6,7 @@
 //! it when the test process goes away, so even an emulator held in a
 //! `static` (never dropped) does not outlive the tests; an owned
 //! [`Emulator`] is also killed on drop (panics included).
+#![cfg(feature = "pubsub")]
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -17,6 +18,11 @@ use tokio::sync::OnceCell;
 /// The emulator launcher of the Cloud SDK.
 pub const EMULATOR_BIN: &str =
     "/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator";
+
+/// How to install the emulator (it also needs Java).
+pub const EMULATOR_INSTALL: &str = "install it with `apt-get install \
+     google-cloud-cli-pubsub-emulator openjdk-17-jre-headless` (the emulator \
+     package comes from Google's Cloud SDK apt repository)";
 
 /// Longest a start may take (a JVM on a busy two-core machine).
 pub const START_TIMEOUT: Duration = Duration::from_secs(90);
@@ -82,7 +88,9 @@ impl Emulator {
             .stdout(log)
             .stderr(err)
             .spawn()
-            .expect("the Pub/Sub emulator starts (is the Cloud SDK installed?)");
+            .unwrap_or_else(|e| {
+                crate::support::services::cannot_run(EMULATOR_BIN, e, EMULATOR_INSTALL)
+            });
         // Kill the JVM when this test process disappears.
         let _ = Command::new("setsid")
             .arg("sh")
@@ -106,7 +114,10 @@ impl Emulator {
                 return;
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("the emulator exited ({status}) before it was ready:\n{text}");
+                panic!(
+                    "the emulator exited ({status}) before it was ready \
+                     (is Java installed? {EMULATOR_INSTALL}):\n{text}"
+                );
             }
             if tokio::time::Instant::now() > deadline {
                 self.kill();
