@@ -27,6 +27,10 @@
 //!   allocation while empty.
 //! * [`broker`]: the narrow backend traits and their guarantees, and the
 //!   in-memory implementation (the default).
+//! * [`admission`]: per-address connection counts and handshake buckets,
+//!   bounded; the rate-limited log of refused connections.
+//! * [`client_addr`]: the client address: the TCP peer, or behind
+//!   `trusted_proxies` the right-most untrusted `X-Forwarded-For` hop.
 //! * [`limits`]: the token bucket behind the rate limit and handshake
 //!   admission.
 //! * [`keepalive`]: one shared sweeper that pings every client and removes
@@ -42,10 +46,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod api;
 pub mod assets;
 pub mod auth;
 pub mod broker;
+pub mod client_addr;
 pub mod config;
 pub mod error;
 pub mod hub;
