@@ -119,7 +119,7 @@ async fn one_address_past_its_connection_limit_is_closed_while_another_gets_in()
     // fill 127.0.0.1's three places.
     let _ws = ws_from(&server, lo, &[]).await.expect("first connection");
     let half_a = tcp_from(&server, lo).await;
-    let _half_b = tcp_from(&server, lo).await;
+    let mut half_b = tcp_from(&server, lo).await;
     let mut fourth = tcp_from(&server, lo).await;
     assert!(closed_unanswered(&mut fourth).await, "closed at accept");
     assert_eq!(ws_from(&server, lo, &[]).await.err(), Some(0));
