@@ -257,6 +257,68 @@ impl AddrTable {
     }
 }
 
+/// What the accept loop needs to count a connection against its client.
+pub struct Acceptor {
+    /// Per-address counts.
+    pub addrs: AddrTable,
+    /// `trusted_proxies`: peers not counted at accept.
+    pub trusted: Arc<[ipnet::IpNet]>,
+    /// Trusted peers open each connection with a PROXY protocol header.
+    pub proxy_protocol: bool,
+    /// Connections closed at accept are logged here.
+    pub refusals: Arc<RefusalLog>,
+    /// Longest wait for a PROXY protocol header.
+    pub header_timeout: Duration,
+}
+
+impl Acceptor {
+    pub fn new(
+        cfg: &Config,
+        addrs: AddrTable,
+        refusals: Arc<RefusalLog>,
+        header_timeout: Duration,
+    ) -> Arc<Acceptor> {
+        Arc::new(Acceptor {
+            addrs,
+            trusted: cfg.trusted_proxies.clone().into(),
+            proxy_protocol: cfg.proxy_protocol,
+            refusals,
+            header_timeout,
+        })
+    }
+
+    /// Whether a connection from `peer` starts with a PROXY header.
+    pub fn proxied(&self, peer: IpAddr) -> bool {
+        self.proxy_protocol && crate::client_addr::is_trusted(&self.trusted, peer)
+    }
+
+    /// Count a connection from `peer` (see [`ConnInfo::accept`]).
+    pub fn accept(&self, peer: IpAddr) -> Option<Arc<ConnInfo>> {
+        ConnInfo::accept(&self.addrs, &self.trusted, peer, &self.refusals)
+    }
+
+    /// Read the PROXY protocol header of a connection from the trusted
+    /// `peer`, then count it against the client it names (the peer itself
+    /// for a `LOCAL`/`UNKNOWN` header: the proxy's own health checks).
+    /// `None` (close it) for a missing or malformed header, or a refusal.
+    pub async fn accept_proxied(
+        &self,
+        tcp: &mut tokio::net::TcpStream,
+        peer: IpAddr,
+    ) -> Option<Arc<ConnInfo>> {
+        let read = crate::client_addr::read_proxy_header(tcp);
+        match tokio::time::timeout(self.header_timeout, read).await {
+            Ok(Ok(client)) => self.accept(client.unwrap_or(peer)),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, %peer, "bad PROXY protocol header");
+                self.refusals.refused(0, "bad PROXY protocol header", peer);
+                None
+            }
+            Err(_) => None,
+        }
+    }
+}
+
 /// What the request handlers know of their TCP connection; the accept
 /// loop puts it in every request's extensions.
 pub struct ConnInfo {

@@ -11,6 +11,13 @@
 //! forged. An entry that does not parse stops the walk: the client is then
 //! the last trusted hop (so a garbled header cannot name anyone).
 //!
+//! Behind a load balancer that speaks the PROXY protocol (v1 or v2,
+//! `proxy_protocol`), a trusted peer's connection opens with a header
+//! naming the client ([`read_proxy_header`], parsed by the `ppp` crate);
+//! that client then stands for the peer everywhere (and if it is itself a
+//! trusted proxy, its `X-Forwarded-For` is read as above). Untrusted peers
+//! are never asked for one.
+//!
 //! Limits count IPv6 clients per /64 ([`AddrKey`]): one subscriber line or
 //! host usually has a whole /64, and counting single addresses would let it
 //! take 2^64 of them.
@@ -19,6 +26,8 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use axum::http::HeaderMap;
 use ipnet::IpNet;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 
 use crate::error::{Error, Result};
 
@@ -92,6 +101,73 @@ fn parse_entry(entry: &str) -> Option<IpAddr> {
     let (host, port) = e.rsplit_once(':')?;
     port.parse::<u16>().ok()?;
     host.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
+}
+
+/// Longest PROXY protocol v1 header (the specification's bound).
+const V1_MAX: usize = 107;
+/// The 12-byte signature of a PROXY protocol v2 header.
+const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+/// Largest v2 header accepted (16 bytes + addresses + TLVs); the
+/// specification allows 64 KiB of TLVs, load balancers send a few hundred
+/// bytes.
+const V2_MAX: usize = 4096;
+
+/// Read exactly the PROXY protocol header (v1 or v2) at the start of
+/// `tcp`, leaving what follows (the HTTP request) unread. `Some(client)`
+/// for a proxied TCP connection; `None` for `LOCAL`/`UNKNOWN` (the proxy
+/// speaking for itself); an error for anything else.
+pub async fn read_proxy_header(tcp: &mut TcpStream) -> std::io::Result<Option<IpAddr>> {
+    use std::io::{Error as IoError, ErrorKind};
+    let bad = |why: &str| IoError::new(ErrorKind::InvalidData, why.to_string());
+    // 15 bytes: the shortest v1 header ("PROXY UNKNOWN\r\n"), and less
+    // than a v2 header's fixed part.
+    let mut head = vec![0u8; 15];
+    tcp.read_exact(&mut head).await?;
+    if head.starts_with(V2_SIGNATURE) {
+        head.resize(16, 0);
+        tcp.read_exact(&mut head[15..]).await?;
+        let len = usize::from(u16::from_be_bytes([head[14], head[15]]));
+        if 16 + len > V2_MAX {
+            return Err(bad("PROXY v2 header too long"));
+        }
+        head.resize(16 + len, 0);
+        tcp.read_exact(&mut head[16..]).await?;
+        let header = ppp::v2::Header::try_from(&head[..]).map_err(|e| bad(&e.to_string()))?;
+        return Ok(match (header.command, header.addresses) {
+            (ppp::v2::Command::Local, _) => None,
+            (_, ppp::v2::Addresses::IPv4(a)) => Some(IpAddr::V4(a.source_address)),
+            (_, ppp::v2::Addresses::IPv6(a)) => Some(IpAddr::V6(a.source_address)),
+            _ => None,
+        });
+    }
+    if !head.starts_with(b"PROXY ") {
+        return Err(bad("no PROXY protocol header"));
+    }
+    // v1: up to CRLF. Peek at what has arrived and take exactly the
+    // header's bytes.
+    while !head.ends_with(b"\r\n") {
+        if head.len() >= V1_MAX {
+            return Err(bad("PROXY v1 header too long"));
+        }
+        let mut more = [0u8; V1_MAX];
+        let room = V1_MAX - head.len();
+        let n = tcp.peek(&mut more[..room]).await?;
+        if n == 0 {
+            return Err(ErrorKind::UnexpectedEof.into());
+        }
+        let take = more[..n]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(n, |i| i + 1);
+        tcp.read_exact(&mut more[..take]).await?;
+        head.extend_from_slice(&more[..take]);
+    }
+    let header = ppp::v1::Header::try_from(&head[..]).map_err(|e| bad(&e.to_string()))?;
+    Ok(match header.addresses {
+        ppp::v1::Addresses::Tcp4(a) => Some(IpAddr::V4(a.source_address)),
+        ppp::v1::Addresses::Tcp6(a) => Some(IpAddr::V6(a.source_address)),
+        ppp::v1::Addresses::Unknown => None,
+    })
 }
 
 /// What per-address limits count: an IPv4 address, or an IPv6 /64.

@@ -219,6 +219,11 @@ pub struct Settings {
     /// none].
     #[arg(long, env = "SWITCHBOARD_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Option<Vec<String>>,
+    /// Connections from trusted proxies open with a PROXY protocol (v1 or
+    /// v2) header naming the client; needs `trusted_proxies` [default:
+    /// false].
+    #[arg(long, env = "SWITCHBOARD_PROXY_PROTOCOL")]
+    pub proxy_protocol: Option<bool>,
     /// `/metrics` and `/metrics/prometheus` require the API key (as `/api/*`
     /// does), and the `sys:metrics` channel is not published; needs
     /// `api_key_file` [default: false].
@@ -449,6 +454,9 @@ pub struct Config {
     /// Peers whose `X-Forwarded-For` names the client; empty believes no
     /// header, so that a client cannot pick its own address.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Trusted proxies send a PROXY protocol header first (an L4 load
+    /// balancer cannot add `X-Forwarded-For`).
+    pub proxy_protocol: bool,
     /// The metrics endpoints need the API key; `sys:metrics` is off.
     pub metrics_require_key: bool,
     /// Whether a subscribed publisher gets its own publication.
@@ -537,6 +545,7 @@ impl Settings {
             handshake_rate_per_ip,
             handshake_burst_per_ip,
             trusted_proxies,
+            proxy_protocol,
             metrics_require_key
         );
         if self.namespaces.is_empty() {
@@ -819,8 +828,20 @@ impl Config {
             handshake_burst_per_ip: pick!(s.handshake_burst_per_ip, 50).max(1),
             trusted_proxies: crate::client_addr::parse_cidrs(
                 "trusted_proxies",
-                s.trusted_proxies.unwrap_or_default(),
+                s.trusted_proxies.clone().unwrap_or_default(),
             )?,
+            proxy_protocol: match (
+                pick!(s.proxy_protocol, false),
+                s.trusted_proxies.as_deref().unwrap_or_default().is_empty(),
+            ) {
+                (true, true) => {
+                    return Err(Error::Config(
+                        "proxy_protocol needs trusted_proxies (the peers that send the header)"
+                            .into(),
+                    ));
+                }
+                (on, _) => on,
+            },
             metrics_require_key: match (pick!(s.metrics_require_key, false), &s.api_key_file) {
                 (true, None) => {
                     return Err(Error::Config(

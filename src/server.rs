@@ -28,7 +28,7 @@ use tower::ServiceExt;
 
 use std::sync::{Arc, Mutex};
 
-use crate::admission::{self, AddrTable, ConnInfo, Counted, Refusal, RefusalLog};
+use crate::admission::{self, Acceptor, AddrTable, ConnInfo, Counted, Refusal, RefusalLog};
 use crate::error::Result;
 use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
@@ -408,12 +408,7 @@ pub async fn run(
             tracker.spawn(drain_clients(node));
         }
     };
-    let trusted: Arc<[ipnet::IpNet]> = node.config().trusted_proxies.clone().into();
-    let accept = Accept {
-        addrs: addrs.clone(),
-        trusted,
-        refusals,
-    };
+    let accept = Acceptor::new(node.config(), addrs.clone(), refusals, HEADER_READ_TIMEOUT);
     serve_http(listener, app, accept, signal).await;
     tracker.close();
     let drain = node.config().drain_timeout;
@@ -441,16 +436,6 @@ const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// How long HTTP requests in flight at shutdown may take to finish.
 const HTTP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// What the accept loop needs to count a connection against its address.
-struct Accept {
-    /// Per-address counts.
-    addrs: AddrTable,
-    /// `trusted_proxies`: peers not counted at accept.
-    trusted: Arc<[ipnet::IpNet]>,
-    /// Connections closed at accept are logged here.
-    refusals: Arc<RefusalLog>,
-}
-
 /// Accept connections and serve HTTP/1.1 on each until `signal`
 /// completes; then stop accepting, let requests in flight finish (at most
 /// [`HTTP_GRACE`]) and return. Upgraded connections are not waited for
@@ -467,11 +452,13 @@ struct Accept {
 /// accept (unless the peer is a trusted proxy): over
 /// `max_connections_per_ip` it is closed at once, unanswered, since an
 /// answer would mean reading the request that the limit is there to
-/// spare. Its [`ConnInfo`] rides in every request's extensions.
+/// spare. Its [`ConnInfo`] rides in every request's extensions. With
+/// `proxy_protocol`, a trusted peer's connection is counted against the
+/// client its PROXY header names, once read (in the connection's task).
 async fn serve_http(
     listener: TcpListener,
     app: Router,
-    accept: Accept,
+    accept: Arc<Acceptor>,
     signal: impl Future<Output = ()>,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
@@ -499,24 +486,36 @@ async fn serve_http(
                 }
             },
         };
-        let Some(info) =
-            ConnInfo::accept(&accept.addrs, &accept.trusted, peer.ip(), &accept.refusals)
-        else {
-            continue; // dropping `tcp` closes it
+        // Counted at once, or (PROXY protocol) once its header names the client.
+        let early = match accept.proxied(peer.ip()) {
+            true => None,
+            false => match accept.accept(peer.ip()) {
+                Some(info) => Some(info),
+                None => continue, // dropping `tcp` closes it
+            },
         };
         // Frames are small and latency matters: no Nagle delay.
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let service = TowerToHyperService::new(app.clone().map_request(
-            move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(info.clone());
-                req
-            },
-        ));
+        let (app, accept) = (app.clone(), accept.clone());
         let http = http.clone();
         let stop = stop.clone();
         conns.spawn(async move {
+            let mut tcp = tcp;
+            let info = match early {
+                Some(info) => info,
+                None => match accept.accept_proxied(&mut tcp, peer.ip()).await {
+                    Some(info) => info,
+                    None => return,
+                },
+            };
+            let service = TowerToHyperService::new(app.map_request(
+                move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(info.clone());
+                    req
+                },
+            ));
             let conn = http
                 .serve_connection(TokioIo::new(crate::ws::HttpIo::new(tcp)), service)
                 .with_upgrades();

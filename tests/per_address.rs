@@ -381,3 +381,77 @@ async fn the_echo_endpoint_applies_the_same_checks() {
     assert!(again.is_err(), "per-address limit on the echo path too");
     server.shutdown().await;
 }
+
+/// Open a WebSocket on `/ws` from 127.0.0.1 after sending `preamble` (a
+/// PROXY protocol header) on the TCP connection; as [`ws_from`].
+async fn ws_after(
+    server: &TestServer,
+    preamble: &[u8],
+) -> Result<tokio_tungstenite::WebSocketStream<TcpStream>, u16> {
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(preamble).await.unwrap();
+    let req = server.url("/ws").into_client_request().unwrap();
+    let attempt = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(req, tcp)).await;
+    match attempt.expect("the handshake ends in time") {
+        Ok((mut ws, _)) => {
+            use futures_util::StreamExt;
+            let welcome = tokio::time::timeout(WAIT, ws.next())
+                .await
+                .expect("welcome");
+            assert!(matches!(welcome, Some(Ok(_))), "{welcome:?}");
+            Ok(ws)
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+        Err(_) => Err(0),
+    }
+}
+
+/// A PROXY protocol v2 header for a TCP/IPv4 client.
+fn proxy_v2(client: [u8; 4]) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend([0x21, 0x11, 0, 12]); // v2 PROXY, TCP over IPv4, 12 bytes
+    h.extend(client);
+    h.extend([127, 0, 0, 1]);
+    h.extend(40000u16.to_be_bytes());
+    h.extend(8080u16.to_be_bytes());
+    h
+}
+
+#[tokio::test]
+async fn the_proxy_protocol_names_the_client_of_a_trusted_peer() {
+    let server = start_with(Settings {
+        trusted_proxies: Some(vec!["127.0.0.1/32".into()]),
+        proxy_protocol: Some(true),
+        ..per_ip(1)
+    })
+    .await;
+    let v1 = b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 8080\r\n";
+    let _a = ws_after(&server, v1).await.expect("203.0.113.7");
+    // 203.0.113.7 holds its one place, whichever version names it.
+    assert_eq!(ws_after(&server, v1).await.err(), Some(0));
+    let v2 = proxy_v2([203, 0, 113, 7]);
+    assert_eq!(ws_after(&server, &v2).await.err(), Some(0));
+    // Other clients behind the same proxy are counted apart.
+    let _b = ws_after(&server, &proxy_v2([203, 0, 113, 8]))
+        .await
+        .expect("203.0.113.8");
+    let v1_other = b"PROXY TCP4 198.51.100.1 127.0.0.1 40000 8080\r\n";
+    let _c = ws_after(&server, v1_other).await.expect("198.51.100.1");
+    // A trusted peer without a header is closed, unanswered.
+    let mut bare = TcpStream::connect(server.addr).await.unwrap();
+    assert!(closed_unanswered(&mut bare).await);
+    // An untrusted peer is never asked for one: its header is HTTP garbage.
+    let mut untrusted = tcp_from(&server, ip("127.0.0.2")).await;
+    untrusted.write_all(v1_other).await.unwrap();
+    let resp = read_response(&mut untrusted, WAIT).await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    server.shutdown().await;
+    // The option needs trusted proxies.
+    let err = Config::from_settings(Settings {
+        proxy_protocol: Some(true),
+        ..settings()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("proxy_protocol"), "{err}");
+}
