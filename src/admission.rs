@@ -504,6 +504,16 @@ mod tests {
     }
 
     #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = Config::default();
+        assert_eq!(c.max_connections_per_ip, 256);
+        assert_eq!(c.handshake_rate_per_ip, 20.0);
+        assert_eq!(c.handshake_burst_per_ip, 50);
+        assert!(c.trusted_proxies.is_empty() && !c.proxy_protocol);
+        assert!(!c.metrics_require_key);
+    }
+
+    #[test]
     fn connections_are_counted_per_address_until_dropped() {
         let t = table(2, 0.0, 1);
         let a1 = t.acquire(ip("10.0.0.1")).unwrap();
