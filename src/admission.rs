@@ -18,7 +18,9 @@
 //! when the table has doubled since the last sweep; at [`MAX_ENTRIES`]
 //! every entry without connections is removed, and a new address that
 //! still does not fit is refused (every entry then holds a connection, so
-//! the table is no larger than the connections themselves allow).
+//! the table is no larger than the connections themselves allow); a full
+//! table is swept at most once a second, so that new addresses cannot make
+//! every accept walk it.
 //!
 //! Every permit also counts in [`AddrTable::released`], which shutdown
 //! awaits: the session task holds the permit instead of a task-tracker
@@ -38,6 +40,7 @@ use tokio::sync::Notify;
 use crate::client_addr::AddrKey;
 use crate::config::Config;
 use crate::limits::TokenBucket;
+pub use crate::refusal_log::RefusalLog;
 
 /// Most addresses remembered at once (about 150 bytes each: 20 MiB).
 pub const MAX_ENTRIES: usize = 131_072;
@@ -84,7 +87,13 @@ struct Map {
     entries: HashMap<AddrKey, Arc<Entry>>,
     /// Sweep when the map reaches this size (doubles after each sweep).
     sweep_at: usize,
+    /// When the last sweep ran (table ms): a full table is swept at most
+    /// once per [`FULL_SWEEP_EVERY_MS`], not on every new address.
+    swept_ms: u64,
 }
+
+/// Least time between two sweeps of a table full of connected addresses.
+const FULL_SWEEP_EVERY_MS: u64 = 1000;
 
 /// Permits alive, and a wake-up when the last one goes.
 struct LiveCount {
@@ -121,6 +130,7 @@ impl AddrTable {
                 map: Mutex::new(Map {
                     entries: HashMap::new(),
                     sweep_at: 1024,
+                    swept_ms: 0,
                 }),
                 max_conns: u32::try_from(cfg.max_connections_per_ip).unwrap_or(u32::MAX),
                 rate: cfg.handshake_rate_per_ip,
@@ -187,7 +197,10 @@ impl AddrTable {
     /// The entry of `key`, created if there is room.
     fn entry<'m>(&self, map: &'m mut Map, key: AddrKey, now: u64) -> Option<&'m Arc<Entry>> {
         if !map.entries.contains_key(&key) {
-            if map.entries.len() >= map.sweep_at.min(MAX_ENTRIES) {
+            let full = map.entries.len() >= MAX_ENTRIES;
+            if map.entries.len() >= map.sweep_at.min(MAX_ENTRIES)
+                && !(full && now < map.swept_ms + FULL_SWEEP_EVERY_MS)
+            {
                 self.sweep(map, now);
             }
             if map.entries.len() >= MAX_ENTRIES {
@@ -220,6 +233,7 @@ impl AddrTable {
             map.entries.retain(|_, e| !idle(e));
         }
         map.sweep_at = (map.entries.len() * 2).max(1024);
+        map.swept_ms = now;
     }
 
     /// Addresses remembered now.
@@ -427,64 +441,6 @@ impl<F: Future + Unpin> Future for Counted<F> {
     }
 }
 
-/// Logs refused connections and handshakes at most once per
-/// [`RefusalLog::EVERY`], with the number left unlogged since: an attack
-/// must not turn into a flood of log lines.
-pub struct RefusalLog {
-    /// When the last line was written (ms since `epoch`, plus
-    /// [`RefusalLog::EVERY`] so that 0 means never).
-    last_ms: AtomicU64,
-    /// Refusals not logged since that line.
-    suppressed: AtomicU64,
-    /// The log's clock.
-    epoch: Instant,
-}
-
-impl Default for RefusalLog {
-    fn default() -> Self {
-        RefusalLog::new()
-    }
-}
-
-impl RefusalLog {
-    /// Least time between two lines.
-    pub const EVERY: Duration = Duration::from_secs(5);
-
-    pub fn new() -> RefusalLog {
-        RefusalLog {
-            last_ms: AtomicU64::new(0),
-            suppressed: AtomicU64::new(0),
-            epoch: Instant::now(),
-        }
-    }
-
-    /// Whether to log a refusal now: `Some(n)` with `n` refusals left
-    /// unlogged before it, or `None` (it is counted as suppressed).
-    pub fn allow(&self) -> Option<u64> {
-        let every = Self::EVERY.as_millis() as u64;
-        let now = self.epoch.elapsed().as_millis() as u64 + every;
-        let last = self.last_ms.load(Ordering::Relaxed);
-        if now >= last + every
-            && self
-                .last_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            return Some(self.suppressed.swap(0, Ordering::Relaxed));
-        }
-        self.suppressed.fetch_add(1, Ordering::Relaxed);
-        None
-    }
-
-    /// Log a refusal (rate-limited): `status` is the HTTP status (0 when
-    /// the connection was closed at accept), `client` the address.
-    pub fn refused(&self, status: u16, why: &str, client: IpAddr) {
-        if let Some(suppressed) = self.allow() {
-            tracing::info!(status, why, %client, suppressed, "connection refused");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -580,15 +536,6 @@ mod tests {
             .await
             .expect("released")
             .unwrap();
-    }
-
-    #[test]
-    fn refusals_are_logged_at_most_once_per_period() {
-        let log = RefusalLog::new();
-        assert_eq!(log.allow(), Some(0));
-        assert_eq!(log.allow(), None);
-        assert_eq!(log.allow(), None);
-        assert_eq!(log.suppressed.load(Ordering::Relaxed), 2);
     }
 
     #[test]

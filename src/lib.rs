@@ -29,6 +29,8 @@
 //!   in-memory implementation (the default).
 //! * [`admission`]: per-address connection counts and handshake buckets,
 //!   bounded; the rate-limited log of refused connections.
+//! * [`refusal_log`]: refused connections and handshakes, logged at most
+//!   once per 5 s with a count of the others.
 //! * [`client_addr`]: the client address: the TCP peer, or behind
 //!   `trusted_proxies` the right-most untrusted `X-Forwarded-For` hop.
 //! * [`limits`]: the token bucket behind the rate limit and handshake
@@ -62,6 +64,7 @@ pub mod node;
 pub mod prometheus;
 pub mod protocol;
 pub mod queue;
+pub mod refusal_log;
 pub mod server;
 pub mod session;
 pub mod ws;
