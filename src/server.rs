@@ -300,7 +300,7 @@ async fn prometheus(State(state): State<AppState>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::prometheus::render(&state.node),
+        crate::prometheus::render(&state.node) + &state.addrs.prometheus(),
     )
         .into_response()
 }

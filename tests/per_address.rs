@@ -145,6 +145,12 @@ async fn one_address_past_its_connection_limit_is_closed_while_another_gets_in()
         m["connectionsRefusedPerAddress"].as_u64().unwrap() >= 2,
         "{m}"
     );
+    let (_, text) = get_from_other(&server, "/metrics/prometheus").await;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("switchboard_connections_refused_per_address_total ")),
+        "{text}"
+    );
     // A half-open connection does not stay for ever: hyper's header-read
     // timeout (10 s) closes it, unanswered.
     let mut byte = [0u8; 1];
