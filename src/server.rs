@@ -149,8 +149,10 @@ fn upgrade(
     let ws = match ws {
         Ok(ws) => ws,
         Err(e) => {
-            state.refusals.refused(400, e.reason(), client);
-            return e.into_response();
+            let why = e.reason();
+            let resp = e.into_response();
+            state.refusals.refused(resp.status().as_u16(), why, client);
+            return resp;
         }
     };
     if state.shutdown.is_cancelled() {
