@@ -75,8 +75,11 @@ start_server() { # start_server switchboard|node LOGNAME
   if [ "$which" = switchboard ]; then
     # --rate-limit 0: the per-connection message rate limit (100/s by default)
     # would otherwise drop the publishers' messages. --handshake-rate 0: the
-    # reconnect-storm admission (5000/s by default) would cap handshakes/s.
-    "$SB_BIN" --port "$PORT" --host 127.0.0.1 --rate-limit 0 --handshake-rate 0 >"$log" 2>&1 &
+    # reconnect-storm admission (5000/s by default) would cap handshakes/s;
+    # the per-address limits (256 connections, 20 handshakes/s) would stop
+    # clients that all come from 127.0.0.1.
+    "$SB_BIN" --port "$PORT" --host 127.0.0.1 --rate-limit 0 --handshake-rate 0 \
+      --max-connections-per-ip 0 --handshake-rate-per-ip 0 >"$log" 2>&1 &
   else
     (cd "$NODE_DIR" && PORT=$PORT exec node server.js) >"$log" 2>&1 &
   fi

@@ -24,7 +24,12 @@
 //! `invalid_request` (400: the body is not JSON, misses a field, has an
 //! unknown one…), `unauthorized` (401), `permission_denied` (403, also a
 //! protocol code), `payload_too_large` (413: the body is larger than
-//! `max_message_size`), `method_not_allowed` (405).
+//! `max_message_size`; a larger `Content-Length` is refused before any of
+//! the body is read), `request_timeout` (408: the body did not arrive
+//! within [`BODY_TIMEOUT`]), `method_not_allowed` (405).
+//!
+//! With `metrics_require_key`, `/metrics` and `/metrics/prometheus` take
+//! the same key, checked by [`check_key`].
 
 use std::fmt;
 use std::path::Path as FsPath;
@@ -153,15 +158,28 @@ impl From<Error> for ApiError {
     }
 }
 
+/// Longest a client may take to send a request body: a slow body must not
+/// hold a connection (and its buffer) open for ever.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A JSON body whose every failure is an [`ApiError`] (never axum's
-/// plain-text rejections): 413 over `max_message_size`, else 400.
+/// plain-text rejections): 413 over `max_message_size`, 408 after
+/// [`BODY_TIMEOUT`], else 400.
 pub struct ApiJson<T>(pub T);
 
 impl<T: DeserializeOwned> FromRequest<Node> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, node: &Node) -> Result<Self, ApiError> {
-        let body = Bytes::from_request(req, node).await.map_err(|r| {
+        let read = tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(req, node));
+        let body = read.await.map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!("the body did not arrive within {BODY_TIMEOUT:?}"),
+            )
+        })?;
+        let body = body.map_err(|r| {
             if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
@@ -215,26 +233,70 @@ fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
     bearer.or_else(|| headers.get("x-api-key").map(|v| v.as_bytes().trim_ascii()))
 }
 
-/// Counts every API request and failure, and checks the key before the
-/// body is read.
-async fn guard(State(node): State<Node>, req: Request, next: Next) -> Response {
-    let metrics = node.metrics();
-    Metrics::inc(&metrics.api_requests);
-    let resp = match (&node.config().api_key, presented_key(req.headers())) {
-        (None, _) => {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", "the API is off").into_response()
-        }
-        (Some(_), None) => ApiError::new(
+/// Whether a request carries the API key: 404 when no key is configured,
+/// 401 without a key, 403 with a wrong one.
+pub fn check_key(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
+    match (&node.config().api_key, presented_key(headers)) {
+        (None, _) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "the API is off",
+        )),
+        (Some(_), None) => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "send the API key as `Authorization: Bearer <key>` or `X-API-Key: <key>`",
+        )),
+        (Some(key), Some(given)) if !key.matches(given) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_denied",
+            "wrong API key",
+        )),
+        (Some(_), Some(_)) => Ok(()),
+    }
+}
+
+/// Middleware: the request needs the API key (`metrics_require_key`).
+pub async fn require_key(State(node): State<Node>, req: Request, next: Next) -> Response {
+    match check_key(&node, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A `Content-Length` over `max_message_size`: refused before the body is
+/// read.
+fn oversize(node: &Node, headers: &HeaderMap) -> Option<ApiError> {
+    let limit = node.config().max_message_size;
+    let len: u64 = headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    (len > limit as u64).then(|| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is larger than max_message_size ({limit} bytes)"),
         )
-        .into_response(),
-        (Some(key), Some(given)) if !key.matches(given) => {
-            ApiError::new(StatusCode::FORBIDDEN, "permission_denied", "wrong API key")
-                .into_response()
-        }
-        (Some(_), Some(_)) => next.run(req).await,
+    })
+}
+
+/// Counts every API request and failure, and checks the key and the
+/// announced length before the body is read.
+async fn guard(State(node): State<Node>, req: Request, next: Next) -> Response {
+    let metrics = node.metrics();
+    Metrics::inc(&metrics.api_requests);
+    let checked =
+        check_key(&node, req.headers()).and_then(|()| match oversize(&node, req.headers()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        });
+    let resp = match checked {
+        Err(e) => e.into_response(),
+        Ok(()) => next.run(req).await,
     };
     if resp.status().is_client_error() || resp.status().is_server_error() {
         Metrics::inc(&metrics.api_errors);

@@ -220,6 +220,39 @@ pub struct Settings {
     #[arg(long, env = "SWITCHBOARD_CLIENT_DIRECT")]
     pub client_direct: Option<bool>,
     // -- end client relay --
+    // --- Per-address limits, trusted proxies, metrics access (src/admission.rs,
+    // src/client_addr.rs).
+    /// Most connections one client address may hold (IPv6: per /64),
+    /// counted from the TCP accept: HTTP connections that have not sent
+    /// their request yet, WebSockets waiting for their `auth` frame and
+    /// live WebSockets. Beyond it a new connection is closed at accept. 0
+    /// turns it off [default: 256].
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    /// New WebSocket connections admitted per second from one client
+    /// address; beyond it upgrades get HTTP 429 with `Retry-After`. 0 turns
+    /// it off [default: 20].
+    #[arg(long, env = "SWITCHBOARD_HANDSHAKE_RATE_PER_IP")]
+    pub handshake_rate_per_ip: Option<f64>,
+    /// Burst of the per-address handshake admission [default: 50].
+    #[arg(long, env = "SWITCHBOARD_HANDSHAKE_BURST_PER_IP")]
+    pub handshake_burst_per_ip: Option<u32>,
+    /// Load balancers / reverse proxies whose `X-Forwarded-For` is believed
+    /// (comma-separated CIDRs, e.g. `10.0.0.0/8,130.211.0.0/22`). Without
+    /// it the header is ignored and the TCP peer is the client [default:
+    /// none].
+    #[arg(long, env = "SWITCHBOARD_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<String>>,
+    /// Connections from trusted proxies open with a PROXY protocol (v1 or
+    /// v2) header naming the client; needs `trusted_proxies` [default:
+    /// false].
+    #[arg(long, env = "SWITCHBOARD_PROXY_PROTOCOL")]
+    pub proxy_protocol: Option<bool>,
+    /// `/metrics` and `/metrics/prometheus` require the API key (as `/api/*`
+    /// does), and the `sys:metrics` channel is not published; needs
+    /// `api_key_file` [default: false].
+    #[arg(long, env = "SWITCHBOARD_METRICS_REQUIRE_KEY")]
+    pub metrics_require_key: Option<bool>,
     /// Default namespace: connections without a token may use it
     /// [default: true].
     #[arg(long, env = "SWITCHBOARD_ANONYMOUS")]
@@ -456,6 +489,23 @@ pub struct Config {
     pub handshake_rate: f64,
     /// Burst of handshake admission.
     pub handshake_burst: u32,
+    // --- Per-address limits, trusted proxies, metrics access.
+    /// Most connections per client address (IPv6: per /64), from accept;
+    /// 0 is unlimited. One address must not fill the instance.
+    pub max_connections_per_ip: usize,
+    /// New WebSocket connections per second per client address; 0 is
+    /// unlimited. One address must not use up the instance's admission.
+    pub handshake_rate_per_ip: f64,
+    /// Burst of the per-address handshake admission.
+    pub handshake_burst_per_ip: u32,
+    /// Peers whose `X-Forwarded-For` names the client; empty believes no
+    /// header, so that a client cannot pick its own address.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Trusted proxies send a PROXY protocol header first (an L4 load
+    /// balancer cannot add `X-Forwarded-For`).
+    pub proxy_protocol: bool,
+    /// The metrics endpoints need the API key; `sys:metrics` is off.
+    pub metrics_require_key: bool,
     /// Whether a subscribed publisher gets its own publication.
     pub channel_echo: bool,
     /// Refuse channels in namespaces that are not configured.
@@ -550,7 +600,14 @@ impl Settings {
             anonymous,
             ack_timeout,
             // history budget (issue 13)
-            history_max_bytes
+            history_max_bytes,
+            // Per-address limits, trusted proxies, metrics access.
+            max_connections_per_ip,
+            handshake_rate_per_ip,
+            handshake_burst_per_ip,
+            trusted_proxies,
+            proxy_protocol,
+            metrics_require_key
         );
         if self.namespaces.is_empty() {
             self.namespaces = lower.namespaces;
@@ -825,6 +882,41 @@ impl Config {
                 "max_connections_per_user",
                 pick!(s.max_connections_per_user, 100),
             )?,
+            // Per-address limits, trusted proxies, metrics access.
+            max_connections_per_ip: pick!(s.max_connections_per_ip, 256),
+            handshake_rate_per_ip: match pick!(s.handshake_rate_per_ip, 20.0) {
+                r if r.is_finite() && r >= 0.0 => r,
+                r => {
+                    return Err(Error::Config(format!(
+                        "handshake_rate_per_ip must be >= 0 (got {r})"
+                    )));
+                }
+            },
+            handshake_burst_per_ip: pick!(s.handshake_burst_per_ip, 50).max(1),
+            trusted_proxies: crate::client_addr::parse_cidrs(
+                "trusted_proxies",
+                s.trusted_proxies.clone().unwrap_or_default(),
+            )?,
+            proxy_protocol: match (
+                pick!(s.proxy_protocol, false),
+                s.trusted_proxies.as_deref().unwrap_or_default().is_empty(),
+            ) {
+                (true, true) => {
+                    return Err(Error::Config(
+                        "proxy_protocol needs trusted_proxies (the peers that send the header)"
+                            .into(),
+                    ));
+                }
+                (on, _) => on,
+            },
+            metrics_require_key: match (pick!(s.metrics_require_key, false), &s.api_key_file) {
+                (true, None) => {
+                    return Err(Error::Config(
+                        "metrics_require_key needs api_key_file (the key it requires)".into(),
+                    ));
+                }
+                (on, _) => on,
+            },
             api_key: s
                 .api_key_file
                 .as_deref()

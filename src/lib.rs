@@ -28,6 +28,12 @@
 //! * [`broker`]: the narrow backend traits and their guarantees, and the
 //!   in-memory implementation (the default).
 //! * [`create_limit`]: the per-connection limit on creating channels.
+//! * [`admission`]: per-address connection counts and handshake buckets,
+//!   bounded; the rate-limited log of refused connections.
+//! * [`refusal_log`]: refused connections and handshakes, logged at most
+//!   once per 5 s with a count of the others.
+//! * [`client_addr`]: the client address: the TCP peer, or behind
+//!   `trusted_proxies` the right-most untrusted `X-Forwarded-For` hop.
 //! * [`limits`]: the token bucket behind the rate limit and handshake
 //!   admission.
 //! * [`bounded_write`]: every wait on a client's socket has a deadline
@@ -49,11 +55,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod api;
 pub mod assets;
 pub mod auth;
 pub mod bounded_write;
 pub mod broker;
+pub mod client_addr;
 pub mod config;
 pub mod create_limit;
 pub mod error;
@@ -67,6 +75,7 @@ pub mod prometheus;
 pub mod protocol;
 pub mod queue;
 pub mod relay;
+pub mod refusal_log;
 pub mod server;
 pub mod session;
 pub mod ws;

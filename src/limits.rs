@@ -1,5 +1,6 @@
 //! Rate limiting: one token bucket type for the per-connection message
-//! rate and the instance's handshake admission.
+//! rate and the handshake admission (the instance's, and each address's
+//! in [`crate::admission`]).
 
 use std::time::Duration;
 
@@ -39,6 +40,13 @@ impl TokenBucket {
         self.refilled_ms = now_ms;
         let earned = elapsed_ms as f64 * rate / 1000.0;
         self.tokens = (f64::from(self.tokens) + earned).min(f64::from(burst)) as f32;
+    }
+
+    /// Whether the bucket would be full at `now_ms` (it then remembers
+    /// nothing a new bucket would not).
+    pub fn is_full(&self, now_ms: u64, rate: f64, burst: u32) -> bool {
+        let elapsed_ms = now_ms.saturating_sub(self.refilled_ms);
+        f64::from(self.tokens) + elapsed_ms as f64 * rate / 1000.0 >= f64::from(burst)
     }
 
     /// Take a token at `now_ms`; `false` when over the rate.

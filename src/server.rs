@@ -12,19 +12,23 @@
 
 use std::future::Future;
 
-use axum::Json;
-use axum::Router;
+use std::net::IpAddr;
+
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::{Extension, Json, Router};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
 
 use std::sync::{Arc, Mutex};
 
+use crate::admission::{self, Acceptor, AddrTable, ConnInfo, Counted, Refusal, RefusalLog};
 use crate::error::Result;
 use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
@@ -45,6 +49,11 @@ struct AppState {
     /// Handshake admission (reconnect-storm control); a std mutex, held
     /// for a few instructions per upgrade.
     admission: Arc<Mutex<TokenBucket>>,
+    /// Per-address connection counts and handshake buckets.
+    addrs: AddrTable,
+    /// Refused connections and handshakes, logged at most every few
+    /// seconds.
+    refusals: Arc<RefusalLog>,
 }
 
 /// Build the router (exposed for tests that drive it without a socket).
@@ -57,8 +66,7 @@ fn router(state: AppState) -> Router {
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/livez", get(|| async { "OK" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/metrics/prometheus", get(prometheus))
+        .merge(metrics_routes(&state))
         .merge(crate::api::routes(state.node.clone()));
     if let Some(path) = state.node.config().echo_path.clone() {
         app = app.route(&path, get(echo));
@@ -67,6 +75,22 @@ fn router(state: AppState) -> Router {
         app = crate::assets::routes(app);
     }
     app.with_state(state)
+}
+
+/// `/metrics` and `/metrics/prometheus`; behind the API key with
+/// `metrics_require_key`.
+fn metrics_routes(state: &AppState) -> Router<AppState> {
+    let routes = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/metrics/prometheus", get(prometheus));
+    if !state.node.config().metrics_require_key {
+        return routes;
+    }
+    let node = state.node.clone();
+    routes.route_layer(middleware::from_fn_with_state(
+        node,
+        crate::api::require_key,
+    ))
 }
 
 /// Whether a browser `Origin` may connect: any when the allow-list is
@@ -89,52 +113,109 @@ struct UpgradeQuery {
     token: Option<String>,
 }
 
+/// A refused handshake: logged (at most once per few seconds), answered
+/// `status` with `why`, and `Retry-After` when given.
+fn refuse(
+    state: &AppState,
+    client: IpAddr,
+    status: StatusCode,
+    why: &'static str,
+    retry_after: Option<u64>,
+) -> Response {
+    state.refusals.refused(status.as_u16(), why, client);
+    let mut resp = (status, why).into_response();
+    if let Some(secs) = retry_after {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    resp
+}
+
+/// Admit (or refuse) an upgrade on `/`, `/ws` or the echo path: the same
+/// checks on all three, cheapest and most specific first: draining,
+/// origin, the instance's connection count, the client address's
+/// connection count (counted at accept, or here behind a trusted proxy),
+/// its handshake bucket (429), the instance's (503).
 fn upgrade(
     state: AppState,
-    ws: WebSocketUpgrade,
+    ws: std::result::Result<WebSocketUpgrade, UpgradeRejection>,
+    conn: Option<Arc<ConnInfo>>,
     headers: &HeaderMap,
     query: UpgradeQuery,
     mode: Mode,
 ) -> Response {
     let cfg = state.node.config();
-    if mode == Mode::Protocol {
-        if !origin_allowed(&cfg.allowed_origins, headers) {
-            Metrics::inc(&state.node.metrics().origin_refused);
-            return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    let client = ConnInfo::client(conn.as_deref(), &cfg.trusted_proxies, headers);
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            let why = e.reason();
+            let resp = e.into_response();
+            state.refusals.refused(resp.status().as_u16(), why, client);
+            return resp;
         }
-        if state.node.hub().len() >= cfg.max_connections {
-            Metrics::inc(&state.node.metrics().connections_refused);
-            return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
-        }
-        if cfg.handshake_rate > 0.0 {
-            let mut bucket = state.admission.lock().unwrap_or_else(|p| p.into_inner());
-            if !bucket.take(
-                state.node.hub().clock_ms(),
-                cfg.handshake_rate,
-                cfg.handshake_burst,
-            ) {
-                let wait = bucket.wait(cfg.handshake_rate);
-                drop(bucket);
-                Metrics::inc(&state.node.metrics().handshakes_throttled);
-                // Whole seconds, at least 1, plus jitter so that refused
-                // clients do not all come back in the same second.
-                let retry = wait.as_secs() + 1 + fastrand::u64(0..2);
-                return (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    [(header::RETRY_AFTER, retry.to_string())],
-                    "too many new connections; retry later",
-                )
-                    .into_response();
+    };
+    if state.shutdown.is_cancelled() {
+        return refuse(
+            &state,
+            client,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            None,
+        );
+    }
+    if !origin_allowed(&cfg.allowed_origins, headers) {
+        Metrics::inc(&state.node.metrics().origin_refused);
+        return refuse(
+            &state,
+            client,
+            StatusCode::FORBIDDEN,
+            "origin not allowed",
+            None,
+        );
+    }
+    if state.node.hub().len() >= cfg.max_connections {
+        Metrics::inc(&state.node.metrics().connections_refused);
+        let why = "too many connections";
+        return refuse(&state, client, StatusCode::SERVICE_UNAVAILABLE, why, None);
+    }
+    // The connection's own permit (taken at accept), or one for the
+    // forwarded client behind a trusted proxy.
+    let fresh = match conn.as_ref().is_some_and(|c| c.has_permit()) {
+        true => None,
+        false => match state.addrs.acquire(client) {
+            Ok(p) => Some(p),
+            Err(_) => {
+                let why = "too many connections from this address";
+                return refuse(&state, client, StatusCode::TOO_MANY_REQUESTS, why, Some(1));
             }
+        },
+    };
+    if let Err(Refusal::Throttled(wait)) = state.addrs.admit(client) {
+        let why = "too many new connections from this address; retry later";
+        let retry = Some(admission::retry_secs(wait));
+        return refuse(&state, client, StatusCode::TOO_MANY_REQUESTS, why, retry);
+    }
+    if cfg.handshake_rate > 0.0 {
+        let mut bucket = state.admission.lock().unwrap_or_else(|p| p.into_inner());
+        let now = state.node.hub().clock_ms();
+        if !bucket.take(now, cfg.handshake_rate, cfg.handshake_burst) {
+            let wait = bucket.wait(cfg.handshake_rate);
+            drop(bucket);
+            Metrics::inc(&state.node.metrics().handshakes_throttled);
+            let why = "too many new connections; retry later";
+            let retry = Some(admission::retry_secs(wait));
+            return refuse(&state, client, StatusCode::SERVICE_UNAVAILABLE, why, retry);
         }
     }
+    let Some(permit) = fresh.or_else(|| conn.and_then(|c| c.take_permit())) else {
+        let why = "connection already upgraded";
+        return refuse(&state, client, StatusCode::BAD_REQUEST, why, None);
+    };
     let limit = match mode {
         Mode::Protocol => cfg.max_message_size,
         Mode::Echo => cfg.echo_max_message_size,
     };
-    if state.shutdown.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
-    }
     ws.on_upgrade(limit, cfg.compression, move |socket| {
         let AppState {
             node,
@@ -142,45 +223,66 @@ fn upgrade(
             tracker,
             ..
         } = state;
-        // Shutdown waits for set-up too, then for the session itself.
+        // Shutdown waits for set-up (the tracker), then for the session
+        // (its permit: see `admission`).
         let setting_up = tracker.token();
         async move {
             let session = session::open(node, socket, mode, query.token).await?;
             drop(setting_up);
-            Some(tracker.track_future(session.live(shutdown)))
+            Some(Counted::new(session.live(shutdown), permit))
         }
     })
 }
 
+/// The connection's [`ConnInfo`] (absent when the router is driven
+/// without `serve_http`).
+type Conn = Option<Extension<Arc<ConnInfo>>>;
+
 /// `/`: the tutorial's client upgrades here; plain GETs get the status.
 async fn root(
     State(state): State<AppState>,
+    conn: Conn,
     headers: HeaderMap,
     Query(query): Query<UpgradeQuery>,
     ws: std::result::Result<WebSocketUpgrade, UpgradeRejection>,
 ) -> Response {
-    match ws {
-        Ok(ws) => upgrade(state, ws, &headers, query, Mode::Protocol),
-        Err(e @ (UpgradeRejection::Invalid(_) | UpgradeRejection::Version)) => e.into_response(),
-        Err(UpgradeRejection::NotUpgrade) => Json(json!({
+    if let Err(UpgradeRejection::NotUpgrade) = ws {
+        return Json(json!({
             "status": "running",
             "connectedClients": state.node.hub().len(),
         }))
-        .into_response(),
+        .into_response();
     }
+    let conn = conn.map(|Extension(c)| c);
+    upgrade(state, ws, conn, &headers, query, Mode::Protocol)
 }
 
 async fn ws_only(
     State(state): State<AppState>,
+    conn: Conn,
     headers: HeaderMap,
     Query(query): Query<UpgradeQuery>,
-    ws: WebSocketUpgrade,
+    ws: std::result::Result<WebSocketUpgrade, UpgradeRejection>,
 ) -> Response {
-    upgrade(state, ws, &headers, query, Mode::Protocol)
+    let conn = conn.map(|Extension(c)| c);
+    upgrade(state, ws, conn, &headers, query, Mode::Protocol)
 }
 
-async fn echo(State(state): State<AppState>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
-    upgrade(state, ws, &headers, UpgradeQuery::default(), Mode::Echo)
+async fn echo(
+    State(state): State<AppState>,
+    conn: Conn,
+    headers: HeaderMap,
+    ws: std::result::Result<WebSocketUpgrade, UpgradeRejection>,
+) -> Response {
+    let conn = conn.map(|Extension(c)| c);
+    upgrade(
+        state,
+        ws,
+        conn,
+        &headers,
+        UpgradeQuery::default(),
+        Mode::Echo,
+    )
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -200,7 +302,7 @@ async fn prometheus(State(state): State<AppState>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::prometheus::render(&state.node),
+        crate::prometheus::render(&state.node) + &state.addrs.prometheus(),
     )
         .into_response()
 }
@@ -244,6 +346,9 @@ async fn metrics(State(state): State<AppState>) -> Json<serde_json::Value> {
         "historyChannels": history.channels.load(Relaxed),
         "historyStreams": history.streams.load(Relaxed),
         "historyEvictions": history.evictions.load(Relaxed),
+        "connectionsRefusedPerAddress": state.addrs.refused_connections(),
+        "handshakesThrottledPerAddress": state.addrs.throttled(),
+        "clientAddresses": state.addrs.len(),
     }))
 }
 
@@ -277,10 +382,15 @@ pub async fn run(
     let token = CancellationToken::new();
     let tracker = TaskTracker::new();
     tracker.spawn(crate::keepalive::run(node.clone(), token.clone()));
-    if node.config().demo {
+    // `sys:metrics` is public: not with `metrics_require_key`.
+    if node.config().demo && !node.config().metrics_require_key {
         tracker.spawn(crate::assets::publish_metrics(node.clone(), token.clone()));
     }
+    let addrs = AddrTable::new(node.config());
+    let refusals = Arc::new(RefusalLog::new());
     let state = AppState {
+        addrs: addrs.clone(),
+        refusals: refusals.clone(),
         admission: Arc::new(Mutex::new(TokenBucket::new(
             node.config().handshake_burst,
             node.hub().clock_ms(),
@@ -307,10 +417,16 @@ pub async fn run(
             tracker.spawn(drain_clients(node));
         }
     };
-    serve_http(listener, app, signal).await;
+    let accept = Acceptor::new(node.config(), addrs.clone(), refusals, HEADER_READ_TIMEOUT);
+    serve_http(listener, app, accept, signal).await;
     tracker.close();
     let drain = node.config().drain_timeout;
-    if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+    let ended = async {
+        tracker.wait().await;
+        // Sessions hold a permit rather than a tracker token.
+        addrs.released().await;
+    };
+    if tokio::time::timeout(drain, ended).await.is_err() {
         tracing::warn!(
             remaining = node.hub().len(),
             "drain timeout reached; dropping the remaining connections"
@@ -340,7 +456,20 @@ const HTTP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// connection can be taken back as the plain `TcpStream` (see
 /// [`crate::ws::upgrade`]); and no HTTP/2 preface sniffing on the
 /// handshake path.
-async fn serve_http(listener: TcpListener, app: Router, signal: impl Future<Output = ()>) {
+///
+/// Each connection is counted against its peer's address from the
+/// accept (unless the peer is a trusted proxy): over
+/// `max_connections_per_ip` it is closed at once, unanswered, since an
+/// answer would mean reading the request that the limit is there to
+/// spare. Its [`ConnInfo`] rides in every request's extensions. With
+/// `proxy_protocol`, a trusted peer's connection is counted against the
+/// client its PROXY header names, once read (in the connection's task).
+async fn serve_http(
+    listener: TcpListener,
+    app: Router,
+    accept: Arc<Acceptor>,
+    signal: impl Future<Output = ()>,
+) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
 
@@ -352,7 +481,7 @@ async fn serve_http(listener: TcpListener, app: Router, signal: impl Future<Outp
     let conns = TaskTracker::new();
     let mut signal = std::pin::pin!(signal);
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             biased;
             () = &mut signal => break,
             accepted = listener.accept() => match accepted {
@@ -366,14 +495,36 @@ async fn serve_http(listener: TcpListener, app: Router, signal: impl Future<Outp
                 }
             },
         };
+        // Counted at once, or (PROXY protocol) once its header names the client.
+        let early = match accept.proxied(peer.ip()) {
+            true => None,
+            false => match accept.accept(peer.ip()) {
+                Some(info) => Some(info),
+                None => continue, // dropping `tcp` closes it
+            },
+        };
         // Frames are small and latency matters: no Nagle delay.
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let service = TowerToHyperService::new(app.clone());
+        let (app, accept) = (app.clone(), accept.clone());
         let http = http.clone();
         let stop = stop.clone();
         conns.spawn(async move {
+            let mut tcp = tcp;
+            let info = match early {
+                Some(info) => info,
+                None => match accept.accept_proxied(&mut tcp, peer.ip()).await {
+                    Some(info) => info,
+                    None => return,
+                },
+            };
+            let service = TowerToHyperService::new(app.map_request(
+                move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(info.clone());
+                    req
+                },
+            ));
             let conn = http
                 .serve_connection(TokioIo::new(crate::ws::HttpIo::new(tcp)), service)
                 .with_upgrades();

@@ -18,6 +18,9 @@ async fn a_reconnect_storm_is_admitted_at_the_configured_rate() {
     let mut s = settings();
     s.handshake_rate = Some(RATE);
     s.handshake_burst = Some(BURST);
+    // Every client is 127.0.0.1: no per-address limits.
+    s.max_connections_per_ip = Some(0);
+    s.handshake_rate_per_ip = Some(0.0);
     s.demo = Some(false);
     let server = start_with(s).await;
     let url = server.url("/ws");

@@ -1,7 +1,8 @@
 //! The opening handshake (RFC 6455 §4.2) as an axum extractor.
 //!
 //! [`WebSocketUpgrade`] checks the request (GET, HTTP/1.1, `Upgrade:
-//! websocket`, `Connection: upgrade`, a 16-byte base64 key, version 13),
+//! websocket`, `Connection: upgrade`, one `Host`, one 16-byte base64 key,
+//! one version, 13),
 //! and [`WebSocketUpgrade::on_upgrade`] answers `101 Switching Protocols`,
 //! negotiates permessage-deflate, and once hyper hands the connection over
 //! runs the callback with a [`WebSocket`] on the plain `TcpStream`.
@@ -49,6 +50,17 @@ pub enum UpgradeRejection {
     /// A WebSocket version other than 13 (answered 426 with the version
     /// we speak, RFC 6455 §4.4).
     Version,
+}
+
+impl UpgradeRejection {
+    /// What was wrong, for the log.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            UpgradeRejection::NotUpgrade => "not an upgrade request",
+            UpgradeRejection::Invalid(why) => why,
+            UpgradeRejection::Version => "unsupported WebSocket version",
+        }
+    }
 }
 
 impl IntoResponse for UpgradeRejection {
@@ -106,6 +118,24 @@ impl<S: Send + Sync> FromRequestParts<S> for WebSocketUpgrade {
         }
         if !has_token(headers, header::CONNECTION, "upgrade") {
             return Err(UpgradeRejection::Invalid("missing `Connection: upgrade`"));
+        }
+        // RFC 9112 §3.2: exactly one Host; RFC 6455 §4.1: one key, one
+        // version (two keys would leave the accept key ambiguous).
+        if headers.get_all(header::HOST).iter().count() != 1 {
+            return Err(UpgradeRejection::Invalid(
+                "an HTTP/1.1 request needs exactly one Host header",
+            ));
+        }
+        if headers.get_all(header::SEC_WEBSOCKET_KEY).iter().count() > 1 {
+            return Err(UpgradeRejection::Invalid("duplicate Sec-WebSocket-Key"));
+        }
+        if headers
+            .get_all(header::SEC_WEBSOCKET_VERSION)
+            .iter()
+            .count()
+            > 1
+        {
+            return Err(UpgradeRejection::Invalid("duplicate Sec-WebSocket-Version"));
         }
         if headers
             .get(header::SEC_WEBSOCKET_VERSION)
