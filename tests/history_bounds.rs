@@ -10,6 +10,7 @@
 
 mod support;
 
+#[cfg(feature = "pubsub")]
 #[path = "support/pubsub_emulator.rs"]
 mod pubsub_emulator;
 
@@ -271,7 +272,7 @@ const FLOOD: Duration = Duration::from_secs(15);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_new_channels_stays_within_the_budget() {
-    let port = pubsub_emulator::free_port();
+    let port = support::free_port();
     let log_path = std::env::temp_dir().join(format!("sb-flood-{}-{port}.log", std::process::id()));
     let log = std::fs::File::create(&log_path).unwrap();
     let guard = Guard(
@@ -367,6 +368,7 @@ async fn a_flood_of_new_channels_stays_within_the_budget() {
     assert!((1..=5).contains(&lines), "{lines} eviction lines:\n{log}");
 }
 
+#[cfg(feature = "pubsub")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubsub_history_expires_and_keeps_its_budget() {
     let host = pubsub_emulator::Emulator::shared().await.host();

@@ -505,6 +505,7 @@ impl Store {
 
     /// Retained publications of `channel` after `position`, if it is in
     /// the current epoch (replay after a bus outage), each with the epoch.
+    #[cfg(feature = "pubsub")]
     pub(crate) fn replay_after(
         &self,
         channel: &str,
@@ -526,6 +527,7 @@ impl Store {
 
     /// Forget every stream: each channel's next publication starts a new
     /// epoch (the Pub/Sub bus after messages may have been lost).
+    #[cfg(feature = "pubsub")]
     pub(crate) fn clear(&self) {
         let mut index = lock(&self.index);
         let index = &mut *index;

@@ -70,6 +70,14 @@ impl TestServer {
 
 /// Default test settings: everything as shipped, but bound to loopback on a
 /// free port.
+/// A port nobody listens on now (for a process the test spawns).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
 pub fn settings() -> Settings {
     Settings {
         host: Some([127, 0, 0, 1].into()),
