@@ -65,11 +65,16 @@ async fn instance(bus: &str, prefix: &str, tweak: impl FnOnce(&mut Settings)) ->
 }
 
 fn token_for(sub: &str) -> String {
+    token_with(json!({"sub": sub}))
+}
+
+/// A token for `claims` (plus an expiry), signed with the test secret.
+fn token_with(mut claims: Value) -> String {
     switchboard::auth::init_crypto();
-    let exp = switchboard::protocol::now_ms() / 1000 + 600;
+    claims["exp"] = json!(switchboard::protocol::now_ms() / 1000 + 600);
     jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
-        &json!({"sub": sub, "exp": exp}),
+        &claims,
         &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .unwrap()
@@ -227,8 +232,10 @@ async fn redis_user_direct_keeps_nothing() {
     let mut conn = redis().await;
     let mut alice =
         Client::connect_url(&format!("{}?token={}", inst.url("/ws"), token_for("alice"))).await;
-    let mut anon = inst.client().await;
-    direct_to_user(&mut anon, &mut alice, "alice").await;
+    // With auth on, a direct to a user needs the token's `direct` grant.
+    let sender = token_with(json!({"sub": "bob", "direct": ["alice"]}));
+    let mut bob = Client::connect_url(&format!("{}?token={sender}", inst.url("/ws"))).await;
+    direct_to_user(&mut bob, &mut alice, "alice").await;
     assert_eq!(
         keys(&mut conn, &format!("{prefix}:ch:*")).await,
         Vec::<String>::new()
@@ -385,8 +392,10 @@ async fn nats_user_direct_keeps_nothing() {
     let js = js().await;
     let mut alice =
         Client::connect_url(&format!("{}?token={}", inst.url("/ws"), token_for("alice"))).await;
-    let mut anon = inst.client().await;
-    direct_to_user(&mut anon, &mut alice, "alice").await;
+    // With auth on, a direct to a user needs the token's `direct` grant.
+    let sender = token_with(json!({"sub": "bob", "direct": ["alice"]}));
+    let mut bob = Client::connect_url(&format!("{}?token={sender}", inst.url("/ws"))).await;
+    direct_to_user(&mut bob, &mut alice, "alice").await;
     assert_subject_empty(&js, &prefix, "#user:alice").await;
     assert_eq!(stored_messages(&js, &prefix).await, 0);
     inst.shutdown().await;
