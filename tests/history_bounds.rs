@@ -24,13 +24,19 @@ use tokio::time::Instant;
 
 /// The `/metrics` JSON.
 async fn metrics_at(base: &str) -> Value {
+    try_metrics_at(base).await.expect("metrics answer")
+}
+
+/// The `/metrics` JSON, or `None` while nothing answers (a spawned
+/// server that is still starting).
+async fn try_metrics_at(base: &str) -> Option<Value> {
     let body = reqwest::get(format!("{base}/metrics"))
         .await
-        .expect("metrics answer")
+        .ok()?
         .text()
         .await
-        .unwrap();
-    serde_json::from_str(&body).unwrap()
+        .ok()?;
+    serde_json::from_str(&body).ok()
 }
 
 async fn metrics(server: &TestServer) -> Value {
@@ -45,12 +51,14 @@ fn n(v: &Value, key: &str) -> u64 {
 async fn metrics_until(base: &str, within: Duration, ok: impl Fn(&Value) -> bool) -> (bool, Value) {
     let deadline = Instant::now() + within;
     loop {
-        let m = metrics_at(base).await;
-        if ok(&m) {
-            return (true, m);
+        let m = try_metrics_at(base).await;
+        if let Some(m) = &m
+            && ok(m)
+        {
+            return (true, m.clone());
         }
         if Instant::now() >= deadline {
-            return (false, m);
+            return (false, m.unwrap_or(Value::Null));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

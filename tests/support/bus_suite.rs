@@ -447,7 +447,9 @@ pub async fn direct_to_a_user_across_instances(f: &dyn BusFactory) {
             let exp = switchboard::protocol::now_ms() / 1000 + 600;
             jsonwebtoken::encode(
                 &jsonwebtoken::Header::default(),
-                &json!({"sub": sub, "exp": exp}),
+                // Every user may send `direct` to any user (with auth on it
+                // needs this grant; anonymous connections may not).
+                &json!({"sub": sub, "exp": exp, "direct": ["*"]}),
                 &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
             )
             .unwrap()
@@ -457,13 +459,13 @@ pub async fn direct_to_a_user_across_instances(f: &dyn BusFactory) {
         let mut alice_a = Client::connect_url(&as_user(0, "alice")).await;
         let mut alice_b = Client::connect_url(&as_user(1, "alice")).await;
         let mut bob = Client::connect_url(&as_user(1, "bob")).await;
-        let mut anon = cluster.client(0).await;
+        let mut sender = Client::connect_url(&as_user(0, "carol")).await;
         // The user's connections register with the bus as they connect;
         // retry until both are reached (bounded).
         let mut got_a = None;
         let mut got_b = None;
         for attempt in 0..50u64 {
-            let ack = anon
+            let ack = sender
                 .request(
                     json!({"type":"direct","userId":"alice","data":{"n":attempt}}),
                     100 + attempt,
@@ -482,11 +484,11 @@ pub async fn direct_to_a_user_across_instances(f: &dyn BusFactory) {
         }
         for m in [got_a.expect("alice on A"), got_b.expect("alice on B")] {
             assert_eq!(m["type"], "direct", "{m}");
-            assert_eq!(m["senderId"], anon.id.as_str());
+            assert_eq!(m["senderId"], sender.id.as_str());
         }
         bob.expect_silence(QUIET).await;
         // Nobody connected as that user: accepted, delivered to no one.
-        let ack = anon
+        let ack = sender
             .request(json!({"type":"direct","userId":"nobody","data":1}), 1)
             .await;
         assert_eq!(ack["type"], "ack");
