@@ -2,6 +2,9 @@
 //! codes, and the crate's own error type for start-up and backend failures.
 
 use std::fmt;
+use std::time::Duration;
+
+use crate::log_limit::LogLimit;
 
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -145,11 +148,36 @@ pub enum Error {
 
 impl Error {
     /// How this error is reported to a client whose request caused it.
+    ///
+    /// A bus or internal error reaches the client as a fixed message: its
+    /// detail (addresses, subjects, keys of the deployment) stays in the
+    /// server log, at most one line per 10 s with a count of the others.
     pub fn to_client(&self) -> ClientError {
+        static BUS: LogLimit = LogLimit::new(Duration::from_secs(10));
+        static INTERNAL: LogLimit = LogLimit::new(Duration::from_secs(10));
         match self {
             Error::Client(e) => e.clone(),
-            Error::Bus(e) => ClientError::new(ErrorCode::BusUnavailable, e.to_string()),
-            other => ClientError::new(ErrorCode::Internal, other.to_string()),
+            Error::Bus(e) => {
+                match BUS.allow() {
+                    Some(suppressed) => {
+                        tracing::warn!(error = %e, suppressed, "request failed: bus unavailable")
+                    }
+                    None => tracing::debug!(error = %e, "request failed: bus unavailable"),
+                }
+                ClientError::new(
+                    ErrorCode::BusUnavailable,
+                    "the message bus is unavailable; try again",
+                )
+            }
+            other => {
+                match INTERNAL.allow() {
+                    Some(suppressed) => {
+                        tracing::warn!(error = %other, suppressed, "request failed: internal error")
+                    }
+                    None => tracing::debug!(error = %other, "request failed: internal error"),
+                }
+                ClientError::new(ErrorCode::Internal, "internal error")
+            }
         }
     }
 }
