@@ -107,36 +107,55 @@
 //! * In both cases the local history after each subscribed channel's last
 //!   delivered position ([`BrokerHandler::positions`]) is replayed (sessions
 //!   drop what they already have).
+//!
+//! # Where things are
+//!
+//! * `mod.rs` (here): the `Wire` envelope and its bodies, the state shared
+//!   by everything (`Inner`), [`connect`], and the [`Broker`] and
+//!   [`PresenceStore`] impls, which delegate;
+//! * `supervise.rs`: the client, topic and subscription, the streaming pull,
+//!   the receive loop (de-duplication, dispatch), acknowledgements,
+//!   reconnection with backoff, readiness and shutdown;
+//! * `publish.rs`: sending on the topic (ordering keys, failure counting),
+//!   publications and their round trip, control messages, and this
+//!   instance's history of every channel;
+//! * `presence.rs`: the gossip of memberships and of the client directory,
+//!   its acknowledgements, the heartbeat and the expiry of silent instances;
+//! * `direct.rs`: direct messages (the directory lookup and the ask).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+mod direct;
+mod presence;
+mod publish;
+mod supervise;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use gcloud_gax::conn::Environment;
 use gcloud_gax::grpc::{Code, Status};
 use gcloud_gax::retry::RetrySetting;
-use gcloud_googleapis::pubsub::v1::{
-    AcknowledgeRequest, ExpirationPolicy, PubsubMessage, StreamingPullRequest,
-};
-use gcloud_pubsub::client::{Client, ClientConfig};
-use gcloud_pubsub::publisher::{Publisher, PublisherConfig};
-use gcloud_pubsub::subscription::{Subscription, SubscriptionConfig};
+use gcloud_pubsub::client::Client;
+use gcloud_pubsub::publisher::Publisher;
+use gcloud_pubsub::subscription::Subscription;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::history::{HistoryLimits, Store};
+use super::history::Store;
 use super::{
     Broker, BrokerHandler, Control, Direct, HistoryOptions, HistoryResult, NewPublication,
     PresenceStore,
 };
-use crate::config::{Config, random_base36};
+use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::protocol::{ClientInfo, Publication, StreamPosition};
+use crate::protocol::{ClientInfo, StreamPosition};
+use presence::{Local, PendingAcks, Remote};
+use supervise::{Seen, connect_inner};
 
 /// Longest the start-up may take to reach Pub/Sub (connect, topic,
 /// subscription, first stream).
@@ -154,12 +173,7 @@ pub const DEDUPE_WINDOW: Duration = Duration::from_secs(600);
 /// At most this many message names are remembered.
 pub const DEDUPE_MAX: usize = 200_000;
 pub use super::history::STREAM_IDLE_EXPIRY;
-/// The receive stream of a streaming pull.
-type PullStream = gcloud_gax::grpc::Streaming<gcloud_googleapis::pubsub::v1::StreamingPullResponse>;
 
-/// Reconnection backoff bounds.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Longest a single admin or publish RPC may take.
 const RPC_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -208,20 +222,6 @@ fn retry() -> RetrySetting {
         factor: 2,
         take: 2,
         codes: vec![Code::Unavailable, Code::Unknown, Code::Aborted],
-    }
-}
-
-/// `PROJECT[?emulator=HOST:PORT]` → project and emulator override.
-fn parse_project(spec: &str) -> (String, Option<String>) {
-    match spec.split_once('?') {
-        Some((project, query)) => {
-            let emulator = query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("emulator="))
-                .map(str::to_string);
-            (project.to_string(), emulator)
-        }
-        None => (spec.to_string(), None),
     }
 }
 
@@ -296,143 +296,6 @@ enum Body {
     Bye,
 }
 
-/// This instance's own clients and memberships, versioned for gossip.
-#[derive(Default)]
-struct Local {
-    /// Bumped by every change; a snapshot at `ver` reflects all changes
-    /// up to it.
-    ver: u64,
-    /// Clients connected here.
-    clients: HashSet<Arc<str>>,
-    /// Channel → members connected here.
-    members: HashMap<Arc<str>, HashMap<Arc<str>, ClientInfo>>,
-}
-
-/// One versioned entry of a remote view: `None` is a removal (tombstone).
-#[derive(Debug, Clone)]
-struct Entry {
-    ver: u64,
-    info: Option<ClientInfo>,
-}
-
-/// What this instance knows of another one.
-struct Remote {
-    /// The boot the view belongs to; a new boot resets it.
-    boot: Arc<str>,
-    /// Last message from it; older than `presence_ttl`: forgotten.
-    heard: Instant,
-    /// Version of the last snapshot applied; older deltas are ignored.
-    snap_ver: u64,
-    /// Its clients (directory).
-    clients: HashMap<Arc<str>, Entry>,
-    /// Channel → its members.
-    members: HashMap<Arc<str>, HashMap<Arc<str>, Entry>>,
-}
-
-impl Remote {
-    fn new(boot: Arc<str>) -> Self {
-        Remote {
-            boot,
-            heard: Instant::now(),
-            snap_ver: 0,
-            clients: HashMap::new(),
-            members: HashMap::new(),
-        }
-    }
-
-    fn apply_delta(
-        &mut self,
-        ver: u64,
-        channel: Option<Arc<str>>,
-        info: ClientInfo,
-        present: bool,
-    ) {
-        if ver <= self.snap_ver {
-            return;
-        }
-        let map = match channel {
-            None => &mut self.clients,
-            Some(ch) => self.members.entry(ch).or_default(),
-        };
-        let id = info.client_id.clone();
-        if map.get(&id).is_some_and(|e| e.ver >= ver) {
-            return;
-        }
-        let info = present.then_some(info);
-        map.insert(id, Entry { ver, info });
-    }
-
-    fn apply_snapshot(
-        &mut self,
-        ver: u64,
-        clients: Vec<Arc<str>>,
-        members: Vec<(Arc<str>, Vec<ClientInfo>)>,
-    ) {
-        if ver <= self.snap_ver {
-            return;
-        }
-        // Keep only what is newer than the snapshot, then add its content.
-        self.clients.retain(|_, e| e.ver > ver);
-        for id in clients {
-            self.clients.entry(id.clone()).or_insert(Entry {
-                ver,
-                info: Some(ClientInfo {
-                    client_id: id,
-                    user_id: None,
-                }),
-            });
-        }
-        for m in self.members.values_mut() {
-            m.retain(|_, e| e.ver > ver);
-        }
-        for (channel, infos) in members {
-            let m = self.members.entry(channel).or_default();
-            for info in infos {
-                m.entry(info.client_id.clone()).or_insert(Entry {
-                    ver,
-                    info: Some(info),
-                });
-            }
-        }
-        self.members.retain(|_, m| !m.is_empty());
-        self.snap_ver = ver;
-    }
-}
-
-/// Recently handled message names.
-#[derive(Default)]
-struct Seen {
-    /// Names with their arrival, oldest first.
-    order: VecDeque<(Instant, (Arc<str>, u64))>,
-    /// The same names, for lookup.
-    set: HashSet<(Arc<str>, u64)>,
-}
-
-impl Seen {
-    /// Remember `key`; false if it was already seen.
-    fn insert(&mut self, key: (Arc<str>, u64), now: Instant) -> bool {
-        while self.order.len() >= DEDUPE_MAX
-            || self
-                .order
-                .front()
-                .is_some_and(|(t, _)| now.duration_since(*t) > DEDUPE_WINDOW)
-        {
-            if let Some((_, k)) = self.order.pop_front() {
-                self.set.remove(&k);
-            }
-        }
-        if !self.set.insert(key.clone()) {
-            return false;
-        }
-        self.order.push_back((now, key));
-        true
-    }
-}
-
-/// A presence change's missing acknowledgements: the instances still to
-/// answer, and whom to tell when none is left.
-type PendingAcks = (HashSet<Arc<str>>, Option<oneshot::Sender<()>>);
-
 /// State shared by the broker, the presence store and the background tasks.
 struct Inner {
     /// This instance's id.
@@ -501,592 +364,6 @@ impl Inner {
     fn next_id(&self) -> u64 {
         self.seq.fetch_add(1, Ordering::Relaxed) + 1
     }
-
-    /// Publish `body` under `key`; returns the message id. Failures are
-    /// counted and turn the instance unready.
-    async fn send(&self, key: String, body: Body) -> Result<u64> {
-        let id = self.next_id();
-        self.send_as(id, key, body).await?;
-        Ok(id)
-    }
-
-    async fn send_as(&self, id: u64, key: String, body: Body) -> Result<()> {
-        let wire = Wire {
-            src: self.me.clone(),
-            boot: self.boot.clone(),
-            id,
-            body,
-        };
-        let data = serde_json::to_vec(&wire).map_err(|e| bus(e.into()))?;
-        let msg = PubsubMessage {
-            data,
-            ordering_key: key,
-            ..Default::default()
-        };
-        let mut result = self.publish_once(msg.clone()).await;
-        if let Err(PubSubError::Rpc { status, .. }) = &result {
-            if status.code() == Code::NotFound {
-                // The topic is gone (emulator restart): recreate, retry once.
-                let _ = self.ensure_topic().await;
-                result = self.publish_once(msg).await;
-            }
-        }
-        match result {
-            Ok(()) => {
-                self.publish_ok.store(true, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(e) => {
-                self.publish_failures.fetch_add(1, Ordering::Relaxed);
-                self.publish_ok.store(false, Ordering::Relaxed);
-                Err(bus(e))
-            }
-        }
-    }
-
-    async fn publish_once(&self, msg: PubsubMessage) -> std::result::Result<(), PubSubError> {
-        match tokio::time::timeout(
-            RPC_TIMEOUT,
-            self.publisher.publish_immediately(vec![msg], Some(retry())),
-        )
-        .await
-        {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(status)) => Err(PubSubError::Rpc {
-                op: "publish",
-                status: Box::new(status),
-            }),
-            Err(_) => Err(PubSubError::Timeout("publish")),
-        }
-    }
-
-    async fn ensure_topic(&self) -> Result<()> {
-        let topic = self.client.topic(&self.topic_id);
-        match topic.create(None, Some(retry())).await {
-            Ok(()) => Ok(()),
-            Err(s) if s.code() == Code::AlreadyExists => Ok(()),
-            Err(s) => Err(rpc("create topic")(s)),
-        }
-    }
-
-    /// Make sure the topic and this instance's subscription exist. With
-    /// `fresh`, a subscription left by an earlier incarnation is replaced.
-    /// Returns whether the subscription was (re)created.
-    async fn ensure_subscription(&self, fresh: bool) -> Result<bool> {
-        self.ensure_topic().await?;
-        let exists = self
-            .subscription
-            .exists(Some(retry()))
-            .await
-            .map_err(rpc("get subscription"))?;
-        if exists && !fresh {
-            return Ok(false);
-        }
-        if exists {
-            match self.subscription.delete(Some(retry())).await {
-                Ok(()) => {}
-                Err(s) if s.code() == Code::NotFound => {}
-                Err(s) => return Err(rpc("delete stale subscription")(s)),
-            }
-        }
-        let cfg = SubscriptionConfig {
-            ack_deadline_seconds: 10,
-            enable_message_ordering: true,
-            message_retention_duration: Some(Duration::from_secs(600)),
-            expiration_policy: Some(ExpirationPolicy {
-                ttl: Duration::from_secs(86_400).try_into().ok(),
-            }),
-            ..Default::default()
-        };
-        let fqtn = self.client.fully_qualified_topic_name(&self.topic_id);
-        match self.subscription.create(&fqtn, cfg, Some(retry())).await {
-            Ok(()) => Ok(true),
-            Err(s) if s.code() == Code::AlreadyExists => Ok(false),
-            Err(s) => Err(rpc("create subscription")(s)),
-        }
-    }
-
-    /// Open the streaming pull and say hello. The server answers the
-    /// stream's headers only with its first message, so the hello (which
-    /// comes back through our own subscription) is also what proves the
-    /// round trip works; every other instance answers it with a snapshot.
-    async fn open_stream(&self) -> Result<PullStream> {
-        let hello = async {
-            // The subscription exists: the hello waits there for the stream.
-            self.send(format!("m:{}", self.me), Body::Hello).await
-        };
-        let (stream, hello) = tokio::join!(self.open_stream_only(), hello);
-        hello?;
-        stream
-    }
-
-    async fn open_stream_only(&self) -> Result<PullStream> {
-        let req = StreamingPullRequest {
-            subscription: self.subscription.fully_qualified_name().to_string(),
-            stream_ack_deadline_seconds: 10,
-            max_outstanding_messages: 10_000,
-            client_id: self.boot.to_string(),
-            ..Default::default()
-        };
-        let subc = self.subscription.get_client();
-        let resp = tokio::time::timeout(
-            RPC_TIMEOUT,
-            subc.streaming_pull(req, Duration::from_secs(10), Some(retry())),
-        )
-        .await
-        .map_err(|_| bus(PubSubError::Timeout("streaming pull")))?
-        .map_err(rpc("streaming pull"))?;
-        Ok(resp.into_inner())
-    }
-
-    /// Everything that must happen once the stream is (re)established.
-    fn on_stream_up(self: &Arc<Self>, lost: bool) {
-        if lost {
-            // Messages may have been lost with the old subscription: new
-            // epochs, and the subscribers reconnect to recover honestly.
-            self.streams.clear();
-            if let Some(h) = self.handler() {
-                let channels: Vec<Arc<str>> = lock(&self.subscribed).iter().cloned().collect();
-                for ch in channels {
-                    h.resync_failed(&ch);
-                }
-            }
-        } else if let Some(h) = self.handler() {
-            // Replay what the local history holds after each position.
-            for (channel, pos) in h.positions() {
-                let replay: Vec<(Arc<str>, Publication)> = match &pos {
-                    Some(p) => self.streams.replay_after(&channel, p),
-                    None => Vec::new(),
-                };
-                for (epoch, p) in replay {
-                    h.on_publication(&channel, &epoch, &p);
-                }
-            }
-        }
-        self.stream_up.store(true, Ordering::Relaxed);
-        self.publish_ok.store(true, Ordering::Relaxed);
-        let inner = self.clone();
-        tokio::spawn(async move {
-            let _ = inner.announce().await;
-        });
-    }
-
-    /// Publish this instance's complete state (the heartbeat).
-    async fn announce(&self) -> Result<()> {
-        let body = {
-            let local = lock(&self.local);
-            Body::Snapshot {
-                ver: local.ver,
-                clients: local.clients.iter().cloned().collect(),
-                members: local
-                    .members
-                    .iter()
-                    .map(|(ch, m)| (ch.clone(), m.values().cloned().collect()))
-                    .collect(),
-            }
-        };
-        self.send(format!("m:{}", self.me), body).await.map(|_| ())
-    }
-
-    /// Record a change of our own state and announce it.
-    async fn member_change(
-        &self,
-        channel: Option<&str>,
-        info: &ClientInfo,
-        present: bool,
-    ) -> Result<()> {
-        let ver = {
-            let mut local = lock(&self.local);
-            match channel {
-                None if present => {
-                    local.clients.insert(info.client_id.clone());
-                }
-                None => {
-                    local.clients.remove(&info.client_id);
-                }
-                Some(ch) if present => {
-                    local
-                        .members
-                        .entry(Arc::from(ch))
-                        .or_default()
-                        .insert(info.client_id.clone(), info.clone());
-                }
-                Some(ch) => {
-                    if let Some(m) = local.members.get_mut(ch) {
-                        m.remove(&info.client_id);
-                        if m.is_empty() {
-                            local.members.remove(ch);
-                        }
-                    }
-                }
-            }
-            local.ver += 1;
-            local.ver
-        };
-        let key = format!("m:{}", self.me);
-        if channel.is_none() {
-            // The directory: back through our own subscription is enough
-            // (a direct to a target not known yet asks everyone).
-            let body = Body::Member {
-                ver,
-                channel: None,
-                info: info.clone(),
-                present,
-                ack: false,
-            };
-            return self.send_and_wait(key, body).await;
-        }
-        // Presence: wait until every live instance has applied it, so that
-        // `members` anywhere shows it once this returns. An instance that
-        // does not answer within PRESENCE_ACK_WAIT (dying, not yet expired)
-        // gets it later.
-        let live: HashSet<Arc<str>> = {
-            let now = Instant::now();
-            lock(&self.remotes)
-                .iter()
-                .filter(|(_, r)| self.alive(r, now))
-                .map(|(id, _)| id.clone())
-                .collect()
-        };
-        let body = Body::Member {
-            ver,
-            channel: channel.map(Arc::from),
-            info: info.clone(),
-            present,
-            ack: !live.is_empty(),
-        };
-        if live.is_empty() {
-            return self.send(key, body).await.map(|_| ());
-        }
-        let id = self.next_id();
-        let (tx, rx) = oneshot::channel();
-        lock(&self.member_acks).insert(id, (live, Some(tx)));
-        if let Err(e) = self.send_as(id, key, body).await {
-            lock(&self.member_acks).remove(&id);
-            return Err(e);
-        }
-        let _ = tokio::time::timeout(PRESENCE_ACK_WAIT, rx).await;
-        lock(&self.member_acks).remove(&id);
-        Ok(())
-    }
-
-    /// Publish `body` and wait until it has come back through our own
-    /// subscription: Pub/Sub has then fanned it out to every subscription,
-    /// so the other instances get it at about the same moment.
-    async fn send_and_wait(&self, key: String, body: Body) -> Result<()> {
-        let id = self.next_id();
-        let (tx, rx) = oneshot::channel();
-        lock(&self.waiters).insert(id, tx);
-        if let Err(e) = self.send_as(id, key, body).await {
-            lock(&self.waiters).remove(&id);
-            return Err(e);
-        }
-        match tokio::time::timeout(ROUND_TRIP_TIMEOUT, rx).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(bus(PubSubError::Closed)),
-            Err(_) => {
-                lock(&self.waiters).remove(&id);
-                Err(bus(PubSubError::Timeout("own announcement round trip")))
-            }
-        }
-    }
-
-    /// Whether a remote view is still alive.
-    fn alive(&self, r: &Remote, now: Instant) -> bool {
-        now.duration_since(r.heard) < self.presence_ttl
-    }
-
-    /// The live instance (other than this one) holding `client_id`.
-    fn locate(&self, client_id: &str) -> Option<Arc<str>> {
-        let now = Instant::now();
-        let remotes = lock(&self.remotes);
-        remotes
-            .iter()
-            .filter(|(_, r)| self.alive(r, now))
-            .find(|(_, r)| r.clients.get(client_id).is_some_and(|e| e.info.is_some()))
-            .map(|(id, _)| id.clone())
-    }
-
-    /// Handle one message from the subscription (in arrival order).
-    fn handle(self: &Arc<Self>, data: &[u8]) {
-        let wire: Wire = match serde_json::from_slice(data) {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(error = %e, "undecodable pub/sub message dropped");
-                return;
-            }
-        };
-        let now = Instant::now();
-        if !lock(&self.seen).insert((wire.boot.clone(), wire.id), now) {
-            return;
-        }
-        let own = wire.src == self.me && wire.boot == self.boot;
-        if !own {
-            let mut remotes = lock(&self.remotes);
-            let r = remotes
-                .entry(wire.src.clone())
-                .or_insert_with(|| Remote::new(wire.boot.clone()));
-            if r.boot != wire.boot {
-                *r = Remote::new(wire.boot.clone());
-            }
-            r.heard = now;
-        }
-        let Some(handler) = self.handler().cloned() else {
-            return;
-        };
-        match wire.body {
-            Body::Pub {
-                channel,
-                data,
-                sender_id,
-                timestamp,
-                size,
-                ttl_ms,
-            } => {
-                let subscribed = lock(&self.subscribed).contains(&channel);
-                let new = NewPublication {
-                    data,
-                    sender_id,
-                    timestamp,
-                };
-                let history = HistoryOptions {
-                    size,
-                    ttl: Duration::from_millis(ttl_ms),
-                };
-                // Delivered under the stream's lock: the local order is
-                // the stream's order even against a concurrent replay.
-                let position = self
-                    .streams
-                    .publish(&channel, new, history, |ch, epoch, p| {
-                        if subscribed {
-                            handler.on_publication(ch, epoch, p);
-                        }
-                    });
-                if own {
-                    if let Some(tx) = lock(&self.pending).remove(&wire.id) {
-                        let _ = tx.send(position);
-                    }
-                }
-            }
-            Body::Broadcast {
-                sender_id,
-                data,
-                timestamp,
-            } => handler.on_control(&Control::Broadcast {
-                sender_id,
-                data,
-                timestamp,
-            }),
-            Body::JoinLeave {
-                join,
-                channel,
-                info,
-            } => {
-                if lock(&self.subscribed).contains(&channel) {
-                    let c = match join {
-                        true => Control::Join { channel, info },
-                        false => Control::Leave { channel, info },
-                    };
-                    handler.on_control(&c);
-                }
-            }
-            Body::Direct { direct, to, ack } => {
-                // Our own were tried locally before they were sent.
-                if own || to.as_ref().is_some_and(|to| *to != self.me) {
-                    return;
-                }
-                if handler.on_direct(&direct) && ack {
-                    let inner = self.clone();
-                    let key = format!("s:{}", self.me);
-                    let body = Body::DirectAck {
-                        to_boot: wire.boot.clone(),
-                        of: wire.id,
-                    };
-                    tokio::spawn(async move {
-                        let _ = inner.send(key, body).await;
-                    });
-                }
-            }
-            Body::DirectAck { to_boot, of } => {
-                if to_boot == self.boot {
-                    if let Some(tx) = lock(&self.direct_acks).remove(&of) {
-                        let _ = tx.send(());
-                    }
-                }
-            }
-            Body::Member {
-                ver,
-                channel,
-                info,
-                present,
-                ack,
-            } => {
-                if own {
-                    if let Some(tx) = lock(&self.waiters).remove(&wire.id) {
-                        let _ = tx.send(());
-                    }
-                    return;
-                }
-                if let Some(r) = lock(&self.remotes).get_mut(&wire.src) {
-                    r.apply_delta(ver, channel, info, present);
-                }
-                if ack {
-                    let inner = self.clone();
-                    let key = format!("m:{}", self.me);
-                    let body = Body::MemberAck {
-                        to_boot: wire.boot.clone(),
-                        of: wire.id,
-                    };
-                    tokio::spawn(async move {
-                        let _ = inner.send(key, body).await;
-                    });
-                }
-            }
-            Body::MemberAck { to_boot, of } => {
-                if to_boot == self.boot {
-                    let mut acks = lock(&self.member_acks);
-                    if let Some((left, tx)) = acks.get_mut(&of) {
-                        left.remove(&wire.src);
-                        if left.is_empty() {
-                            if let Some(tx) = tx.take() {
-                                let _ = tx.send(());
-                            }
-                        }
-                    }
-                }
-            }
-            Body::Snapshot {
-                ver,
-                clients,
-                members,
-            } => {
-                if !own {
-                    if let Some(r) = lock(&self.remotes).get_mut(&wire.src) {
-                        r.apply_snapshot(ver, clients, members);
-                    }
-                }
-            }
-            Body::Hello => {
-                if !own {
-                    let inner = self.clone();
-                    tokio::spawn(async move {
-                        let _ = inner.announce().await;
-                    });
-                }
-            }
-            Body::Bye => {
-                if !own {
-                    lock(&self.remotes).remove(&wire.src);
-                }
-            }
-        }
-    }
-
-    /// Read the stream until it fails or the broker shuts down.
-    async fn read(
-        self: &Arc<Self>,
-        mut stream: gcloud_gax::grpc::Streaming<
-            gcloud_googleapis::pubsub::v1::StreamingPullResponse,
-        >,
-    ) {
-        loop {
-            let next = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                m = stream.message() => m,
-            };
-            match next {
-                Ok(Some(resp)) => {
-                    let mut ack_ids = Vec::with_capacity(resp.received_messages.len());
-                    for rm in resp.received_messages {
-                        if let Some(m) = rm.message {
-                            self.handle(&m.data);
-                        }
-                        ack_ids.push(rm.ack_id);
-                    }
-                    let _ = self.acks.send(ack_ids);
-                }
-                Ok(None) => {
-                    tracing::warn!("pub/sub stream ended; reconnecting");
-                    return;
-                }
-                Err(status) => {
-                    tracing::warn!(%status, "pub/sub stream failed; reconnecting");
-                    return;
-                }
-            }
-        }
-    }
-
-    /// The receive loop: read, and on failure reconnect with backoff.
-    async fn receive_loop(self: Arc<Self>, first: PullStream) {
-        self.read(first).await;
-        let mut backoff = BACKOFF_MIN;
-        while !self.shutdown.is_cancelled() {
-            self.stream_up.store(false, Ordering::Relaxed);
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-            let lost = match self.ensure_subscription(false).await {
-                Ok(lost) => lost,
-                Err(e) => {
-                    tracing::debug!(error = %e, "pub/sub still unreachable");
-                    continue;
-                }
-            };
-            match self.open_stream().await {
-                Ok(stream) => {
-                    tracing::info!(recreated = lost, "pub/sub stream re-established");
-                    self.on_stream_up(lost);
-                    backoff = BACKOFF_MIN;
-                    self.read(stream).await;
-                }
-                Err(e) => tracing::debug!(error = %e, "pub/sub stream not re-established"),
-            }
-        }
-    }
-
-    /// Acknowledge in batches, off the receive path.
-    async fn ack_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Vec<String>>) {
-        loop {
-            let mut ids = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                ids = rx.recv() => match ids { Some(ids) => ids, None => return },
-            };
-            while let Ok(more) = rx.try_recv() {
-                ids.extend(more);
-            }
-            if ids.is_empty() {
-                continue;
-            }
-            let req = AcknowledgeRequest {
-                subscription: self.subscription.fully_qualified_name().to_string(),
-                ack_ids: ids,
-            };
-            let subc = self.subscription.get_client();
-            // A lost ack only means a redelivery, which is de-duplicated.
-            let _ = tokio::time::timeout(RPC_TIMEOUT, subc.acknowledge(req, Some(retry()))).await;
-        }
-    }
-
-    /// Heartbeat: announce, forget silent instances, drop idle streams.
-    async fn heartbeat_loop(self: Arc<Self>) {
-        let period = (self.presence_ttl / 3).max(Duration::from_millis(50));
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            if let Err(e) = self.announce().await {
-                tracing::debug!(error = %e, "pub/sub heartbeat failed");
-            }
-            let now = Instant::now();
-            lock(&self.remotes).retain(|_, r| now.duration_since(r.heard) < self.presence_ttl * 4);
-        }
-    }
 }
 
 /// Cancels the background tasks when the last handle goes away.
@@ -1146,100 +423,10 @@ pub async fn connect_typed(
     }
 }
 
-async fn connect_inner(
-    project: &str,
-    config: &Config,
-) -> Result<(Arc<PubSubBroker>, Arc<PubSubPresence>)> {
-    let (project, emulator) = parse_project(project);
-    if project.is_empty() {
-        return Err(Error::Config(
-            "pubsub://PROJECT_ID: the project id is empty".into(),
-        ));
-    }
-    let mut cc = ClientConfig::default();
-    if let Some(host) = emulator {
-        cc.environment = Environment::Emulator(host);
-    }
-    cc.project_id = Some(project.clone());
-    cc.pool_size = 2;
-    cc.connection_option.connect_timeout = Some(Duration::from_secs(5));
-    let cc = match cc.environment {
-        Environment::Emulator(_) => cc,
-        Environment::GoogleCloud(_) => cc
-            .with_auth()
-            .await
-            .map_err(|e| bus(PubSubError::Client(format!("credentials: {e}"))))?,
-    };
-    let client = Client::new(cc)
-        .await
-        .map_err(|e| bus(PubSubError::Client(e.to_string())))?;
-    let topic = client.topic(&config.pubsub_topic);
-    let publisher = topic.new_publisher(Some(PublisherConfig {
-        workers: 1,
-        flush_interval: Duration::from_secs(3600),
-        bundle_size: 1,
-        retry_setting: Some(retry()),
-    }));
-    let subscription = client.subscription(&config.pubsub_subscription);
-    let shutdown = CancellationToken::new();
-    let (acks, acks_rx) = mpsc::unbounded_channel();
-    let inner = Arc::new(Inner {
-        me: config.instance_id.as_str().into(),
-        boot: random_base36(12).into(),
-        client,
-        publisher,
-        subscription,
-        topic_id: config.pubsub_topic.clone(),
-        presence_ttl: config.presence_ttl,
-        handler: OnceLock::new(),
-        seq: AtomicU64::new(0),
-        streams: Store::new(
-            HistoryLimits::from_config(config),
-            &format!("{}.", config.instance_id),
-        ),
-        subscribed: Mutex::default(),
-        pending: Mutex::default(),
-        waiters: Mutex::default(),
-        member_acks: Mutex::default(),
-        direct_acks: Mutex::default(),
-        seen: Mutex::default(),
-        local: Mutex::default(),
-        remotes: Mutex::default(),
-        stream_up: AtomicBool::new(false),
-        publish_ok: AtomicBool::new(true),
-        publish_failures: AtomicU64::new(0),
-        shutdown: shutdown.clone(),
-        acks,
-        acks_rx: Mutex::new(Some(acks_rx)),
-    });
-    inner.ensure_subscription(true).await?;
-    let guard = Arc::new(Guard(shutdown));
-    Ok((
-        Arc::new(PubSubBroker {
-            inner: inner.clone(),
-            _guard: guard.clone(),
-        }),
-        Arc::new(PubSubPresence {
-            inner,
-            _guard: guard,
-        }),
-    ))
-}
-
 #[async_trait]
 impl Broker for PubSubBroker {
     async fn start(&self, handler: Arc<dyn BrokerHandler>) -> Result<()> {
-        let inner = &self.inner;
-        let _ = inner.handler.set(handler);
-        let stream = inner.open_stream().await?;
-        inner.on_stream_up(false);
-        if let Some(rx) = lock(&inner.acks_rx).take() {
-            tokio::spawn(inner.clone().ack_loop(rx));
-        }
-        tokio::spawn(inner.clone().receive_loop(stream));
-        tokio::spawn(inner.clone().heartbeat_loop());
-        inner.streams.spawn_sweeper();
-        Ok(())
+        self.inner.start(handler).await
     }
 
     async fn subscribe(&self, channel: &str) -> Result<()> {
@@ -1258,99 +445,15 @@ impl Broker for PubSubBroker {
         publication: NewPublication,
         history: HistoryOptions,
     ) -> Result<StreamPosition> {
-        let inner = &self.inner;
-        let id = inner.next_id();
-        let (tx, rx) = oneshot::channel();
-        lock(&inner.pending).insert(id, tx);
-        let body = Body::Pub {
-            channel: Arc::from(channel),
-            data: publication.data,
-            sender_id: publication.sender_id,
-            timestamp: publication.timestamp,
-            size: history.size,
-            ttl_ms: history.ttl.as_millis() as u64,
-        };
-        if let Err(e) = inner.send_as(id, format!("c:{channel}"), body).await {
-            lock(&inner.pending).remove(&id);
-            return Err(e);
-        }
-        match tokio::time::timeout(ROUND_TRIP_TIMEOUT, rx).await {
-            Ok(Ok(pos)) => Ok(pos),
-            Ok(Err(_)) => Err(bus(PubSubError::Closed)),
-            Err(_) => {
-                lock(&inner.pending).remove(&id);
-                Err(bus(PubSubError::Timeout("own publication round trip")))
-            }
-        }
+        self.inner.publish(channel, publication, history).await
     }
 
     async fn publish_control(&self, control: Control) -> Result<()> {
-        let (key, body) = match control {
-            Control::Broadcast {
-                sender_id,
-                data,
-                timestamp,
-            } => (
-                format!("s:{}", sender_id.as_deref().unwrap_or(&self.inner.me)),
-                Body::Broadcast {
-                    sender_id,
-                    data,
-                    timestamp,
-                },
-            ),
-            Control::Join { channel, info } => (
-                format!("c:{channel}"),
-                Body::JoinLeave {
-                    join: true,
-                    channel,
-                    info,
-                },
-            ),
-            Control::Leave { channel, info } => (
-                format!("c:{channel}"),
-                Body::JoinLeave {
-                    join: false,
-                    channel,
-                    info,
-                },
-            ),
-        };
-        self.inner.send(key, body).await.map(|_| ())
+        self.inner.publish_control(control).await
     }
 
     async fn direct(&self, direct: Direct) -> Result<bool> {
-        let inner = &self.inner;
-        if let Some(h) = inner.handler() {
-            if h.on_direct(&direct) {
-                return Ok(true);
-            }
-        }
-        let key = format!("s:{}", direct.sender_id.as_deref().unwrap_or(&inner.me));
-        if let Some(to) = inner.locate(&direct.target_id) {
-            let body = Body::Direct {
-                direct,
-                to: Some(to),
-                ack: false,
-            };
-            inner.send(key, body).await?;
-            return Ok(true);
-        }
-        // Unknown here: ask everyone, and wait for the holder's ack.
-        let id = inner.next_id();
-        let (tx, rx) = oneshot::channel();
-        lock(&inner.direct_acks).insert(id, tx);
-        let body = Body::Direct {
-            direct,
-            to: None,
-            ack: true,
-        };
-        if let Err(e) = inner.send_as(id, key, body).await {
-            lock(&inner.direct_acks).remove(&id);
-            return Err(e);
-        }
-        let acked = matches!(tokio::time::timeout(DIRECT_ACK_WAIT, rx).await, Ok(Ok(())));
-        lock(&inner.direct_acks).remove(&id);
-        Ok(acked)
+        self.inner.direct(direct).await
     }
 
     async fn history(
@@ -1385,16 +488,7 @@ impl Broker for PubSubBroker {
     }
 
     async fn close(&self) -> Result<()> {
-        let inner = &self.inner;
-        let _ = inner.send(format!("m:{}", inner.me), Body::Bye).await;
-        inner.shutdown.cancel();
-        inner.stream_up.store(false, Ordering::Relaxed);
-        match tokio::time::timeout(RPC_TIMEOUT, inner.subscription.delete(Some(retry()))).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(s)) if s.code() == Code::NotFound => Ok(()),
-            Ok(Err(s)) => Err(rpc("delete subscription")(s)),
-            Err(_) => Err(bus(PubSubError::Timeout("delete subscription"))),
-        }
+        self.inner.close().await
     }
 }
 
@@ -1413,120 +507,6 @@ impl PresenceStore for PubSubPresence {
     }
 
     async fn members(&self, channel: &str) -> Result<Vec<ClientInfo>> {
-        let inner = &self.inner;
-        let mut out: HashMap<Arc<str>, ClientInfo> = lock(&inner.local)
-            .members
-            .get(channel)
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-            .unwrap_or_default();
-        let now = Instant::now();
-        for r in lock(&inner.remotes).values() {
-            if !inner.alive(r, now) {
-                continue;
-            }
-            if let Some(m) = r.members.get(channel) {
-                for (id, e) in m {
-                    if let Some(info) = &e.info {
-                        out.insert(id.clone(), info.clone());
-                    }
-                }
-            }
-        }
-        let mut members: Vec<ClientInfo> = out.into_values().collect();
-        members.sort_by(|a, b| a.client_id.cmp(&b.client_id));
-        Ok(members)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn info(id: &str) -> ClientInfo {
-        ClientInfo {
-            client_id: id.into(),
-            user_id: None,
-        }
-    }
-
-    fn present(r: &Remote, ch: &str) -> Vec<String> {
-        let mut v: Vec<String> = r
-            .members
-            .get(ch)
-            .map(|m| {
-                m.iter()
-                    .filter(|(_, e)| e.info.is_some())
-                    .map(|(k, _)| k.to_string())
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
-    }
-
-    #[test]
-    fn project_spec_parses_the_emulator_override() {
-        assert_eq!(parse_project("p"), ("p".into(), None));
-        assert_eq!(
-            parse_project("p?emulator=127.0.0.1:9"),
-            ("p".into(), Some("127.0.0.1:9".into()))
-        );
-    }
-
-    #[test]
-    fn late_deltas_and_snapshots_never_undo_newer_ones() {
-        let mut r = Remote::new("b".into());
-        // add(1), remove(2) arrive reversed: the member stays removed.
-        r.apply_delta(2, Some("c".into()), info("x"), false);
-        r.apply_delta(1, Some("c".into()), info("x"), true);
-        assert!(present(&r, "c").is_empty());
-        // A snapshot at 3 with y; a late delta at 3 or older is ignored.
-        r.apply_snapshot(3, vec![], vec![("c".into(), vec![info("y")])]);
-        r.apply_delta(3, Some("c".into()), info("y"), false);
-        assert_eq!(present(&r, "c"), vec!["y"]);
-        // A newer delta that arrived before an older snapshot wins.
-        r.apply_delta(5, Some("c".into()), info("z"), true);
-        r.apply_snapshot(4, vec![], vec![("c".into(), vec![info("y")])]);
-        assert_eq!(present(&r, "c"), vec!["y", "z"]);
-        // A stale snapshot is ignored.
-        r.apply_snapshot(2, vec![], vec![]);
-        assert_eq!(present(&r, "c"), vec!["y", "z"]);
-        // A snapshot drops what it no longer lists (up to its version).
-        r.apply_snapshot(6, vec![], vec![("c".into(), vec![info("z")])]);
-        assert_eq!(present(&r, "c"), vec!["z"]);
-    }
-
-    #[test]
-    fn dedupe_remembers_names() {
-        let mut s = Seen::default();
-        let now = Instant::now();
-        assert!(s.insert(("b".into(), 1), now));
-        assert!(!s.insert(("b".into(), 1), now));
-        assert!(s.insert(("c".into(), 1), now));
-    }
-
-    #[test]
-    fn wire_keeps_raw_payloads() {
-        let w = Wire {
-            src: "i".into(),
-            boot: "b".into(),
-            id: 7,
-            body: Body::Pub {
-                channel: "ch".into(),
-                data: serde_json::from_str::<Box<RawValue>>(r#"{"a": [1, 2]}"#)
-                    .unwrap()
-                    .into(),
-                sender_id: None,
-                timestamp: 1,
-                size: 10,
-                ttl_ms: 1000,
-            },
-        };
-        let bytes = serde_json::to_vec(&w).unwrap();
-        let back: Wire = serde_json::from_slice(&bytes).unwrap();
-        match back.body {
-            Body::Pub { data, .. } => assert_eq!(data.get(), r#"{"a": [1, 2]}"#),
-            other => panic!("{other:?}"),
-        }
+        self.inner.members(channel)
     }
 }
