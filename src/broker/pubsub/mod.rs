@@ -1,0 +1,512 @@
+//! The Google Cloud Pub/Sub bus (`--bus pubsub://PROJECT_ID`).
+//!
+//! Pub/Sub is a message bus: no storage that can be read by offset, no
+//! global sequencer. This module gives everything Switchboard needs that
+//! Pub/Sub *can* give, and says exactly where it stops.
+//!
+//! # Layout on Pub/Sub
+//!
+//! * One topic, `config.pubsub_topic` (created at start if missing), shared
+//!   by every instance.
+//! * One subscription per instance, `config.pubsub_subscription`, with
+//!   message ordering on, a 10 s ack deadline, 10 min message retention and
+//!   a 1 day inactivity expiry (so a crashed instance's subscription goes
+//!   away by itself). A stale subscription of the same name is deleted and
+//!   recreated at start (its backlog belongs to a previous incarnation); it
+//!   is deleted on clean shutdown ([`Broker::close`]).
+//! * Every message is one JSON [`Wire`] envelope in `data`: the source
+//!   instance id, a boot id (random per process start) and a per-boot
+//!   counter, which together name the message for de-duplication, and the
+//!   body. Ordering keys: `c:<channel>` for channel publications and their
+//!   join/leave, `s:<sender>` for broadcast and direct (per-sender order),
+//!   `m:<instance>` for membership announcements.
+//! * `PUBSUB_EMULATOR_HOST` is honoured; `pubsub://PROJECT?emulator=HOST:PORT`
+//!   overrides it (several emulators in one test process). Without an
+//!   emulator the client authenticates with Application Default
+//!   Credentials; missing credentials are a start-up error.
+//!
+//! # What this bus guarantees
+//!
+//! * **Own messages: the round trip, exactly once.** An instance does not
+//!   deliver its own messages at publish time: everything (publications,
+//!   broadcast, join/leave) reaches the local clients through the
+//!   instance's own subscription, like everyone else's. Pub/Sub delivers at
+//!   least once; each instance drops repeats by message name (a window of
+//!   the last [`DEDUPE_WINDOW`] / [`DEDUPE_MAX`] messages), so every
+//!   instance, the publisher's included, handles each message once.
+//!   [`publish`](Broker::publish) returns when the publication has come back
+//!   (or fails after [`ROUND_TRIP_TIMEOUT`]): the cost is one bus round trip
+//!   per publish, the gain is that every instance sees a channel in the
+//!   same order. Since a session handles one request at a time, one client
+//!   publishes at most one message per round trip (about 20/s on the
+//!   emulator, whose streaming pull delivers on a ~50 ms cadence); many
+//!   clients publish concurrently.
+//! * **Per-channel order: the same on every instance.** Channel messages
+//!   carry the ordering key `c:<channel>`, so Pub/Sub delivers them to every
+//!   subscription in the order it received them: concurrent publishers on
+//!   different instances are interleaved identically everywhere, and each
+//!   publisher's own order is kept (a session waits for each publish).
+//! * **Offsets are per instance; epochs name the instance.** There is no
+//!   global sequencer, so offsets cannot be both contiguous and identical
+//!   everywhere (an instance that starts later has not seen the beginning).
+//!   Each instance numbers a channel's publications 1, 2, 3, … in the order
+//!   it receives them, in a stream whose epoch is `<instance id>.<random>`.
+//!   Within that epoch offsets are contiguous and are the ones this
+//!   instance's clients see (and the publisher's ack carries). Every
+//!   instance records every channel (every subscription receives the whole
+//!   topic), not only those with local subscribers; only subscribed
+//!   channels are encoded and handed to the node. Two instances that have
+//!   both seen a channel from its first publication have equal offsets but
+//!   never equal epochs.
+//! * **History and recovery are local to each instance.** A client that
+//!   reconnects to the *same* instance recovers what it missed (if the
+//!   history still holds it, as on the memory bus). On a *different*
+//!   instance its epoch is unknown: `recovered:false`, never a partial or
+//!   foreign replay; the client continues with that instance's numbering.
+//! * **Direct.** A local target is served without the bus. Otherwise the
+//!   client directory (below) names the instance holding the target: the
+//!   message goes over the topic addressed to it and `direct` returns
+//!   `true` at once. A target the directory does not know (it may have
+//!   connected a few milliseconds ago) is asked for over the topic with an
+//!   acknowledgement request; no acknowledgement within
+//!   [`DIRECT_ACK_WAIT`] is `unknown_target`. A target that leaves while a
+//!   message is in flight loses it, as on one instance.
+//! * **Presence and the client directory: gossip.** Each instance announces
+//!   every change of its own clients and channel memberships as a versioned
+//!   delta, and its complete state (a snapshot, also the heartbeat) every
+//!   `presence_ttl / 3`, and when a new instance says hello. Receivers keep
+//!   a per-instance view in memory, ordered by the sender's version (a late
+//!   delta or snapshot never undoes a newer one). A presence add/remove
+//!   returns once every live instance has acknowledged it (at most
+//!   [`PRESENCE_ACK_WAIT`]), so `members` on any live instance shows it from
+//!   then on; a directory change returns once it came back to its own
+//!   instance. An instance not heard from for `presence_ttl` is forgotten:
+//!   its members leave every presence list and its clients stop resolving
+//!   as direct targets. A clean shutdown says goodbye, which forgets it at
+//!   once. A snapshot is one message, so an instance's state must stay
+//!   under Pub/Sub's 10 MB message limit (about 100 000 memberships); the
+//!   acks make a presence change cost O(instances) messages.
+//!
+//! # Outage
+//!
+//! A failed publish returns `Error::Bus` (after the client's short retry),
+//! is counted ([`PubSubBroker::publish_failures`]) and turns the instance
+//! unready; `/readyz` follows [`Broker::is_ready`]: the receive stream is up
+//! and the last publish succeeded. The receive loop reconnects with
+//! backoff (100 ms doubling to 2 s), recreates the topic and subscription
+//! if they are gone, and says hello again. Local clients keep being served
+//! meanwhile (new connections are refused: they cannot be registered).
+//!
+//! * If the subscription survived (a network partition), Pub/Sub kept the
+//!   messages: they arrive after the reconnection, in order, no gap.
+//! * If it had to be recreated (an emulator restart, expiry), messages may
+//!   have been lost: every local stream starts a new epoch and the
+//!   subscribers of every local channel are asked to reconnect
+//!   ([`BrokerHandler::resync_failed`]); they get `recovered:false` rather
+//!   than a silent gap.
+//! * In both cases the local history after each subscribed channel's last
+//!   delivered position ([`BrokerHandler::positions`]) is replayed (sessions
+//!   drop what they already have).
+//!
+//! # Where things are
+//!
+//! * `mod.rs` (here): the `Wire` envelope and its bodies, the state shared
+//!   by everything (`Inner`), [`connect`], and the [`Broker`] and
+//!   [`PresenceStore`] impls, which delegate;
+//! * `supervise.rs`: the client, topic and subscription, the streaming pull,
+//!   the receive loop (de-duplication, dispatch), acknowledgements,
+//!   reconnection with backoff, readiness and shutdown;
+//! * `publish.rs`: sending on the topic (ordering keys, failure counting),
+//!   publications and their round trip, control messages, and this
+//!   instance's history of every channel;
+//! * `presence.rs`: the gossip of memberships and of the client directory,
+//!   its acknowledgements, the heartbeat and the expiry of silent instances;
+//! * `direct.rs`: direct messages (the directory lookup and the ask).
+
+mod direct;
+mod presence;
+mod publish;
+mod supervise;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use gcloud_gax::grpc::{Code, Status};
+use gcloud_gax::retry::RetrySetting;
+use gcloud_pubsub::client::Client;
+use gcloud_pubsub::publisher::Publisher;
+use gcloud_pubsub::subscription::Subscription;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::history::Store;
+use super::{
+    Broker, BrokerHandler, Control, Direct, HistoryOptions, HistoryResult, NewPublication,
+    PresenceStore,
+};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::protocol::{ClientInfo, StreamPosition};
+use presence::{Local, PendingAcks, Remote};
+use supervise::{Seen, connect_inner};
+
+/// Longest the start-up may take to reach Pub/Sub (connect, topic,
+/// subscription, first stream).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a publish waits for its own message to come back.
+pub const ROUND_TRIP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a direct message to a target the directory does not know waits
+/// for the holder's acknowledgement before it is `unknown_target`.
+pub const DIRECT_ACK_WAIT: Duration = Duration::from_millis(1000);
+/// Longest a presence change waits for the other live instances to
+/// acknowledge it.
+pub const PRESENCE_ACK_WAIT: Duration = Duration::from_millis(1000);
+/// How long a message name is remembered for de-duplication.
+pub const DEDUPE_WINDOW: Duration = Duration::from_secs(600);
+/// At most this many message names are remembered.
+pub const DEDUPE_MAX: usize = 200_000;
+pub use super::history::STREAM_IDLE_EXPIRY;
+
+/// Longest a single admin or publish RPC may take.
+const RPC_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What can go wrong talking to Pub/Sub; wrapped in [`Error::Bus`].
+#[derive(Debug, thiserror::Error)]
+pub enum PubSubError {
+    /// An RPC failed.
+    #[error("pub/sub {op}: {status}")]
+    Rpc {
+        op: &'static str,
+        status: Box<Status>,
+    },
+    /// The client could not be built (connection, credentials).
+    #[error("pub/sub client: {0}")]
+    Client(String),
+    /// Something did not answer in time.
+    #[error("pub/sub {0}: timed out")]
+    Timeout(&'static str),
+    /// The broker was closed.
+    #[error("pub/sub bus closed")]
+    Closed,
+    /// A message could not be encoded.
+    #[error("pub/sub message encoding: {0}")]
+    Codec(#[from] serde_json::Error),
+}
+
+fn bus(e: PubSubError) -> Error {
+    Error::Bus(Box::new(e))
+}
+
+fn rpc(op: &'static str) -> impl FnOnce(Status) -> Error {
+    move |status| {
+        bus(PubSubError::Rpc {
+            op,
+            status: Box::new(status),
+        })
+    }
+}
+
+/// A few quick retries on transient codes: an outage is reported within
+/// a fraction of a second instead of hidden behind long retries.
+fn retry() -> RetrySetting {
+    RetrySetting {
+        from_millis: 20,
+        max_delay: Some(Duration::from_millis(200)),
+        factor: 2,
+        take: 2,
+        codes: vec![Code::Unavailable, Code::Unknown, Code::Aborted],
+    }
+}
+
+/// The envelope of every message on the topic (JSON in `data`).
+#[derive(Debug, Serialize, Deserialize)]
+struct Wire {
+    /// Source instance id.
+    src: Arc<str>,
+    /// Source boot id: tells a restarted instance from its predecessor.
+    boot: Arc<str>,
+    /// Per-boot counter; `(boot, id)` names the message for de-duplication
+    /// and lets the source match its own publications coming back.
+    id: u64,
+    /// What the message says.
+    body: Body,
+}
+
+/// Message bodies. Externally tagged, so that raw JSON payloads survive.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+enum Body {
+    /// A channel publication, with the history options of its namespace.
+    Pub {
+        channel: Arc<str>,
+        data: Arc<RawValue>,
+        sender_id: Option<Arc<str>>,
+        timestamp: u64,
+        size: usize,
+        ttl_ms: u64,
+    },
+    /// The tutorial's broadcast.
+    Broadcast {
+        sender_id: Option<Arc<str>>,
+        data: Arc<RawValue>,
+        timestamp: u64,
+    },
+    /// Presence join/leave events (`join` false: leave).
+    JoinLeave {
+        join: bool,
+        channel: Arc<str>,
+        info: ClientInfo,
+    },
+    /// A direct message; `to` is the holding instance when the directory
+    /// knew it; `ack` asks the holder to acknowledge.
+    Direct {
+        direct: Direct,
+        to: Option<Arc<str>>,
+        ack: bool,
+    },
+    /// The holder of a direct target acknowledges `(to_boot, of)`.
+    DirectAck { to_boot: Arc<str>, of: u64 },
+    /// One membership change of the source: a client (channel `None`) or a
+    /// channel member came (`present`) or went.
+    Member {
+        ver: u64,
+        channel: Option<Arc<str>>,
+        info: ClientInfo,
+        present: bool,
+        ack: bool,
+    },
+    /// An instance applied the membership change `(to_boot, of)`.
+    MemberAck { to_boot: Arc<str>, of: u64 },
+    /// The source's complete state at version `ver`; also its heartbeat.
+    Snapshot {
+        ver: u64,
+        clients: Vec<Arc<str>>,
+        members: Vec<(Arc<str>, Vec<ClientInfo>)>,
+    },
+    /// A new (or reconnected) instance: everyone announce yourselves.
+    Hello,
+    /// Clean shutdown: forget the source now.
+    Bye,
+}
+
+/// State shared by the broker, the presence store and the background tasks.
+struct Inner {
+    /// This instance's id.
+    me: Arc<str>,
+    /// Random per process start.
+    boot: Arc<str>,
+    /// Admin operations (topic, subscription).
+    client: Client,
+    /// Publishing (direct RPCs, no batching delay).
+    publisher: Publisher,
+    /// This instance's subscription.
+    subscription: Subscription,
+    /// Topic id, for recreating it.
+    topic_id: String,
+    /// Expiry of a silent instance; heartbeats every third of it.
+    presence_ttl: Duration,
+    /// Set once by `start`.
+    handler: OnceLock<Arc<dyn BrokerHandler>>,
+    /// Per-boot message counter.
+    seq: AtomicU64,
+    /// Channel → this instance's stream: the memory bus's bounded store
+    /// (expiry, `history_max_bytes`, `history_max_channels`), its epochs
+    /// `<instance id>.<hash>` so that another instance's offsets are never
+    /// mistaken for this one's.
+    streams: Arc<Store>,
+    /// Channels with local subscribers (the only ones handed to the node).
+    subscribed: Mutex<HashSet<Arc<str>>>,
+    /// Own publications waiting for their round trip, by message id.
+    pending: Mutex<HashMap<u64, oneshot::Sender<StreamPosition>>>,
+    /// Own membership announcements waiting for their round trip.
+    waiters: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    /// Presence changes waiting for the other live instances' acks: the
+    /// instances still to answer, and whom to tell.
+    member_acks: Mutex<HashMap<u64, PendingAcks>>,
+    /// Direct messages waiting for the holder's acknowledgement.
+    direct_acks: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    /// De-duplication window.
+    seen: Mutex<Seen>,
+    /// Own clients and memberships.
+    local: Mutex<Local>,
+    /// Instance id → what it announced.
+    remotes: Mutex<HashMap<Arc<str>, Remote>>,
+    /// The receive stream is established.
+    stream_up: AtomicBool,
+    /// The last publish succeeded.
+    publish_ok: AtomicBool,
+    /// Failed publishes so far.
+    publish_failures: AtomicU64,
+    /// Ends every background task.
+    shutdown: CancellationToken,
+    /// Acknowledgements for the ack task.
+    acks: mpsc::UnboundedSender<Vec<String>>,
+    /// The ack task's receiver, taken by `start`.
+    acks_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<String>>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    fn handler(&self) -> Option<&Arc<dyn BrokerHandler>> {
+        self.handler.get()
+    }
+
+    fn next_id(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// Cancels the background tasks when the last handle goes away.
+struct Guard(CancellationToken);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// The Pub/Sub [`Broker`].
+pub struct PubSubBroker {
+    /// Shared state.
+    inner: Arc<Inner>,
+    /// Ends the background tasks with the last handle.
+    _guard: Arc<Guard>,
+}
+
+/// The Pub/Sub [`PresenceStore`] (gossip, see the module docs).
+pub struct PubSubPresence {
+    /// Shared state.
+    inner: Arc<Inner>,
+    /// Ends the background tasks with the last handle.
+    _guard: Arc<Guard>,
+}
+
+impl PubSubBroker {
+    /// Publishes that failed so far (for metrics).
+    pub fn publish_failures(&self) -> u64 {
+        self.inner.publish_failures.load(Ordering::Relaxed)
+    }
+}
+
+/// Connect the Pub/Sub bus for `project` (`PROJECT[?emulator=HOST:PORT]`):
+/// build the client and make sure the topic and a fresh subscription
+/// exist, within [`CONNECT_TIMEOUT`].
+pub async fn connect(
+    project: &str,
+    config: &Config,
+) -> Result<(Arc<dyn Broker>, Arc<dyn PresenceStore>)> {
+    let (broker, presence) = connect_typed(project, config).await?;
+    Ok((broker, presence))
+}
+
+/// [`connect`] with the concrete types (tests read the counters).
+pub async fn connect_typed(
+    project: &str,
+    config: &Config,
+) -> Result<(Arc<PubSubBroker>, Arc<PubSubPresence>)> {
+    // Google's auth crate signs service-account JWTs with jsonwebtoken,
+    // which needs its crypto provider chosen (see auth::init_crypto).
+    crate::auth::init_crypto();
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect_inner(project, config)).await {
+        Ok(r) => r,
+        Err(_) => Err(bus(PubSubError::Timeout("connect"))),
+    }
+}
+
+#[async_trait]
+impl Broker for PubSubBroker {
+    async fn start(&self, handler: Arc<dyn BrokerHandler>) -> Result<()> {
+        self.inner.start(handler).await
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<()> {
+        lock(&self.inner.subscribed).insert(Arc::from(channel));
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, channel: &str) -> Result<()> {
+        lock(&self.inner.subscribed).remove(channel);
+        Ok(())
+    }
+
+    async fn publish(
+        &self,
+        channel: &str,
+        publication: NewPublication,
+        history: HistoryOptions,
+    ) -> Result<StreamPosition> {
+        self.inner.publish(channel, publication, history).await
+    }
+
+    async fn publish_control(&self, control: Control) -> Result<()> {
+        self.inner.publish_control(control).await
+    }
+
+    async fn direct(&self, direct: Direct) -> Result<bool> {
+        self.inner.direct(direct).await
+    }
+
+    async fn history(
+        &self,
+        channel: &str,
+        since: Option<&StreamPosition>,
+        limit: usize,
+        history: HistoryOptions,
+    ) -> Result<HistoryResult> {
+        Ok(self.inner.streams.read(channel, since, limit, history))
+    }
+
+    fn history_stats(&self) -> Option<Arc<crate::metrics::HistoryStats>> {
+        Some(self.inner.streams.stats().clone())
+    }
+
+    async fn register_client(&self, info: &ClientInfo) -> Result<()> {
+        self.inner.member_change(None, info, true).await
+    }
+
+    async fn unregister_client(&self, client_id: &str) -> Result<()> {
+        let info = ClientInfo {
+            client_id: client_id.into(),
+            user_id: None,
+        };
+        self.inner.member_change(None, &info, false).await
+    }
+
+    fn is_ready(&self) -> bool {
+        self.inner.stream_up.load(Ordering::Relaxed)
+            && self.inner.publish_ok.load(Ordering::Relaxed)
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+}
+
+#[async_trait]
+impl PresenceStore for PubSubPresence {
+    async fn add(&self, channel: &str, info: &ClientInfo) -> Result<()> {
+        self.inner.member_change(Some(channel), info, true).await
+    }
+
+    async fn remove(&self, channel: &str, client_id: &str) -> Result<()> {
+        let info = ClientInfo {
+            client_id: client_id.into(),
+            user_id: None,
+        };
+        self.inner.member_change(Some(channel), &info, false).await
+    }
+
+    async fn members(&self, channel: &str) -> Result<Vec<ClientInfo>> {
+        self.inner.members(channel)
+    }
+}

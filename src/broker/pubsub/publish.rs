@@ -1,0 +1,247 @@
+//! Publishing and history: everything this instance says goes out through
+//! [`Inner::send`] / [`Inner::send_as`] (one JSON [`Wire`] envelope, an
+//! ordering key: `c:<channel>`, `s:<sender>` or `m:<instance>`; failures are
+//! counted and turn the instance unready). A channel publication waits for
+//! its round trip and takes its position from this instance's history: the
+//! bounded `broker::history` [`Store`](super::super::history::Store) in
+//! [`Inner::streams`], filled on receipt by [`Inner::receive_published`],
+//! read by `Broker::history` and replayed after a reconnection.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use gcloud_gax::grpc::Code;
+use gcloud_googleapis::pubsub::v1::PubsubMessage;
+use tokio::sync::oneshot;
+
+use super::{Body, Inner, PubSubError, ROUND_TRIP_TIMEOUT, RPC_TIMEOUT, Wire, bus, lock, retry};
+use crate::broker::{BrokerHandler, Control, HistoryOptions, NewPublication};
+use crate::error::Result;
+use crate::protocol::StreamPosition;
+
+impl Inner {
+    /// Publish `body` under `key`; returns the message id. Failures are
+    /// counted and turn the instance unready.
+    pub(super) async fn send(&self, key: String, body: Body) -> Result<u64> {
+        let id = self.next_id();
+        self.send_as(id, key, body).await?;
+        Ok(id)
+    }
+
+    pub(super) async fn send_as(&self, id: u64, key: String, body: Body) -> Result<()> {
+        let wire = Wire {
+            src: self.me.clone(),
+            boot: self.boot.clone(),
+            id,
+            body,
+        };
+        let data = serde_json::to_vec(&wire).map_err(|e| bus(e.into()))?;
+        let msg = PubsubMessage {
+            data,
+            ordering_key: key,
+            ..Default::default()
+        };
+        let mut result = self.publish_once(msg.clone()).await;
+        if let Err(PubSubError::Rpc { status, .. }) = &result {
+            if status.code() == Code::NotFound {
+                // The topic is gone (emulator restart): recreate, retry once.
+                let _ = self.ensure_topic().await;
+                result = self.publish_once(msg).await;
+            }
+        }
+        match result {
+            Ok(()) => {
+                self.publish_ok.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.publish_failures.fetch_add(1, Ordering::Relaxed);
+                self.publish_ok.store(false, Ordering::Relaxed);
+                Err(bus(e))
+            }
+        }
+    }
+
+    async fn publish_once(&self, msg: PubsubMessage) -> std::result::Result<(), PubSubError> {
+        match tokio::time::timeout(
+            RPC_TIMEOUT,
+            self.publisher.publish_immediately(vec![msg], Some(retry())),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(status)) => Err(PubSubError::Rpc {
+                op: "publish",
+                status: Box::new(status),
+            }),
+            Err(_) => Err(PubSubError::Timeout("publish")),
+        }
+    }
+
+    /// Publish `body` and wait until it has come back through our own
+    /// subscription: Pub/Sub has then fanned it out to every subscription,
+    /// so the other instances get it at about the same moment.
+    pub(super) async fn send_and_wait(&self, key: String, body: Body) -> Result<()> {
+        let id = self.next_id();
+        let (tx, rx) = oneshot::channel();
+        lock(&self.waiters).insert(id, tx);
+        if let Err(e) = self.send_as(id, key, body).await {
+            lock(&self.waiters).remove(&id);
+            return Err(e);
+        }
+        match tokio::time::timeout(ROUND_TRIP_TIMEOUT, rx).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(bus(PubSubError::Closed)),
+            Err(_) => {
+                lock(&self.waiters).remove(&id);
+                Err(bus(PubSubError::Timeout("own announcement round trip")))
+            }
+        }
+    }
+
+    /// `Broker::publish`: send on `c:<channel>`, wait for the round trip.
+    pub(super) async fn publish(
+        &self,
+        channel: &str,
+        publication: NewPublication,
+        history: HistoryOptions,
+    ) -> Result<StreamPosition> {
+        let id = self.next_id();
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, tx);
+        let body = Body::Pub {
+            channel: Arc::from(channel),
+            data: publication.data,
+            sender_id: publication.sender_id,
+            timestamp: publication.timestamp,
+            size: history.size,
+            ttl_ms: history.ttl.as_millis() as u64,
+        };
+        if let Err(e) = self.send_as(id, format!("c:{channel}"), body).await {
+            lock(&self.pending).remove(&id);
+            return Err(e);
+        }
+        match tokio::time::timeout(ROUND_TRIP_TIMEOUT, rx).await {
+            Ok(Ok(pos)) => Ok(pos),
+            Ok(Err(_)) => Err(bus(PubSubError::Closed)),
+            Err(_) => {
+                lock(&self.pending).remove(&id);
+                Err(bus(PubSubError::Timeout("own publication round trip")))
+            }
+        }
+    }
+
+    /// `Broker::publish_control`: broadcast on `s:<sender>`, join/leave on
+    /// `c:<channel>`.
+    pub(super) async fn publish_control(&self, control: Control) -> Result<()> {
+        let (key, body) = match control {
+            Control::Broadcast {
+                sender_id,
+                data,
+                timestamp,
+            } => (
+                format!("s:{}", sender_id.as_deref().unwrap_or(&self.me)),
+                Body::Broadcast {
+                    sender_id,
+                    data,
+                    timestamp,
+                },
+            ),
+            Control::Join { channel, info } => (
+                format!("c:{channel}"),
+                Body::JoinLeave {
+                    join: true,
+                    channel,
+                    info,
+                },
+            ),
+            Control::Leave { channel, info } => (
+                format!("c:{channel}"),
+                Body::JoinLeave {
+                    join: false,
+                    channel,
+                    info,
+                },
+            ),
+        };
+        self.send(key, body).await.map(|_| ())
+    }
+
+    /// A publication, broadcast or join/leave from the subscription (in
+    /// arrival order, from [`Inner::handle`]): a publication is recorded in
+    /// this instance's history, and what local clients subscribe to is
+    /// handed to the node.
+    pub(super) fn receive_published(
+        &self,
+        wire: Wire,
+        own: bool,
+        handler: &Arc<dyn BrokerHandler>,
+    ) {
+        match wire.body {
+            Body::Pub {
+                channel,
+                data,
+                sender_id,
+                timestamp,
+                size,
+                ttl_ms,
+            } => {
+                let subscribed = lock(&self.subscribed).contains(&channel);
+                let new = NewPublication {
+                    data,
+                    sender_id,
+                    timestamp,
+                };
+                let history = HistoryOptions {
+                    size,
+                    ttl: Duration::from_millis(ttl_ms),
+                };
+                // Delivered under the stream's lock: the local order is
+                // the stream's order even against a concurrent replay.
+                let position = self
+                    .streams
+                    .publish(&channel, new, history, |ch, epoch, p| {
+                        if subscribed {
+                            handler.on_publication(ch, epoch, p);
+                        }
+                    });
+                if own {
+                    if let Some(tx) = lock(&self.pending).remove(&wire.id) {
+                        let _ = tx.send(position);
+                    }
+                }
+            }
+            Body::Broadcast {
+                sender_id,
+                data,
+                timestamp,
+            } => handler.on_control(&Control::Broadcast {
+                sender_id,
+                data,
+                timestamp,
+            }),
+            Body::JoinLeave {
+                join,
+                channel,
+                info,
+            } => {
+                if lock(&self.subscribed).contains(&channel) {
+                    let c = match join {
+                        true => Control::Join { channel, info },
+                        false => Control::Leave { channel, info },
+                    };
+                    handler.on_control(&c);
+                }
+            }
+            // Handled by direct and presence.
+            Body::Direct { .. }
+            | Body::DirectAck { .. }
+            | Body::Member { .. }
+            | Body::MemberAck { .. }
+            | Body::Snapshot { .. }
+            | Body::Hello
+            | Body::Bye => {}
+        }
+    }
+}

@@ -1,0 +1,438 @@
+//! Connection and supervision: the client (emulator or Application Default
+//! Credentials), the topic and this instance's subscription (created,
+//! replaced when stale, recreated when gone, deleted on close), the
+//! streaming pull with its hello, the receive loop (decoding,
+//! de-duplication, dispatch to publish, direct and presence), batched
+//! acknowledgements, reconnection with backoff, and readiness.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use gcloud_gax::conn::Environment;
+use gcloud_gax::grpc::Code;
+use gcloud_googleapis::pubsub::v1::{AcknowledgeRequest, ExpirationPolicy, StreamingPullRequest};
+use gcloud_pubsub::client::{Client, ClientConfig};
+use gcloud_pubsub::publisher::PublisherConfig;
+use gcloud_pubsub::subscription::SubscriptionConfig;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::presence::Remote;
+use super::{
+    Body, DEDUPE_MAX, DEDUPE_WINDOW, Guard, Inner, PubSubBroker, PubSubError, PubSubPresence,
+    RPC_TIMEOUT, Wire, bus, lock, retry, rpc,
+};
+use crate::broker::BrokerHandler;
+use crate::broker::history::{HistoryLimits, Store};
+use crate::config::{Config, random_base36};
+use crate::error::{Error, Result};
+use crate::protocol::Publication;
+
+/// The receive stream of a streaming pull.
+type PullStream = gcloud_gax::grpc::Streaming<gcloud_googleapis::pubsub::v1::StreamingPullResponse>;
+
+/// Reconnection backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// `PROJECT[?emulator=HOST:PORT]` → project and emulator override.
+pub(super) fn parse_project(spec: &str) -> (String, Option<String>) {
+    match spec.split_once('?') {
+        Some((project, query)) => {
+            let emulator = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("emulator="))
+                .map(str::to_string);
+            (project.to_string(), emulator)
+        }
+        None => (spec.to_string(), None),
+    }
+}
+
+/// Recently handled message names.
+#[derive(Default)]
+pub(super) struct Seen {
+    /// Names with their arrival, oldest first.
+    order: VecDeque<(Instant, (Arc<str>, u64))>,
+    /// The same names, for lookup.
+    set: HashSet<(Arc<str>, u64)>,
+}
+
+impl Seen {
+    /// Remember `key`; false if it was already seen.
+    pub(super) fn insert(&mut self, key: (Arc<str>, u64), now: Instant) -> bool {
+        while self.order.len() >= DEDUPE_MAX
+            || self
+                .order
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > DEDUPE_WINDOW)
+        {
+            if let Some((_, k)) = self.order.pop_front() {
+                self.set.remove(&k);
+            }
+        }
+        if !self.set.insert(key.clone()) {
+            return false;
+        }
+        self.order.push_back((now, key));
+        true
+    }
+}
+
+/// [`connect`](super::connect) without its timeout: the client, the
+/// shared state, the topic and a fresh subscription.
+pub(super) async fn connect_inner(
+    project: &str,
+    config: &Config,
+) -> Result<(Arc<PubSubBroker>, Arc<PubSubPresence>)> {
+    let (project, emulator) = parse_project(project);
+    if project.is_empty() {
+        return Err(Error::Config(
+            "pubsub://PROJECT_ID: the project id is empty".into(),
+        ));
+    }
+    let mut cc = ClientConfig::default();
+    if let Some(host) = emulator {
+        cc.environment = Environment::Emulator(host);
+    }
+    cc.project_id = Some(project.clone());
+    cc.pool_size = 2;
+    cc.connection_option.connect_timeout = Some(Duration::from_secs(5));
+    let cc = match cc.environment {
+        Environment::Emulator(_) => cc,
+        Environment::GoogleCloud(_) => cc
+            .with_auth()
+            .await
+            .map_err(|e| bus(PubSubError::Client(format!("credentials: {e}"))))?,
+    };
+    let client = Client::new(cc)
+        .await
+        .map_err(|e| bus(PubSubError::Client(e.to_string())))?;
+    let topic = client.topic(&config.pubsub_topic);
+    let publisher = topic.new_publisher(Some(PublisherConfig {
+        workers: 1,
+        flush_interval: Duration::from_secs(3600),
+        bundle_size: 1,
+        retry_setting: Some(retry()),
+    }));
+    let subscription = client.subscription(&config.pubsub_subscription);
+    let shutdown = CancellationToken::new();
+    let (acks, acks_rx) = mpsc::unbounded_channel();
+    let inner = Arc::new(Inner {
+        me: config.instance_id.as_str().into(),
+        boot: random_base36(12).into(),
+        client,
+        publisher,
+        subscription,
+        topic_id: config.pubsub_topic.clone(),
+        presence_ttl: config.presence_ttl,
+        handler: OnceLock::new(),
+        seq: AtomicU64::new(0),
+        streams: Store::new(
+            HistoryLimits::from_config(config),
+            &format!("{}.", config.instance_id),
+        ),
+        subscribed: Mutex::default(),
+        pending: Mutex::default(),
+        waiters: Mutex::default(),
+        member_acks: Mutex::default(),
+        direct_acks: Mutex::default(),
+        seen: Mutex::default(),
+        local: Mutex::default(),
+        remotes: Mutex::default(),
+        stream_up: AtomicBool::new(false),
+        publish_ok: AtomicBool::new(true),
+        publish_failures: AtomicU64::new(0),
+        shutdown: shutdown.clone(),
+        acks,
+        acks_rx: Mutex::new(Some(acks_rx)),
+    });
+    inner.ensure_subscription(true).await?;
+    let guard = Arc::new(Guard(shutdown));
+    Ok((
+        Arc::new(PubSubBroker {
+            inner: inner.clone(),
+            _guard: guard.clone(),
+        }),
+        Arc::new(PubSubPresence {
+            inner,
+            _guard: guard,
+        }),
+    ))
+}
+
+impl Inner {
+    pub(super) async fn ensure_topic(&self) -> Result<()> {
+        let topic = self.client.topic(&self.topic_id);
+        match topic.create(None, Some(retry())).await {
+            Ok(()) => Ok(()),
+            Err(s) if s.code() == Code::AlreadyExists => Ok(()),
+            Err(s) => Err(rpc("create topic")(s)),
+        }
+    }
+
+    /// Make sure the topic and this instance's subscription exist. With
+    /// `fresh`, a subscription left by an earlier incarnation is replaced.
+    /// Returns whether the subscription was (re)created.
+    async fn ensure_subscription(&self, fresh: bool) -> Result<bool> {
+        self.ensure_topic().await?;
+        let exists = self
+            .subscription
+            .exists(Some(retry()))
+            .await
+            .map_err(rpc("get subscription"))?;
+        if exists && !fresh {
+            return Ok(false);
+        }
+        if exists {
+            match self.subscription.delete(Some(retry())).await {
+                Ok(()) => {}
+                Err(s) if s.code() == Code::NotFound => {}
+                Err(s) => return Err(rpc("delete stale subscription")(s)),
+            }
+        }
+        let cfg = SubscriptionConfig {
+            ack_deadline_seconds: 10,
+            enable_message_ordering: true,
+            message_retention_duration: Some(Duration::from_secs(600)),
+            expiration_policy: Some(ExpirationPolicy {
+                ttl: Duration::from_secs(86_400).try_into().ok(),
+            }),
+            ..Default::default()
+        };
+        let fqtn = self.client.fully_qualified_topic_name(&self.topic_id);
+        match self.subscription.create(&fqtn, cfg, Some(retry())).await {
+            Ok(()) => Ok(true),
+            Err(s) if s.code() == Code::AlreadyExists => Ok(false),
+            Err(s) => Err(rpc("create subscription")(s)),
+        }
+    }
+
+    /// Open the streaming pull and say hello. The server answers the
+    /// stream's headers only with its first message, so the hello (which
+    /// comes back through our own subscription) is also what proves the
+    /// round trip works; every other instance answers it with a snapshot.
+    async fn open_stream(&self) -> Result<PullStream> {
+        let hello = async {
+            // The subscription exists: the hello waits there for the stream.
+            self.send(format!("m:{}", self.me), Body::Hello).await
+        };
+        let (stream, hello) = tokio::join!(self.open_stream_only(), hello);
+        hello?;
+        stream
+    }
+
+    async fn open_stream_only(&self) -> Result<PullStream> {
+        let req = StreamingPullRequest {
+            subscription: self.subscription.fully_qualified_name().to_string(),
+            stream_ack_deadline_seconds: 10,
+            max_outstanding_messages: 10_000,
+            client_id: self.boot.to_string(),
+            ..Default::default()
+        };
+        let subc = self.subscription.get_client();
+        let resp = tokio::time::timeout(
+            RPC_TIMEOUT,
+            subc.streaming_pull(req, Duration::from_secs(10), Some(retry())),
+        )
+        .await
+        .map_err(|_| bus(PubSubError::Timeout("streaming pull")))?
+        .map_err(rpc("streaming pull"))?;
+        Ok(resp.into_inner())
+    }
+
+    /// Everything that must happen once the stream is (re)established.
+    fn on_stream_up(self: &Arc<Self>, lost: bool) {
+        if lost {
+            // Messages may have been lost with the old subscription: new
+            // epochs, and the subscribers reconnect to recover honestly.
+            self.streams.clear();
+            if let Some(h) = self.handler() {
+                let channels: Vec<Arc<str>> = lock(&self.subscribed).iter().cloned().collect();
+                for ch in channels {
+                    h.resync_failed(&ch);
+                }
+            }
+        } else if let Some(h) = self.handler() {
+            // Replay what the local history holds after each position.
+            for (channel, pos) in h.positions() {
+                let replay: Vec<(Arc<str>, Publication)> = match &pos {
+                    Some(p) => self.streams.replay_after(&channel, p),
+                    None => Vec::new(),
+                };
+                for (epoch, p) in replay {
+                    h.on_publication(&channel, &epoch, &p);
+                }
+            }
+        }
+        self.stream_up.store(true, Ordering::Relaxed);
+        self.publish_ok.store(true, Ordering::Relaxed);
+        let inner = self.clone();
+        tokio::spawn(async move {
+            let _ = inner.announce().await;
+        });
+    }
+
+    /// `Broker::start`: open the stream, then run the receive, ack and
+    /// heartbeat loops and the history sweeper.
+    pub(super) async fn start(self: &Arc<Self>, handler: Arc<dyn BrokerHandler>) -> Result<()> {
+        let _ = self.handler.set(handler);
+        let stream = self.open_stream().await?;
+        self.on_stream_up(false);
+        if let Some(rx) = lock(&self.acks_rx).take() {
+            tokio::spawn(self.clone().ack_loop(rx));
+        }
+        tokio::spawn(self.clone().receive_loop(stream));
+        tokio::spawn(self.clone().heartbeat_loop());
+        self.streams.spawn_sweeper();
+        Ok(())
+    }
+
+    /// Handle one message from the subscription (in arrival order).
+    fn handle(self: &Arc<Self>, data: &[u8]) {
+        let wire: Wire = match serde_json::from_slice(data) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "undecodable pub/sub message dropped");
+                return;
+            }
+        };
+        let now = Instant::now();
+        if !lock(&self.seen).insert((wire.boot.clone(), wire.id), now) {
+            return;
+        }
+        let own = wire.src == self.me && wire.boot == self.boot;
+        if !own {
+            let mut remotes = lock(&self.remotes);
+            let r = remotes
+                .entry(wire.src.clone())
+                .or_insert_with(|| Remote::new(wire.boot.clone()));
+            if r.boot != wire.boot {
+                *r = Remote::new(wire.boot.clone());
+            }
+            r.heard = now;
+        }
+        let Some(handler) = self.handler().cloned() else {
+            return;
+        };
+        // Each part handles its own messages.
+        match wire.body {
+            Body::Pub { .. } | Body::Broadcast { .. } | Body::JoinLeave { .. } => {
+                self.receive_published(wire, own, &handler)
+            }
+            Body::Direct { .. } | Body::DirectAck { .. } => {
+                self.receive_direct(wire, own, &handler)
+            }
+            Body::Member { .. }
+            | Body::MemberAck { .. }
+            | Body::Snapshot { .. }
+            | Body::Hello
+            | Body::Bye => self.receive_gossip(wire, own),
+        }
+    }
+
+    /// Read the stream until it fails or the broker shuts down.
+    async fn read(
+        self: &Arc<Self>,
+        mut stream: gcloud_gax::grpc::Streaming<
+            gcloud_googleapis::pubsub::v1::StreamingPullResponse,
+        >,
+    ) {
+        loop {
+            let next = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                m = stream.message() => m,
+            };
+            match next {
+                Ok(Some(resp)) => {
+                    let mut ack_ids = Vec::with_capacity(resp.received_messages.len());
+                    for rm in resp.received_messages {
+                        if let Some(m) = rm.message {
+                            self.handle(&m.data);
+                        }
+                        ack_ids.push(rm.ack_id);
+                    }
+                    let _ = self.acks.send(ack_ids);
+                }
+                Ok(None) => {
+                    tracing::warn!("pub/sub stream ended; reconnecting");
+                    return;
+                }
+                Err(status) => {
+                    tracing::warn!(%status, "pub/sub stream failed; reconnecting");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The receive loop: read, and on failure reconnect with backoff.
+    async fn receive_loop(self: Arc<Self>, first: PullStream) {
+        self.read(first).await;
+        let mut backoff = BACKOFF_MIN;
+        while !self.shutdown.is_cancelled() {
+            self.stream_up.store(false, Ordering::Relaxed);
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            let lost = match self.ensure_subscription(false).await {
+                Ok(lost) => lost,
+                Err(e) => {
+                    tracing::debug!(error = %e, "pub/sub still unreachable");
+                    continue;
+                }
+            };
+            match self.open_stream().await {
+                Ok(stream) => {
+                    tracing::info!(recreated = lost, "pub/sub stream re-established");
+                    self.on_stream_up(lost);
+                    backoff = BACKOFF_MIN;
+                    self.read(stream).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "pub/sub stream not re-established"),
+            }
+        }
+    }
+
+    /// Acknowledge in batches, off the receive path.
+    async fn ack_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Vec<String>>) {
+        loop {
+            let mut ids = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                ids = rx.recv() => match ids { Some(ids) => ids, None => return },
+            };
+            while let Ok(more) = rx.try_recv() {
+                ids.extend(more);
+            }
+            if ids.is_empty() {
+                continue;
+            }
+            let req = AcknowledgeRequest {
+                subscription: self.subscription.fully_qualified_name().to_string(),
+                ack_ids: ids,
+            };
+            let subc = self.subscription.get_client();
+            // A lost ack only means a redelivery, which is de-duplicated.
+            let _ = tokio::time::timeout(RPC_TIMEOUT, subc.acknowledge(req, Some(retry()))).await;
+        }
+    }
+
+    /// `Broker::close`: say goodbye, stop the tasks, delete the
+    /// subscription.
+    pub(super) async fn close(&self) -> Result<()> {
+        let _ = self.send(format!("m:{}", self.me), Body::Bye).await;
+        self.shutdown.cancel();
+        self.stream_up.store(false, Ordering::Relaxed);
+        match tokio::time::timeout(RPC_TIMEOUT, self.subscription.delete(Some(retry()))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(s)) if s.code() == Code::NotFound => Ok(()),
+            Ok(Err(s)) => Err(rpc("delete subscription")(s)),
+            Err(_) => Err(bus(PubSubError::Timeout("delete subscription"))),
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! Unit tests of the parts that need no Pub/Sub server: the project spec,
+//! the gossip's version order, de-duplication and the wire envelope (the
+//! bus itself is tested against the emulator in `tests/bus_pubsub.rs`).
+
+use tokio::time::Instant;
+
+use super::presence::Remote;
+use super::supervise::{Seen, parse_project};
+use super::*;
+
+fn info(id: &str) -> ClientInfo {
+    ClientInfo {
+        client_id: id.into(),
+        user_id: None,
+    }
+}
+
+fn present(r: &Remote, ch: &str) -> Vec<String> {
+    let mut v: Vec<String> = r
+        .members
+        .get(ch)
+        .map(|m| {
+            m.iter()
+                .filter(|(_, e)| e.info.is_some())
+                .map(|(k, _)| k.to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn project_spec_parses_the_emulator_override() {
+    assert_eq!(parse_project("p"), ("p".into(), None));
+    assert_eq!(
+        parse_project("p?emulator=127.0.0.1:9"),
+        ("p".into(), Some("127.0.0.1:9".into()))
+    );
+}
+
+#[test]
+fn late_deltas_and_snapshots_never_undo_newer_ones() {
+    let mut r = Remote::new("b".into());
+    // add(1), remove(2) arrive reversed: the member stays removed.
+    r.apply_delta(2, Some("c".into()), info("x"), false);
+    r.apply_delta(1, Some("c".into()), info("x"), true);
+    assert!(present(&r, "c").is_empty());
+    // A snapshot at 3 with y; a late delta at 3 or older is ignored.
+    r.apply_snapshot(3, vec![], vec![("c".into(), vec![info("y")])]);
+    r.apply_delta(3, Some("c".into()), info("y"), false);
+    assert_eq!(present(&r, "c"), vec!["y"]);
+    // A newer delta that arrived before an older snapshot wins.
+    r.apply_delta(5, Some("c".into()), info("z"), true);
+    r.apply_snapshot(4, vec![], vec![("c".into(), vec![info("y")])]);
+    assert_eq!(present(&r, "c"), vec!["y", "z"]);
+    // A stale snapshot is ignored.
+    r.apply_snapshot(2, vec![], vec![]);
+    assert_eq!(present(&r, "c"), vec!["y", "z"]);
+    // A snapshot drops what it no longer lists (up to its version).
+    r.apply_snapshot(6, vec![], vec![("c".into(), vec![info("z")])]);
+    assert_eq!(present(&r, "c"), vec!["z"]);
+}
+
+#[test]
+fn dedupe_remembers_names() {
+    let mut s = Seen::default();
+    let now = Instant::now();
+    assert!(s.insert(("b".into(), 1), now));
+    assert!(!s.insert(("b".into(), 1), now));
+    assert!(s.insert(("c".into(), 1), now));
+}
+
+#[test]
+fn wire_keeps_raw_payloads() {
+    let w = Wire {
+        src: "i".into(),
+        boot: "b".into(),
+        id: 7,
+        body: Body::Pub {
+            channel: "ch".into(),
+            data: serde_json::from_str::<Box<RawValue>>(r#"{"a": [1, 2]}"#)
+                .unwrap()
+                .into(),
+            sender_id: None,
+            timestamp: 1,
+            size: 10,
+            ttl_ms: 1000,
+        },
+    };
+    let bytes = serde_json::to_vec(&w).unwrap();
+    let back: Wire = serde_json::from_slice(&bytes).unwrap();
+    match back.body {
+        Body::Pub { data, .. } => assert_eq!(data.get(), r#"{"a": [1, 2]}"#),
+        other => panic!("{other:?}"),
+    }
+}
