@@ -133,93 +133,21 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The epoch written on user-addressed messages, which have none.
 const NO_EPOCH: &str = "-";
 
-/// Atomic publish: epoch, offset, append, fan-out.
-/// KEYS: meta, stream, generation. ARGV: topic, body, size, ttl ms, next
-/// generation, fallback epoch.
-///
-/// A new stream takes the deployment's current generation as its epoch
-/// (what reads of the absent stream reported) and moves the generation on,
-/// so no two streams ever carry the same epoch. Every key it writes
-/// expires `ttl` after this publish.
-const PUBLISH_LUA: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = redis.call('GET', KEYS[3]) or ARGV[6]
-  redis.call('SET', KEYS[3], ARGV[5])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', 0)
-  redis.call('DEL', KEYS[2])
-end
-local top = redis.call('HINCRBY', KEYS[1], 'top', 1)
-local size = tonumber(ARGV[3])
-if size > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', size, '0-' .. top, 'b', ARGV[2], 'x', now + tonumber(ARGV[4]))
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
-else
-  redis.call('DEL', KEYS[2])
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PUBLISH', ARGV[1], 'p ' .. epoch .. ' ' .. top .. ' ' .. ARGV[2])
-return {epoch, top}
-"#;
+/// Atomic publish: epoch, offset, append, fan-out
+/// (`scripts/publish.lua`, headed by its `KEYS` and `ARGV`).
+const PUBLISH_LUA: &str = include_str!("scripts/publish.lua");
 
-/// History read; writes nothing. An absent stream reports the current
-/// generation (the epoch its first publication will carry) at offset 0,
-/// or `fallback` (never stored) when the generation key is gone too.
-/// KEYS: meta, stream, generation. ARGV: since epoch or '', since offset,
-/// limit (-1: all), fallback epoch, size. Returns {epoch, top,
-/// {{offset, body}…}}.
-const HISTORY_LUA: &str = r#"
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  return {redis.call('GET', KEYS[3]) or ARGV[4], 0, {}}
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local top = tonumber(redis.call('HGET', KEYS[1], 'top') or '0')
-local out = {}
-local limit = tonumber(ARGV[3])
-if limit ~= 0 and (ARGV[1] == '' or ARGV[1] == epoch) then
-  local after = math.max(tonumber(ARGV[2]), top - tonumber(ARGV[5]))
-  local entries = redis.call('XRANGE', KEYS[2], '(0-' .. after, '+')
-  for _, e in ipairs(entries) do
-    if limit > 0 and #out >= limit then break end
-    local f = e[2]
-    local body, exp
-    for i = 1, #f, 2 do
-      if f[i] == 'b' then body = f[i + 1] elseif f[i] == 'x' then exp = tonumber(f[i + 1]) end
-    end
-    if body and exp and exp > now then
-      out[#out + 1] = {tonumber(string.sub(e[1], 3)), body}
-    end
-  end
-end
-return {epoch, top, out}
-"#;
+/// History read; writes nothing
+/// (`scripts/history.lua`, headed by its `KEYS` and `ARGV`).
+const HISTORY_LUA: &str = include_str!("scripts/history.lua");
 
-/// Presence add. KEYS: members, expiry. ARGV: client id, info JSON, ttl ms.
-const PRESENCE_ADD_LUA: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-return 1
-"#;
+/// Presence add
+/// (`scripts/presence_add.lua`, headed by its `KEYS` and `ARGV`).
+const PRESENCE_ADD_LUA: &str = include_str!("scripts/presence_add.lua");
 
-/// Presence members, dropping expired ones. KEYS: members, expiry.
-const PRESENCE_MEMBERS_LUA: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
-for _, id in ipairs(dead) do
-  redis.call('HDEL', KEYS[1], id)
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-return redis.call('HVALS', KEYS[1])
-"#;
+/// Presence members, dropping expired ones
+/// (`scripts/presence_members.lua`, headed by its `KEYS` and `ARGV`).
+const PRESENCE_MEMBERS_LUA: &str = include_str!("scripts/presence_members.lua");
 
 /// A failed Redis operation as the crate's typed bus error.
 fn bus_err(e: impl std::error::Error + Send + Sync + 'static) -> Error {
