@@ -97,6 +97,28 @@
 //! `resync_failed` when the epoch changed or history no longer holds the
 //! whole gap. Only then is the instance ready again. At start-up an
 //! unreachable Redis is an error within [`CONNECT_TIMEOUT`].
+//!
+//! # Files
+//!
+//! * `mod.rs` (here): the key layout, [`connect`], the shared state, and the
+//!   [`Broker`] and [`PresenceStore`] impls, each a delegation to one of
+//!   the files below.
+//! * `supervise.rs`: the two connections, reconnection with backoff,
+//!   readiness, the heartbeat, subscribing topics, and the replay after an
+//!   outage.
+//! * `publish.rs`: publish, control messages, history reads, and decoding
+//!   what arrives on the bus.
+//! * `presence.rs`: the presence store.
+//! * `direct.rs`: direct messages and the client directory.
+//! * `scripts/*.lua`: the Lua scripts, one a file, each headed by its
+//!   `KEYS` and `ARGV`.
+
+mod direct;
+mod presence;
+mod publish;
+mod supervise;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -104,21 +126,18 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
-use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
+use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Script};
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
+use self::supervise::{Connected, Subscriptions};
 use super::{
     Broker, BrokerHandler, Control, Direct, HistoryOptions, HistoryResult, NewPublication,
     PresenceStore,
 };
-use crate::config::{Config, random_base36};
+use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::node::is_internal_channel;
-use crate::protocol::{ClientInfo, Publication, StreamPosition};
+use crate::protocol::{ClientInfo, StreamPosition};
 
 /// Longest `connect` waits for Redis at start-up.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -126,28 +145,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest one command may take before the connection counts as broken.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
-/// First reconnection delay; doubled per failed attempt.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// Longest reconnection delay.
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// The epoch written on user-addressed messages, which have none.
-const NO_EPOCH: &str = "-";
-
-/// Atomic publish: epoch, offset, append, fan-out
-/// (`scripts/publish.lua`, headed by its `KEYS` and `ARGV`).
-const PUBLISH_LUA: &str = include_str!("scripts/publish.lua");
-
-/// History read; writes nothing
-/// (`scripts/history.lua`, headed by its `KEYS` and `ARGV`).
-const HISTORY_LUA: &str = include_str!("scripts/history.lua");
-
-/// Presence add
-/// (`scripts/presence_add.lua`, headed by its `KEYS` and `ARGV`).
-const PRESENCE_ADD_LUA: &str = include_str!("scripts/presence_add.lua");
-
-/// Presence members, dropping expired ones
-/// (`scripts/presence_members.lua`, headed by its `KEYS` and `ARGV`).
-const PRESENCE_MEMBERS_LUA: &str = include_str!("scripts/presence_members.lua");
 
 /// A failed Redis operation as the crate's typed bus error.
 fn bus_err(e: impl std::error::Error + Send + Sync + 'static) -> Error {
@@ -158,19 +155,6 @@ fn bus_err(e: impl std::error::Error + Send + Sync + 'static) -> Error {
 #[derive(Debug, thiserror::Error)]
 #[error("redis is unreachable (reconnecting)")]
 struct Disconnected;
-
-/// A publication on the bus and in the stream, without its offset (the
-/// script assigns it).
-#[derive(Serialize, Deserialize)]
-struct Body {
-    /// The publisher's payload, never re-encoded.
-    data: Arc<RawValue>,
-    /// The publishing client (`None`: the server API).
-    #[serde(rename = "senderId")]
-    sender_id: Option<Arc<str>>,
-    /// When the server accepted it, ms since the Unix epoch.
-    timestamp: u64,
-}
 
 /// Names of keys and topics under the prefix.
 #[derive(Debug, Clone)]
@@ -226,16 +210,30 @@ impl Keys {
     }
 }
 
-/// The pub/sub side: the subscribing half of the connection and the
-/// channels to keep subscribed across reconnections.
-#[derive(Default)]
-struct Subscriptions {
-    /// The live connection's command half; `None` while disconnected.
-    sink: Option<PubSubSink>,
-    /// Channel → `subscribe` calls minus `unsubscribe` calls. Counting
-    /// (instead of a set) makes an unsubscribe that overtakes the next
-    /// subscribe of the same channel harmless.
-    channels: HashMap<String, usize>,
+/// The Lua scripts (run by EVALSHA, reloaded after a Redis restart), one
+/// file each under `scripts/`, each headed by its `KEYS` and `ARGV`.
+struct Scripts {
+    /// Atomic publish: epoch, offset, append, fan-out
+    /// (`scripts/publish.lua`).
+    publish: Script,
+    /// History read; writes nothing (`scripts/history.lua`).
+    history: Script,
+    /// Presence add (`scripts/presence_add.lua`).
+    presence_add: Script,
+    /// Presence members, dropping expired ones
+    /// (`scripts/presence_members.lua`).
+    presence_members: Script,
+}
+
+impl Scripts {
+    fn load() -> Scripts {
+        Scripts {
+            publish: Script::new(include_str!("scripts/publish.lua")),
+            history: Script::new(include_str!("scripts/history.lua")),
+            presence_add: Script::new(include_str!("scripts/presence_add.lua")),
+            presence_members: Script::new(include_str!("scripts/presence_members.lua")),
+        }
+    }
 }
 
 /// State shared by the broker, the presence store and the supervisor.
@@ -268,51 +266,11 @@ struct Inner {
     local_presence: Mutex<HashMap<String, HashMap<Arc<str>, ClientInfo>>>,
     /// Cancelled by `close` (or drop): the supervisor stops.
     shutdown: CancellationToken,
-    /// The publish script (EVALSHA, reloaded after a Redis restart).
-    publish: Script,
-    /// The history script.
-    history: Script,
-    /// The presence-add script.
-    presence_add: Script,
-    /// The presence-members script.
-    presence_members: Script,
-}
-
-/// Both connections of one attempt.
-struct Connected {
-    /// Commands and scripts (multiplexed, cloned per call).
-    cmd: MultiplexedConnection,
-    /// SUBSCRIBE / UNSUBSCRIBE on the pub/sub connection.
-    sink: PubSubSink,
-    /// What the pub/sub connection receives; ends when it breaks.
-    stream: PubSubStream,
+    /// The Lua scripts.
+    scripts: Scripts,
 }
 
 impl Inner {
-    /// Open both connections and check them, within [`DIAL_TIMEOUT`] each.
-    async fn dial(&self) -> Result<Connected> {
-        let cmd = tokio::time::timeout(
-            DIAL_TIMEOUT,
-            self.client
-                .get_multiplexed_async_connection_with_config(&self.conn_config),
-        )
-        .await
-        .map_err(bus_err)?
-        .map_err(bus_err)?;
-        let pubsub = tokio::time::timeout(DIAL_TIMEOUT, self.client.get_async_pubsub())
-            .await
-            .map_err(bus_err)?
-            .map_err(bus_err)?;
-        let (sink, stream) = pubsub.split();
-        let mut c = cmd.clone();
-        let _: String =
-            tokio::time::timeout(RESPONSE_TIMEOUT, redis::cmd("PING").query_async(&mut c))
-                .await
-                .map_err(bus_err)?
-                .map_err(bus_err)?;
-        Ok(Connected { cmd, sink, stream })
-    }
-
     /// The command connection, or `Error::Bus` while disconnected.
     fn conn(&self) -> Result<MultiplexedConnection> {
         self.cmd
@@ -329,339 +287,6 @@ impl Inner {
     fn ttl_ms(&self) -> u64 {
         self.presence_ttl.as_millis().max(1) as u64
     }
-
-    /// Hand one pub/sub message to the handler.
-    fn dispatch(&self, topic: &str, payload: &[u8]) {
-        let Some(handler) = self.handler() else {
-            return;
-        };
-        let Ok(text) = std::str::from_utf8(payload) else {
-            tracing::warn!(%topic, "non-UTF-8 message on the bus ignored");
-            return;
-        };
-        let Some((kind, rest)) = text.split_once(' ') else {
-            tracing::warn!(%topic, "malformed message on the bus ignored");
-            return;
-        };
-        match kind {
-            "p" => {
-                let Some(channel) = self.keys.channel_of(topic) else {
-                    return;
-                };
-                let mut parts = rest.splitn(3, ' ');
-                let (Some(epoch), Some(offset), Some(body)) =
-                    (parts.next(), parts.next(), parts.next())
-                else {
-                    tracing::warn!(%topic, "malformed publication ignored");
-                    return;
-                };
-                let (Ok(offset), Ok(body)) =
-                    (offset.parse::<u64>(), serde_json::from_str::<Body>(body))
-                else {
-                    tracing::warn!(%topic, "malformed publication ignored");
-                    return;
-                };
-                let publication = Publication {
-                    offset,
-                    data: body.data,
-                    sender_id: body.sender_id,
-                    timestamp: body.timestamp,
-                };
-                handler.on_publication(&Arc::from(channel), &Arc::from(epoch), &publication);
-            }
-            "b" => match serde_json::from_str::<Body>(rest) {
-                Ok(b) => handler.on_control(&Control::Broadcast {
-                    sender_id: b.sender_id,
-                    data: b.data,
-                    timestamp: b.timestamp,
-                }),
-                Err(e) => tracing::warn!(%topic, error = %e, "malformed broadcast ignored"),
-            },
-            "c" => match serde_json::from_str::<Control>(rest) {
-                Ok(control) => handler.on_control(&control),
-                Err(e) => tracing::warn!(%topic, error = %e, "malformed control ignored"),
-            },
-            "d" => match serde_json::from_str::<Direct>(rest) {
-                Ok(direct) => {
-                    handler.on_direct(&direct);
-                }
-                Err(e) => tracing::warn!(%topic, error = %e, "malformed direct ignored"),
-            },
-            _ => tracing::warn!(%topic, "unknown message kind on the bus ignored"),
-        }
-    }
-
-    /// Rewrite this instance's directory and presence entries with a fresh
-    /// expiry. Also what restores them after Redis lost its data.
-    async fn heartbeat(&self) -> Result<()> {
-        let mut conn = self.conn()?;
-        let ttl = self.ttl_ms();
-        let clients: Vec<Arc<str>> = self
-            .local_clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
-        let presence: Vec<(String, Vec<ClientInfo>)> = self
-            .local_presence
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(ch, m)| (ch.clone(), m.values().cloned().collect()))
-            .collect();
-        let (secs, micros): (u64, u64) = redis::cmd("TIME")
-            .query_async(&mut conn)
-            .await
-            .map_err(bus_err)?;
-        let expire_at = secs * 1000 + micros / 1000 + ttl;
-        // Chunks keep each pipeline (and the memory it needs) bounded.
-        let mut pipe = redis::pipe();
-        let mut queued = 0usize;
-        // The generation (the epoch reads report for absent streams) comes
-        // back within a beat after Redis lost it.
-        pipe.cmd("SET")
-            .arg(&self.keys.generation)
-            .arg(random_base36(8))
-            .arg("NX")
-            .ignore();
-        for id in &clients {
-            pipe.cmd("SET")
-                .arg(self.keys.client(id))
-                .arg(&self.instance_id)
-                .arg("PX")
-                .arg(ttl)
-                .ignore();
-            queued += 1;
-            if queued >= 512 {
-                pipe.exec_async(&mut conn).await.map_err(bus_err)?;
-                pipe = redis::pipe();
-                queued = 0;
-            }
-        }
-        for (channel, members) in &presence {
-            let (mkey, ekey) = (self.keys.members(channel), self.keys.expiry(channel));
-            for info in members {
-                let json = serde_json::to_string(info).map_err(bus_err)?;
-                pipe.cmd("HSET")
-                    .arg(&mkey)
-                    .arg(&*info.client_id)
-                    .arg(json)
-                    .ignore();
-                pipe.cmd("ZADD")
-                    .arg(&ekey)
-                    .arg(expire_at)
-                    .arg(&*info.client_id)
-                    .ignore();
-                queued += 1;
-            }
-            pipe.cmd("PEXPIRE").arg(&mkey).arg(ttl).ignore();
-            pipe.cmd("PEXPIRE").arg(&ekey).arg(ttl).ignore();
-            if queued >= 512 {
-                pipe.exec_async(&mut conn).await.map_err(bus_err)?;
-                pipe = redis::pipe();
-                queued = 0;
-            }
-        }
-        pipe.exec_async(&mut conn).await.map_err(bus_err)
-    }
-
-    /// Read history (the shared implementation of `Broker::history`).
-    async fn read_history(
-        &self,
-        channel: &str,
-        since: Option<&StreamPosition>,
-        limit: usize,
-        history: HistoryOptions,
-    ) -> Result<HistoryResult> {
-        let mut conn = self.conn()?;
-        let limit: i64 = match limit {
-            0 => 0,
-            n => i64::try_from(n).unwrap_or(-1),
-        };
-        let (epoch, top, entries): (String, u64, Vec<(u64, String)>) = self
-            .history
-            .key(self.keys.meta(channel))
-            .key(self.keys.stream(channel))
-            .key(&self.keys.generation)
-            .arg(since.map_or("", |s| &*s.epoch))
-            .arg(since.map_or(0, |s| s.offset))
-            .arg(limit)
-            .arg(random_base36(8))
-            .arg(history.size)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(bus_err)?;
-        let mut publications = Vec::with_capacity(entries.len());
-        for (offset, body) in entries {
-            let body: Body = serde_json::from_str(&body).map_err(bus_err)?;
-            publications.push(Publication {
-                offset,
-                data: body.data,
-                sender_id: body.sender_id,
-                timestamp: body.timestamp,
-            });
-        }
-        Ok(HistoryResult {
-            publications,
-            top: StreamPosition {
-                epoch: epoch.into(),
-                offset: top,
-            },
-        })
-    }
-
-    /// After a reconnection: fill each local channel's gap from history, or
-    /// ask its subscribers to resync.
-    async fn replay(&self) -> Result<()> {
-        let Some(handler) = self.handler().cloned() else {
-            return Ok(());
-        };
-        for (channel, last) in handler.positions() {
-            let Some(opts) = self.config.namespace_of(&channel) else {
-                continue;
-            };
-            let opts = HistoryOptions {
-                size: opts.history_size,
-                ttl: opts.history_ttl,
-            };
-            let h = self
-                .read_history(&channel, last.as_ref(), usize::MAX, opts)
-                .await?;
-            match &last {
-                // Nothing delivered since the subscription: hand over what
-                // is retained; sessions drop what they already have.
-                None => {
-                    for p in &h.publications {
-                        handler.on_publication(&channel, &h.top.epoch, p);
-                    }
-                }
-                Some(last) => {
-                    let missed = h.top.offset.saturating_sub(last.offset);
-                    let complete = last.epoch == h.top.epoch
-                        && last.offset <= h.top.offset
-                        && h.publications.len() as u64 == missed
-                        && h.publications
-                            .first()
-                            .is_none_or(|p| p.offset == last.offset + 1);
-                    if complete {
-                        if missed > 0 {
-                            tracing::info!(%channel, missed, "replaying publications missed during a bus outage");
-                        }
-                        for p in &h.publications {
-                            handler.on_publication(&channel, &h.top.epoch, p);
-                        }
-                    } else {
-                        handler.resync_failed(&channel);
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Make a fresh connection the current one: resubscribe, rewrite the
-    /// entries, replay gaps (after an outage), turn ready.
-    async fn install(
-        &self,
-        cmd: MultiplexedConnection,
-        mut sink: PubSubSink,
-        after_outage: bool,
-    ) -> Result<()> {
-        *self.cmd.write().unwrap_or_else(|p| p.into_inner()) = Some(cmd);
-        {
-            let mut subs = self.subs.lock().await;
-            let mut topics = vec![self.keys.all.clone(), self.keys.own.clone()];
-            topics.extend(subs.channels.keys().map(|c| self.keys.topic(c)));
-            tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(&topics))
-                .await
-                .map_err(bus_err)?
-                .map_err(bus_err)?;
-            subs.sink = Some(sink);
-        }
-        self.heartbeat().await?;
-        if after_outage {
-            self.replay().await?;
-        }
-        self.ready.store(true, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Forget the broken connection: unready, nothing to send through.
-    async fn teardown(&self) {
-        self.ready.store(false, Ordering::Relaxed);
-        *self.cmd.write().unwrap_or_else(|p| p.into_inner()) = None;
-        self.subs.lock().await.sink = None;
-    }
-
-    /// The supervisor: run the connection, and reconnect it when it breaks.
-    async fn supervise(self: Arc<Self>, first: Connected) {
-        let mut next = Some(first);
-        let mut after_outage = false;
-        let mut attempt: u32 = 0;
-        let beat = (self.presence_ttl / 3).max(Duration::from_millis(100));
-        loop {
-            let connected = match next.take() {
-                Some(c) => Ok(c),
-                None => self.dial().await,
-            };
-            let result = match connected {
-                Ok(c) => match self.install(c.cmd, c.sink, after_outage).await {
-                    Ok(()) => Ok(c.stream),
-                    Err(e) => Err(e),
-                },
-                Err(e) => Err(e),
-            };
-            let mut stream = match result {
-                Ok(stream) => {
-                    if after_outage {
-                        tracing::info!("redis bus reconnected");
-                    }
-                    attempt = 0;
-                    stream
-                }
-                Err(e) => {
-                    self.teardown().await;
-                    after_outage = true;
-                    let delay = backoff(attempt);
-                    attempt = attempt.saturating_add(1);
-                    tracing::warn!(error = %e, retry_in = ?delay, "redis bus unreachable");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => continue,
-                        _ = self.shutdown.cancelled() => return,
-                    }
-                }
-            };
-            let mut tick = tokio::time::interval(beat);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await; // the first tick is immediate; install just beat
-            let lost = loop {
-                tokio::select! {
-                    msg = stream.next() => match msg {
-                        Some(msg) => self.dispatch(msg.get_channel_name(), msg.get_payload_bytes()),
-                        None => break "the pub/sub connection closed".to_string(),
-                    },
-                    _ = tick.tick() => {
-                        if let Err(e) = self.heartbeat().await {
-                            break format!("heartbeat failed: {e}");
-                        }
-                    }
-                    _ = self.shutdown.cancelled() => return,
-                }
-            };
-            tracing::warn!(reason = %lost, "redis bus connection lost; reconnecting");
-            self.teardown().await;
-            after_outage = true;
-        }
-    }
-}
-
-/// Exponential backoff with ±50 % jitter.
-fn backoff(attempt: u32) -> Duration {
-    let base = BACKOFF_MIN
-        .saturating_mul(1u32 << attempt.min(10))
-        .min(BACKOFF_MAX);
-    base.mul_f64(0.5 + fastrand::f64())
 }
 
 /// The Redis [`Broker`].
@@ -704,10 +329,7 @@ pub async fn connect(
         local_clients: Mutex::new(HashMap::new()),
         local_presence: Mutex::new(HashMap::new()),
         shutdown: CancellationToken::new(),
-        publish: Script::new(PUBLISH_LUA),
-        history: Script::new(HISTORY_LUA),
-        presence_add: Script::new(PRESENCE_ADD_LUA),
-        presence_members: Script::new(PRESENCE_MEMBERS_LUA),
+        scripts: Scripts::load(),
     });
     let first = match tokio::time::timeout(CONNECT_TIMEOUT, inner.dial()).await {
         Ok(Ok(c)) => c,
@@ -740,65 +362,15 @@ impl Drop for RedisBroker {
 #[async_trait]
 impl Broker for RedisBroker {
     async fn start(&self, handler: Arc<dyn BrokerHandler>) -> Result<()> {
-        let _ = self.inner.handler.set(handler);
-        let Some(first) = self.first.lock().unwrap_or_else(|p| p.into_inner()).take() else {
-            return Ok(()); // started already
-        };
-        // The supervisor subscribes the broadcast and own topics, then
-        // turns ready.
-        let task = tokio::spawn(self.inner.clone().supervise(first));
-        *self.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
-        // `install` turns ready; wait for it (bounded) so a started node is
-        // ready at once.
-        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
-        while !self.inner.ready.load(Ordering::Relaxed) {
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Error::Bus("redis bus did not become ready".into()));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        Ok(())
+        self.start_supervisor(handler).await
     }
 
     async fn subscribe(&self, channel: &str) -> Result<()> {
-        let mut subs = self.inner.subs.lock().await;
-        if let Some(n) = subs.channels.get_mut(channel) {
-            *n += 1;
-            return Ok(());
-        }
-        let topic = self.inner.keys.topic(channel);
-        let sink = subs.sink.as_mut().ok_or_else(|| bus_err(Disconnected))?;
-        tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(&topic))
-            .await
-            .map_err(bus_err)?
-            .map_err(bus_err)?;
-        subs.channels.insert(channel.to_string(), 1);
-        Ok(())
+        self.inner.subscribe(channel).await
     }
 
     async fn unsubscribe(&self, channel: &str) -> Result<()> {
-        let mut subs = self.inner.subs.lock().await;
-        match subs.channels.get_mut(channel) {
-            Some(n) if *n > 1 => {
-                *n -= 1;
-                return Ok(());
-            }
-            Some(_) => {
-                subs.channels.remove(channel);
-            }
-            None => return Ok(()),
-        }
-        let topic = self.inner.keys.topic(channel);
-        if let Some(sink) = subs.sink.as_mut() {
-            // A failure leaves a stray subscription on a connection that is
-            // breaking anyway; the next one will not have it.
-            match tokio::time::timeout(RESPONSE_TIMEOUT, sink.unsubscribe(&topic)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(%channel, error = %e, "redis UNSUBSCRIBE failed"),
-                Err(_) => tracing::warn!(%channel, "redis UNSUBSCRIBE timed out"),
-            }
-        }
-        Ok(())
+        self.inner.unsubscribe(channel).await
     }
 
     async fn publish(
@@ -807,110 +379,15 @@ impl Broker for RedisBroker {
         publication: NewPublication,
         history: HistoryOptions,
     ) -> Result<StreamPosition> {
-        let mut conn = self.inner.conn()?;
-        let body = serde_json::to_string(&Body {
-            data: publication.data,
-            sender_id: publication.sender_id,
-            timestamp: publication.timestamp,
-        })
-        .map_err(bus_err)?;
-        if is_internal_channel(channel) {
-            // A user-addressed direct message: at most once, no history,
-            // no offset, no key; only the instances holding the user's
-            // connections listen on the topic.
-            let _: u64 = redis::cmd("PUBLISH")
-                .arg(self.inner.keys.topic(channel))
-                .arg(format!("p {NO_EPOCH} 0 {body}"))
-                .query_async(&mut conn)
-                .await
-                .map_err(bus_err)?;
-            return Ok(StreamPosition {
-                epoch: NO_EPOCH.into(),
-                offset: 0,
-            });
-        }
-        let ttl_ms = u64::try_from(history.ttl.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        let (epoch, offset): (String, u64) = self
-            .inner
-            .publish
-            .key(self.inner.keys.meta(channel))
-            .key(self.inner.keys.stream(channel))
-            .key(&self.inner.keys.generation)
-            .arg(self.inner.keys.topic(channel))
-            .arg(body)
-            .arg(history.size)
-            .arg(ttl_ms)
-            .arg(random_base36(8))
-            .arg(random_base36(8))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(bus_err)?;
-        Ok(StreamPosition {
-            epoch: epoch.into(),
-            offset,
-        })
+        self.inner.publish(channel, publication, history).await
     }
 
     async fn publish_control(&self, control: Control) -> Result<()> {
-        // A broadcast travels as a plain struct: serde cannot buffer the
-        // raw JSON `data` through the internally tagged `Control`.
-        let (topic, payload) = match control {
-            Control::Broadcast {
-                sender_id,
-                data,
-                timestamp,
-            } => {
-                let body = Body {
-                    data,
-                    sender_id,
-                    timestamp,
-                };
-                let json = serde_json::to_string(&body).map_err(bus_err)?;
-                (self.inner.keys.all.clone(), format!("b {json}"))
-            }
-            Control::Join { ref channel, .. } | Control::Leave { ref channel, .. } => {
-                let json = serde_json::to_string(&control).map_err(bus_err)?;
-                (self.inner.keys.topic(channel), format!("c {json}"))
-            }
-        };
-        let mut conn = self.inner.conn()?;
-        let _: u64 = redis::cmd("PUBLISH")
-            .arg(topic)
-            .arg(payload)
-            .query_async(&mut conn)
-            .await
-            .map_err(bus_err)?;
-        Ok(())
+        self.inner.publish_control(control).await
     }
 
     async fn direct(&self, direct: Direct) -> Result<bool> {
-        if let Some(handler) = self.inner.handler() {
-            if handler.on_direct(&direct) {
-                return Ok(true);
-            }
-        }
-        let mut conn = self.inner.conn()?;
-        let instance: Option<String> = redis::cmd("GET")
-            .arg(self.inner.keys.client(&direct.target_id))
-            .query_async(&mut conn)
-            .await
-            .map_err(bus_err)?;
-        let Some(instance) = instance else {
-            return Ok(false);
-        };
-        if instance == self.inner.instance_id {
-            return Ok(false); // it was here, and is gone
-        }
-        let payload = format!("d {}", serde_json::to_string(&direct).map_err(bus_err)?);
-        let receivers: u64 = redis::cmd("PUBLISH")
-            .arg(self.inner.keys.instance(&instance))
-            .arg(payload)
-            .query_async(&mut conn)
-            .await
-            .map_err(bus_err)?;
-        Ok(receivers > 0)
+        self.inner.direct(direct).await
     }
 
     async fn history(
@@ -926,42 +403,11 @@ impl Broker for RedisBroker {
     }
 
     async fn register_client(&self, info: &ClientInfo) -> Result<()> {
-        self.inner
-            .local_clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(info.client_id.clone(), ());
-        // While disconnected the client is still served locally; the
-        // heartbeat after reconnection writes its entry.
-        let Ok(mut conn) = self.inner.conn() else {
-            return Ok(());
-        };
-        let r: redis::RedisResult<()> = redis::cmd("SET")
-            .arg(self.inner.keys.client(&info.client_id))
-            .arg(&self.inner.instance_id)
-            .arg("PX")
-            .arg(self.inner.ttl_ms())
-            .query_async(&mut conn)
-            .await;
-        if let Err(e) = r {
-            tracing::warn!(client = %info.client_id, error = %e, "directory write failed; the heartbeat will retry");
-        }
-        Ok(())
+        self.inner.register_client(info).await
     }
 
     async fn unregister_client(&self, client_id: &str) -> Result<()> {
-        self.inner
-            .local_clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(client_id);
-        let mut conn = self.inner.conn()?;
-        let _: u64 = redis::cmd("DEL")
-            .arg(self.inner.keys.client(client_id))
-            .query_async(&mut conn)
-            .await
-            .map_err(bus_err)?;
-        Ok(())
+        self.inner.unregister_client(client_id).await
     }
 
     fn is_ready(&self) -> bool {
@@ -969,112 +415,21 @@ impl Broker for RedisBroker {
     }
 
     async fn close(&self) -> Result<()> {
-        self.inner.shutdown.cancel();
-        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(task) = task {
-            let _ = task.await;
-        }
-        self.inner.ready.store(false, Ordering::Relaxed);
-        Ok(())
+        self.stop_supervisor().await
     }
 }
 
 #[async_trait]
 impl PresenceStore for RedisPresence {
     async fn add(&self, channel: &str, info: &ClientInfo) -> Result<()> {
-        self.inner
-            .local_presence
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(channel.to_string())
-            .or_default()
-            .insert(info.client_id.clone(), info.clone());
-        let mut conn = self.inner.conn()?;
-        let json = serde_json::to_string(info).map_err(bus_err)?;
-        let _: i64 = self
-            .inner
-            .presence_add
-            .key(self.inner.keys.members(channel))
-            .key(self.inner.keys.expiry(channel))
-            .arg(&*info.client_id)
-            .arg(json)
-            .arg(self.inner.ttl_ms())
-            .invoke_async(&mut conn)
-            .await
-            .map_err(bus_err)?;
-        Ok(())
+        self.inner.add_member(channel, info).await
     }
 
     async fn remove(&self, channel: &str, client_id: &str) -> Result<()> {
-        {
-            let mut local = self
-                .inner
-                .local_presence
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if let Some(members) = local.get_mut(channel) {
-                members.remove(client_id);
-                if members.is_empty() {
-                    local.remove(channel);
-                }
-            }
-        }
-        let mut conn = self.inner.conn()?;
-        redis::pipe()
-            .cmd("HDEL")
-            .arg(self.inner.keys.members(channel))
-            .arg(client_id)
-            .ignore()
-            .cmd("ZREM")
-            .arg(self.inner.keys.expiry(channel))
-            .arg(client_id)
-            .ignore()
-            .exec_async(&mut conn)
-            .await
-            .map_err(bus_err)
+        self.inner.remove_member(channel, client_id).await
     }
 
     async fn members(&self, channel: &str) -> Result<Vec<ClientInfo>> {
-        let mut conn = self.inner.conn()?;
-        let raw: Vec<String> = self
-            .inner
-            .presence_members
-            .key(self.inner.keys.members(channel))
-            .key(self.inner.keys.expiry(channel))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(bus_err)?;
-        let mut members = raw
-            .iter()
-            .map(|s| serde_json::from_str::<ClientInfo>(s).map_err(bus_err))
-            .collect::<Result<Vec<_>>>()?;
-        members.sort_by(|a, b| a.client_id.cmp(&b.client_id));
-        Ok(members)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn topics_round_trip_channel_names() {
-        let k = Keys::new("p", "i1");
-        let t = k.topic("chat:room/1");
-        assert_eq!(t, "p:ch:{chat:room/1}");
-        assert_eq!(k.channel_of(&t), Some("chat:room/1"));
-        assert_eq!(k.channel_of("p:all"), None);
-        assert_eq!(k.meta("c"), "p:ch:{c}:meta");
-    }
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        for attempt in 0..20 {
-            let d = backoff(attempt);
-            assert!(
-                d >= BACKOFF_MIN / 2 && d <= BACKOFF_MAX.mul_f64(1.5),
-                "{d:?}"
-            );
-        }
+        self.inner.members(channel).await
     }
 }
