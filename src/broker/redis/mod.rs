@@ -1,0 +1,435 @@
+//! The Redis bus (`--bus redis://host:port[/db]`): channel history in
+//! streams, fan-out over Redis pub/sub, presence and the client directory
+//! in keys that expire when their instance stops refreshing them.
+//!
+//! # Key and topic layout
+//!
+//! `P` is `bus_prefix`; `{ch}` is the channel name, in braces so that a
+//! channel's keys share a Redis Cluster hash slot.
+//!
+//! | key / topic | type | what |
+//! |---|---|---|
+//! | `P:ch:{ch}:meta` | hash `epoch`, `top` | the stream's epoch and newest offset; written only by a publish, expires the namespace's `history_ttl` after the last one |
+//! | `P:ch:{ch}:stream` | stream, ids `0-<offset>` | retained publications: field `b` the JSON body, `x` the expiry (Redis ms); exact `MAXLEN` = the namespace's `history_size` (no key when it is 0); expires `history_ttl` after the last publish |
+//! | `P:gen` | string, no expiry | the epoch the next new stream takes (one key per deployment, rewritten by each stream creation, restored by the heartbeat) |
+//! | `P:pr:{ch}:members` | hash client id → info JSON | presence |
+//! | `P:pr:{ch}:expiry` | zset client id → expiry (Redis ms) | per-member expiry, refreshed by the heartbeat |
+//! | `P:client:<client id>` | string → instance id, `PX presence_ttl` | the direct-message directory |
+//! | topic `P:ch:{ch}` | pub/sub | `p <epoch> <offset> <body>` publications and `c <control>` join/leave of the channel; for a user channel `#user:<sub>`, `p - 0 <body>` (no key behind it) |
+//! | topic `P:all` | pub/sub | `b <body>` broadcasts |
+//! | topic `P:inst:<instance id>` | pub/sub | `d <direct>` messages for clients of that instance |
+//!
+//! # Guarantees
+//!
+//! * **Publish** is one Lua script: create the epoch if the meta is gone,
+//!   `HINCRBY top`, `XADD` (exact `MAXLEN`), `PEXPIRE`, `PUBLISH`. Redis runs scripts
+//!   one at a time, so offsets grow by exactly one and the publications of
+//!   a channel enter every subscriber connection in offset order. Each
+//!   instance holds one pub/sub connection, `SUBSCRIBE`d to the topics of
+//!   the channels it has local subscribers for: a publication crosses the
+//!   bus once and reaches each interested instance once. The own instance
+//!   gets its publications through the same round trip (no local
+//!   shortcut), so every instance delivers the same order, exactly once.
+//! * **History and recovery**: the stream keeps the last `history_size`
+//!   publications, each until its expiry (filtered on read with Redis
+//!   `TIME`, so clocks of instances do not matter; a read also returns at
+//!   most the newest `history_size`, should a namespace have shrunk). A
+//!   client can recover on any instance.
+//! * **Epochs, and nothing written by reads.** A history or position read
+//!   (every subscribe makes one) writes nothing: for a channel without a
+//!   stream it reports `(G, 0)`, `G` being the current value of `P:gen`.
+//!   The publish that creates a stream takes `G` as its epoch and replaces
+//!   `P:gen` with a fresh random value in the same script, so every stream
+//!   ever created has an epoch of its own, and a reader that saw `(G, 0)`
+//!   recovers everything after it exactly when the stream it finds is the
+//!   first one created after its read. (If another channel's stream was
+//!   created in between, the epochs differ: live delivery simply moves to
+//!   the new epoch, a recovery from `(G, 0)` answers `recovered:false`.)
+//!   When Redis loses the keys (restart without persistence, `FLUSHALL`,
+//!   eviction, expiry) the next publish starts a new epoch, so a stale
+//!   position is never trusted. `P:gen` lives in its own hash slot: the
+//!   scripts are not Redis-Cluster-safe (the bus speaks to one Redis
+//!   endpoint, e.g. Memorystore Basic/Standard).
+//! * **What history keeps, and for how long.** A channel's keys expire
+//!   `history_ttl` after its last publication, the meta key included:
+//!   once every publication has expired, nothing of the channel is left.
+//!   Remembering the epoch longer (this bus did, for an hour) is not needed
+//!   for correct recovery: a client recovering across the restart of an
+//!   idle channel gets `recovered:false`, which is true to what the server
+//!   can prove; the only cost is that a client that had seen everything is
+//!   told so too. A namespace with `history_size = 0` keeps the meta key
+//!   only (offsets keep advancing) for `history_ttl`; user channels
+//!   (`#user:<sub>`, user-addressed `direct`) keep nothing at all: their
+//!   messages are a bare `PUBLISH`, at most once.
+//! * **Memory bound.** One instance cannot enforce an instance-wide byte
+//!   budget (`history_max_bytes`) on a Redis shared by many: the bound
+//!   there is the operator's `maxmemory` with a `volatile-ttl` or
+//!   `volatile-lru` policy. Every history key carries a TTL, so these
+//!   policies can evict them (a channel whose keys are evicted restarts in
+//!   a new epoch, as above); presence and directory keys carry TTLs too,
+//!   and only `P:gen` has none (one small key).
+//! * **Presence**: each member has an expiry `presence_ttl` ahead,
+//!   refreshed every `presence_ttl / 3` by the instance's heartbeat (which
+//!   rewrites the entries, so they also come back after Redis lost them);
+//!   `members` drops expired ones. The members of a crashed instance
+//!   disappear within `presence_ttl`. No `leave` event is sent for them
+//!   (nobody is left to send it).
+//! * **Direct**: a target on this instance is delivered locally; otherwise
+//!   `P:client:<id>` names its instance and the message is published on that
+//!   instance's topic. No entry, or no listener on the topic (`PUBLISH`
+//!   answers 0 receivers: the instance is gone) → unknown target. A crashed
+//!   instance's clients stop resolving at once (no listener) and their
+//!   entries expire within `presence_ttl`.
+//!
+//! # Outage
+//!
+//! A supervisor task owns the pub/sub connection. When it breaks (or a
+//! heartbeat write fails) the instance turns unready (`/readyz` 503) and
+//! reconnects with exponential backoff (100 ms doubling to 5 s, ±50 %
+//! jitter). Meanwhile local clients stay connected; operations that need
+//! Redis (publish, broadcast, direct to another instance, presence,
+//! history, subscribing a new channel) fail with `Error::Bus`, which the
+//! client sees as `bus_unavailable`, and the node counts failed publishes.
+//! Once back, the supervisor resubscribes every channel, rewrites the
+//! directory and presence entries, then for each locally subscribed channel
+//! replays the history after the last delivered position through the
+//! handler (sessions drop what they already have by offset), or calls
+//! `resync_failed` when the epoch changed or history no longer holds the
+//! whole gap. Only then is the instance ready again. At start-up an
+//! unreachable Redis is an error within [`CONNECT_TIMEOUT`].
+//!
+//! # Files
+//!
+//! * `mod.rs` (here): the key layout, [`connect`], the shared state, and the
+//!   [`Broker`] and [`PresenceStore`] impls, each a delegation to one of
+//!   the files below.
+//! * `supervise.rs`: the two connections, reconnection with backoff,
+//!   readiness, the heartbeat, subscribing topics, and the replay after an
+//!   outage.
+//! * `publish.rs`: publish, control messages, history reads, and decoding
+//!   what arrives on the bus.
+//! * `presence.rs`: the presence store.
+//! * `direct.rs`: direct messages and the client directory.
+//! * `scripts/*.lua`: the Lua scripts, one a file, each headed by its
+//!   `KEYS` and `ARGV`.
+
+mod direct;
+mod presence;
+mod publish;
+mod supervise;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Script};
+use tokio_util::sync::CancellationToken;
+
+use self::supervise::{Connected, Subscriptions};
+use super::{
+    Broker, BrokerHandler, Control, Direct, HistoryOptions, HistoryResult, NewPublication,
+    PresenceStore,
+};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::protocol::{ClientInfo, StreamPosition};
+
+/// Longest `connect` waits for Redis at start-up.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest one connection attempt may take.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest one command may take before the connection counts as broken.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A failed Redis operation as the crate's typed bus error.
+fn bus_err(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::Bus(Box::new(e))
+}
+
+/// The error of an operation attempted while Redis is unreachable.
+#[derive(Debug, thiserror::Error)]
+#[error("redis is unreachable (reconnecting)")]
+struct Disconnected;
+
+/// Names of keys and topics under the prefix.
+#[derive(Debug, Clone)]
+struct Keys {
+    /// `bus_prefix`.
+    prefix: String,
+    /// `P:ch:{` — a channel topic starts with it.
+    channel_topic_start: String,
+    /// `P:all`, the broadcast topic.
+    all: String,
+    /// `P:inst:<this instance>`, this instance's direct topic.
+    own: String,
+    /// `P:gen`, the epoch the next new stream takes (one key per
+    /// deployment, no expiry).
+    generation: String,
+}
+
+impl Keys {
+    fn new(prefix: &str, instance_id: &str) -> Keys {
+        Keys {
+            prefix: prefix.to_string(),
+            channel_topic_start: format!("{prefix}:ch:{{"),
+            all: format!("{prefix}:all"),
+            own: format!("{prefix}:inst:{instance_id}"),
+            generation: format!("{prefix}:gen"),
+        }
+    }
+    fn topic(&self, channel: &str) -> String {
+        format!("{}{channel}}}", self.channel_topic_start)
+    }
+    fn channel_of<'a>(&self, topic: &'a str) -> Option<&'a str> {
+        topic
+            .strip_prefix(self.channel_topic_start.as_str())?
+            .strip_suffix('}')
+    }
+    fn meta(&self, channel: &str) -> String {
+        format!("{}:ch:{{{channel}}}:meta", self.prefix)
+    }
+    fn stream(&self, channel: &str) -> String {
+        format!("{}:ch:{{{channel}}}:stream", self.prefix)
+    }
+    fn members(&self, channel: &str) -> String {
+        format!("{}:pr:{{{channel}}}:members", self.prefix)
+    }
+    fn expiry(&self, channel: &str) -> String {
+        format!("{}:pr:{{{channel}}}:expiry", self.prefix)
+    }
+    fn client(&self, client_id: &str) -> String {
+        format!("{}:client:{client_id}", self.prefix)
+    }
+    fn instance(&self, instance_id: &str) -> String {
+        format!("{}:inst:{instance_id}", self.prefix)
+    }
+}
+
+/// The Lua scripts (run by EVALSHA, reloaded after a Redis restart), one
+/// file each under `scripts/`, each headed by its `KEYS` and `ARGV`.
+struct Scripts {
+    /// Atomic publish: epoch, offset, append, fan-out
+    /// (`scripts/publish.lua`).
+    publish: Script,
+    /// History read; writes nothing (`scripts/history.lua`).
+    history: Script,
+    /// Presence add (`scripts/presence_add.lua`).
+    presence_add: Script,
+    /// Presence members, dropping expired ones
+    /// (`scripts/presence_members.lua`).
+    presence_members: Script,
+}
+
+impl Scripts {
+    fn load() -> Scripts {
+        Scripts {
+            publish: Script::new(include_str!("scripts/publish.lua")),
+            history: Script::new(include_str!("scripts/history.lua")),
+            presence_add: Script::new(include_str!("scripts/presence_add.lua")),
+            presence_members: Script::new(include_str!("scripts/presence_members.lua")),
+        }
+    }
+}
+
+/// State shared by the broker, the presence store and the supervisor.
+struct Inner {
+    /// Where connections are opened from (the URL).
+    client: redis::Client,
+    /// Timeouts of every connection.
+    conn_config: AsyncConnectionConfig,
+    /// Key and topic names.
+    keys: Keys,
+    /// This instance, as written in the client directory.
+    instance_id: String,
+    /// Namespace options, for replaying history after an outage.
+    config: Config,
+    /// Expiry of presence and directory entries; refreshed every third.
+    presence_ttl: Duration,
+    /// Set by `start`; every delivery goes through it.
+    handler: OnceLock<Arc<dyn BrokerHandler>>,
+    /// The command connection (multiplexed); `None` while disconnected.
+    cmd: RwLock<Option<MultiplexedConnection>>,
+    /// The pub/sub connection's sink and the subscribed channels. A tokio
+    /// lock: SUBSCRIBE round trips are made under it so resubscription
+    /// and subscribe calls never interleave.
+    subs: tokio::sync::Mutex<Subscriptions>,
+    /// Reachable and resubscribed (drives `/readyz`).
+    ready: AtomicBool,
+    /// Clients connected here, rewritten into the directory by the heartbeat.
+    local_clients: Mutex<HashMap<Arc<str>, ()>>,
+    /// Channel → local members, rewritten into presence by the heartbeat.
+    local_presence: Mutex<HashMap<String, HashMap<Arc<str>, ClientInfo>>>,
+    /// Cancelled by `close` (or drop): the supervisor stops.
+    shutdown: CancellationToken,
+    /// The Lua scripts.
+    scripts: Scripts,
+}
+
+impl Inner {
+    /// The command connection, or `Error::Bus` while disconnected.
+    fn conn(&self) -> Result<MultiplexedConnection> {
+        self.cmd
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| bus_err(Disconnected))
+    }
+
+    fn handler(&self) -> Option<&Arc<dyn BrokerHandler>> {
+        self.handler.get()
+    }
+
+    fn ttl_ms(&self) -> u64 {
+        self.presence_ttl.as_millis().max(1) as u64
+    }
+}
+
+/// The Redis [`Broker`].
+pub struct RedisBroker {
+    /// Shared with the presence store and the supervisor.
+    inner: Arc<Inner>,
+    /// The connections made by `connect`, taken over by `start`.
+    first: Mutex<Option<Connected>>,
+    /// The supervisor, awaited by `close`.
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// The Redis [`PresenceStore`].
+pub struct RedisPresence {
+    /// Shared with the broker (connection, local members for the heartbeat).
+    inner: Arc<Inner>,
+}
+
+/// Connect the Redis bus: open and check both connections (within
+/// [`CONNECT_TIMEOUT`]); an unreachable Redis is an error.
+pub async fn connect(
+    url: &str,
+    config: &Config,
+) -> Result<(Arc<dyn Broker>, Arc<dyn PresenceStore>)> {
+    let client = redis::Client::open(url)
+        .map_err(|e| Error::Config(format!("bus: invalid redis URL {url:?}: {e}")))?;
+    let inner = Arc::new(Inner {
+        client,
+        conn_config: AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(DIAL_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT)),
+        keys: Keys::new(&config.bus_prefix, &config.instance_id),
+        instance_id: config.instance_id.clone(),
+        config: config.clone(),
+        presence_ttl: config.presence_ttl,
+        handler: OnceLock::new(),
+        cmd: RwLock::new(None),
+        subs: tokio::sync::Mutex::new(Subscriptions::default()),
+        ready: AtomicBool::new(false),
+        local_clients: Mutex::new(HashMap::new()),
+        local_presence: Mutex::new(HashMap::new()),
+        shutdown: CancellationToken::new(),
+        scripts: Scripts::load(),
+    });
+    let first = match tokio::time::timeout(CONNECT_TIMEOUT, inner.dial()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            return Err(Error::Bus(
+                format!("cannot connect to redis at {url}: {e}").into(),
+            ));
+        }
+        Err(_) => {
+            return Err(Error::Bus(
+                format!("cannot connect to redis at {url}: no answer within {CONNECT_TIMEOUT:?}")
+                    .into(),
+            ));
+        }
+    };
+    let broker = RedisBroker {
+        inner: inner.clone(),
+        first: Mutex::new(Some(first)),
+        task: Mutex::new(None),
+    };
+    Ok((Arc::new(broker), Arc::new(RedisPresence { inner })))
+}
+
+impl Drop for RedisBroker {
+    fn drop(&mut self) {
+        self.inner.shutdown.cancel();
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn start(&self, handler: Arc<dyn BrokerHandler>) -> Result<()> {
+        self.start_supervisor(handler).await
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<()> {
+        self.inner.subscribe(channel).await
+    }
+
+    async fn unsubscribe(&self, channel: &str) -> Result<()> {
+        self.inner.unsubscribe(channel).await
+    }
+
+    async fn publish(
+        &self,
+        channel: &str,
+        publication: NewPublication,
+        history: HistoryOptions,
+    ) -> Result<StreamPosition> {
+        self.inner.publish(channel, publication, history).await
+    }
+
+    async fn publish_control(&self, control: Control) -> Result<()> {
+        self.inner.publish_control(control).await
+    }
+
+    async fn direct(&self, direct: Direct) -> Result<bool> {
+        self.inner.direct(direct).await
+    }
+
+    async fn history(
+        &self,
+        channel: &str,
+        since: Option<&StreamPosition>,
+        limit: usize,
+        history: HistoryOptions,
+    ) -> Result<HistoryResult> {
+        self.inner
+            .read_history(channel, since, limit, history)
+            .await
+    }
+
+    async fn register_client(&self, info: &ClientInfo) -> Result<()> {
+        self.inner.register_client(info).await
+    }
+
+    async fn unregister_client(&self, client_id: &str) -> Result<()> {
+        self.inner.unregister_client(client_id).await
+    }
+
+    fn is_ready(&self) -> bool {
+        self.inner.ready.load(Ordering::Relaxed)
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.stop_supervisor().await
+    }
+}
+
+#[async_trait]
+impl PresenceStore for RedisPresence {
+    async fn add(&self, channel: &str, info: &ClientInfo) -> Result<()> {
+        self.inner.add_member(channel, info).await
+    }
+
+    async fn remove(&self, channel: &str, client_id: &str) -> Result<()> {
+        self.inner.remove_member(channel, client_id).await
+    }
+
+    async fn members(&self, channel: &str) -> Result<Vec<ClientInfo>> {
+        self.inner.members(channel).await
+    }
+}

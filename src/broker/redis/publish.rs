@@ -1,0 +1,228 @@
+//! Publish and history on the Redis bus: publications (through
+//! `scripts/publish.lua`), control messages (broadcast, join, leave),
+//! history reads (through `scripts/history.lua`), and decoding what
+//! arrives on the pub/sub connection for the handler.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::{Control, Direct, HistoryOptions, HistoryResult, Inner, NewPublication, bus_err};
+use crate::config::random_base36;
+use crate::error::Result;
+use crate::node::is_internal_channel;
+use crate::protocol::{Publication, StreamPosition};
+
+/// The epoch written on user-addressed messages, which have none.
+const NO_EPOCH: &str = "-";
+
+/// A publication on the bus and in the stream, without its offset (the
+/// script assigns it).
+#[derive(Serialize, Deserialize)]
+struct Body {
+    /// The publisher's payload, never re-encoded.
+    data: Arc<RawValue>,
+    /// The publishing client (`None`: the server API).
+    #[serde(rename = "senderId")]
+    sender_id: Option<Arc<str>>,
+    /// When the server accepted it, ms since the Unix epoch.
+    timestamp: u64,
+}
+
+impl Inner {
+    /// `Broker::publish`: through the publish script, or a bare `PUBLISH`
+    /// for a user-addressed message.
+    pub(super) async fn publish(
+        &self,
+        channel: &str,
+        publication: NewPublication,
+        history: HistoryOptions,
+    ) -> Result<StreamPosition> {
+        let mut conn = self.conn()?;
+        let body = serde_json::to_string(&Body {
+            data: publication.data,
+            sender_id: publication.sender_id,
+            timestamp: publication.timestamp,
+        })
+        .map_err(bus_err)?;
+        if is_internal_channel(channel) {
+            // A user-addressed direct message: at most once, no history,
+            // no offset, no key; only the instances holding the user's
+            // connections listen on the topic.
+            let _: u64 = redis::cmd("PUBLISH")
+                .arg(self.keys.topic(channel))
+                .arg(format!("p {NO_EPOCH} 0 {body}"))
+                .query_async(&mut conn)
+                .await
+                .map_err(bus_err)?;
+            return Ok(StreamPosition {
+                epoch: NO_EPOCH.into(),
+                offset: 0,
+            });
+        }
+        let ttl_ms = u64::try_from(history.ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let (epoch, offset): (String, u64) = self
+            .scripts
+            .publish
+            .key(self.keys.meta(channel))
+            .key(self.keys.stream(channel))
+            .key(&self.keys.generation)
+            .arg(self.keys.topic(channel))
+            .arg(body)
+            .arg(history.size)
+            .arg(ttl_ms)
+            .arg(random_base36(8))
+            .arg(random_base36(8))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(bus_err)?;
+        Ok(StreamPosition {
+            epoch: epoch.into(),
+            offset,
+        })
+    }
+
+    /// `Broker::publish_control`: a broadcast on the broadcast topic, a
+    /// join or leave on its channel's topic.
+    pub(super) async fn publish_control(&self, control: Control) -> Result<()> {
+        // A broadcast travels as a plain struct: serde cannot buffer the
+        // raw JSON `data` through the internally tagged `Control`.
+        let (topic, payload) = match control {
+            Control::Broadcast {
+                sender_id,
+                data,
+                timestamp,
+            } => {
+                let body = Body {
+                    data,
+                    sender_id,
+                    timestamp,
+                };
+                let json = serde_json::to_string(&body).map_err(bus_err)?;
+                (self.keys.all.clone(), format!("b {json}"))
+            }
+            Control::Join { ref channel, .. } | Control::Leave { ref channel, .. } => {
+                let json = serde_json::to_string(&control).map_err(bus_err)?;
+                (self.keys.topic(channel), format!("c {json}"))
+            }
+        };
+        let mut conn = self.conn()?;
+        let _: u64 = redis::cmd("PUBLISH")
+            .arg(topic)
+            .arg(payload)
+            .query_async(&mut conn)
+            .await
+            .map_err(bus_err)?;
+        Ok(())
+    }
+
+    /// Read history (the shared implementation of `Broker::history`).
+    pub(super) async fn read_history(
+        &self,
+        channel: &str,
+        since: Option<&StreamPosition>,
+        limit: usize,
+        history: HistoryOptions,
+    ) -> Result<HistoryResult> {
+        let mut conn = self.conn()?;
+        let limit: i64 = match limit {
+            0 => 0,
+            n => i64::try_from(n).unwrap_or(-1),
+        };
+        let (epoch, top, entries): (String, u64, Vec<(u64, String)>) = self
+            .scripts
+            .history
+            .key(self.keys.meta(channel))
+            .key(self.keys.stream(channel))
+            .key(&self.keys.generation)
+            .arg(since.map_or("", |s| &*s.epoch))
+            .arg(since.map_or(0, |s| s.offset))
+            .arg(limit)
+            .arg(random_base36(8))
+            .arg(history.size)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(bus_err)?;
+        let mut publications = Vec::with_capacity(entries.len());
+        for (offset, body) in entries {
+            let body: Body = serde_json::from_str(&body).map_err(bus_err)?;
+            publications.push(Publication {
+                offset,
+                data: body.data,
+                sender_id: body.sender_id,
+                timestamp: body.timestamp,
+            });
+        }
+        Ok(HistoryResult {
+            publications,
+            top: StreamPosition {
+                epoch: epoch.into(),
+                offset: top,
+            },
+        })
+    }
+
+    /// Hand one pub/sub message to the handler.
+    pub(super) fn dispatch(&self, topic: &str, payload: &[u8]) {
+        let Some(handler) = self.handler() else {
+            return;
+        };
+        let Ok(text) = std::str::from_utf8(payload) else {
+            tracing::warn!(%topic, "non-UTF-8 message on the bus ignored");
+            return;
+        };
+        let Some((kind, rest)) = text.split_once(' ') else {
+            tracing::warn!(%topic, "malformed message on the bus ignored");
+            return;
+        };
+        match kind {
+            "p" => {
+                let Some(channel) = self.keys.channel_of(topic) else {
+                    return;
+                };
+                let mut parts = rest.splitn(3, ' ');
+                let (Some(epoch), Some(offset), Some(body)) =
+                    (parts.next(), parts.next(), parts.next())
+                else {
+                    tracing::warn!(%topic, "malformed publication ignored");
+                    return;
+                };
+                let (Ok(offset), Ok(body)) =
+                    (offset.parse::<u64>(), serde_json::from_str::<Body>(body))
+                else {
+                    tracing::warn!(%topic, "malformed publication ignored");
+                    return;
+                };
+                let publication = Publication {
+                    offset,
+                    data: body.data,
+                    sender_id: body.sender_id,
+                    timestamp: body.timestamp,
+                };
+                handler.on_publication(&Arc::from(channel), &Arc::from(epoch), &publication);
+            }
+            "b" => match serde_json::from_str::<Body>(rest) {
+                Ok(b) => handler.on_control(&Control::Broadcast {
+                    sender_id: b.sender_id,
+                    data: b.data,
+                    timestamp: b.timestamp,
+                }),
+                Err(e) => tracing::warn!(%topic, error = %e, "malformed broadcast ignored"),
+            },
+            "c" => match serde_json::from_str::<Control>(rest) {
+                Ok(control) => handler.on_control(&control),
+                Err(e) => tracing::warn!(%topic, error = %e, "malformed control ignored"),
+            },
+            "d" => match serde_json::from_str::<Direct>(rest) {
+                Ok(direct) => {
+                    handler.on_direct(&direct);
+                }
+                Err(e) => tracing::warn!(%topic, error = %e, "malformed direct ignored"),
+            },
+            _ => tracing::warn!(%topic, "unknown message kind on the bus ignored"),
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! Connection and supervision of the Redis bus: opening both connections,
+//! the supervisor that reconnects with backoff and drives readiness, the
+//! heartbeat that rewrites this instance's directory and presence entries,
+//! the channel topics the pub/sub connection is subscribed to, and the
+//! replay of what was missed during an outage.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
+
+use super::{
+    BrokerHandler, CONNECT_TIMEOUT, DIAL_TIMEOUT, Disconnected, HistoryOptions, Inner,
+    RESPONSE_TIMEOUT, RedisBroker, bus_err,
+};
+use crate::config::random_base36;
+use crate::error::{Error, Result};
+use crate::protocol::ClientInfo;
+
+/// First reconnection delay; doubled per failed attempt.
+pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest reconnection delay.
+pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// The pub/sub side: the subscribing half of the connection and the
+/// channels to keep subscribed across reconnections.
+#[derive(Default)]
+pub(super) struct Subscriptions {
+    /// The live connection's command half; `None` while disconnected.
+    sink: Option<PubSubSink>,
+    /// Channel → `subscribe` calls minus `unsubscribe` calls. Counting
+    /// (instead of a set) makes an unsubscribe that overtakes the next
+    /// subscribe of the same channel harmless.
+    channels: HashMap<String, usize>,
+}
+
+/// Both connections of one attempt.
+pub(super) struct Connected {
+    /// Commands and scripts (multiplexed, cloned per call).
+    cmd: MultiplexedConnection,
+    /// SUBSCRIBE / UNSUBSCRIBE on the pub/sub connection.
+    sink: PubSubSink,
+    /// What the pub/sub connection receives; ends when it breaks.
+    stream: PubSubStream,
+}
+
+impl RedisBroker {
+    /// `Broker::start`: hand the first connections to the supervisor and
+    /// wait (within [`CONNECT_TIMEOUT`]) until it is ready.
+    pub(super) async fn start_supervisor(&self, handler: Arc<dyn BrokerHandler>) -> Result<()> {
+        let _ = self.inner.handler.set(handler);
+        let Some(first) = self.first.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return Ok(()); // started already
+        };
+        // The supervisor subscribes the broadcast and own topics, then
+        // turns ready.
+        let task = tokio::spawn(self.inner.clone().supervise(first));
+        *self.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        // `install` turns ready; wait for it (bounded) so a started node is
+        // ready at once.
+        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        while !self.inner.ready.load(Ordering::Relaxed) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Bus("redis bus did not become ready".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+
+    /// `Broker::close`: stop the supervisor, wait for it, turn unready.
+    pub(super) async fn stop_supervisor(&self) -> Result<()> {
+        self.inner.shutdown.cancel();
+        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        self.inner.ready.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl Inner {
+    /// Open both connections and check them, within [`DIAL_TIMEOUT`] each.
+    pub(super) async fn dial(&self) -> Result<Connected> {
+        let cmd = tokio::time::timeout(
+            DIAL_TIMEOUT,
+            self.client
+                .get_multiplexed_async_connection_with_config(&self.conn_config),
+        )
+        .await
+        .map_err(bus_err)?
+        .map_err(bus_err)?;
+        let pubsub = tokio::time::timeout(DIAL_TIMEOUT, self.client.get_async_pubsub())
+            .await
+            .map_err(bus_err)?
+            .map_err(bus_err)?;
+        let (sink, stream) = pubsub.split();
+        let mut c = cmd.clone();
+        let _: String =
+            tokio::time::timeout(RESPONSE_TIMEOUT, redis::cmd("PING").query_async(&mut c))
+                .await
+                .map_err(bus_err)?
+                .map_err(bus_err)?;
+        Ok(Connected { cmd, sink, stream })
+    }
+
+    /// `Broker::subscribe`: subscribe the channel's topic on its first
+    /// call, count the others.
+    pub(super) async fn subscribe(&self, channel: &str) -> Result<()> {
+        let mut subs = self.subs.lock().await;
+        if let Some(n) = subs.channels.get_mut(channel) {
+            *n += 1;
+            return Ok(());
+        }
+        let topic = self.keys.topic(channel);
+        let sink = subs.sink.as_mut().ok_or_else(|| bus_err(Disconnected))?;
+        tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(&topic))
+            .await
+            .map_err(bus_err)?
+            .map_err(bus_err)?;
+        subs.channels.insert(channel.to_string(), 1);
+        Ok(())
+    }
+
+    /// `Broker::unsubscribe`: count down; at zero, unsubscribe the
+    /// channel's topic.
+    pub(super) async fn unsubscribe(&self, channel: &str) -> Result<()> {
+        let mut subs = self.subs.lock().await;
+        match subs.channels.get_mut(channel) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                return Ok(());
+            }
+            Some(_) => {
+                subs.channels.remove(channel);
+            }
+            None => return Ok(()),
+        }
+        let topic = self.keys.topic(channel);
+        if let Some(sink) = subs.sink.as_mut() {
+            // A failure leaves a stray subscription on a connection that is
+            // breaking anyway; the next one will not have it.
+            match tokio::time::timeout(RESPONSE_TIMEOUT, sink.unsubscribe(&topic)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(%channel, error = %e, "redis UNSUBSCRIBE failed"),
+                Err(_) => tracing::warn!(%channel, "redis UNSUBSCRIBE timed out"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrite this instance's directory and presence entries with a fresh
+    /// expiry. Also what restores them after Redis lost its data.
+    async fn heartbeat(&self) -> Result<()> {
+        let mut conn = self.conn()?;
+        let ttl = self.ttl_ms();
+        let clients: Vec<Arc<str>> = self
+            .local_clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        let presence: Vec<(String, Vec<ClientInfo>)> = self
+            .local_presence
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(ch, m)| (ch.clone(), m.values().cloned().collect()))
+            .collect();
+        let (secs, micros): (u64, u64) = redis::cmd("TIME")
+            .query_async(&mut conn)
+            .await
+            .map_err(bus_err)?;
+        let expire_at = secs * 1000 + micros / 1000 + ttl;
+        // Chunks keep each pipeline (and the memory it needs) bounded.
+        let mut pipe = redis::pipe();
+        let mut queued = 0usize;
+        // The generation (the epoch reads report for absent streams) comes
+        // back within a beat after Redis lost it.
+        pipe.cmd("SET")
+            .arg(&self.keys.generation)
+            .arg(random_base36(8))
+            .arg("NX")
+            .ignore();
+        for id in &clients {
+            pipe.cmd("SET")
+                .arg(self.keys.client(id))
+                .arg(&self.instance_id)
+                .arg("PX")
+                .arg(ttl)
+                .ignore();
+            queued += 1;
+            if queued >= 512 {
+                pipe.exec_async(&mut conn).await.map_err(bus_err)?;
+                pipe = redis::pipe();
+                queued = 0;
+            }
+        }
+        for (channel, members) in &presence {
+            let (mkey, ekey) = (self.keys.members(channel), self.keys.expiry(channel));
+            for info in members {
+                let json = serde_json::to_string(info).map_err(bus_err)?;
+                pipe.cmd("HSET")
+                    .arg(&mkey)
+                    .arg(&*info.client_id)
+                    .arg(json)
+                    .ignore();
+                pipe.cmd("ZADD")
+                    .arg(&ekey)
+                    .arg(expire_at)
+                    .arg(&*info.client_id)
+                    .ignore();
+                queued += 1;
+            }
+            pipe.cmd("PEXPIRE").arg(&mkey).arg(ttl).ignore();
+            pipe.cmd("PEXPIRE").arg(&ekey).arg(ttl).ignore();
+            if queued >= 512 {
+                pipe.exec_async(&mut conn).await.map_err(bus_err)?;
+                pipe = redis::pipe();
+                queued = 0;
+            }
+        }
+        pipe.exec_async(&mut conn).await.map_err(bus_err)
+    }
+
+    /// After a reconnection: fill each local channel's gap from history, or
+    /// ask its subscribers to resync.
+    async fn replay(&self) -> Result<()> {
+        let Some(handler) = self.handler().cloned() else {
+            return Ok(());
+        };
+        for (channel, last) in handler.positions() {
+            let Some(opts) = self.config.namespace_of(&channel) else {
+                continue;
+            };
+            let opts = HistoryOptions {
+                size: opts.history_size,
+                ttl: opts.history_ttl,
+            };
+            let h = self
+                .read_history(&channel, last.as_ref(), usize::MAX, opts)
+                .await?;
+            match &last {
+                // Nothing delivered since the subscription: hand over what
+                // is retained; sessions drop what they already have.
+                None => {
+                    for p in &h.publications {
+                        handler.on_publication(&channel, &h.top.epoch, p);
+                    }
+                }
+                Some(last) => {
+                    let missed = h.top.offset.saturating_sub(last.offset);
+                    let complete = last.epoch == h.top.epoch
+                        && last.offset <= h.top.offset
+                        && h.publications.len() as u64 == missed
+                        && h.publications
+                            .first()
+                            .is_none_or(|p| p.offset == last.offset + 1);
+                    if complete {
+                        if missed > 0 {
+                            tracing::info!(%channel, missed, "replaying publications missed during a bus outage");
+                        }
+                        for p in &h.publications {
+                            handler.on_publication(&channel, &h.top.epoch, p);
+                        }
+                    } else {
+                        handler.resync_failed(&channel);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Make a fresh connection the current one: resubscribe, rewrite the
+    /// entries, replay gaps (after an outage), turn ready.
+    async fn install(
+        &self,
+        cmd: MultiplexedConnection,
+        mut sink: PubSubSink,
+        after_outage: bool,
+    ) -> Result<()> {
+        *self.cmd.write().unwrap_or_else(|p| p.into_inner()) = Some(cmd);
+        {
+            let mut subs = self.subs.lock().await;
+            let mut topics = vec![self.keys.all.clone(), self.keys.own.clone()];
+            topics.extend(subs.channels.keys().map(|c| self.keys.topic(c)));
+            tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(&topics))
+                .await
+                .map_err(bus_err)?
+                .map_err(bus_err)?;
+            subs.sink = Some(sink);
+        }
+        self.heartbeat().await?;
+        if after_outage {
+            self.replay().await?;
+        }
+        self.ready.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Forget the broken connection: unready, nothing to send through.
+    async fn teardown(&self) {
+        self.ready.store(false, Ordering::Relaxed);
+        *self.cmd.write().unwrap_or_else(|p| p.into_inner()) = None;
+        self.subs.lock().await.sink = None;
+    }
+
+    /// The supervisor: run the connection, and reconnect it when it breaks.
+    async fn supervise(self: Arc<Self>, first: Connected) {
+        let mut next = Some(first);
+        let mut after_outage = false;
+        let mut attempt: u32 = 0;
+        let beat = (self.presence_ttl / 3).max(Duration::from_millis(100));
+        loop {
+            let connected = match next.take() {
+                Some(c) => Ok(c),
+                None => self.dial().await,
+            };
+            let result = match connected {
+                Ok(c) => match self.install(c.cmd, c.sink, after_outage).await {
+                    Ok(()) => Ok(c.stream),
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            };
+            let mut stream = match result {
+                Ok(stream) => {
+                    if after_outage {
+                        tracing::info!("redis bus reconnected");
+                    }
+                    attempt = 0;
+                    stream
+                }
+                Err(e) => {
+                    self.teardown().await;
+                    after_outage = true;
+                    let delay = backoff(attempt);
+                    attempt = attempt.saturating_add(1);
+                    tracing::warn!(error = %e, retry_in = ?delay, "redis bus unreachable");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => continue,
+                        _ = self.shutdown.cancelled() => return,
+                    }
+                }
+            };
+            let mut tick = tokio::time::interval(beat);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await; // the first tick is immediate; install just beat
+            let lost = loop {
+                tokio::select! {
+                    msg = stream.next() => match msg {
+                        Some(msg) => self.dispatch(msg.get_channel_name(), msg.get_payload_bytes()),
+                        None => break "the pub/sub connection closed".to_string(),
+                    },
+                    _ = tick.tick() => {
+                        if let Err(e) = self.heartbeat().await {
+                            break format!("heartbeat failed: {e}");
+                        }
+                    }
+                    _ = self.shutdown.cancelled() => return,
+                }
+            };
+            tracing::warn!(reason = %lost, "redis bus connection lost; reconnecting");
+            self.teardown().await;
+            after_outage = true;
+        }
+    }
+}
+
+/// Exponential backoff with ±50 % jitter.
+pub(super) fn backoff(attempt: u32) -> Duration {
+    let base = BACKOFF_MIN
+        .saturating_mul(1u32 << attempt.min(10))
+        .min(BACKOFF_MAX);
+    base.mul_f64(0.5 + fastrand::f64())
+}
