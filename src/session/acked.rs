@@ -84,7 +84,7 @@ where
                         close::SERVICE_RESTART,
                         "resubscribe: unacknowledged publications left the history",
                     );
-                    Box::pin(self.close(&reason)).await;
+                    Box::pin(self.send_close(&reason)).await;
                     return ControlFlow::Break(());
                 }
             };

@@ -40,7 +40,7 @@ where
         Metrics::inc(&self.node.metrics().rate_limited);
         if self.rate.strikes > burst {
             let reason = CloseReason::new(close::RATE_LIMITED, "rate limit exceeded");
-            Box::pin(self.close(&reason)).await;
+            Box::pin(self.send_close(&reason)).await;
             return Some(ControlFlow::Break(()));
         }
         let err = ClientError::new(

@@ -161,7 +161,7 @@ where
                         close::TOO_BIG,
                         format!("message larger than {limit} bytes"),
                     );
-                    self.close(&reason).await;
+                    self.send_close(&reason).await;
                 } else {
                     tracing::debug!(client = %self.client.id(), error = %e, "read error");
                 }

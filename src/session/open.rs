@@ -118,7 +118,7 @@ where
                     return None;
                 }
             }
-            match node.connect(identity.as_deref()).await {
+            match node.register(identity.as_deref()).await {
                 Ok(c) => c,
                 Err(crate::error::Error::Client(e)) => {
                     refuse(&mut ws, close::TOO_MANY_USER_CONNECTIONS, &e.message).await;
@@ -160,7 +160,7 @@ where
     pub(super) async fn finish(self) {
         let channels: Vec<Arc<str>> = self.subs.into_keys().collect();
         if self.mode == Mode::Protocol {
-            self.node.disconnect(&self.client, channels).await;
+            self.node.unregister(&self.client, channels).await;
         }
         tracing::debug!(client = %self.client.id(), "disconnected");
     }

@@ -27,7 +27,7 @@ where
         let (items, close) = self.client.queue.take();
         if let Some(reason) = close.as_ref().filter(|r| r.code.is_none()) {
             // A dead peer: nothing more is written.
-            self.close(reason).await;
+            self.send_close(reason).await;
             return ControlFlow::Break(());
         }
         let mut deadline = Deadline::new(self.node.config().write_timeout);
@@ -87,7 +87,7 @@ where
         }
         match close {
             Some(reason) => {
-                self.close(&reason).await;
+                self.send_close(&reason).await;
                 ControlFlow::Break(())
             }
             None => ControlFlow::Continue(()),
@@ -114,7 +114,7 @@ where
 
     /// Send a close frame (unless the reason says to just drop the
     /// connection) and wait briefly for the client's answer.
-    pub(super) async fn close(&mut self, reason: &CloseReason) {
+    pub(super) async fn send_close(&mut self, reason: &CloseReason) {
         let Some(code) = reason.code else {
             tracing::debug!(client = %self.client.id(), reason = %reason.reason, "dropping connection");
             return;
