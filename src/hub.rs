@@ -306,12 +306,12 @@ impl Hub {
     /// relayed frames) for the local client `client_id`, if it is here.
     pub fn notify(&self, client_id: &str, frame: Text) {
         if let Some(c) = self.get(client_id) {
-            self.send(&c, frame);
+            self.enqueue(&c, frame);
         }
     }
 
     /// Queue a frame for one client.
-    pub fn send(&self, client: &ClientHandle, frame: Text) -> bool {
+    pub fn enqueue(&self, client: &ClientHandle, frame: Text) -> bool {
         self.push(client, Outbound::Frame(frame))
     }
 
@@ -328,7 +328,9 @@ impl Hub {
     /// Queue `frame` for the local client `client_id`; false if it is not
     /// connected here.
     pub fn direct(&self, client_id: &str, frame: Text) -> bool {
-        self.get(client_id).map(|c| self.send(&c, frame)).is_some()
+        self.get(client_id)
+            .map(|c| self.enqueue(&c, frame))
+            .is_some()
     }
 
     /// The local client `client_id`, if connected here.
@@ -378,7 +380,7 @@ impl Hub {
 
     /// Queue a channel publication for every local subscriber (except
     /// `exclude`, when the publisher does not want its own messages).
-    pub fn publish(
+    pub fn fan_out(
         &self,
         channel: &Arc<str>,
         epoch: &Arc<str>,

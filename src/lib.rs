@@ -15,7 +15,11 @@
 //!   broadcast and the drain that waits for every connection task.
 //! * [`session`]: one WebSocket connection: its read loop, its writer, its
 //!   subscriptions. Generic over `Sink`/`Stream` so it can be driven by
-//!   channels in unit tests.
+//!   channels in unit tests. Set-up (`open`), the idle future (`live`),
+//!   writing (`write`), request handlers (`handlers`) and acknowledged
+//!   delivery (`acked`) each have a file.
+//! * [`ws`]: our RFC 6455 layer: the upgrade, frames, permessage-deflate
+//!   ([`ws::deflate`]) and [`ws::WebSocket`], the `Stream`/`Sink` over TCP.
 //! * [`protocol`]: parsing client frames into [`protocol::Request`] and
 //!   encoding server frames, each encoded once and shared by all recipients.
 //! * [`node`]: the [`node::Node`] handle: owns the [`hub::Hub`] and the

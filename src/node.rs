@@ -64,7 +64,7 @@ struct Shared {
 
 /// Delivers what the broker hands over to the local clients. Separate from
 /// [`Node`] so that the broker does not hold the node (no `Arc` cycle).
-struct Delivery {
+struct Inbound {
     hub: Arc<Hub>,
     /// Whether a subscribed publisher gets its own publications.
     channel_echo: bool,
@@ -72,7 +72,7 @@ struct Delivery {
     config: Config,
 }
 
-impl BrokerHandler for Delivery {
+impl BrokerHandler for Inbound {
     fn positions(&self) -> Vec<(Arc<str>, Option<StreamPosition>)> {
         self.hub.positions()
     }
@@ -121,7 +121,7 @@ impl BrokerHandler for Delivery {
             .map(|ns| ns.slow_consumer)
             .unwrap_or_default();
         self.hub
-            .publish(channel, epoch, publication, &frame, exclude, policy);
+            .fan_out(channel, epoch, publication, &frame, exclude, policy);
     }
 
     fn on_control(&self, control: &Control) {
@@ -168,7 +168,7 @@ impl BrokerHandler for Delivery {
     }
 }
 
-impl Delivery {
+impl Inbound {
     fn tell_sender(&self, sender: &str, dropped: usize, what: &str) {
         crate::relay::tell_sender(&self.hub, sender, dropped, what);
     }
@@ -194,7 +194,7 @@ impl Node {
             max_bytes: config.queue_max_bytes,
         }));
         broker
-            .start(Arc::new(Delivery {
+            .start(Arc::new(Inbound {
                 hub: hub.clone(),
                 channel_echo: config.channel_echo,
                 config: config.clone(),
@@ -264,7 +264,7 @@ impl Node {
     /// Register a new connection (of `identity`'s user, if any) and give it
     /// an id. Fails when the user is at `max_connections_per_user`, or when
     /// the bus cannot record the client (direct messages would not find it).
-    pub async fn connect(
+    pub async fn register(
         &self,
         identity: Option<&crate::auth::Identity>,
     ) -> Result<Arc<ClientHandle>> {
@@ -303,7 +303,7 @@ impl Node {
     }
 
     /// Forget a connection: leave each of its channels, then the hub.
-    pub async fn disconnect(&self, client: &Arc<ClientHandle>, channels: Vec<Arc<str>>) {
+    pub async fn unregister(&self, client: &Arc<ClientHandle>, channels: Vec<Arc<str>>) {
         for channel in channels {
             if let Err(e) = self.unsubscribe(client, &channel).await {
                 tracing::warn!(client = %client.id(), %channel, error = %e, "cleanup of a subscription failed");

@@ -1,13 +1,13 @@
 //! permessage-deflate (RFC 7692), black-box, over real TCP sockets.
 //!
-//! [`RawClient`] does the opening handshake by hand (with or without a
-//! `Sec-WebSocket-Extensions` offer), writes masked client frames (RSV1 and
-//! DEFLATE data built here with flate2) and parses the server's frames
-//! itself, keeping the RSV1 bit and the exact wire bytes. Compressed server
-//! messages are inflated as RFC 7692 §7.2.2 says (append `00 00 FF FF`, raw
-//! inflate) with a window of the agreed size, by a fresh inflater per message
-//! or, when the server kept its context, by ONE inflater for the whole
-//! connection.
+//! [`RawClient`] (`tests/support/raw_ws.rs`) does the opening handshake by
+//! hand (with or without a `Sec-WebSocket-Extensions` offer), writes masked
+//! client frames (RSV1 and DEFLATE data built with flate2) and parses the
+//! server's frames itself; with deflate agreed it keeps the RSV1 bit and the
+//! exact wire bytes, and inflates compressed server messages as RFC 7692
+//! §7.2.2 says with a window of the agreed size, by a fresh inflater per
+//! message or, when the server kept its context, by ONE inflater for the
+//! whole connection.
 //!
 //! Close outcomes are compared as short strings from
 //! [`RawClient::close_summary`] (`"close 1009"`), so a failure says what the
@@ -15,23 +15,13 @@
 
 mod support;
 
-use std::net::SocketAddr;
-use std::time::Duration;
-
-use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
+use flate2::{Compress, Compression};
 use serde_json::{Value, json};
+use support::deflate::*;
+use support::frames::*;
+use support::raw_ws::*;
 use support::*;
 use switchboard::config::Settings;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::time::{Instant, timeout, timeout_at};
-use tokio_tungstenite::tungstenite::handshake::client::generate_key;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-
-use support::frames::*;
-
-/// What a sync flush ends with (RFC 7692 §7.2.1).
-const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 
 /// The server's answer to any offer while context takeover is off.
 const BOTH_NCT: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
@@ -97,448 +87,10 @@ fn far_repeat(seed: u64) -> Value {
     json!({ "a": block, "b": block, "pad": "x".repeat(1000) })
 }
 
-// ---------------------------------------------------------------------------
-// DEFLATE (client side, with flate2)
-// ---------------------------------------------------------------------------
-
-/// `data` compressed by `c` (continuing its stream) with a sync flush, the
-/// trailing `00 00 FF FF` removed (RFC 7692 §7.2.1).
-fn deflate_with(c: &mut Compress, data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len() / 2 + 64);
-    let start = c.total_in();
-    loop {
-        let used = (c.total_in() - start) as usize;
-        c.compress_vec(&data[used..], &mut out, FlushCompress::Sync)
-            .expect("deflate");
-        if (c.total_in() - start) as usize == data.len() && out.len() < out.capacity() {
-            break;
-        }
-        out.reserve(out.capacity().max(64));
-    }
-    assert!(out.ends_with(&TAIL), "a sync flush ends with 00 00 FF FF");
-    out.truncate(out.len() - TAIL.len());
-    out
-}
-
-/// `data` as one self-contained permessage-deflate payload.
-fn deflate(data: &[u8]) -> Vec<u8> {
-    deflate_with(&mut Compress::new(Compression::default(), false), data)
-}
-
-/// Inflate one message payload with `d` (continuing its stream): append
-/// `00 00 FF FF` and raw-inflate (RFC 7692 §7.2.2). At most 16 MiB.
-///
-/// zlib-rs inflates with a 32 KiB window whatever window bits it is given,
-/// so a window size agreed below 15 bits is checked by the compressed size
-/// instead (see [`far_repeat`]).
-fn inflate_with(d: &mut Decompress, payload: &[u8]) -> Result<Vec<u8>, String> {
-    const CHUNK: usize = 4096;
-    let mut input = payload.to_vec();
-    input.extend_from_slice(&TAIL);
-    let mut out = Vec::new();
-    let mut chunk = [0u8; CHUNK];
-    let mut pos = 0;
-    loop {
-        let (in_before, out_before) = (d.total_in(), d.total_out());
-        d.decompress(&input[pos..], &mut chunk, FlushDecompress::Sync)
-            .map_err(|e| format!("inflate failed after {} bytes: {e}", out.len()))?;
-        let used = (d.total_in() - in_before) as usize;
-        let made = (d.total_out() - out_before) as usize;
-        pos += used;
-        out.extend_from_slice(&chunk[..made]);
-        if pos == input.len() && made < CHUNK {
-            return Ok(out);
-        }
-        if used == 0 && made == 0 {
-            return Err(format!(
-                "inflate made no progress ({pos} of {} input bytes used)",
-                input.len()
-            ));
-        }
-        if out.len() > 16 << 20 {
-            return Err("inflated beyond 16 MiB".into());
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Client frames
-// ---------------------------------------------------------------------------
-
-// ---------------------------------------------------------------------------
-// Server frames
-// ---------------------------------------------------------------------------
-
-/// One frame as the server sent it.
-#[derive(Debug, Clone)]
-struct Frame {
-    fin: bool,
-    rsv1: bool,
-    opcode: u8,
-    payload: Vec<u8>,
-    /// The whole frame, header included, as it came over the wire.
-    wire: Vec<u8>,
-}
-
-/// Parse the frame at the front of `buf`; `None` while it is incomplete.
-/// Panics on a server frame that is masked or has RSV2/RSV3 set.
-fn parse_server_frame(buf: &[u8]) -> Option<(Frame, usize)> {
-    if buf.len() < 2 {
-        return None;
-    }
-    let (b0, b1) = (buf[0], buf[1]);
-    assert_eq!(b0 & 0x30, 0, "server frame has RSV2/RSV3 set ({b0:#04x})");
-    assert_eq!(b1 & 0x80, 0, "server frame is masked");
-    let (len, header) = match b1 & 0x7F {
-        126 => {
-            let b = buf.get(2..4)?;
-            (usize::from(u16::from_be_bytes([b[0], b[1]])), 4)
-        }
-        127 => {
-            let b = buf.get(2..10)?;
-            (
-                usize::try_from(u64::from_be_bytes(b.try_into().unwrap())).unwrap(),
-                10,
-            )
-        }
-        n => (usize::from(n), 2),
-    };
-    let total = header + len;
-    if buf.len() < total {
-        return None;
-    }
-    let frame = Frame {
-        fin: b0 & 0x80 != 0,
-        rsv1: b0 & RSV1 != 0,
-        opcode: b0 & 0x0F,
-        payload: buf[header..total].to_vec(),
-        wire: buf[..total].to_vec(),
-    };
-    Some((frame, total))
-}
-
-/// A complete data message from the server.
-#[derive(Debug, Clone)]
-struct Received {
-    opcode: u8,
-    /// RSV1 was set on its first frame.
-    compressed: bool,
-    /// Its frames exactly as they came over the wire.
-    wire: Vec<u8>,
-    /// The payload as sent (compressed when `compressed`).
-    raw: Vec<u8>,
-    /// The payload after inflating.
-    data: Vec<u8>,
-}
-
-impl Received {
-    fn text(&self) -> &str {
-        assert_eq!(self.opcode, TEXT, "not a text message: {self:?}");
-        std::str::from_utf8(&self.data).expect("text message is UTF-8")
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(self.text()).unwrap_or_else(|e| panic!("{e}: {}", self.text()))
-    }
-}
-
-// ---------------------------------------------------------------------------
-// The raw client
-// ---------------------------------------------------------------------------
-
-/// The parameters the server agreed to, from its response header.
-#[derive(Debug)]
-struct Agreed {
-    server_no_context_takeover: bool,
-    server_max_window_bits: u8,
-}
-
-impl Agreed {
-    fn parse(header: &str) -> Agreed {
-        let mut params = header.split(';').map(str::trim);
-        assert_eq!(params.next(), Some("permessage-deflate"), "{header}");
-        let mut agreed = Agreed {
-            server_no_context_takeover: false,
-            server_max_window_bits: 15,
-        };
-        for p in params {
-            match p.split_once('=') {
-                None if p == "server_no_context_takeover" => {
-                    agreed.server_no_context_takeover = true
-                }
-                None if p == "client_no_context_takeover" => {}
-                Some(("server_max_window_bits", v)) => {
-                    agreed.server_max_window_bits = v.trim_matches('"').parse().unwrap()
-                }
-                Some(("client_max_window_bits", _)) => {}
-                _ => panic!("unexpected parameter {p:?} in {header:?}"),
-            }
-        }
-        agreed
-    }
-}
-
-/// A WebSocket client over a plain `TcpStream`, frames built and parsed by
-/// hand.
-struct RawClient {
-    stream: TcpStream,
-    /// Bytes read and not yet parsed.
-    buf: Vec<u8>,
-    /// The `Sec-WebSocket-Extensions` of the 101, if any.
-    extensions: Option<String>,
-    /// With permessage-deflate: the inflater (fresh per message unless the
-    /// server keeps its context) and whether it is reset per message.
-    inflater: Option<(Decompress, bool)>,
-    sent_close: bool,
-}
-
-/// An upgrade request for `/ws`, with `offer` as `Sec-WebSocket-Extensions`.
-fn upgrade_request(addr: SocketAddr, key: &str, offer: Option<&str>) -> String {
-    let mut req = format!(
-        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-    );
-    if let Some(offer) = offer {
-        req.push_str(&format!("Sec-WebSocket-Extensions: {offer}\r\n"));
-    }
-    req.push_str("\r\n");
-    req
-}
-
-impl RawClient {
-    /// Handshake on `/ws` with `offer` and read the `connected` welcome.
-    async fn connect(server: &TestServer, offer: Option<&str>) -> RawClient {
-        let mut c = RawClient::handshake(server.addr, offer).await;
-        let welcome = c.recv().await.json();
-        assert_eq!(welcome["type"], "connected", "{welcome}");
-        c
-    }
-
-    /// The opening handshake: checks the 101 and its accept key, records
-    /// the extension response and sets up inflating accordingly.
-    async fn handshake(addr: SocketAddr, offer: Option<&str>) -> RawClient {
-        let key = generate_key();
-        let mut stream = timeout(WAIT, TcpStream::connect(addr))
-            .await
-            .expect("TCP connect in time")
-            .expect("TCP connect");
-        stream.set_nodelay(true).unwrap();
-        stream
-            .write_all(upgrade_request(addr, &key, offer).as_bytes())
-            .await
-            .unwrap();
-        let mut buf = Vec::new();
-        let end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            let mut chunk = [0u8; 4096];
-            let n = timeout(WAIT, stream.read(&mut chunk))
-                .await
-                .expect("response head in time")
-                .expect("read the response head");
-            assert!(n > 0, "closed before the response head ended");
-            buf.extend_from_slice(&chunk[..n]);
-        };
-        let head = std::str::from_utf8(&buf[..end]).unwrap().to_string();
-        let mut lines = head.split("\r\n");
-        let status = lines.next().unwrap();
-        assert!(status.starts_with("HTTP/1.1 101"), "not a 101: {head}");
-        let headers: Vec<(String, String)> = lines
-            .filter(|l| !l.is_empty())
-            .map(|l| {
-                let (n, v) = l.split_once(':').unwrap();
-                (n.trim().to_ascii_lowercase(), v.trim().to_string())
-            })
-            .collect();
-        let header = |name: &str| {
-            let mut all = headers.iter().filter(|(n, _)| n == name).map(|(_, v)| v);
-            let first = all.next().cloned();
-            assert!(all.next().is_none(), "two `{name}` headers: {head}");
-            first
-        };
-        assert_eq!(
-            header("sec-websocket-accept"),
-            Some(derive_accept_key(key.as_bytes())),
-            "{head}"
-        );
-        let extensions = header("sec-websocket-extensions");
-        let inflater = extensions.as_deref().map(|h| {
-            let agreed = Agreed::parse(h);
-            (
-                Decompress::new_with_window_bits(false, agreed.server_max_window_bits),
-                agreed.server_no_context_takeover,
-            )
-        });
-        RawClient {
-            stream,
-            buf: buf[end..].to_vec(),
-            extensions,
-            inflater,
-            sent_close: false,
-        }
-    }
-
-    async fn send_raw(&mut self, bytes: &[u8]) {
-        timeout(WAIT, self.stream.write_all(bytes))
-            .await
-            .expect("write in time")
-            .expect("write");
-    }
-
-    async fn send_frame(&mut self, fin: bool, rsv: u8, opcode: u8, payload: &[u8]) {
-        if opcode == CLOSE {
-            self.sent_close = true;
-        }
-        self.send_raw(&masked_frame(fin, rsv, opcode, payload))
-            .await;
-    }
-
-    /// An uncompressed JSON text message.
-    async fn send_json(&mut self, v: &Value) {
-        self.send_frame(true, 0, TEXT, v.to_string().as_bytes())
-            .await;
-    }
-
-    /// A JSON text message compressed by a fresh compressor, RSV1 set.
-    async fn send_json_deflated(&mut self, v: &Value) {
-        self.send_frame(true, RSV1, TEXT, &deflate(v.to_string().as_bytes()))
-            .await;
-    }
-
-    /// The next frame, or why there is none (`Err`) within `wait`.
-    async fn next_frame(&mut self, wait: Duration) -> Result<Frame, String> {
-        let deadline = Instant::now() + wait;
-        loop {
-            if let Some((frame, used)) = parse_server_frame(&self.buf) {
-                self.buf.drain(..used);
-                return Ok(frame);
-            }
-            let mut chunk = [0u8; 16 * 1024];
-            match timeout_at(deadline, self.stream.read(&mut chunk)).await {
-                Err(_) => return Err(format!("nothing within {wait:?}")),
-                Ok(Ok(0)) => return Err(format!("TCP closed ({} bytes left)", self.buf.len())),
-                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
-                Ok(Err(e)) => return Err(format!("TCP error: {e}")),
-            }
-        }
-    }
-
-    /// The next data message (skipping pings and pongs), inflated when
-    /// RSV1 was set; panics on anything else within [`WAIT`].
-    async fn recv(&mut self) -> Received {
-        let mut msg: Option<Received> = None;
-        loop {
-            let f = self
-                .next_frame(WAIT)
-                .await
-                .unwrap_or_else(|e| panic!("expected a message: {e}"));
-            match f.opcode {
-                PING | PONG => {
-                    assert!(!f.rsv1, "RSV1 on a control frame");
-                    continue;
-                }
-                CLOSE => panic!("expected a message, got close {:?}", f.payload),
-                CONTINUATION => {
-                    assert!(!f.rsv1, "server set RSV1 on a continuation frame");
-                    let m = msg.as_mut().expect("continuation outside a message");
-                    m.wire.extend_from_slice(&f.wire);
-                    m.raw.extend_from_slice(&f.payload);
-                }
-                op => {
-                    assert!(msg.is_none(), "new message inside a fragmented one");
-                    assert!(
-                        !f.rsv1 || self.inflater.is_some(),
-                        "RSV1 set although no extension was agreed"
-                    );
-                    msg = Some(Received {
-                        opcode: op,
-                        compressed: f.rsv1,
-                        wire: f.wire,
-                        raw: f.payload,
-                        data: Vec::new(),
-                    });
-                }
-            }
-            if f.fin {
-                let mut m = msg.take().unwrap();
-                m.data = if m.compressed {
-                    let (d, fresh) = self.inflater.as_mut().unwrap();
-                    if *fresh {
-                        d.reset(false);
-                    }
-                    inflate_with(d, &m.raw).unwrap_or_else(|e| {
-                        panic!("server's compressed message does not inflate: {e}")
-                    })
-                } else {
-                    m.raw.clone()
-                };
-                return m;
-            }
-        }
-    }
-
-    /// The next message whose JSON `type` is `ty`, skipping others
-    /// (join/leave noise).
-    async fn recv_type(&mut self, ty: &str) -> Received {
-        loop {
-            let m = self.recv().await;
-            if m.json()["type"] == ty {
-                return m;
-            }
-        }
-    }
-
-    /// Subscribe to `channel` and return the `subscribed` reply.
-    async fn subscribe(&mut self, channel: &str) -> Received {
-        self.send_json(&json!({"type":"subscribe","channel":channel,"id":1}))
-            .await;
-        let reply = self.recv_type("subscribed").await;
-        assert_eq!(reply.json()["ref"], 1, "{}", reply.text());
-        reply
-    }
-
-    /// Read until the closing handshake is over and describe it:
-    /// `"close CODE"` (a close frame with CODE, then, after this client's
-    /// answer, the TCP connection closed by the server) or what happened
-    /// instead.
-    async fn close_summary(&mut self) -> String {
-        let payload = loop {
-            match self.next_frame(WAIT).await {
-                Ok(f) if f.opcode == PING => continue,
-                Ok(f) if f.opcode == CLOSE => break f.payload,
-                Ok(f) => {
-                    return format!(
-                        "frame opcode {} rsv1 {} {:?} instead of a close frame",
-                        f.opcode,
-                        f.rsv1,
-                        String::from_utf8_lossy(&f.payload)
-                    );
-                }
-                Err(e) => return format!("no close frame: {e}"),
-            }
-        };
-        let head = match payload.get(..2) {
-            Some(c) => format!("close {}", u16::from_be_bytes([c[0], c[1]])),
-            None => "close without code".to_string(),
-        };
-        if !self.sent_close {
-            self.sent_close = true;
-            let echo = masked_frame(true, 0, CLOSE, payload.get(..2).unwrap_or_default());
-            let _ = timeout(WAIT, self.stream.write_all(&echo)).await;
-        }
-        match self.next_frame(WAIT).await {
-            Err(e) if e.starts_with("TCP") => head,
-            Err(e) => format!("{head}, but then {e}"),
-            Ok(f) => format!("{head}, then a frame with opcode {}", f.opcode),
-        }
-    }
-}
-
 /// Connect with the default offer, send `bytes` in one write, and describe
 /// how the server closed.
 async fn outcome_of(server: &TestServer, bytes: &[u8]) -> String {
-    let mut c = RawClient::connect(server, Some("permessage-deflate")).await;
+    let mut c = RawClient::connect_offering(server, Some("permessage-deflate")).await;
     assert!(c.extensions.is_some(), "deflate was not negotiated");
     c.send_raw(bytes).await;
     c.close_summary().await
@@ -551,7 +103,7 @@ async fn outcome_of(server: &TestServer, bytes: &[u8]) -> String {
 #[tokio::test]
 async fn without_compression_an_offer_is_ignored_and_nothing_is_compressed() {
     let server = start().await;
-    let mut c = RawClient::connect(&server, Some("permessage-deflate")).await;
+    let mut c = RawClient::connect_offering(&server, Some("permessage-deflate")).await;
     assert_eq!(c.extensions, None, "compression is off by default");
     // A large message (our own publication) must go out plain; `recv`
     // also panics on RSV1 since nothing was agreed.
@@ -579,7 +131,7 @@ async fn offers_are_answered_with_no_context_takeover_by_default() {
         "permessage-deflate; client_max_window_bits",
         "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
     ] {
-        let c = RawClient::handshake(server.addr, Some(offer)).await;
+        let c = RawClient::handshake(server.addr, "/ws", Some(offer)).await;
         observed.push((offer, c.extensions));
     }
     let expected: Vec<_> = observed
@@ -589,10 +141,10 @@ async fn offers_are_answered_with_no_context_takeover_by_default() {
     assert_eq!(observed, expected);
 
     // No offer: no extension.
-    let c = RawClient::handshake(server.addr, None).await;
+    let c = RawClient::handshake(server.addr, "/ws", None).await;
     assert_eq!(c.extensions, None);
     // An offer of another extension only: no extension.
-    let c = RawClient::handshake(server.addr, Some("x-webkit-deflate-frame")).await;
+    let c = RawClient::handshake(server.addr, "/ws", Some("x-webkit-deflate-frame")).await;
     assert_eq!(c.extensions, None);
     server.shutdown().await;
 }
@@ -600,7 +152,7 @@ async fn offers_are_answered_with_no_context_takeover_by_default() {
 #[tokio::test]
 async fn server_max_window_bits_is_echoed_and_honoured() {
     let server = start_with(compressing()).await;
-    let mut c = RawClient::connect(
+    let mut c = RawClient::connect_offering(
         &server,
         Some("permessage-deflate; server_max_window_bits=10"),
     )
@@ -642,12 +194,13 @@ async fn server_max_window_bits_is_echoed_and_honoured() {
 #[tokio::test]
 async fn broadcast_is_compressed_once_and_shared() {
     let server = start_with(compressing()).await;
-    let mut a = RawClient::connect(&server, Some("permessage-deflate")).await;
+    let mut a = RawClient::connect_offering(&server, Some("permessage-deflate")).await;
     let mut b =
-        RawClient::connect(&server, Some("permessage-deflate; client_max_window_bits")).await;
-    let mut plain = RawClient::connect(&server, None).await;
+        RawClient::connect_offering(&server, Some("permessage-deflate; client_max_window_bits"))
+            .await;
+    let mut plain = RawClient::connect_offering(&server, None).await;
     // A client with a smaller window cannot share the others' bytes.
-    let mut narrow = RawClient::connect(
+    let mut narrow = RawClient::connect_offering(
         &server,
         Some("permessage-deflate; server_max_window_bits=10"),
     )
@@ -723,7 +276,7 @@ async fn messages_below_the_threshold_are_not_compressed() {
         ..compressing()
     })
     .await;
-    let mut c = RawClient::connect(&server, Some("permessage-deflate")).await;
+    let mut c = RawClient::connect_offering(&server, Some("permessage-deflate")).await;
     assert_eq!(c.extensions.as_deref(), Some(BOTH_NCT));
     let sub = c.subscribe("small").await;
     assert!(!sub.compressed, "`subscribed` reply compressed: {sub:?}");
@@ -757,7 +310,7 @@ async fn messages_below_the_threshold_are_not_compressed() {
 #[tokio::test]
 async fn compressed_requests_are_processed() {
     let server = start_with(compressing()).await;
-    let mut c = RawClient::connect(&server, Some("permessage-deflate")).await;
+    let mut c = RawClient::connect_offering(&server, Some("permessage-deflate")).await;
 
     c.send_json_deflated(&json!({"type":"ping","id":5})).await;
     let pong = c.recv().await;
@@ -772,7 +325,7 @@ async fn compressed_requests_are_processed() {
     assert_eq!(c.recv().await.json(), json!({"type":"pong","ref":6}));
 
     // A compressed publication reaches a plain subscriber intact.
-    let mut plain = RawClient::connect(&server, None).await;
+    let mut plain = RawClient::connect_offering(&server, None).await;
     plain.subscribe("in").await;
     let data = big_data(4096);
     c.send_json_deflated(&json!({"type":"publish","channel":"in","data":data,"id":7}))
@@ -797,7 +350,7 @@ async fn inflated_size_is_limited_by_max_message_size() {
     .await;
 
     // Exactly the limit once inflated: accepted.
-    let mut c = RawClient::connect(&server, Some("permessage-deflate")).await;
+    let mut c = RawClient::connect_offering(&server, Some("permessage-deflate")).await;
     let mut exact = br#"{"type":"ping","id":10}"#.to_vec();
     exact.resize(limit, b' ');
     let packed = deflate(&exact);
@@ -893,7 +446,7 @@ async fn with_context_takeover_only_what_was_asked_is_echoed() {
         "permessage-deflate; client_no_context_takeover",
         "permessage-deflate; server_no_context_takeover",
     ] {
-        let c = RawClient::handshake(server.addr, Some(offer)).await;
+        let c = RawClient::handshake(server.addr, "/ws", Some(offer)).await;
         observed.push((offer, c.extensions));
     }
     let answer = |s: &str| Some(s.to_string());
@@ -921,7 +474,7 @@ async fn with_context_takeover_only_what_was_asked_is_echoed() {
 #[tokio::test]
 async fn with_context_takeover_the_window_is_kept_between_messages() {
     let server = start_with(takeover()).await;
-    let mut c = RawClient::connect(&server, Some("permessage-deflate")).await;
+    let mut c = RawClient::connect_offering(&server, Some("permessage-deflate")).await;
     assert_eq!(c.extensions.as_deref(), Some("permessage-deflate"));
     assert!(
         !c.inflater.as_ref().unwrap().1,
@@ -955,7 +508,7 @@ async fn with_context_takeover_the_window_is_kept_between_messages() {
 #[tokio::test]
 async fn with_context_takeover_the_client_may_keep_its_window() {
     let server = start_with(takeover()).await;
-    let mut c = RawClient::connect(&server, Some("permessage-deflate")).await;
+    let mut c = RawClient::connect_offering(&server, Some("permessage-deflate")).await;
     assert_eq!(c.extensions.as_deref(), Some("permessage-deflate"));
     // ONE compressor for both messages: the second refers back into the
     // first, so the server must have kept its inflater's window.
@@ -984,7 +537,7 @@ async fn without_context_takeover_a_client_window_reference_fails() {
     // that ignored it and referred back into its previous message breaks
     // the agreement; the server must not silently accept it.
     let server = start_with(compressing()).await;
-    let mut c = RawClient::connect(&server, Some("permessage-deflate")).await;
+    let mut c = RawClient::connect_offering(&server, Some("permessage-deflate")).await;
     assert_eq!(c.extensions.as_deref(), Some(BOTH_NCT));
     let mut compressor = Compress::new(Compression::default(), false);
     let id = words(2048, 5);

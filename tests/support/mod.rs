@@ -2,7 +2,9 @@
 //! real sockets.
 #![allow(dead_code)]
 
+pub mod deflate;
 pub mod frames;
+pub mod raw_ws;
 pub mod services;
 
 use std::net::SocketAddr;

@@ -1,0 +1,177 @@
+//! Set-up of a connection: authentication (URL token or first `auth`
+//! frame), registration with the node, the welcome; refusal of those that
+//! fail; and the clean-up once a session ends.
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+
+use super::{CLOSE_HANDSHAKE_TIMEOUT, Mode, Session, Subs};
+use crate::auth::Identity;
+use crate::error::{ClientError, ErrorCode, close};
+use crate::limits::TokenBucket;
+use crate::metrics::Metrics;
+use crate::node::Node;
+use crate::protocol::{self, RequestKind, Text};
+use crate::ws::{CloseFrame, Message, SendShared};
+
+/// Send a close frame on a connection that never became a session.
+async fn refuse<S>(ws: &mut S, code: u16, reason: &str)
+where
+    S: Sink<Message> + Unpin,
+{
+    let frame = CloseFrame {
+        code,
+        reason: reason.chars().take(100).collect::<String>().into(),
+    };
+    let _ = tokio::time::timeout(
+        CLOSE_HANDSHAKE_TIMEOUT,
+        ws.send(Message::Close(Some(frame))),
+    )
+    .await;
+}
+
+/// Who the connection is, before it is registered: the URL token, or,
+/// when auth is required, a first `auth` frame within `auth_timeout`.
+/// `Err` is the close code and reason to refuse the connection with.
+async fn authenticate<S, E>(
+    node: &Node,
+    ws: &mut S,
+    url_token: Option<String>,
+) -> Result<Option<(Identity, Option<Text>)>, (u16, String)>
+where
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + SendShared + Unpin,
+    E: std::error::Error + 'static,
+{
+    let refused = |e: ClientError| {
+        let code = match e.code {
+            ErrorCode::TokenExpired => close::TOKEN_EXPIRED,
+            _ => close::UNAUTHORIZED,
+        };
+        (code, format!("{}: {}", e.code, e.message))
+    };
+    let Some(auth) = node.authenticator() else {
+        return Ok(None);
+    };
+    if let Some(token) = url_token {
+        return auth
+            .verify(&token)
+            .map(|i| Some((i, None)))
+            .map_err(refused);
+    }
+    if !node.config().auth_required {
+        return Ok(None);
+    }
+    let first = tokio::time::timeout(node.config().auth_timeout, ws.next()).await;
+    let Ok(Some(Ok(Message::Text(text)))) = first else {
+        return Err((close::UNAUTHORIZED, "authentication required".into()));
+    };
+    match protocol::parse_request(&text) {
+        Ok(protocol::Request {
+            id,
+            kind: RequestKind::Auth { token },
+        }) => {
+            let identity = auth.verify(&token).map_err(refused)?;
+            let reply = protocol::authenticated(&identity.user_id, identity.expires_at, id);
+            Ok(Some((identity, Some(reply))))
+        }
+        _ => Err((
+            close::UNAUTHORIZED,
+            "authentication required: send {\"type\":\"auth\",\"token\":…} first".into(),
+        )),
+    }
+}
+
+/// Authenticate, register and greet a new connection; `None` when it was
+/// refused (and told why) or is already gone.
+///
+/// Set-up is split from [`Session::live`] because a connection's task
+/// holds its future for as long as the connection lives, so that future's
+/// size is idle memory per connection: the server runs `open` boxed and
+/// then only `live`, whose state is little more than the [`Session`]
+/// (see `ws::WebSocketUpgrade::on_upgrade`).
+pub async fn open<S, E>(
+    node: Node,
+    mut ws: S,
+    mode: Mode,
+    url_token: Option<String>,
+) -> Option<Session<S>>
+where
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + SendShared + Unpin + Send + 'static,
+    E: std::error::Error + Send + 'static,
+{
+    let mut identity = None;
+    let mut auth_reply = None;
+    let client = match mode {
+        Mode::Protocol => {
+            match authenticate(&node, &mut ws, url_token).await {
+                Ok(Some((id, reply))) => {
+                    identity = Some(Box::new(id));
+                    auth_reply = reply;
+                }
+                Ok(None) => {}
+                Err((code, reason)) => {
+                    Metrics::inc(&node.metrics().auth_failures);
+                    tracing::info!(code, %reason, "connection refused");
+                    refuse(&mut ws, code, &reason).await;
+                    return None;
+                }
+            }
+            match node.register(identity.as_deref()).await {
+                Ok(c) => c,
+                Err(crate::error::Error::Client(e)) => {
+                    refuse(&mut ws, close::TOO_MANY_USER_CONNECTIONS, &e.message).await;
+                    return None;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot register a new connection");
+                    refuse(&mut ws, close::INTERNAL, "bus unavailable").await;
+                    return None;
+                }
+            }
+        }
+        Mode::Echo => node.hub().detached(),
+    };
+    let mut session = Session {
+        identity,
+        rate: TokenBucket::new(node.config().rate_burst, node.hub().clock_ms()),
+        node,
+        ws,
+        client,
+        mode,
+        subs: Subs::default(),
+        creates: crate::create_limit::CreateLimit::default(),
+    };
+    tracing::debug!(client = %session.client.id(), ?mode, "connected");
+    if mode == Mode::Protocol && session.greet(auth_reply).await.is_break() {
+        session.finish().await;
+        return None;
+    }
+    Some(session)
+}
+
+impl<S, E> Session<S>
+where
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + SendShared + Unpin + Send + 'static,
+    E: std::error::Error + Send + 'static,
+{
+    /// Unregister the connection once it has ended.
+    pub(super) async fn finish(self) {
+        let channels: Vec<Arc<str>> = self.subs.into_keys().collect();
+        if self.mode == Mode::Protocol {
+            self.node.unregister(&self.client, channels).await;
+        }
+        tracing::debug!(client = %self.client.id(), "disconnected");
+    }
+
+    /// The welcome (and the `authenticated` reply to a first-frame auth).
+    async fn greet(&mut self, auth_reply: Option<Text>) -> ControlFlow<()> {
+        let welcome = protocol::connected(self.client.id(), self.node.instance_id());
+        self.send(welcome).await?;
+        if let Some(reply) = auth_reply {
+            self.send(reply).await?;
+        }
+        self.flush().await
+    }
+}
