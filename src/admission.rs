@@ -256,25 +256,6 @@ impl AddrTable {
         self.inner.throttled.load(Ordering::Relaxed)
     }
 
-    /// The per-address figures in the Prometheus text format (appended to
-    /// `/metrics/prometheus`).
-    pub fn prometheus(&self) -> String {
-        format!(
-            "# HELP switchboard_connections_refused_per_address_total Connections refused for their client address (max_connections_per_ip, or the address table full).\n\
-             # TYPE switchboard_connections_refused_per_address_total counter\n\
-             switchboard_connections_refused_per_address_total {}\n\
-             # HELP switchboard_handshakes_throttled_per_address_total Upgrades refused by the per-address handshake admission (429).\n\
-             # TYPE switchboard_handshakes_throttled_per_address_total counter\n\
-             switchboard_handshakes_throttled_per_address_total {}\n\
-             # HELP switchboard_client_addresses Client addresses remembered by the per-address limits.\n\
-             # TYPE switchboard_client_addresses gauge\n\
-             switchboard_client_addresses {}\n",
-            self.refused_connections(),
-            self.throttled(),
-            self.len()
-        )
-    }
-
     /// Resolves once no permit is alive (every counted connection closed).
     pub async fn released(&self) {
         let live = &self.inner.live;

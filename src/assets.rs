@@ -13,6 +13,7 @@ use axum::routing::get;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::feed::FeedSampler;
 use crate::node::Node;
 
 const CLIENT_JS: &str = include_str!("../clients/js/switchboard.js");
@@ -54,36 +55,23 @@ pub fn routes<S: Clone + Send + Sync + 'static>(app: Router<S>) -> Router<S> {
     )
 }
 
-/// Publish this instance's figures to [`METRICS_CHANNEL`] once a second,
-/// while anyone here is subscribed to it.
+/// Publish this instance's figures (those of [`crate::metrics::COUNTERS`]
+/// with a feed key) to [`METRICS_CHANNEL`] once a second, while anyone here
+/// is subscribed to it.
 pub async fn publish_metrics(node: Node, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_in = 0u64;
-    let mut last_latency = node.metrics().latency.snapshot();
+    let mut feed = FeedSampler::new(&node);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
-        let m = node.metrics();
-        let now_in = m.messages_in.load(std::sync::atomic::Ordering::Relaxed);
-        let latency = m.latency.snapshot();
-        let window = latency.since(&last_latency);
-        let rate = now_in.saturating_sub(last_in);
-        last_in = now_in;
-        last_latency = latency;
+        // Sampled every second, so that each rate covers one second.
+        let figures = feed.sample(&node);
         if node.hub().subscriber_count(METRICS_CHANNEL) == 0 {
             continue;
         }
-        let figures = serde_json::json!({
-            "instanceId": node.instance_id(),
-            "connections": node.hub().len(),
-            "messagesPerSecond": rate,
-            "deliveryLatencyMsP50": window.quantile(0.5),
-            "deliveryLatencyMsP99": window.quantile(0.99),
-            "timestamp": crate::protocol::now_ms(),
-        });
         let data: Arc<RawValue> = match RawValue::from_string(figures.to_string()) {
             Ok(raw) => Arc::from(raw),
             Err(_) => continue,

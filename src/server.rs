@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use crate::admission::{self, Acceptor, AddrTable, ConnInfo, Counted, Refusal, RefusalLog};
 use crate::error::Result;
 use crate::limits::TokenBucket;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Sources};
 use crate::node::Node;
 use crate::session::{self, Mode};
 use crate::ws::WebSocketUpgrade;
@@ -302,54 +302,16 @@ async fn prometheus(State(state): State<AppState>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::prometheus::render(&state.node) + &state.addrs.prometheus(),
+        crate::prometheus::render(&Sources::new(&state.node, Some(&state.addrs))),
     )
         .into_response()
 }
 
-/// The tutorial's `/metrics`, extended with Switchboard's counters.
+/// The tutorial's `/metrics`, extended with Switchboard's counters (every
+/// figure of [`crate::metrics::COUNTERS`] with a JSON key).
 async fn metrics(State(state): State<AppState>) -> Json<serde_json::Value> {
-    use std::sync::atomic::Ordering::Relaxed;
-    let node = &state.node;
-    let m = node.metrics();
-    let hub = node.hub();
-    let history = node.history_stats();
-    Json(json!({
-        "connectedClients": hub.len(),
-        "uptime": node.uptime(),
-        "memoryUsage": crate::metrics::memory_usage(),
-        "instanceId": node.instance_id(),
-        "ready": node.is_ready(),
-        "messagesIn": m.messages_in.load(Relaxed),
-        "messagesOut": m.messages_out.load(Relaxed),
-        "deliveriesQueued": hub.delivered(),
-        "connectionsTotal": m.connections_total.load(Relaxed),
-        "publications": m.publications.load(Relaxed),
-        "busPublishErrors": m.bus_publish_errors.load(Relaxed),
-        "errorsSent": m.errors_sent.load(Relaxed),
-        "slowConsumers": hub.slow_consumers(),
-        "droppedOldest": hub.dropped(),
-        "conflated": hub.conflated(),
-        "relayDropped": hub.relay_dropped(),
-        "deadPeers": m.dead_peers.load(Relaxed),
-        "oversizeCloses": m.oversize_closes.load(Relaxed),
-        "rateLimited": m.rate_limited.load(Relaxed),
-        "handshakesThrottled": m.handshakes_throttled.load(Relaxed),
-        "redeliveries": m.redeliveries.load(Relaxed),
-        "authFailures": m.auth_failures.load(Relaxed),
-        "originRefused": m.origin_refused.load(Relaxed),
-        "connectionsRefused": m.connections_refused.load(Relaxed),
-        "apiRequests": m.api_requests.load(Relaxed),
-        "apiErrors": m.api_errors.load(Relaxed),
-        "channelLimited": m.channel_limited.load(Relaxed),
-        "historyBytes": history.bytes.load(Relaxed),
-        "historyChannels": history.channels.load(Relaxed),
-        "historyStreams": history.streams.load(Relaxed),
-        "historyEvictions": history.evictions.load(Relaxed),
-        "connectionsRefusedPerAddress": state.addrs.refused_connections(),
-        "handshakesThrottledPerAddress": state.addrs.throttled(),
-        "clientAddresses": state.addrs.len(),
-    }))
+    let sources = Sources::new(&state.node, Some(&state.addrs));
+    Json(crate::metrics::json::render(&sources))
 }
 
 /// Pending connections the kernel may queue before `accept` (capped by

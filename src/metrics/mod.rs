@@ -1,8 +1,23 @@
-//! Counters behind `/metrics` (the tutorial's JSON, extended).
+//! Counters behind `/metrics` (the tutorial's JSON, extended),
+//! `/metrics/prometheus` and the dashboard's `sys:metrics` feed.
+//!
+//! The counters themselves are plain atomics ([`Metrics`], [`HistoryStats`],
+//! the hub's, the per-address table's), bumped where things happen.
+//! Which of them are exposed, under which names, is declared once in
+//! [`COUNTERS`] ([`table`]); [`json`], [`crate::prometheus`] and [`feed`]
+//! render from it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
+
+pub mod counter;
+pub mod feed;
+pub mod json;
+pub mod table;
+
+pub use counter::{Counter, Feed, Kind, Source, Sources, Value};
+pub use table::COUNTERS;
 
 /// Process-wide counters. Relaxed atomics: each is an independent tally.
 #[derive(Debug, Default)]
