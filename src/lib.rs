@@ -46,9 +46,10 @@
 //!   can cause at will.
 //! * [`keepalive`]: one shared sweeper that pings every client and removes
 //!   dead peers, instead of a timer per connection.
-//! * [`metrics`]: counters behind `/metrics`, and the delivery-latency
-//!   histogram.
-//! * [`prometheus`]: the same counters at `/metrics/prometheus`.
+//! * [`metrics`]: the counters (plain atomics), the delivery-latency
+//!   histogram, and `metrics::COUNTERS`, the one table of every figure that
+//!   `/metrics`, `/metrics/prometheus` and the `sys:metrics` feed render.
+//! * [`prometheus`]: the table in the Prometheus text format.
 //! * [`assets`]: the embedded JavaScript client and demo pages.
 //! * [`auth`]: JWT verification and channel grants.
 //! * [`relay`]: who may `broadcast` and `direct` to other clients, and
