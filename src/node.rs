@@ -576,15 +576,7 @@ impl Node {
                 Self::history_options(opts),
             )
             .await?;
-        let missed = h.top.offset.saturating_sub(since.offset);
-        let complete = opts.history_size > 0
-            && since.epoch == h.top.epoch
-            && since.offset <= h.top.offset
-            && h.publications.len() as u64 == missed
-            && h.publications
-                .first()
-                .is_none_or(|p| p.offset == since.offset + 1);
-        if complete {
+        if opts.history_size > 0 && h.covers(since, None) {
             Ok((h.publications, h.top, true))
         } else {
             Ok((Vec::new(), h.top, false))

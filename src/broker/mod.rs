@@ -58,6 +58,28 @@ pub struct HistoryResult {
     pub top: StreamPosition,
 }
 
+impl HistoryResult {
+    /// Whether these publications are every one after `since` up to
+    /// `until` (the top without it), in `since`'s epoch: nothing trimmed,
+    /// expired, or of another incarnation of the stream. The one answer to
+    /// "does history cover the gap?", for recovery, acked redelivery and a
+    /// bus's repair after an outage. Offsets of one epoch are contiguous,
+    /// so the count and the first offset prove it.
+    pub fn covers(&self, since: &StreamPosition, until: Option<u64>) -> bool {
+        if since.epoch != self.top.epoch || since.offset > self.top.offset {
+            return false;
+        }
+        let end = until.map_or(self.top.offset, |u| u.min(self.top.offset));
+        let need = end.saturating_sub(since.offset);
+        need == 0
+            || self
+                .publications
+                .first()
+                .is_some_and(|p| p.offset == since.offset + 1)
+                && self.publications.iter().filter(|p| p.offset <= end).count() as u64 == need
+    }
+}
+
 /// Messages that every instance must see, but that are not part of a
 /// channel's ordered, offset-numbered stream.
 #[derive(Debug, Clone, Serialize, Deserialize)]

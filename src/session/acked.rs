@@ -72,11 +72,7 @@ where
                 .node
                 .history(&channel, Some(&from), Some(missing as usize))
                 .await;
-            let complete = history.as_ref().is_ok_and(|h| {
-                h.top.epoch == from.epoch
-                    && h.publications.first().map(|p| p.offset) == Some(from.offset + 1)
-                    && h.publications.len() as u64 >= missing
-            });
+            let complete = history.as_ref().is_ok_and(|h| h.covers(&from, Some(last)));
             let history = match history {
                 Ok(h) if complete => h,
                 _ => {

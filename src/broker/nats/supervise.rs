@@ -367,14 +367,9 @@ async fn catch_up(
             return;
         }
     };
-    let after = since.as_ref().map_or(0, |s| s.offset);
     let end = until.unwrap_or(h.top.offset).min(h.top.offset);
     let complete = match &since {
-        Some(s) => {
-            s.epoch == h.top.epoch
-                && h.publications.len() as u64 >= end.saturating_sub(after)
-                && h.publications.first().is_none_or(|p| p.offset == after + 1)
-        }
+        Some(s) => h.covers(s, Some(end)),
         // Nothing delivered yet, and the channel was empty when this
         // instance subscribed: everything in the epoch is new.
         None => h.publications.first().is_none_or(|p| p.offset == 1),

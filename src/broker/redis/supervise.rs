@@ -255,13 +255,7 @@ impl Inner {
                 }
                 Some(last) => {
                     let missed = h.top.offset.saturating_sub(last.offset);
-                    let complete = last.epoch == h.top.epoch
-                        && last.offset <= h.top.offset
-                        && h.publications.len() as u64 == missed
-                        && h.publications
-                            .first()
-                            .is_none_or(|p| p.offset == last.offset + 1);
-                    if complete {
+                    if h.covers(last, None) {
                         if missed > 0 {
                             tracing::info!(%channel, missed, "replaying publications missed during a bus outage");
                         }
