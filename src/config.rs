@@ -15,6 +15,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::queue::SlowConsumerPolicy;
+// moved: re-export until the callers are updated
+pub use crate::ids::random_base36;
 
 /// A duration written the human way (`30s`, `5m`, `250ms`), usable both as
 /// a flag value and in the TOML file.
@@ -332,22 +335,6 @@ pub struct NamespaceOptions {
     pub acked: bool,
 }
 
-/// What happens when a publication is pushed to a client whose queue is
-/// full (see `queue::OutQueue::push`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum SlowConsumerPolicy {
-    /// Close the connection with 4008; the client reconnects and recovers.
-    #[default]
-    Disconnect,
-    /// Drop the oldest queued publications of drop-oldest or
-    /// conflate-latest namespaces until the new one fits.
-    DropOldest,
-    /// Keep only the newest publication per channel while the client is
-    /// behind (dashboards); on overflow, drop like drop-oldest.
-    ConflateLatest,
-}
-
 impl Default for NamespaceOptions {
     fn default() -> Self {
         NamespaceOptions {
@@ -473,7 +460,7 @@ pub struct Config {
     /// Most connections per user on this instance.
     pub max_connections_per_user: usize,
     /// Key of the server HTTP API; `None` turns the API off.
-    pub api_key: Option<crate::api::ApiKey>,
+    pub api_key: Option<crate::api_key::ApiKey>,
     /// Per-connection message rate (per second); 0 is unlimited.
     pub rate_limit: f64,
     /// Per-connection burst above the rate.
@@ -920,7 +907,7 @@ impl Config {
             api_key: s
                 .api_key_file
                 .as_deref()
-                .map(crate::api::ApiKey::from_file)
+                .map(crate::api_key::ApiKey::from_file)
                 .transpose()?,
             channel_echo: pick!(s.channel_echo, true),
             // client relay (issue 13)
@@ -954,14 +941,6 @@ impl Config {
             None => Some(&self.default_namespace),
         }
     }
-}
-
-/// `n` random characters of `[0-9a-z]`.
-pub fn random_base36(n: usize) -> String {
-    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    (0..n)
-        .map(|_| ALPHABET[fastrand::usize(..ALPHABET.len())] as char)
-        .collect()
 }
 
 #[cfg(test)]

@@ -51,12 +51,15 @@
 //!   what a refreshed token no longer grants.
 //! * [`api`]: the server HTTP API for backends (`/api/publish`, `/api/broadcast`,
 //!   `/api/direct`, `/api/presence/{channel}`, `/api/disconnect`), behind an API key.
+//! * [`api_key`]: that key, read from its file and compared in constant time.
+//! * [`ids`]: random identifiers (client ids, epochs, instance ids).
 //! * [`error`]: client-visible error codes and close codes.
 
 #![forbid(unsafe_code)]
 
 pub mod admission;
 pub mod api;
+pub mod api_key;
 pub mod assets;
 pub mod auth;
 pub mod bounded_write;
@@ -66,6 +69,7 @@ pub mod config;
 pub mod create_limit;
 pub mod error;
 pub mod hub;
+pub mod ids;
 pub mod keepalive;
 pub mod limits;
 pub mod log_limit;

@@ -30,6 +30,18 @@ pub fn is_channel_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@' | b'/' | b'=' | b',')
 }
 
+/// Prefix of the internal channel of a user: every connection of an
+/// authenticated user is subscribed to `#user:<sub>`, so a user-addressed
+/// `direct` is one publication that reaches exactly the instances holding
+/// that user's connections. `#` is outside the client channel charset, so
+/// no client can name these channels.
+pub const USER_CHANNEL_PREFIX: &str = "#user:";
+
+/// Whether `channel` is internal (not a client channel).
+pub fn is_internal_channel(channel: &str) -> bool {
+    channel.starts_with('#')
+}
+
 /// Check a channel name against the documented charset and length.
 pub fn validate_channel(name: &str) -> Result<(), ClientError> {
     if name.is_empty() || name.len() > MAX_CHANNEL_LEN || !name.bytes().all(is_channel_byte) {
