@@ -4,6 +4,13 @@
 //! TOML file given with `--config`, the built-in default. Everything is
 //! validated once, in [`Config::from_settings`], so a bad value stops the
 //! server at start-up with a message naming the option.
+//!
+//! Here: [`Config`], what the server runs with, and its validation.
+//! `settings` holds [`Settings`] (the flags and file keys) and its
+//! layering, `namespace` the per-namespace options and their defaults,
+//! `bus` the `--bus` URL, `duration` [`HumanDuration`], `validate` the
+//! checks the others share. The submodules import one another only
+//! downward (settings → namespace → duration, validate), never `mod`.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -19,14 +26,18 @@ macro_rules! pick {
 }
 
 mod bus;
+mod duration;
 mod namespace;
 mod settings;
 #[cfg(test)]
 mod tests;
+mod validate;
 
 pub use bus::BusConfig;
+pub use duration::HumanDuration;
 pub use namespace::{NamespaceOptions, NamespaceSettings};
-pub use settings::{HumanDuration, Settings};
+pub use settings::Settings;
+use validate::{message_limit, nonzero, positive};
 
 // moved: re-export until the callers are updated
 pub use crate::ids::random_base36;
@@ -156,37 +167,28 @@ impl Default for Config {
     }
 }
 
-fn positive(name: &str, v: usize) -> Result<usize> {
-    if v == 0 {
-        return Err(Error::Config(format!("{name} must be greater than 0")));
-    }
-    Ok(v)
-}
-
-/// A message size limit: above 0 and at most 1 GiB (the WebSocket layer
-/// keeps it in 32 bits; a larger message would be a design problem, not a
-/// setting).
-fn message_limit(name: &str, v: usize) -> Result<usize> {
-    const MAX: usize = 1 << 30;
-    if v > MAX {
-        return Err(Error::Config(format!(
-            "{name} must be at most {MAX} (1 GiB)"
-        )));
-    }
-    positive(name, v)
-}
-
-fn nonzero(name: &str, d: Duration) -> Result<Duration> {
-    if d.is_zero() {
-        return Err(Error::Config(format!("{name} must be greater than 0")));
-    }
-    Ok(d)
+/// The default namespace's options: the top-level keys (`history_size`,
+/// `presence`, …) over the built-in defaults.
+fn default_namespace(s: &Settings) -> Result<NamespaceOptions> {
+    Ok(NamespaceOptions {
+        history_size: pick!(s.history_size, 100),
+        history_ttl: nonzero(
+            "history_ttl",
+            pick!(s.history_ttl, HumanDuration(Duration::from_secs(300))).0,
+        )?,
+        presence: pick!(s.presence, true),
+        join_leave: pick!(s.join_leave, true),
+        client_publish: pick!(s.client_publish, true),
+        slow_consumer: s.slow_consumer.unwrap_or_default(),
+        anonymous: pick!(s.anonymous, true),
+        acked: false,
+    })
 }
 
 impl Config {
     /// Validate layered settings into a configuration.
     pub fn from_settings(s: Settings) -> Result<Config> {
-        let default_namespace = namespace::default_namespace(&s)?;
+        let default_namespace = default_namespace(&s)?;
         let namespaces = namespace::namespaces(s.namespaces, &default_namespace)?;
         let instance_id = s
             .instance_id

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{HumanDuration, Settings, nonzero};
+use super::duration::HumanDuration;
+use super::validate::nonzero;
 use crate::error::{Error, Result};
 use crate::queue::SlowConsumerPolicy;
 
@@ -71,24 +72,6 @@ fn valid_namespace_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| crate::protocol::is_channel_byte(b) && b != b':')
-}
-
-/// The default namespace's options: the top-level keys (`history_size`,
-/// `presence`, …) over the built-in defaults.
-pub(super) fn default_namespace(s: &Settings) -> Result<NamespaceOptions> {
-    Ok(NamespaceOptions {
-        history_size: pick!(s.history_size, 100),
-        history_ttl: nonzero(
-            "history_ttl",
-            pick!(s.history_ttl, HumanDuration(Duration::from_secs(300))).0,
-        )?,
-        presence: pick!(s.presence, true),
-        join_leave: pick!(s.join_leave, true),
-        client_publish: pick!(s.client_publish, true),
-        slow_consumer: s.slow_consumer.unwrap_or_default(),
-        anonymous: pick!(s.anonymous, true),
-        acked: false,
-    })
 }
 
 /// The configured namespaces (`[namespaces.NAME]`), each over the default

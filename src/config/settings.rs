@@ -4,42 +4,15 @@
 //! written.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::net::IpAddr;
 use std::path::Path;
-use std::str::FromStr;
-use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::NamespaceSettings;
+use super::duration::HumanDuration;
+use super::namespace::NamespaceSettings;
 use crate::error::{Error, Result};
 use crate::queue::SlowConsumerPolicy;
-
-/// A duration written the human way (`30s`, `5m`, `250ms`), usable both as
-/// a flag value and in the TOML file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HumanDuration(pub Duration);
-
-impl FromStr for HumanDuration {
-    type Err = humantime::DurationError;
-    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        humantime::parse_duration(s).map(HumanDuration)
-    }
-}
-
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-impl fmt::Display for HumanDuration {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", humantime::format_duration(self.0))
-    }
-}
 
 /// Every setting, each optional so that flags, environment and file can be
 /// layered. The same struct is parsed by clap and deserialized from TOML,
