@@ -54,6 +54,12 @@
 //! * [`api_key`]: that key, read from its file and compared in constant time.
 //! * [`ids`]: random identifiers (client ids, epochs, instance ids).
 //! * [`error`]: client-visible error codes and close codes.
+//!
+//! Imports point down only: no module imports one that imports it back
+//! (`scripts/module-graph` lists the edges and any cycle). At the bottom
+//! `error`, `ids`, `protocol`, `queue`; then `hub`, `config`, `broker`;
+//! `node` above those; `session`, `api`, `keepalive`, `relay` above the
+//! node; `server` on top.
 
 #![forbid(unsafe_code)]
 
