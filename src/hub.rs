@@ -15,9 +15,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use serde_json::value::RawValue;
 use tokio::time::Instant;
 
-use crate::protocol::{ClientInfo, Publication, StreamPosition, Text};
+use crate::error::{ClientError, ErrorCode};
+use crate::protocol::{self, ClientInfo, Publication, StreamPosition, Text};
 use crate::queue::{Delivery, Limits, OutQueue, Outbound, Push};
 
 /// One connected client, shared by its session task, the hub and the
@@ -30,17 +32,17 @@ pub struct ClientHandle {
     pub queue: OutQueue,
     /// When a frame last arrived from the client (ms since the hub
     /// started); the sweeper compares it with `ping_sent`.
-    last_seen: AtomicU64,
+    pub(crate) last_seen: AtomicU64,
     /// When the sweeper last sent a ping (ms since the hub started), 0
     /// before the first.
-    ping_sent: AtomicU64,
+    pub(crate) ping_sent: AtomicU64,
     /// When the connection's token expires (seconds since the Unix
     /// epoch), 0 without one; the sweeper closes it then (4003).
-    expires_at: AtomicU64,
+    pub(crate) expires_at: AtomicU64,
     /// When the oldest unacknowledged publication is due to be resent (ms
     /// since the hub started), 0 when nothing is pending; the sweeper then
     /// queues [`Outbound::Redeliver`].
-    ack_deadline: AtomicU64,
+    pub(crate) ack_deadline: AtomicU64,
 }
 
 impl ClientHandle {
@@ -105,6 +107,15 @@ impl Hub {
         }
     }
 
+    /// Call `f` on every registered client, under the read lock (no copy
+    /// of the list; `f` must not block): the keep-alive sweep.
+    pub(crate) fn for_each_client(&self, mut f: impl FnMut(&ClientHandle)) {
+        let clients = self.clients.read().unwrap_or_else(|p| p.into_inner());
+        for client in clients.values() {
+            f(client);
+        }
+    }
+
     /// Milliseconds since the hub started (never 0).
     pub fn clock_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64 + 1
@@ -140,7 +151,7 @@ impl Hub {
     pub fn detached(&self) -> Arc<ClientHandle> {
         Arc::new(ClientHandle {
             info: ClientInfo {
-                client_id: format!("echo-{}", crate::config::random_base36(9)).into(),
+                client_id: format!("echo-{}", crate::ids::random_base36(9)).into(),
                 user_id: None,
             },
             queue: OutQueue::new(),
@@ -219,7 +230,7 @@ impl Hub {
         client.last_seen.store(self.clock_ms(), Ordering::Relaxed);
     }
 
-    fn push(&self, client: &ClientHandle, item: Outbound) -> bool {
+    pub(crate) fn push(&self, client: &ClientHandle, item: Outbound) -> bool {
         match client.queue.push(item, self.limits) {
             Push::Queued => {
                 self.delivered.fetch_add(1, Ordering::Relaxed);
@@ -300,6 +311,44 @@ impl Hub {
             .values()
             .filter(|client| !self.relay(client, frame.clone()))
             .count()
+    }
+
+    /// A client's `direct` to a client of this instance, delivered here
+    /// rather than through the bus so that a drop (the recipient is behind)
+    /// becomes the sender's reply: `None` when the target is not connected
+    /// here, else `Err(recipient_busy)` when it was dropped.
+    pub fn direct_here(
+        &self,
+        sender: &str,
+        target_id: &str,
+        data: &RawValue,
+    ) -> Option<Result<(), ClientError>> {
+        let frame = protocol::direct(Some(sender), data, protocol::now_ms());
+        let queued = self.relay_direct(target_id, frame)?;
+        Some(match queued {
+            true => Ok(()),
+            false => Err(ClientError::new(
+                ErrorCode::RecipientBusy,
+                format!("{target_id:?} is behind; this direct was dropped for it"),
+            )),
+        })
+    }
+
+    /// A client's `broadcast` or `direct` was dropped for `dropped` local
+    /// recipients that are behind: one `recipient_busy` error (without `ref`)
+    /// to the sender, if it is connected here. One per frame sent, whatever
+    /// the number of recipients, so the sender's own rate bounds them. A
+    /// sender on another instance is not told (the bus carries no reply); the
+    /// drop is counted here either way.
+    pub fn tell_sender(&self, sender: &str, dropped: usize, what: &str) {
+        if dropped == 0 {
+            return;
+        }
+        let err = ClientError::new(
+            ErrorCode::RecipientBusy,
+            format!("{dropped} recipient(s) are behind; this {what} was dropped for them"),
+        );
+        self.notify(sender, protocol::error(&err, None));
     }
 
     /// Queue a server-originated `frame` (an error about the client's own
@@ -387,7 +436,7 @@ impl Hub {
         publication: &Publication,
         frame: &Text,
         exclude: Option<&str>,
-        policy: crate::config::SlowConsumerPolicy,
+        policy: crate::queue::SlowConsumerPolicy,
     ) {
         let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
         let Some(state) = channels.get(channel) else {
@@ -449,7 +498,7 @@ impl Hub {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .filter(|(ch, _)| !crate::node::is_internal_channel(ch))
+            .filter(|(ch, _)| !crate::protocol::is_internal_channel(ch))
             .map(|(ch, st)| {
                 let last = st.last.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 (ch.clone(), last)
@@ -493,51 +542,6 @@ impl Hub {
     pub fn slow_consumers(&self) -> u64 {
         self.slow_consumers.load(Ordering::Relaxed)
     }
-
-    /// One keep-alive pass at `now` (see [`crate::keepalive`]): ping the
-    /// clients that have been quiet for `ping_ms`, and close, without a
-    /// close frame, those that stayed silent `timeout_ms` after a ping.
-    /// Returns how many were found dead in this pass. A client whose close
-    /// was already requested (dead, expired, slow, disconnected) is
-    /// skipped: it is counted and closed once, and its task removes it
-    /// within its write timeout (see [`crate::bounded_write`]).
-    pub fn keepalive_pass(&self, now: u64, ping_ms: u64, timeout_ms: u64) -> usize {
-        let clients = self.clients.read().unwrap_or_else(|p| p.into_inner());
-        let mut dead = 0;
-        let wall_secs = crate::protocol::now_ms() / 1000;
-        for client in clients.values() {
-            if client.queue.is_closed() {
-                continue;
-            }
-            let due = client.ack_deadline.load(Ordering::Relaxed);
-            if due != 0 && now >= due {
-                client.ack_deadline.store(0, Ordering::Relaxed);
-                self.push(client, Outbound::Redeliver);
-            }
-            let expires = client.expires_at.load(Ordering::Relaxed);
-            if expires != 0 && wall_secs >= expires {
-                client.queue.close(crate::queue::CloseReason::new(
-                    crate::error::close::TOKEN_EXPIRED,
-                    "token expired",
-                ));
-                continue;
-            }
-            let seen = client.last_seen.load(Ordering::Relaxed);
-            let sent = client.ping_sent.load(Ordering::Relaxed);
-            if sent > seen {
-                if now.saturating_sub(sent) >= timeout_ms {
-                    dead += 1;
-                    client
-                        .queue
-                        .close(crate::queue::CloseReason::abort("no pong"));
-                }
-            } else if now.saturating_sub(seen) >= ping_ms {
-                client.ping_sent.store(now.max(seen + 1), Ordering::Relaxed);
-                self.push(client, Outbound::Ping);
-            }
-        }
-        dead
-    }
 }
 
 #[cfg(test)]
@@ -578,28 +582,5 @@ mod tests {
         hub.broadcast(&Text::from("x"), Some("a"));
         assert!(a.queue.take().0.is_empty());
         assert_eq!(b.queue.take().0.len(), 1);
-    }
-
-    #[test]
-    fn keepalive_pings_then_declares_dead() {
-        let hub = Hub::new(LIMITS);
-        let a = hub.add(info("a"));
-        let seen = a.last_seen.load(Ordering::Relaxed);
-        assert_eq!(hub.keepalive_pass(seen + 10, 100, 100), 0);
-        assert!(a.queue.take().0.is_empty(), "not quiet long enough");
-        assert_eq!(hub.keepalive_pass(seen + 100, 100, 100), 0);
-        assert!(matches!(a.queue.take().0.front(), Some(Outbound::Ping)));
-        assert_eq!(
-            hub.keepalive_pass(seen + 150, 100, 100),
-            0,
-            "waiting for the pong"
-        );
-        assert_eq!(hub.keepalive_pass(seen + 200, 100, 100), 1);
-        assert!(a.queue.is_closed());
-        assert_eq!(
-            hub.keepalive_pass(seen + 300, 100, 100),
-            0,
-            "a dead peer is counted once, not on every pass until it is gone"
-        );
     }
 }

@@ -56,12 +56,21 @@
 //!   what a refreshed token no longer grants.
 //! * [`api`]: the server HTTP API for backends (`/api/publish`, `/api/broadcast`,
 //!   `/api/direct`, `/api/presence/{channel}`, `/api/disconnect`), behind an API key.
+//! * [`api_key`]: that key, read from its file and compared in constant time.
+//! * [`ids`]: random identifiers (client ids, epochs, instance ids).
 //! * [`error`]: client-visible error codes and close codes.
+//!
+//! Imports point down only: no module imports one that imports it back
+//! (`scripts/module-graph` lists the edges and any cycle). At the bottom
+//! `error`, `ids`, `protocol`, `queue`; then `hub`, `config`, `broker`;
+//! `node` above those; `session`, `api`, `keepalive`, `relay` above the
+//! node; `server` on top.
 
 #![forbid(unsafe_code)]
 
 pub mod admission;
 pub mod api;
+pub mod api_key;
 pub mod assets;
 pub mod auth;
 pub mod bounded_write;
@@ -71,6 +80,7 @@ pub mod config;
 pub mod create_limit;
 pub mod error;
 pub mod hub;
+pub mod ids;
 pub mod keepalive;
 pub mod limits;
 pub mod log_limit;

@@ -14,24 +14,16 @@ use crate::broker::{
     Broker, BrokerHandler, Control, Direct, HistoryOptions, HistoryResult, NewPublication,
     PresenceStore,
 };
-use crate::config::{Config, NamespaceOptions, random_base36};
+use crate::config::{Config, NamespaceOptions};
 use crate::error::{ClientError, Error, ErrorCode, Result};
 use crate::hub::{ClientHandle, Hub};
+use crate::ids::random_base36;
 use crate::metrics::Metrics;
 use crate::protocol::{self, ClientInfo, Publication, StreamPosition};
 use crate::queue::Limits;
 
-/// Prefix of the internal channel of a user: every connection of an
-/// authenticated user is subscribed to `#user:<sub>`, so a user-addressed
-/// `direct` is one publication that reaches exactly the instances holding
-/// that user's connections. `#` is outside the client channel charset, so
-/// no client can name these channels.
-pub const USER_CHANNEL_PREFIX: &str = "#user:";
-
-/// Whether `channel` is internal (not a client channel).
-pub fn is_internal_channel(channel: &str) -> bool {
-    channel.starts_with('#')
-}
+// moved: re-export until the callers are updated
+pub use crate::protocol::{USER_CHANNEL_PREFIX, is_internal_channel};
 
 fn user_channel(user_id: &str) -> Arc<str> {
     format!("{USER_CHANNEL_PREFIX}{user_id}").into()
@@ -170,7 +162,7 @@ impl BrokerHandler for Inbound {
 
 impl Inbound {
     fn tell_sender(&self, sender: &str, dropped: usize, what: &str) {
-        crate::relay::tell_sender(&self.hub, sender, dropped, what);
+        self.hub.tell_sender(sender, dropped, what);
     }
 }
 
@@ -372,7 +364,7 @@ impl Node {
         data: Arc<RawValue>,
     ) -> Result<()> {
         if let Some(sender) = &sender_id {
-            if let Some(r) = crate::relay::direct_here(&self.shared.hub, sender, target_id, &data) {
+            if let Some(r) = self.shared.hub.direct_here(sender, target_id, &data) {
                 return Ok(r?);
             }
         }

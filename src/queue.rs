@@ -30,7 +30,6 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
-use crate::config::SlowConsumerPolicy;
 use crate::error::close;
 use crate::protocol::Text;
 
@@ -40,6 +39,22 @@ use crate::protocol::Text;
 /// up). The other three quarters stay for the client's replies, channel
 /// publications and the server API's frames.
 pub const RELAY_SHARE: usize = 4;
+
+/// What happens when a publication is pushed to a client whose queue is
+/// full (see [`OutQueue::push`]); set per namespace (`slow_consumer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlowConsumerPolicy {
+    /// Close the connection with 4008; the client reconnects and recovers.
+    #[default]
+    Disconnect,
+    /// Drop the oldest queued publications of drop-oldest or
+    /// conflate-latest namespaces until the new one fits.
+    DropOldest,
+    /// Keep only the newest publication per channel while the client is
+    /// behind (dashboards); on overflow, drop like drop-oldest.
+    ConflateLatest,
+}
 
 /// One item for the writer.
 #[derive(Debug, Clone)]

@@ -12,19 +12,17 @@
 //! What the recipients' side does with these frames (a share of each
 //! queue, dropped instead of disconnecting) is in [`crate::queue`].
 //!
-//! Also here: telling a sender that its frame was dropped
-//! (`recipient_busy`), and which subscriptions a refreshed token no longer
-//! grants.
+//! Also here: which subscriptions a refreshed token no longer grants.
+//! Telling a sender that its frame was dropped (`recipient_busy`) is the
+//! hub's ([`crate::hub::Hub::direct_here`],
+//! [`crate::hub::Hub::tell_sender`]): the node calls them, and this
+//! module reads the node.
 
 use std::sync::Arc;
 
-use serde_json::value::RawValue;
-
 use crate::auth::{Action, Identity};
 use crate::error::{ClientError, ErrorCode};
-use crate::hub::Hub;
 use crate::node::Node;
-use crate::protocol;
 
 /// Whether a client may `broadcast`.
 pub fn check_broadcast(node: &Node) -> Result<(), ClientError> {
@@ -80,42 +78,4 @@ pub fn revoked<'a>(
         })
         .cloned()
         .collect()
-}
-
-/// A client's `direct` to a client of this instance, delivered here
-/// rather than through the bus so that a drop (the recipient is behind)
-/// becomes the sender's reply: `None` when the target is not connected
-/// here, else `Err(recipient_busy)` when it was dropped.
-pub fn direct_here(
-    hub: &Hub,
-    sender: &str,
-    target_id: &str,
-    data: &RawValue,
-) -> Option<Result<(), ClientError>> {
-    let frame = protocol::direct(Some(sender), data, protocol::now_ms());
-    let queued = hub.relay_direct(target_id, frame)?;
-    Some(match queued {
-        true => Ok(()),
-        false => Err(ClientError::new(
-            ErrorCode::RecipientBusy,
-            format!("{target_id:?} is behind; this direct was dropped for it"),
-        )),
-    })
-}
-
-/// A client's `broadcast` or `direct` was dropped for `dropped` local
-/// recipients that are behind: one `recipient_busy` error (without `ref`)
-/// to the sender, if it is connected here. One per frame sent, whatever
-/// the number of recipients, so the sender's own rate bounds them. A
-/// sender on another instance is not told (the bus carries no reply); the
-/// drop is counted here either way.
-pub fn tell_sender(hub: &Hub, sender: &str, dropped: usize, what: &str) {
-    if dropped == 0 {
-        return;
-    }
-    let err = ClientError::new(
-        ErrorCode::RecipientBusy,
-        format!("{dropped} recipient(s) are behind; this {what} was dropped for them"),
-    );
-    hub.notify(sender, protocol::error(&err, None));
 }

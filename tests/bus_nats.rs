@@ -443,10 +443,8 @@ struct PrivateNats {
 
 impl PrivateNats {
     async fn start() -> PrivateNats {
-        let dir = std::env::temp_dir().join(format!(
-            "sb-nats-{}",
-            switchboard::config::random_base36(10)
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("sb-nats-{}", switchboard::ids::random_base36(10)));
         std::fs::create_dir_all(&dir).unwrap();
         let mut s = PrivateNats {
             port: free_port(),

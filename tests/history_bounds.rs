@@ -380,7 +380,7 @@ async fn a_flood_of_new_channels_stays_within_the_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubsub_history_expires_and_keeps_its_budget() {
     let host = pubsub_emulator::Emulator::shared().await.host();
-    let prefix = format!("sbt-hist-{}", switchboard::config::random_base36(8));
+    let prefix = format!("sbt-hist-{}", switchboard::ids::random_base36(8));
     let server = start_with(Settings {
         bus: Some(format!("pubsub://test-project?emulator={host}")),
         pubsub_topic: Some(format!("{prefix}-topic")),

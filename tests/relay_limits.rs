@@ -206,7 +206,7 @@ async fn across_instances_the_recipients_instance_drops_and_counts() {
     // Two instances on the shared Redis (a unique prefix): the stranger on
     // A, the slow reader on B. B drops and counts; A acknowledges (the bus
     // carries no reply).
-    let prefix = format!("sbt-relay-{}", switchboard::config::random_base36(8));
+    let prefix = format!("sbt-relay-{}", switchboard::ids::random_base36(8));
     let on_redis = |i: usize| {
         let mut s = settings();
         s.bus = Some("redis://127.0.0.1:6379".into());

@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use futures_util::StreamExt;
 use serde_json::json;
 use support::*;
-use switchboard::config::{NamespaceSettings, SlowConsumerPolicy};
+use switchboard::config::NamespaceSettings;
+use switchboard::queue::SlowConsumerPolicy;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Publish into `channels` (round-robin) until the server reports `done`,

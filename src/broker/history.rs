@@ -398,7 +398,7 @@ impl Store {
         history: HistoryOptions,
         deliver: impl FnOnce(&Arc<str>, &Arc<str>, &Publication),
     ) -> StreamPosition {
-        if crate::node::is_internal_channel(channel) {
+        if crate::protocol::is_internal_channel(channel) {
             let epoch: Arc<str> = Arc::from("");
             let publication = Publication {
                 offset: 0,

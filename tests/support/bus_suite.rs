@@ -124,7 +124,7 @@ pub fn unique_prefix(case: &str) -> String {
         .filter(|c| c.is_ascii_alphanumeric())
         .take(12)
         .collect();
-    format!("sbt-{case}-{}", switchboard::config::random_base36(8))
+    format!("sbt-{case}-{}", switchboard::ids::random_base36(8))
 }
 
 /// With `RUST_LOG` set, log to the test output (`--nocapture` shows it).

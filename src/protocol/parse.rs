@@ -1,0 +1,301 @@
+//! Client frames in: [`parse_request`] reads one text frame into a
+//! [`Request`], every field first as a borrowed [`RawValue`], so a syntax
+//! error (`invalid_json`) is told from a wrong field (`invalid_frame`) and
+//! the request's `id` is known even when the rest is wrong.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::StreamPosition;
+use crate::error::{ClientError, ErrorCode};
+
+/// A parsed client request; borrowed from the frame's text.
+#[derive(Debug)]
+pub struct Request<'a> {
+    /// The request's `id`, echoed back as `ref` in every reply.
+    pub id: Option<&'a RawValue>,
+    pub kind: RequestKind<'a>,
+}
+
+/// What the client asks for.
+#[derive(Debug)]
+pub enum RequestKind<'a> {
+    Broadcast {
+        data: &'a RawValue,
+    },
+    /// To one client (`targetId`), or to every connection of a user
+    /// (`userId`, on every instance).
+    Direct {
+        target_id: String,
+        user: bool,
+        data: &'a RawValue,
+    },
+    Subscribe {
+        channel: String,
+        since: Option<StreamPosition>,
+    },
+    Unsubscribe {
+        channel: String,
+    },
+    Publish {
+        channel: String,
+        data: &'a RawValue,
+    },
+    Presence {
+        channel: String,
+    },
+    History {
+        channel: String,
+        since: Option<StreamPosition>,
+        limit: Option<usize>,
+    },
+    Ping,
+    /// Present (or refresh) a token.
+    Auth {
+        token: String,
+    },
+    /// Acknowledge every publication of `channel` up to `offset`
+    /// (acked namespaces).
+    Ack {
+        channel: String,
+        offset: u64,
+    },
+}
+
+impl RequestKind<'_> {
+    /// Every request type, in the order of [`RequestKind::index`].
+    pub const TYPES: [&'static str; 10] = [
+        "broadcast",
+        "direct",
+        "subscribe",
+        "unsubscribe",
+        "publish",
+        "presence",
+        "history",
+        "ping",
+        "auth",
+        "ack",
+    ];
+
+    /// Position of this request's type in [`RequestKind::TYPES`].
+    pub fn index(&self) -> usize {
+        match self {
+            RequestKind::Broadcast { .. } => 0,
+            RequestKind::Direct { .. } => 1,
+            RequestKind::Subscribe { .. } => 2,
+            RequestKind::Unsubscribe { .. } => 3,
+            RequestKind::Publish { .. } => 4,
+            RequestKind::Presence { .. } => 5,
+            RequestKind::History { .. } => 6,
+            RequestKind::Ping => 7,
+            RequestKind::Auth { .. } => 8,
+            RequestKind::Ack { .. } => 9,
+        }
+    }
+}
+
+/// Every field any request may have, undecoded.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(rename = "type", borrow)]
+    ty: Option<&'a RawValue>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+    #[serde(rename = "targetId", borrow)]
+    target_id: Option<&'a RawValue>,
+    #[serde(rename = "userId", borrow)]
+    user_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    channel: Option<&'a RawValue>,
+    #[serde(borrow)]
+    since: Option<&'a RawValue>,
+    #[serde(borrow)]
+    limit: Option<&'a RawValue>,
+    #[serde(borrow)]
+    token: Option<&'a RawValue>,
+    #[serde(borrow)]
+    offset: Option<&'a RawValue>,
+}
+
+/// A request that could not be parsed, with the `id` if one was readable.
+#[derive(Debug)]
+pub struct ParseError<'a> {
+    pub id: Option<&'a RawValue>,
+    pub error: ClientError,
+}
+
+fn null() -> &'static RawValue {
+    // `RawValue::NULL` is the JSON text `null`.
+    RawValue::NULL
+}
+
+fn field<'de, T: Deserialize<'de>>(
+    raw: Option<&'de RawValue>,
+    name: &str,
+    what: &str,
+) -> Result<T, ClientError> {
+    let raw = raw.ok_or_else(|| {
+        ClientError::new(
+            ErrorCode::InvalidFrame,
+            format!("missing field `{name}` ({what})"),
+        )
+    })?;
+    serde_json::from_str(raw.get()).map_err(|_| {
+        ClientError::new(
+            ErrorCode::InvalidFrame,
+            format!("field `{name}` must be {what}"),
+        )
+    })
+}
+
+fn opt_field<'de, T: Deserialize<'de>>(
+    raw: Option<&'de RawValue>,
+    name: &str,
+    what: &str,
+) -> Result<Option<T>, ClientError> {
+    match raw {
+        None => Ok(None),
+        Some(_) => field(raw, name, what).map(Some),
+    }
+}
+
+/// Parse one text frame into a request.
+pub fn parse_request(text: &str) -> Result<Request<'_>, ParseError<'_>> {
+    let env: Envelope<'_> = serde_json::from_str(text).map_err(|e| {
+        let code = match e.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                ErrorCode::InvalidJson
+            }
+            _ => ErrorCode::InvalidFrame,
+        };
+        let message = if code == ErrorCode::InvalidJson {
+            format!("not valid JSON: {e}")
+        } else {
+            "a frame must be a JSON object with a string `type`".to_string()
+        };
+        ParseError {
+            id: None,
+            error: ClientError::new(code, message),
+        }
+    })?;
+    let id = env.id;
+    let fail = |error: ClientError| ParseError { id, error };
+    let ty: String = field(env.ty, "type", "a string").map_err(fail)?;
+    let channel = || -> Result<String, ClientError> { field(env.channel, "channel", "a string") };
+    let since =
+        || opt_field::<StreamPosition>(env.since, "since", "{\"epoch\":string,\"offset\":number}");
+    let kind = match ty.as_str() {
+        "broadcast" => RequestKind::Broadcast {
+            data: env.data.unwrap_or(null()),
+        },
+        "direct" => match (env.target_id, env.user_id) {
+            (None, Some(user)) => RequestKind::Direct {
+                target_id: field(Some(user), "userId", "a user id string").map_err(fail)?,
+                user: true,
+                data: env.data.unwrap_or(null()),
+            },
+            _ => RequestKind::Direct {
+                target_id: field(env.target_id, "targetId", "a client id string").map_err(fail)?,
+                user: false,
+                data: env.data.unwrap_or(null()),
+            },
+        },
+        "subscribe" => RequestKind::Subscribe {
+            channel: channel().map_err(fail)?,
+            since: since().map_err(fail)?,
+        },
+        "unsubscribe" => RequestKind::Unsubscribe {
+            channel: channel().map_err(fail)?,
+        },
+        "publish" => RequestKind::Publish {
+            channel: channel().map_err(fail)?,
+            data: env.data.unwrap_or(null()),
+        },
+        "presence" => RequestKind::Presence {
+            channel: channel().map_err(fail)?,
+        },
+        "history" => RequestKind::History {
+            channel: channel().map_err(fail)?,
+            since: since().map_err(fail)?,
+            limit: opt_field::<usize>(env.limit, "limit", "a non-negative integer")
+                .map_err(fail)?,
+        },
+        "ping" => RequestKind::Ping,
+        "ack" => RequestKind::Ack {
+            channel: channel().map_err(fail)?,
+            offset: field(env.offset, "offset", "a non-negative integer").map_err(fail)?,
+        },
+        "auth" => RequestKind::Auth {
+            token: field(env.token, "token", "a JWT string").map_err(fail)?,
+        },
+        other => {
+            return Err(fail(ClientError::new(
+                ErrorCode::UnknownType,
+                format!("unknown message type {other:?}"),
+            )));
+        }
+    };
+    Ok(Request { id, kind })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(text: &str) -> ErrorCode {
+        parse_request(text).unwrap_err().error.code
+    }
+
+    #[test]
+    fn tutorial_frames_parse() {
+        let r = parse_request(r#"{"type":"broadcast","data":{"a":[1,2]}}"#).unwrap();
+        match r.kind {
+            RequestKind::Broadcast { data } => assert_eq!(data.get(), r#"{"a":[1,2]}"#),
+            other => panic!("{other:?}"),
+        }
+        let r =
+            parse_request(r#"{"type":"direct","targetId":"client-1","data":"hi","id":7}"#).unwrap();
+        assert_eq!(r.id.unwrap().get(), "7");
+        assert!(
+            matches!(r.kind, RequestKind::Direct { ref target_id, .. } if target_id == "client-1")
+        );
+        let r = parse_request(r#"{"type":"broadcast"}"#).unwrap();
+        assert!(matches!(r.kind, RequestKind::Broadcast { data } if data.get() == "null"));
+    }
+
+    #[test]
+    fn each_kind_of_bad_input_has_its_code() {
+        assert_eq!(code("{nope"), ErrorCode::InvalidJson);
+        assert_eq!(code(""), ErrorCode::InvalidJson);
+        assert_eq!(code("[1,2]"), ErrorCode::InvalidFrame);
+        assert_eq!(code("42"), ErrorCode::InvalidFrame);
+        assert_eq!(code(r#"{"data":1}"#), ErrorCode::InvalidFrame);
+        assert_eq!(code(r#"{"type":5}"#), ErrorCode::InvalidFrame);
+        assert_eq!(code(r#"{"type":"teleport"}"#), ErrorCode::UnknownType);
+        assert_eq!(
+            code(r#"{"type":"direct","data":1}"#),
+            ErrorCode::InvalidFrame
+        );
+        assert_eq!(
+            code(r#"{"type":"direct","targetId":3}"#),
+            ErrorCode::InvalidFrame
+        );
+        assert_eq!(code(r#"{"type":"subscribe"}"#), ErrorCode::InvalidFrame);
+        assert_eq!(
+            code(r#"{"type":"subscribe","channel":"a","since":{"offset":"x"}}"#),
+            ErrorCode::InvalidFrame
+        );
+        assert_eq!(
+            code(r#"{"type":"history","channel":"a","limit":-1}"#),
+            ErrorCode::InvalidFrame
+        );
+    }
+
+    #[test]
+    fn the_id_survives_a_bad_field() {
+        let e = parse_request(r#"{"type":"direct","targetId":3,"id":"abc"}"#).unwrap_err();
+        assert_eq!(e.id.unwrap().get(), r#""abc""#);
+    }
+}
