@@ -13,7 +13,7 @@ use axum::routing::get;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::feed::FeedSampler;
+use crate::figures::feed::FeedSampler;
 use crate::node::Node;
 
 const CLIENT_JS: &str = include_str!("../clients/js/switchboard.js");
@@ -55,7 +55,7 @@ pub fn routes<S: Clone + Send + Sync + 'static>(app: Router<S>) -> Router<S> {
     )
 }
 
-/// Publish this instance's figures (those of [`crate::metrics::COUNTERS`]
+/// Publish this instance's figures (those of [`crate::figures::COUNTERS`]
 /// with a feed key) to [`METRICS_CHANNEL`] once a second, while anyone here
 /// is subscribed to it.
 pub async fn publish_metrics(node: Node, shutdown: CancellationToken) {

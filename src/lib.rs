@@ -46,8 +46,9 @@
 //!   can cause at will.
 //! * [`keepalive`]: one shared sweeper that pings every client and removes
 //!   dead peers, instead of a timer per connection.
-//! * [`metrics`]: the counters (plain atomics), the delivery-latency
-//!   histogram, and `metrics::COUNTERS`, the one table of every figure that
+//! * [`metrics`]: the counters (plain atomics) and the delivery-latency
+//!   histogram.
+//! * [`figures`]: `figures::COUNTERS`, the one table of every figure that
 //!   `/metrics`, `/metrics/prometheus` and the `sys:metrics` feed render.
 //! * [`prometheus`]: the table in the Prometheus text format.
 //! * [`assets`]: the embedded JavaScript client and demo pages.
@@ -79,6 +80,7 @@ pub mod client_addr;
 pub mod config;
 pub mod create_limit;
 pub mod error;
+pub mod figures;
 pub mod hub;
 pub mod ids;
 pub mod keepalive;

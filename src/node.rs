@@ -22,8 +22,7 @@ use crate::metrics::Metrics;
 use crate::protocol::{self, ClientInfo, Publication, StreamPosition};
 use crate::queue::Limits;
 
-// moved: re-export until the callers are updated
-pub use crate::protocol::{USER_CHANNEL_PREFIX, is_internal_channel};
+use crate::protocol::{USER_CHANNEL_PREFIX, is_internal_channel};
 
 fn user_channel(user_id: &str) -> Arc<str> {
     format!("{USER_CHANNEL_PREFIX}{user_id}").into()
@@ -220,7 +219,7 @@ impl Node {
 
     /// What the in-process channel history holds (memory and Pub/Sub
     /// buses); zeros for buses that keep history elsewhere.
-    pub fn history_stats(&self) -> Arc<crate::metrics::HistoryStats> {
+    pub fn history_stats(&self) -> Arc<crate::broker::history::HistoryStats> {
         self.shared.broker.history_stats().unwrap_or_default()
     }
 

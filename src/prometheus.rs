@@ -10,7 +10,8 @@
 
 use std::fmt::Write;
 
-use crate::metrics::{COUNTERS, LATENCY_BUCKETS_MS, LatencySnapshot, Sources, Value};
+use crate::figures::{COUNTERS, Sources, Value};
+use crate::metrics::{LATENCY_BUCKETS_MS, LatencySnapshot};
 
 /// Render every figure of [`COUNTERS`] that names a Prometheus series.
 pub fn render(sources: &Sources<'_>) -> String {

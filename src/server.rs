@@ -30,8 +30,9 @@ use std::sync::{Arc, Mutex};
 
 use crate::admission::{self, Acceptor, AddrTable, ConnInfo, Counted, Refusal, RefusalLog};
 use crate::error::Result;
+use crate::figures::Sources;
 use crate::limits::TokenBucket;
-use crate::metrics::{Metrics, Sources};
+use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::session::{self, Mode};
 use crate::ws::WebSocketUpgrade;
@@ -308,10 +309,10 @@ async fn prometheus(State(state): State<AppState>) -> Response {
 }
 
 /// The tutorial's `/metrics`, extended with Switchboard's counters (every
-/// figure of [`crate::metrics::COUNTERS`] with a JSON key).
+/// figure of [`crate::figures::COUNTERS`] with a JSON key).
 async fn metrics(State(state): State<AppState>) -> Json<serde_json::Value> {
     let sources = Sources::new(&state.node, Some(&state.addrs));
-    Json(crate::metrics::json::render(&sources))
+    Json(crate::figures::json::render(&sources))
 }
 
 /// Pending connections the kernel may queue before `accept` (capped by

@@ -1,5 +1,5 @@
 //! `/metrics`, `/metrics/prometheus` and the dashboard's `sys:metrics` feed
-//! over real sockets: each shows exactly the figures `metrics::COUNTERS`
+//! over real sockets: each shows exactly the figures `figures::COUNTERS`
 //! gives it, and a figure in both endpoints has the same value in each, so
 //! the three cannot drift apart. The figures in only one of them are the
 //! documented exceptions below.
@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Value, json};
 use support::*;
-use switchboard::metrics::{COUNTERS, Feed, Kind};
+use switchboard::figures::{COUNTERS, Feed, Kind};
 
 /// JSON keys without a Prometheus series (see `src/metrics/table.rs`).
 const JSON_ONLY: [&str; 5] = [

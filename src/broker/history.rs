@@ -57,7 +57,7 @@ use std::cmp::Reverse;
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::hash::BuildHasher;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -65,8 +65,23 @@ use tokio::time::Instant;
 
 use super::{HistoryOptions, HistoryResult, NewPublication};
 use crate::config::Config;
-use crate::metrics::HistoryStats;
 use crate::protocol::{Publication, StreamPosition};
+
+/// What the in-process channel history holds (memory and Pub/Sub buses,
+/// this module): gauges kept exact by the store, read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct HistoryStats {
+    /// Bytes of retained publications as counted against
+    /// `history_max_bytes` (data + `broker::history::ENTRY_OVERHEAD` each).
+    pub bytes: AtomicU64,
+    /// Channels with at least one retained publication.
+    pub channels: AtomicU64,
+    /// Streams held, empty ones included (their epoch and offset are
+    /// remembered); bounded by `history_max_channels`.
+    pub streams: AtomicU64,
+    /// Streams evicted to stay within the budgets.
+    pub evictions: AtomicU64,
+}
 
 /// Bytes counted per retained publication on top of its data: the queue
 /// slot (expiry and `Publication`, 64 bytes), the data's allocation header

@@ -30,13 +30,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
 
+use super::history::HistoryStats;
 use super::history::{HistoryLimits, Store};
 use super::{
     Broker, BrokerHandler, Control, Direct, HistoryOptions, HistoryResult, NewPublication,
     PresenceStore,
 };
 use crate::error::Result;
-use crate::metrics::HistoryStats;
 use crate::protocol::{ClientInfo, StreamPosition};
 
 pub use super::history::STREAM_IDLE_EXPIRY;

@@ -208,7 +208,7 @@ pub trait Broker: Send + Sync + 'static {
 
     /// What the in-process history holds (`/metrics`); `None` for buses
     /// that keep history elsewhere.
-    fn history_stats(&self) -> Option<Arc<crate::metrics::HistoryStats>> {
+    fn history_stats(&self) -> Option<Arc<crate::broker::history::HistoryStats>> {
         None
     }
 

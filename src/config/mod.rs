@@ -39,9 +39,6 @@ pub use namespace::{NamespaceOptions, NamespaceSettings};
 pub use settings::Settings;
 use validate::{message_limit, nonzero, positive};
 
-// moved: re-export until the callers are updated
-pub use crate::ids::random_base36;
-
 /// The validated configuration the server runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -195,7 +192,7 @@ impl Config {
             .or_else(|| std::env::var("GAE_INSTANCE").ok())
             .or_else(|| std::env::var("SWITCHBOARD_INSTANCE_ID").ok())
             .filter(|id| !id.is_empty())
-            .unwrap_or_else(|| format!("sb-{}", random_base36(8)));
+            .unwrap_or_else(|| format!("sb-{}", crate::ids::random_base36(8)));
         let echo_path = match s.echo_path {
             Some(p) if !p.starts_with('/') || p.len() < 2 => {
                 return Err(Error::Config(format!(

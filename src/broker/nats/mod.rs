@@ -171,7 +171,7 @@ use super::{
 };
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::node::is_internal_channel;
+use crate::protocol::is_internal_channel;
 use crate::protocol::{ClientInfo, StreamPosition};
 use presence::LocalChannel;
 use publish::Writer;

@@ -19,8 +19,8 @@ use serde_json::value::RawValue;
 
 use super::{Bus, NatsBroker, bus_err};
 use crate::broker::{Control, HistoryOptions, HistoryResult, NewPublication};
-use crate::config::random_base36;
 use crate::error::{Error, Result};
+use crate::ids::random_base36;
 use crate::protocol::{Publication, StreamPosition};
 
 /// Gap length up to which history is read message by message (direct

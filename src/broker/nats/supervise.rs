@@ -20,8 +20,8 @@ use super::publish::{WireBroadcast, WireIn};
 use super::{Bus, NatsBroker, bus_err};
 use crate::broker::{BrokerHandler, Control};
 use crate::error::Result;
-use crate::node::is_internal_channel;
 use crate::protocol::StreamPosition;
+use crate::protocol::is_internal_channel;
 
 /// A position a channel task has delivered up to.
 #[derive(Debug, Clone)]

@@ -466,7 +466,7 @@ impl Broker for PubSubBroker {
         Ok(self.inner.streams.read(channel, since, limit, history))
     }
 
-    fn history_stats(&self) -> Option<Arc<crate::metrics::HistoryStats>> {
+    fn history_stats(&self) -> Option<Arc<crate::broker::history::HistoryStats>> {
         Some(self.inner.streams.stats().clone())
     }
 

@@ -27,8 +27,9 @@ use super::{
 };
 use crate::broker::BrokerHandler;
 use crate::broker::history::{HistoryLimits, Store};
-use crate::config::{Config, random_base36};
+use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::ids::random_base36;
 use crate::protocol::Publication;
 
 /// The receive stream of a streaming pull.

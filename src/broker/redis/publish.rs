@@ -9,9 +9,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::{Control, Direct, HistoryOptions, HistoryResult, Inner, NewPublication, bus_err};
-use crate::config::random_base36;
 use crate::error::Result;
-use crate::node::is_internal_channel;
+use crate::ids::random_base36;
+use crate::protocol::is_internal_channel;
 use crate::protocol::{Publication, StreamPosition};
 
 /// The epoch written on user-addressed messages, which have none.

@@ -16,8 +16,8 @@ use super::{
     BrokerHandler, CONNECT_TIMEOUT, DIAL_TIMEOUT, Disconnected, HistoryOptions, Inner,
     RESPONSE_TIMEOUT, RedisBroker, bus_err,
 };
-use crate::config::random_base36;
 use crate::error::{Error, Result};
+use crate::ids::random_base36;
 use crate::protocol::ClientInfo;
 
 /// First reconnection delay; doubled per failed attempt.

@@ -1,23 +1,17 @@
-//! Counters behind `/metrics` (the tutorial's JSON, extended),
-//! `/metrics/prometheus` and the dashboard's `sys:metrics` feed.
+//! The counters behind `/metrics` (the tutorial's JSON, extended),
+//! `/metrics/prometheus` and the dashboard's `sys:metrics` feed, and the
+//! delivery-latency histogram.
 //!
-//! The counters themselves are plain atomics ([`Metrics`], [`HistoryStats`],
-//! the hub's, the per-address table's), bumped where things happen.
-//! Which of them are exposed, under which names, is declared once in
-//! [`COUNTERS`] ([`table`]); [`json`], [`crate::prometheus`] and [`feed`]
-//! render from it.
+//! The counters are plain atomics ([`Metrics`], the history store's
+//! [`HistoryStats`](crate::broker::history::HistoryStats), the hub's, the
+//! per-address table's), bumped where things happen. Which of them are
+//! shown, under which names, is declared once in
+//! [`crate::figures::COUNTERS`], a layer above the node (it reads the node);
+//! this module stays below it, so the node can own its counters.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
-
-pub mod counter;
-pub mod feed;
-pub mod json;
-pub mod table;
-
-pub use counter::{Counter, Feed, Kind, Source, Sources, Value};
-pub use table::COUNTERS;
 
 /// Process-wide counters. Relaxed atomics: each is an independent tally.
 #[derive(Debug, Default)]
@@ -63,22 +57,6 @@ pub struct Metrics {
     pub channel_limited: AtomicU64,
     /// Publish → write latency of channel publications.
     pub latency: LatencyHistogram,
-}
-
-/// What the in-process channel history holds (memory and Pub/Sub buses,
-/// `broker::history`): gauges kept exact by the store, read by `/metrics`.
-#[derive(Debug, Default)]
-pub struct HistoryStats {
-    /// Bytes of retained publications as counted against
-    /// `history_max_bytes` (data + `broker::history::ENTRY_OVERHEAD` each).
-    pub bytes: AtomicU64,
-    /// Channels with at least one retained publication.
-    pub channels: AtomicU64,
-    /// Streams held, empty ones included (their epoch and offset are
-    /// remembered); bounded by `history_max_channels`.
-    pub streams: AtomicU64,
-    /// Streams evicted to stay within the budgets.
-    pub evictions: AtomicU64,
 }
 
 /// Upper bounds (ms) of the latency histogram's buckets; a last bucket

@@ -10,7 +10,8 @@ use crate::admission::AddrTable;
 use crate::hub::Hub;
 use crate::node::Node;
 
-use super::{HistoryStats, LatencySnapshot, MemoryUsage, Metrics, cpu_seconds, memory_usage};
+use crate::broker::history::HistoryStats;
+use crate::metrics::{LatencySnapshot, MemoryUsage, Metrics, cpu_seconds, memory_usage};
 
 /// One figure the server exposes, declared once in
 /// [`COUNTERS`](super::COUNTERS) and rendered from there by `/metrics`,
