@@ -41,6 +41,7 @@ use crate::client_addr::AddrKey;
 use crate::config::Config;
 use crate::limits::TokenBucket;
 pub use crate::refusal_log::RefusalLog;
+use crate::sync::MutexExt;
 
 /// Most addresses remembered at once (about 150 bytes each: 20 MiB).
 pub const MAX_ENTRIES: usize = 131_072;
@@ -155,7 +156,7 @@ impl AddrTable {
     pub fn acquire(&self, ip: IpAddr) -> Result<Permit, Refusal> {
         let s = &self.inner;
         let now = self.now_ms();
-        let mut map = s.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = s.map.lock_unpoisoned();
         let Some(entry) = self.entry(&mut map, AddrKey::of(ip), now) else {
             s.refused_connections.fetch_add(1, Ordering::Relaxed);
             return Err(Refusal::TableFull);
@@ -178,14 +179,14 @@ impl AddrTable {
         }
         let now = self.now_ms();
         let entry = {
-            let mut map = s.map.lock().unwrap_or_else(|p| p.into_inner());
+            let mut map = s.map.lock_unpoisoned();
             match self.entry(&mut map, AddrKey::of(ip), now) {
                 Some(e) => e.clone(),
                 // No room to remember it: the global admission still applies.
                 None => return Ok(()),
             }
         };
-        let mut bucket = entry.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        let mut bucket = entry.bucket.lock_unpoisoned();
         if bucket.take(now, s.rate, s.burst) {
             Ok(())
         } else {
@@ -222,11 +223,7 @@ impl AddrTable {
         let (rate, burst) = (self.inner.rate, self.inner.burst);
         let idle = |e: &Entry| e.conns.load(Ordering::Acquire) == 0;
         map.entries.retain(|_, e| {
-            let refilled = rate <= 0.0
-                || e.bucket
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .is_full(now, rate, burst);
+            let refilled = rate <= 0.0 || e.bucket.lock_unpoisoned().is_full(now, rate, burst);
             !(idle(e) && refilled)
         });
         if map.entries.len() >= MAX_ENTRIES {
@@ -238,7 +235,7 @@ impl AddrTable {
 
     /// Addresses remembered now.
     pub fn len(&self) -> usize {
-        let map = self.inner.map.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self.inner.map.lock_unpoisoned();
         map.entries.len()
     }
 
@@ -397,15 +394,12 @@ impl ConnInfo {
 
     /// Whether the connection still holds its permit.
     pub fn has_permit(&self) -> bool {
-        self.permit
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        self.permit.lock_unpoisoned().is_some()
     }
 
     /// Move the permit out (into the session the connection becomes).
     pub fn take_permit(&self) -> Option<Permit> {
-        self.permit.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.permit.lock_unpoisoned().take()
     }
 }
 

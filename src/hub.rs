@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use crate::error::{ClientError, ErrorCode};
 use crate::protocol::{self, ClientInfo, Publication, StreamPosition, Text};
 use crate::queue::{Delivery, Limits, OutQueue, Outbound, Push};
+use crate::sync::{MutexExt, RwLockExt};
 
 /// One connected client, shared by its session task, the hub and the
 /// keep-alive sweeper.
@@ -110,7 +111,7 @@ impl Hub {
     /// Call `f` on every registered client, under the read lock (no copy
     /// of the list; `f` must not block): the keep-alive sweep.
     pub(crate) fn for_each_client(&self, mut f: impl FnMut(&ClientHandle)) {
-        let clients = self.clients.read().unwrap_or_else(|p| p.into_inner());
+        let clients = self.clients.read_unpoisoned();
         for client in clients.values() {
             f(client);
         }
@@ -126,8 +127,7 @@ impl Hub {
         if let Some(user) = &info.user_id {
             *self
                 .users
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+                .lock_unpoisoned()
                 .entry(user.clone())
                 .or_default() += 1;
         }
@@ -140,8 +140,7 @@ impl Hub {
             ack_deadline: AtomicU64::new(0),
         });
         self.clients
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
+            .write_unpoisoned()
             .insert(handle.id().clone(), handle.clone());
         handle
     }
@@ -173,8 +172,7 @@ impl Hub {
     /// Connections `user_id` holds on this instance.
     pub fn user_connections(&self, user_id: &str) -> usize {
         self.users
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .lock_unpoisoned()
             .get(user_id)
             .copied()
             .unwrap_or(0)
@@ -189,13 +187,9 @@ impl Hub {
 
     /// Forget a client (its channels must have been left already).
     pub fn remove(&self, client_id: &str) {
-        let removed = self
-            .clients
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(client_id);
+        let removed = self.clients.write_unpoisoned().remove(client_id);
         if let Some(user) = removed.as_ref().and_then(|c| c.info.user_id.as_ref()) {
-            let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+            let mut users = self.users.lock_unpoisoned();
             if let Some(n) = users.get_mut(user) {
                 *n -= 1;
                 if *n == 0 {
@@ -207,7 +201,7 @@ impl Hub {
 
     /// Number of local clients.
     pub fn len(&self) -> usize {
-        self.clients.read().unwrap_or_else(|p| p.into_inner()).len()
+        self.clients.read_unpoisoned().len()
     }
 
     /// Whether no client is connected.
@@ -217,12 +211,7 @@ impl Hub {
 
     /// A snapshot of every local client.
     pub fn clients(&self) -> Vec<Arc<ClientHandle>> {
-        self.clients
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.clients.read_unpoisoned().values().cloned().collect()
     }
 
     /// Note that the client sent something (any frame, pong included).
@@ -286,7 +275,7 @@ impl Hub {
     /// A client's broadcast: queue `frame` for every local client but the
     /// sender, as a relayed frame. Returns how many recipients dropped it.
     pub fn relay_broadcast(&self, frame: &Text, sender: &str) -> usize {
-        let clients = self.clients.read().unwrap_or_else(|p| p.into_inner());
+        let clients = self.clients.read_unpoisoned();
         clients
             .iter()
             .filter(|(id, client)| &***id != sender && !self.relay(client, frame.clone()))
@@ -302,7 +291,7 @@ impl Hub {
     /// A client's direct message to every local subscriber of an internal
     /// channel (a user's connections). Returns how many dropped it.
     pub fn relay_channel(&self, channel: &str, frame: &Text) -> usize {
-        let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
+        let channels = self.channels.read_unpoisoned();
         let Some(state) = channels.get(channel) else {
             return 0;
         };
@@ -366,7 +355,7 @@ impl Hub {
 
     /// Queue `frame` for every local client except `exclude`.
     pub fn broadcast(&self, frame: &Text, exclude: Option<&str>) {
-        let clients = self.clients.read().unwrap_or_else(|p| p.into_inner());
+        let clients = self.clients.read_unpoisoned();
         for (id, client) in clients.iter() {
             if Some(&**id) != exclude {
                 self.push(client, Outbound::Frame(frame.clone()));
@@ -384,11 +373,7 @@ impl Hub {
 
     /// The local client `client_id`, if connected here.
     fn get(&self, client_id: &str) -> Option<Arc<ClientHandle>> {
-        self.clients
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(client_id)
-            .cloned()
+        self.clients.read_unpoisoned().get(client_id).cloned()
     }
 
     /// Ask the local client `client_id` to close with `reason` (through its
@@ -401,7 +386,7 @@ impl Hub {
     /// Add `client` to `channel`'s subscribers; true if it is the first
     /// local subscriber.
     pub fn subscribe(&self, channel: &Arc<str>, client: &Arc<ClientHandle>) -> bool {
-        let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
+        let mut channels = self.channels.write_unpoisoned();
         let state = channels.entry(channel.clone()).or_default();
         let first = state.subscribers.is_empty();
         state
@@ -413,7 +398,7 @@ impl Hub {
     /// Remove `client_id` from `channel`; true if no local subscriber is
     /// left.
     pub fn unsubscribe(&self, channel: &str, client_id: &str) -> bool {
-        let mut channels = self.channels.write().unwrap_or_else(|p| p.into_inner());
+        let mut channels = self.channels.write_unpoisoned();
         let Some(state) = channels.get_mut(channel) else {
             return false;
         };
@@ -438,11 +423,11 @@ impl Hub {
         exclude: Option<&str>,
         policy: crate::queue::SlowConsumerPolicy,
     ) {
-        let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
+        let channels = self.channels.read_unpoisoned();
         let Some(state) = channels.get(channel) else {
             return;
         };
-        *state.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(StreamPosition {
+        *state.last.lock_unpoisoned() = Some(StreamPosition {
             epoch: epoch.clone(),
             offset: publication.offset,
         });
@@ -466,7 +451,7 @@ impl Hub {
     /// Queue a frame for every local subscriber of `channel` except
     /// `exclude` (join/leave events).
     pub fn channel_frame(&self, channel: &str, frame: &Text, exclude: Option<&str>) {
-        let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
+        let channels = self.channels.read_unpoisoned();
         let Some(state) = channels.get(channel) else {
             return;
         };
@@ -480,8 +465,7 @@ impl Hub {
     /// Number of local subscribers of `channel`.
     pub fn subscriber_count(&self, channel: &str) -> usize {
         self.channels
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .read_unpoisoned()
             .get(channel)
             .map_or(0, |s| s.subscribers.len())
     }
@@ -495,12 +479,11 @@ impl Hub {
     /// are at most once and have no history to replay.
     pub fn positions(&self) -> Vec<(Arc<str>, Option<StreamPosition>)> {
         self.channels
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .read_unpoisoned()
             .iter()
             .filter(|(ch, _)| !crate::protocol::is_internal_channel(ch))
             .map(|(ch, st)| {
-                let last = st.last.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let last = st.last.lock_unpoisoned().clone();
                 (ch.clone(), last)
             })
             .collect()
@@ -510,7 +493,7 @@ impl Hub {
     /// they reconnect and recover (used when a bus outage left a gap the
     /// history cannot fill).
     pub fn close_subscribers(&self, channel: &str, reason: crate::queue::CloseReason) {
-        let channels = self.channels.read().unwrap_or_else(|p| p.into_inner());
+        let channels = self.channels.read_unpoisoned();
         if let Some(state) = channels.get(channel) {
             for client in state.subscribers.values() {
                 client.queue.close(reason.clone());

@@ -59,6 +59,8 @@
 //!   `/api/direct`, `/api/presence/{channel}`, `/api/disconnect`), behind an API key.
 //! * [`api_key`]: that key, read from its file and compared in constant time.
 //! * [`ids`]: random identifiers (client ids, epochs, instance ids).
+//! * [`sync`]: std locks that recover from a poisoned lock (one place
+//!   for the recovery, and why).
 //! * [`error`]: client-visible error codes and close codes.
 //!
 //! Imports point down only: no module imports one that imports it back
@@ -95,6 +97,7 @@ pub mod refusal_log;
 pub mod relay;
 pub mod server;
 pub mod session;
+pub mod sync;
 pub mod ws;
 
 pub use config::Config;

@@ -32,6 +32,7 @@ use bytes::Bytes;
 
 use crate::error::close;
 use crate::protocol::Text;
+use crate::sync::MutexExt;
 
 /// The share of a queue that client-relayed frames may use: `1/RELAY_SHARE`
 /// of `max_messages` and of `max_bytes` (but always room for one frame when
@@ -203,7 +204,7 @@ impl OutQueue {
 
     /// Queue `item` unless the queue is closed or full.
     pub fn push(&self, item: Outbound, limits: Limits) -> Push {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state.lock_unpoisoned();
         if st.close.is_some() {
             return Push::Closed;
         }
@@ -267,7 +268,7 @@ impl OutQueue {
     /// queue ([`RELAY_SHARE`]) or the queue past its bounds: then it is
     /// [`Push::Refused`] and nothing changes. Never closes the queue.
     pub fn push_relayed(&self, frame: Text, limits: Limits) -> Push {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state.lock_unpoisoned();
         if st.close.is_some() {
             return Push::Closed;
         }
@@ -298,7 +299,7 @@ impl OutQueue {
     /// Ask the writer to close the connection. The first reason wins; what
     /// is already queued is still written before the close frame.
     pub fn close(&self, reason: CloseReason) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state.lock_unpoisoned();
         if st.close.is_none() {
             st.close = Some(Box::new(reason));
         }
@@ -318,7 +319,7 @@ impl OutQueue {
     /// Ready once something was pushed or a close was requested since the
     /// last time it was ready; otherwise registers the writer's waker.
     pub fn poll_notified(&self, cx: &mut Context<'_>) -> Poll<()> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state.lock_unpoisoned();
         if std::mem::take(&mut st.signalled) {
             return Poll::Ready(());
         }
@@ -335,7 +336,7 @@ impl OutQueue {
     /// alone, so a writer blocked on a slow socket can watch for a close
     /// request (see [`crate::bounded_write`]) without losing a wake-up.
     pub fn poll_close(&self, cx: &mut Context<'_>) -> Poll<Option<u16>> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state.lock_unpoisoned();
         if let Some(reason) = &st.close {
             return Poll::Ready(reason.code);
         }
@@ -347,16 +348,12 @@ impl OutQueue {
 
     /// Whether a close has been requested.
     pub fn is_closed(&self) -> bool {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .close
-            .is_some()
+        self.state.lock_unpoisoned().close.is_some()
     }
 
     /// Take everything queued, and the close reason if one is set.
     pub fn take(&self) -> (VecDeque<Outbound>, Option<CloseReason>) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state.lock_unpoisoned();
         st.bytes = 0;
         st.relayed_frames = 0;
         st.relayed_bytes = 0;

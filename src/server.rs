@@ -35,6 +35,7 @@ use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::session::{self, Mode};
+use crate::sync::MutexExt;
 use crate::ws::WebSocketUpgrade;
 use crate::ws::upgrade::UpgradeRejection;
 
@@ -198,7 +199,7 @@ fn upgrade(
         return refuse(&state, client, StatusCode::TOO_MANY_REQUESTS, why, retry);
     }
     if cfg.handshake_rate > 0.0 {
-        let mut bucket = state.admission.lock().unwrap_or_else(|p| p.into_inner());
+        let mut bucket = state.admission.lock_unpoisoned();
         let now = state.node.hub().clock_ms();
         if !bucket.take(now, cfg.handshake_rate, cfg.handshake_burst) {
             let wait = bucket.wait(cfg.handshake_rate);

@@ -58,7 +58,7 @@ use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -66,6 +66,7 @@ use tokio::time::Instant;
 use super::{HistoryOptions, HistoryResult, NewPublication};
 use crate::config::Config;
 use crate::protocol::{Publication, StreamPosition};
+use crate::sync::MutexExt;
 
 /// What the in-process channel history holds (memory and Pub/Sub buses,
 /// this module): gauges kept exact by the store, read by `/metrics`.
@@ -124,10 +125,6 @@ impl HistoryLimits {
             max_channels: config.history_max_channels,
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// What a publication counts against the byte budget.
@@ -322,7 +319,7 @@ impl Store {
             return;
         };
         index.recency.remove(&slot.seq);
-        lock(&slot.stream).clear(&self.stats);
+        slot.stream.lock_unpoisoned().clear(&self.stats);
         self.stats.streams.fetch_sub(1, Relaxed);
         let shard = self.shard(channel);
         index.generations[shard] = index.generations[shard].wrapping_add(1);
@@ -344,7 +341,7 @@ impl Store {
             };
             if index.streams.len() == 1 && !over_channels {
                 let slot = &index.streams[oldest];
-                let mut s = lock(&slot.stream);
+                let mut s = slot.stream.lock_unpoisoned();
                 while self.stats.bytes.load(Relaxed) as usize > limits.max_bytes
                     && !s.retained.is_empty()
                 {
@@ -361,7 +358,7 @@ impl Store {
     /// Find `channel`'s stream, creating it if needed, and mark it the most
     /// recently published.
     fn open(&self, channel: &str, now: Instant) -> (Arc<str>, Arc<Mutex<Stream>>) {
-        let mut index = lock(&self.index);
+        let mut index = self.index.lock_unpoisoned();
         let index = &mut *index;
         index.seq += 1;
         let seq = index.seq;
@@ -427,7 +424,7 @@ impl Store {
         loop {
             let now = Instant::now();
             let (name, stream) = self.open(channel, now);
-            let mut s = lock(&stream);
+            let mut s = stream.lock_unpoisoned();
             if s.dead {
                 continue; // evicted between the lookup and the lock
             }
@@ -459,7 +456,7 @@ impl Store {
             drop(s);
             let over = self.stats.bytes.load(Relaxed) as usize > self.limits.max_bytes;
             if schedule.is_some() || over {
-                let mut index = lock(&self.index);
+                let mut index = self.index.lock_unpoisoned();
                 if let Some(at) = schedule {
                     if let Some(slot) = index.streams.get(&name) {
                         let id = slot.id;
@@ -476,7 +473,7 @@ impl Store {
 
     /// `channel`'s stream, if it has one (no state is created).
     fn find(&self, channel: &str) -> Result<Arc<Mutex<Stream>>, StreamPosition> {
-        let index = lock(&self.index);
+        let index = self.index.lock_unpoisoned();
         match index.streams.get(channel) {
             Some(slot) => Ok(slot.stream.clone()),
             None => Err(StreamPosition {
@@ -506,7 +503,7 @@ impl Store {
                     };
                 }
             };
-            let mut s = lock(&stream);
+            let mut s = stream.lock_unpoisoned();
             if s.dead {
                 continue;
             }
@@ -529,7 +526,7 @@ impl Store {
         let Ok(stream) = self.find(channel) else {
             return Vec::new();
         };
-        let s = lock(&stream);
+        let s = stream.lock_unpoisoned();
         if s.dead || s.epoch != position.epoch {
             return Vec::new();
         }
@@ -544,10 +541,10 @@ impl Store {
     /// epoch (the Pub/Sub bus after messages may have been lost).
     #[cfg(feature = "pubsub")]
     pub(crate) fn clear(&self) {
-        let mut index = lock(&self.index);
+        let mut index = self.index.lock_unpoisoned();
         let index = &mut *index;
         for (_, slot) in index.streams.drain() {
-            lock(&slot.stream).clear(&self.stats);
+            slot.stream.lock_unpoisoned().clear(&self.stats);
             self.stats.streams.fetch_sub(1, Relaxed);
         }
         index.recency.clear();
@@ -558,7 +555,7 @@ impl Store {
     /// Free what has expired at `now`, forget idle empty streams, and log
     /// the evictions since the last line.
     pub(crate) fn sweep(&self, now: Instant) {
-        let mut index = lock(&self.index);
+        let mut index = self.index.lock_unpoisoned();
         let index = &mut *index;
         while let Some(Reverse((at, id, _))) = index.due.peek() {
             if *at > now {
@@ -571,7 +568,7 @@ impl Store {
             let Some(slot) = index.streams.get(&name).filter(|s| s.id == id) else {
                 continue; // forgotten since
             };
-            let mut s = lock(&slot.stream);
+            let mut s = slot.stream.lock_unpoisoned();
             s.scheduled = false;
             while s.retained.front().is_some_and(|(exp, _)| *exp <= now) {
                 s.pop_front(&self.stats);
@@ -586,7 +583,7 @@ impl Store {
         // Oldest publication first: stop at the first stream not idle.
         let mut idle = Vec::new();
         for name in index.recency.values().take(IDLE_SCAN) {
-            let s = lock(&index.streams[name].stream);
+            let s = index.streams[name].stream.lock_unpoisoned();
             if now.duration_since(s.touched) < STREAM_IDLE_EXPIRY {
                 break;
             }

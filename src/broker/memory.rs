@@ -38,6 +38,7 @@ use super::{
 };
 use crate::error::Result;
 use crate::protocol::{ClientInfo, StreamPosition};
+use crate::sync::MutexExt;
 
 pub use super::history::STREAM_IDLE_EXPIRY;
 
@@ -150,7 +151,7 @@ impl MemoryPresence {
 #[async_trait]
 impl PresenceStore for MemoryPresence {
     async fn add(&self, channel: &str, info: &ClientInfo) -> Result<()> {
-        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.channels.lock_unpoisoned();
         map.entry(Arc::from(channel))
             .or_default()
             .insert(info.client_id.clone(), info.clone());
@@ -158,7 +159,7 @@ impl PresenceStore for MemoryPresence {
     }
 
     async fn remove(&self, channel: &str, client_id: &str) -> Result<()> {
-        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.channels.lock_unpoisoned();
         if let Some(members) = map.get_mut(channel) {
             members.remove(client_id);
             if members.is_empty() {
@@ -169,7 +170,7 @@ impl PresenceStore for MemoryPresence {
     }
 
     async fn members(&self, channel: &str) -> Result<Vec<ClientInfo>> {
-        let map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self.channels.lock_unpoisoned();
         let mut members: Vec<ClientInfo> = map
             .get(channel)
             .map(|m| m.values().cloned().collect())

@@ -16,6 +16,7 @@ use super::{NatsBroker, bus_err};
 use crate::broker::{BrokerHandler, Direct, NewPublication};
 use crate::error::Result;
 use crate::protocol::{ClientInfo, StreamPosition};
+use crate::sync::MutexExt;
 
 /// The epoch written on user-addressed messages, which have none.
 pub(super) const NO_EPOCH: &str = "-";
@@ -102,8 +103,7 @@ impl NatsBroker {
             return Err(bus_err("the NATS direct task has stopped"));
         }
         self.clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .lock_unpoisoned()
             .insert(info.client_id.clone(), tx);
         // Reachable from every instance once the server has the SUB.
         self.bus.sync().await
@@ -113,10 +113,7 @@ impl NatsBroker {
     pub(super) fn unregister_direct(&self, client_id: &str) {
         // Dropping the sender ends the stream; dropping the subscriber
         // unsubscribes.
-        self.clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(client_id);
+        self.clients.lock_unpoisoned().remove(client_id);
     }
 
     /// A user-addressed direct message: a core publish on the user

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use super::{Bus, NatsPresence, bus_err, token};
 use crate::error::Result;
 use crate::protocol::ClientInfo;
+use crate::sync::MutexExt;
 
 /// This instance's members of one channel.
 #[derive(Default)]
@@ -75,7 +76,7 @@ impl NatsPresence {
     /// write may already have covered it).
     pub(super) async fn sync(&self, channel: &str, version: Option<u64>) -> Result<()> {
         let written = {
-            let local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+            let local = self.local.lock_unpoisoned();
             match local.get(channel) {
                 Some(c) => c.written.clone(),
                 None => return Ok(()),
@@ -83,7 +84,7 @@ impl NatsPresence {
         };
         let mut written = written.lock().await;
         let (snapshot, current) = {
-            let local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+            let local = self.local.lock_unpoisoned();
             match local.get(channel) {
                 Some(c) => (c.members.values().cloned().collect::<Vec<_>>(), c.version),
                 None => (Vec::new(), u64::MAX),
@@ -100,7 +101,7 @@ impl NatsPresence {
                 .delete(&key)
                 .await
                 .map_err(|e| bus_err(format!("presence delete: {e}")))?;
-            let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+            let mut local = self.local.lock_unpoisoned();
             if local.get(channel).is_some_and(|c| c.members.is_empty()) {
                 local.remove(channel);
             }
@@ -121,7 +122,7 @@ impl NatsPresence {
         channel: &str,
         f: impl FnOnce(&mut BTreeMap<Arc<str>, ClientInfo>),
     ) -> u64 {
-        let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        let mut local = self.local.lock_unpoisoned();
         let c = local.entry(Arc::from(channel)).or_default();
         f(&mut c.members);
         c.version += 1;
@@ -150,13 +151,7 @@ impl NatsPresence {
                     }
                 };
                 let Some(me) = weak.upgrade() else { break };
-                let channels: Vec<Arc<str>> = me
-                    .local
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .keys()
-                    .cloned()
-                    .collect();
+                let channels: Vec<Arc<str>> = me.local.lock_unpoisoned().keys().cloned().collect();
                 for channel in channels {
                     if let Err(e) = me.sync(&channel, None).await {
                         tracing::warn!(%channel, error = %e, dirty, "refreshing presence failed");
@@ -170,7 +165,7 @@ impl NatsPresence {
     /// Remove every key of this instance (clean shutdown).
     pub async fn clear(&self) -> Result<()> {
         let channels: Vec<Arc<str>> = {
-            let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+            let mut local = self.local.lock_unpoisoned();
             for c in local.values_mut() {
                 c.members.clear();
                 c.version += 1;

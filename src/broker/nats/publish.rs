@@ -22,6 +22,7 @@ use crate::broker::{Control, HistoryOptions, HistoryResult, NewPublication};
 use crate::error::{Error, Result};
 use crate::ids::random_base36;
 use crate::protocol::{Publication, StreamPosition};
+use crate::sync::MutexExt;
 
 /// Gap length up to which history is read message by message (direct
 /// gets following `prev`) rather than through a consumer.
@@ -408,7 +409,7 @@ impl Bus {
 
 impl NatsBroker {
     fn writer(&self, channel: &str) -> Writer {
-        let mut writers = self.writers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut writers = self.writers.lock_unpoisoned();
         if let Some(w) = writers.get(channel) {
             return w.clone();
         }

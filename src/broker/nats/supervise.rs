@@ -22,6 +22,7 @@ use crate::broker::{BrokerHandler, Control};
 use crate::error::Result;
 use crate::protocol::StreamPosition;
 use crate::protocol::is_internal_channel;
+use crate::sync::MutexExt;
 
 /// A position a channel task has delivered up to.
 #[derive(Debug, Clone)]
@@ -135,7 +136,7 @@ impl NatsBroker {
     /// Connection events: readiness is the connection state; after a
     /// reconnect, repair and replay.
     pub(super) fn watch_connection(&self) {
-        let events = self.events.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let events = self.events.lock_unpoisoned().take();
         if let Some(mut events) = events {
             let stop = self.shutdown.clone();
             let weak = Arc::downgrade(&self.bus);
@@ -188,7 +189,7 @@ impl NatsBroker {
     /// Ask every channel task to replay what it missed (after a
     /// reconnect).
     fn resync_all(channels: &Channels) {
-        let channels = channels.lock().unwrap_or_else(|p| p.into_inner());
+        let channels = channels.lock_unpoisoned();
         for sub in channels.values() {
             sub.resync.notify_one();
         }
@@ -222,17 +223,13 @@ impl NatsBroker {
         let channel: Arc<str> = Arc::from(channel);
         let cancel = self.shutdown.child_token();
         let resync = Arc::new(Notify::new());
-        let previous = self
-            .channels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                channel.clone(),
-                ChannelSub {
-                    cancel: cancel.clone(),
-                    resync: resync.clone(),
-                },
-            );
+        let previous = self.channels.lock_unpoisoned().insert(
+            channel.clone(),
+            ChannelSub {
+                cancel: cancel.clone(),
+                resync: resync.clone(),
+            },
+        );
         if let Some(previous) = previous {
             previous.cancel.cancel();
         }
@@ -244,11 +241,7 @@ impl NatsBroker {
 
     /// Stop `channel`'s task, which drops its subscription.
     pub(super) fn unsubscribe_channel(&self, channel: &str) {
-        let sub = self
-            .channels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(channel);
+        let sub = self.channels.lock_unpoisoned().remove(channel);
         if let Some(sub) = sub {
             sub.cancel.cancel();
         }
@@ -257,14 +250,8 @@ impl NatsBroker {
     /// Stop every task, forget the local clients and channels, flush.
     pub(super) async fn shut_down(&self) {
         self.shutdown.cancel();
-        self.clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-        self.channels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.clients.lock_unpoisoned().clear();
+        self.channels.lock_unpoisoned().clear();
         let timeout = self.bus.opts.request_timeout;
         let _ = tokio::time::timeout(timeout, self.bus.client.flush()).await;
     }

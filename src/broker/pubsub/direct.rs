@@ -10,15 +10,16 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::{Body, DIRECT_ACK_WAIT, Inner, Wire, lock};
+use super::{Body, DIRECT_ACK_WAIT, Inner, Wire};
 use crate::broker::{BrokerHandler, Direct};
 use crate::error::Result;
+use crate::sync::MutexExt;
 
 impl Inner {
     /// The live instance (other than this one) holding `client_id`.
     fn locate(&self, client_id: &str) -> Option<Arc<str>> {
         let now = Instant::now();
-        let remotes = lock(&self.remotes);
+        let remotes = self.remotes.lock_unpoisoned();
         remotes
             .iter()
             .filter(|(_, r)| self.alive(r, now))
@@ -47,18 +48,18 @@ impl Inner {
         // Unknown here: ask everyone, and wait for the holder's ack.
         let id = self.next_id();
         let (tx, rx) = oneshot::channel();
-        lock(&self.direct_acks).insert(id, tx);
+        self.direct_acks.lock_unpoisoned().insert(id, tx);
         let body = Body::Direct {
             direct,
             to: None,
             ack: true,
         };
         if let Err(e) = self.send_as(id, key, body).await {
-            lock(&self.direct_acks).remove(&id);
+            self.direct_acks.lock_unpoisoned().remove(&id);
             return Err(e);
         }
         let acked = matches!(tokio::time::timeout(DIRECT_ACK_WAIT, rx).await, Ok(Ok(())));
-        lock(&self.direct_acks).remove(&id);
+        self.direct_acks.lock_unpoisoned().remove(&id);
         Ok(acked)
     }
 
@@ -90,7 +91,7 @@ impl Inner {
             }
             Body::DirectAck { to_boot, of } => {
                 if to_boot == self.boot {
-                    if let Some(tx) = lock(&self.direct_acks).remove(&of) {
+                    if let Some(tx) = self.direct_acks.lock_unpoisoned().remove(&of) {
                         let _ = tx.send(());
                     }
                 }

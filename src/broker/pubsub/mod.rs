@@ -154,6 +154,7 @@ use super::{
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::protocol::{ClientInfo, StreamPosition};
+use crate::sync::MutexExt;
 use presence::{Local, PendingAcks, Remote};
 use supervise::{Seen, connect_inner};
 
@@ -352,10 +353,6 @@ struct Inner {
     acks_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<String>>>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Inner {
     fn handler(&self) -> Option<&Arc<dyn BrokerHandler>> {
         self.handler.get()
@@ -430,12 +427,15 @@ impl Broker for PubSubBroker {
     }
 
     async fn subscribe(&self, channel: &str) -> Result<()> {
-        lock(&self.inner.subscribed).insert(Arc::from(channel));
+        self.inner
+            .subscribed
+            .lock_unpoisoned()
+            .insert(Arc::from(channel));
         Ok(())
     }
 
     async fn unsubscribe(&self, channel: &str) -> Result<()> {
-        lock(&self.inner.subscribed).remove(channel);
+        self.inner.subscribed.lock_unpoisoned().remove(channel);
         Ok(())
     }
 

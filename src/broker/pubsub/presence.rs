@@ -12,9 +12,10 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::{Body, Inner, PRESENCE_ACK_WAIT, Wire, lock};
+use super::{Body, Inner, PRESENCE_ACK_WAIT, Wire};
 use crate::error::Result;
 use crate::protocol::ClientInfo;
+use crate::sync::MutexExt;
 
 /// This instance's own clients and memberships, versioned for gossip.
 #[derive(Default)]
@@ -127,7 +128,7 @@ impl Inner {
     /// Publish this instance's complete state (the heartbeat).
     pub(super) async fn announce(&self) -> Result<()> {
         let body = {
-            let local = lock(&self.local);
+            let local = self.local.lock_unpoisoned();
             Body::Snapshot {
                 ver: local.ver,
                 clients: local.clients.iter().cloned().collect(),
@@ -149,7 +150,7 @@ impl Inner {
         present: bool,
     ) -> Result<()> {
         let ver = {
-            let mut local = lock(&self.local);
+            let mut local = self.local.lock_unpoisoned();
             match channel {
                 None if present => {
                     local.clients.insert(info.client_id.clone());
@@ -195,7 +196,8 @@ impl Inner {
         // gets it later.
         let live: HashSet<Arc<str>> = {
             let now = Instant::now();
-            lock(&self.remotes)
+            self.remotes
+                .lock_unpoisoned()
                 .iter()
                 .filter(|(_, r)| self.alive(r, now))
                 .map(|(id, _)| id.clone())
@@ -213,13 +215,15 @@ impl Inner {
         }
         let id = self.next_id();
         let (tx, rx) = oneshot::channel();
-        lock(&self.member_acks).insert(id, (live, Some(tx)));
+        self.member_acks
+            .lock_unpoisoned()
+            .insert(id, (live, Some(tx)));
         if let Err(e) = self.send_as(id, key, body).await {
-            lock(&self.member_acks).remove(&id);
+            self.member_acks.lock_unpoisoned().remove(&id);
             return Err(e);
         }
         let _ = tokio::time::timeout(PRESENCE_ACK_WAIT, rx).await;
-        lock(&self.member_acks).remove(&id);
+        self.member_acks.lock_unpoisoned().remove(&id);
         Ok(())
     }
 
@@ -231,13 +235,15 @@ impl Inner {
     /// `PresenceStore::members`: the local members and every live
     /// instance's.
     pub(super) fn members(&self, channel: &str) -> Result<Vec<ClientInfo>> {
-        let mut out: HashMap<Arc<str>, ClientInfo> = lock(&self.local)
+        let mut out: HashMap<Arc<str>, ClientInfo> = self
+            .local
+            .lock_unpoisoned()
             .members
             .get(channel)
             .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
             .unwrap_or_default();
         let now = Instant::now();
-        for r in lock(&self.remotes).values() {
+        for r in self.remotes.lock_unpoisoned().values() {
             if !self.alive(r, now) {
                 continue;
             }
@@ -266,12 +272,12 @@ impl Inner {
                 ack,
             } => {
                 if own {
-                    if let Some(tx) = lock(&self.waiters).remove(&wire.id) {
+                    if let Some(tx) = self.waiters.lock_unpoisoned().remove(&wire.id) {
                         let _ = tx.send(());
                     }
                     return;
                 }
-                if let Some(r) = lock(&self.remotes).get_mut(&wire.src) {
+                if let Some(r) = self.remotes.lock_unpoisoned().get_mut(&wire.src) {
                     r.apply_delta(ver, channel, info, present);
                 }
                 if ack {
@@ -288,7 +294,7 @@ impl Inner {
             }
             Body::MemberAck { to_boot, of } => {
                 if to_boot == self.boot {
-                    let mut acks = lock(&self.member_acks);
+                    let mut acks = self.member_acks.lock_unpoisoned();
                     if let Some((left, tx)) = acks.get_mut(&of) {
                         left.remove(&wire.src);
                         if left.is_empty() {
@@ -305,7 +311,7 @@ impl Inner {
                 members,
             } => {
                 if !own {
-                    if let Some(r) = lock(&self.remotes).get_mut(&wire.src) {
+                    if let Some(r) = self.remotes.lock_unpoisoned().get_mut(&wire.src) {
                         r.apply_snapshot(ver, clients, members);
                     }
                 }
@@ -320,7 +326,7 @@ impl Inner {
             }
             Body::Bye => {
                 if !own {
-                    lock(&self.remotes).remove(&wire.src);
+                    self.remotes.lock_unpoisoned().remove(&wire.src);
                 }
             }
             // Handled by publish and direct.
@@ -346,7 +352,9 @@ impl Inner {
                 tracing::debug!(error = %e, "pub/sub heartbeat failed");
             }
             let now = Instant::now();
-            lock(&self.remotes).retain(|_, r| now.duration_since(r.heard) < self.presence_ttl * 4);
+            self.remotes
+                .lock_unpoisoned()
+                .retain(|_, r| now.duration_since(r.heard) < self.presence_ttl * 4);
         }
     }
 }

@@ -15,10 +15,11 @@ use gcloud_gax::grpc::Code;
 use gcloud_googleapis::pubsub::v1::PubsubMessage;
 use tokio::sync::oneshot;
 
-use super::{Body, Inner, PubSubError, ROUND_TRIP_TIMEOUT, RPC_TIMEOUT, Wire, bus, lock, retry};
+use super::{Body, Inner, PubSubError, ROUND_TRIP_TIMEOUT, RPC_TIMEOUT, Wire, bus, retry};
 use crate::broker::{BrokerHandler, Control, HistoryOptions, NewPublication};
 use crate::error::Result;
 use crate::protocol::StreamPosition;
+use crate::sync::MutexExt;
 
 impl Inner {
     /// Publish `body` under `key`; returns the message id. Failures are
@@ -85,16 +86,16 @@ impl Inner {
     pub(super) async fn send_and_wait(&self, key: String, body: Body) -> Result<()> {
         let id = self.next_id();
         let (tx, rx) = oneshot::channel();
-        lock(&self.waiters).insert(id, tx);
+        self.waiters.lock_unpoisoned().insert(id, tx);
         if let Err(e) = self.send_as(id, key, body).await {
-            lock(&self.waiters).remove(&id);
+            self.waiters.lock_unpoisoned().remove(&id);
             return Err(e);
         }
         match tokio::time::timeout(ROUND_TRIP_TIMEOUT, rx).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(bus(PubSubError::Closed)),
             Err(_) => {
-                lock(&self.waiters).remove(&id);
+                self.waiters.lock_unpoisoned().remove(&id);
                 Err(bus(PubSubError::Timeout("own announcement round trip")))
             }
         }
@@ -109,7 +110,7 @@ impl Inner {
     ) -> Result<StreamPosition> {
         let id = self.next_id();
         let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(id, tx);
+        self.pending.lock_unpoisoned().insert(id, tx);
         let body = Body::Pub {
             channel: Arc::from(channel),
             data: publication.data,
@@ -119,14 +120,14 @@ impl Inner {
             ttl_ms: history.ttl.as_millis() as u64,
         };
         if let Err(e) = self.send_as(id, format!("c:{channel}"), body).await {
-            lock(&self.pending).remove(&id);
+            self.pending.lock_unpoisoned().remove(&id);
             return Err(e);
         }
         match tokio::time::timeout(ROUND_TRIP_TIMEOUT, rx).await {
             Ok(Ok(pos)) => Ok(pos),
             Ok(Err(_)) => Err(bus(PubSubError::Closed)),
             Err(_) => {
-                lock(&self.pending).remove(&id);
+                self.pending.lock_unpoisoned().remove(&id);
                 Err(bus(PubSubError::Timeout("own publication round trip")))
             }
         }
@@ -187,7 +188,7 @@ impl Inner {
                 size,
                 ttl_ms,
             } => {
-                let subscribed = lock(&self.subscribed).contains(&channel);
+                let subscribed = self.subscribed.lock_unpoisoned().contains(&channel);
                 let new = NewPublication {
                     data,
                     sender_id,
@@ -207,7 +208,7 @@ impl Inner {
                         }
                     });
                 if own {
-                    if let Some(tx) = lock(&self.pending).remove(&wire.id) {
+                    if let Some(tx) = self.pending.lock_unpoisoned().remove(&wire.id) {
                         let _ = tx.send(position);
                     }
                 }
@@ -226,7 +227,7 @@ impl Inner {
                 channel,
                 info,
             } => {
-                if lock(&self.subscribed).contains(&channel) {
+                if self.subscribed.lock_unpoisoned().contains(&channel) {
                     let c = match join {
                         true => Control::Join { channel, info },
                         false => Control::Leave { channel, info },

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::presence::Remote;
 use super::{
     Body, DEDUPE_MAX, DEDUPE_WINDOW, Guard, Inner, PubSubBroker, PubSubError, PubSubPresence,
-    RPC_TIMEOUT, Wire, bus, lock, retry, rpc,
+    RPC_TIMEOUT, Wire, bus, retry, rpc,
 };
 use crate::broker::BrokerHandler;
 use crate::broker::history::{HistoryLimits, Store};
@@ -31,6 +31,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::ids::random_base36;
 use crate::protocol::Publication;
+use crate::sync::MutexExt;
 
 /// The receive stream of a streaming pull.
 type PullStream = gcloud_gax::grpc::Streaming<gcloud_googleapis::pubsub::v1::StreamingPullResponse>;
@@ -252,7 +253,8 @@ impl Inner {
             // epochs, and the subscribers reconnect to recover honestly.
             self.streams.clear();
             if let Some(h) = self.handler() {
-                let channels: Vec<Arc<str>> = lock(&self.subscribed).iter().cloned().collect();
+                let channels: Vec<Arc<str>> =
+                    self.subscribed.lock_unpoisoned().iter().cloned().collect();
                 for ch in channels {
                     h.resync_failed(&ch);
                 }
@@ -283,7 +285,7 @@ impl Inner {
         let _ = self.handler.set(handler);
         let stream = self.open_stream().await?;
         self.on_stream_up(false);
-        if let Some(rx) = lock(&self.acks_rx).take() {
+        if let Some(rx) = self.acks_rx.lock_unpoisoned().take() {
             tokio::spawn(self.clone().ack_loop(rx));
         }
         tokio::spawn(self.clone().receive_loop(stream));
@@ -302,12 +304,16 @@ impl Inner {
             }
         };
         let now = Instant::now();
-        if !lock(&self.seen).insert((wire.boot.clone(), wire.id), now) {
+        if !self
+            .seen
+            .lock_unpoisoned()
+            .insert((wire.boot.clone(), wire.id), now)
+        {
             return;
         }
         let own = wire.src == self.me && wire.boot == self.boot;
         if !own {
-            let mut remotes = lock(&self.remotes);
+            let mut remotes = self.remotes.lock_unpoisoned();
             let r = remotes
                 .entry(wire.src.clone())
                 .or_insert_with(|| Remote::new(wire.boot.clone()));

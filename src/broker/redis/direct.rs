@@ -5,6 +5,7 @@
 use super::{Direct, Inner, bus_err};
 use crate::error::Result;
 use crate::protocol::ClientInfo;
+use crate::sync::MutexExt;
 
 impl Inner {
     /// `Broker::direct`: a local target first, else through the directory
@@ -41,8 +42,7 @@ impl Inner {
     /// and write its directory entry.
     pub(super) async fn register_client(&self, info: &ClientInfo) -> Result<()> {
         self.local_clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .lock_unpoisoned()
             .insert(info.client_id.clone(), ());
         // While disconnected the client is still served locally; the
         // heartbeat after reconnection writes its entry.
@@ -65,10 +65,7 @@ impl Inner {
     /// `Broker::unregister_client`: forget the client and delete its
     /// directory entry.
     pub(super) async fn unregister_client(&self, client_id: &str) -> Result<()> {
-        self.local_clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(client_id);
+        self.local_clients.lock_unpoisoned().remove(client_id);
         let mut conn = self.conn()?;
         let _: u64 = redis::cmd("DEL")
             .arg(self.keys.client(client_id))

@@ -138,6 +138,7 @@ use super::{
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::protocol::{ClientInfo, StreamPosition};
+use crate::sync::RwLockExt;
 
 /// Longest `connect` waits for Redis at start-up.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -274,8 +275,7 @@ impl Inner {
     /// The command connection, or `Error::Bus` while disconnected.
     fn conn(&self) -> Result<MultiplexedConnection> {
         self.cmd
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .read_unpoisoned()
             .clone()
             .ok_or_else(|| bus_err(Disconnected))
     }

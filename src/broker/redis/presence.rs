@@ -5,14 +5,14 @@
 use super::{Inner, bus_err};
 use crate::error::Result;
 use crate::protocol::ClientInfo;
+use crate::sync::MutexExt;
 
 impl Inner {
     /// `PresenceStore::add`: remember the member locally (for the
     /// heartbeat) and add it through the presence-add script.
     pub(super) async fn add_member(&self, channel: &str, info: &ClientInfo) -> Result<()> {
         self.local_presence
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .lock_unpoisoned()
             .entry(channel.to_string())
             .or_default()
             .insert(info.client_id.clone(), info.clone());
@@ -35,10 +35,7 @@ impl Inner {
     /// `PresenceStore::remove`: forget the member locally and in Redis.
     pub(super) async fn remove_member(&self, channel: &str, client_id: &str) -> Result<()> {
         {
-            let mut local = self
-                .local_presence
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut local = self.local_presence.lock_unpoisoned();
             if let Some(members) = local.get_mut(channel) {
                 members.remove(client_id);
                 if members.is_empty() {

@@ -19,6 +19,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::ids::random_base36;
 use crate::protocol::ClientInfo;
+use crate::sync::{MutexExt, RwLockExt};
 
 /// First reconnection delay; doubled per failed attempt.
 pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -52,13 +53,13 @@ impl RedisBroker {
     /// wait (within [`CONNECT_TIMEOUT`]) until it is ready.
     pub(super) async fn start_supervisor(&self, handler: Arc<dyn BrokerHandler>) -> Result<()> {
         let _ = self.inner.handler.set(handler);
-        let Some(first) = self.first.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        let Some(first) = self.first.lock_unpoisoned().take() else {
             return Ok(()); // started already
         };
         // The supervisor subscribes the broadcast and own topics, then
         // turns ready.
         let task = tokio::spawn(self.inner.clone().supervise(first));
-        *self.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        *self.task.lock_unpoisoned() = Some(task);
         // `install` turns ready; wait for it (bounded) so a started node is
         // ready at once.
         let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
@@ -74,7 +75,7 @@ impl RedisBroker {
     /// `Broker::close`: stop the supervisor, wait for it, turn unready.
     pub(super) async fn stop_supervisor(&self) -> Result<()> {
         self.inner.shutdown.cancel();
-        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let task = self.task.lock_unpoisoned().take();
         if let Some(task) = task {
             let _ = task.await;
         }
@@ -160,15 +161,13 @@ impl Inner {
         let ttl = self.ttl_ms();
         let clients: Vec<Arc<str>> = self
             .local_clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .lock_unpoisoned()
             .keys()
             .cloned()
             .collect();
         let presence: Vec<(String, Vec<ClientInfo>)> = self
             .local_presence
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .lock_unpoisoned()
             .iter()
             .map(|(ch, m)| (ch.clone(), m.values().cloned().collect()))
             .collect();
@@ -279,7 +278,7 @@ impl Inner {
         mut sink: PubSubSink,
         after_outage: bool,
     ) -> Result<()> {
-        *self.cmd.write().unwrap_or_else(|p| p.into_inner()) = Some(cmd);
+        *self.cmd.write_unpoisoned() = Some(cmd);
         {
             let mut subs = self.subs.lock().await;
             let mut topics = vec![self.keys.all.clone(), self.keys.own.clone()];
@@ -301,7 +300,7 @@ impl Inner {
     /// Forget the broken connection: unready, nothing to send through.
     async fn teardown(&self) {
         self.ready.store(false, Ordering::Relaxed);
-        *self.cmd.write().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.cmd.write_unpoisoned() = None;
         self.subs.lock().await.sink = None;
     }
 
