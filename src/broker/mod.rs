@@ -18,6 +18,8 @@ pub mod nats;
 pub mod pubsub;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(any(feature = "redis", feature = "pubsub"))]
+pub(crate) mod retry;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -258,4 +260,12 @@ pub async fn connect(config: &Config) -> Result<(Arc<dyn Broker>, Arc<dyn Presen
             "bus {other:?} is not compiled into this build (cargo features redis, nats, pubsub)"
         ))),
     }
+}
+
+/// A failed bus operation as the crate's typed [`Error::Bus`]: the one
+/// constructor every external bus uses. Takes any error (or a message);
+/// clients see only a fixed message, the cause goes to the log.
+#[cfg(any(feature = "redis", feature = "nats", feature = "pubsub"))]
+pub(crate) fn bus_error(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
+    Error::Bus(e.into())
 }

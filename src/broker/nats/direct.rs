@@ -12,7 +12,7 @@ use futures_util::stream::{BoxStream, SelectAll};
 use tokio::sync::{mpsc, oneshot};
 
 use super::publish::WireOut;
-use super::{NatsBroker, bus_err};
+use super::{NatsBroker, bus_error};
 use crate::broker::{BrokerHandler, Direct, NewPublication};
 use crate::error::Result;
 use crate::protocol::{ClientInfo, StreamPosition};
@@ -59,11 +59,11 @@ impl NatsBroker {
         self.bus.connected()?;
         let subject = self.bus.client_subject(&direct.target_id);
         let payload = serde_json::to_vec(&direct)
-            .map_err(|e| bus_err(format!("encoding a direct message: {e}")))?;
+            .map_err(|e| bus_error(format!("encoding a direct message: {e}")))?;
         match self.bus.client.request(subject, Bytes::from(payload)).await {
             Ok(reply) => Ok(reply.payload.as_ref() == b"1"),
             Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(false),
-            Err(e) => Err(bus_err(format!("direct message: {e}"))),
+            Err(e) => Err(bus_error(format!("direct message: {e}"))),
         }
     }
 
@@ -73,13 +73,13 @@ impl NatsBroker {
         let direct_tx = self
             .direct_tx
             .get()
-            .ok_or_else(|| bus_err("NatsBroker::start was not called"))?;
+            .ok_or_else(|| bus_error("NatsBroker::start was not called"))?;
         let sub: Subscriber = self
             .bus
             .client
             .subscribe(self.bus.client_subject(&info.client_id))
             .await
-            .map_err(|e| bus_err(format!("subscribing a client: {e}")))?;
+            .map_err(|e| bus_error(format!("subscribing a client: {e}")))?;
         let (tx, rx) = oneshot::channel::<()>();
         // Until `tx` is dropped (unregister), then drained: the server
         // forgets the subject, and requests already on their way are still
@@ -100,7 +100,7 @@ impl NatsBroker {
                 }
             });
         if direct_tx.send(stream.boxed()).is_err() {
-            return Err(bus_err("the NATS direct task has stopped"));
+            return Err(bus_error("the NATS direct task has stopped"));
         }
         self.clients
             .lock_unpoisoned()
@@ -134,12 +134,12 @@ impl NatsBroker {
             timestamp: publication.timestamp,
             data: Some(&publication.data),
         })
-        .map_err(|e| bus_err(format!("encoding a user message: {e}")))?;
+        .map_err(|e| bus_error(format!("encoding a user message: {e}")))?;
         self.bus
             .client
             .publish(self.bus.user_subject(channel), Bytes::from(body))
             .await
-            .map_err(|e| bus_err(format!("publishing a user message: {e}")))?;
+            .map_err(|e| bus_error(format!("publishing a user message: {e}")))?;
         Ok(StreamPosition {
             epoch: NO_EPOCH.into(),
             offset: 0,

@@ -165,12 +165,13 @@ use futures_util::stream::BoxStream;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::bus_error;
 use super::{
     Broker, BrokerHandler, Control, Direct, HistoryOptions, HistoryResult, NewPublication,
     PresenceStore,
 };
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::protocol::is_internal_channel;
 use crate::protocol::{ClientInfo, StreamPosition};
 use presence::LocalChannel;
@@ -233,8 +234,8 @@ pub async fn connect_with(
         });
     let client = tokio::time::timeout(opts.connect_timeout, options.connect(url))
         .await
-        .map_err(|_| bus_err(format!("connecting to NATS at {url} timed out")))?
-        .map_err(|e| bus_err(format!("cannot connect to NATS at {url}: {e}")))?;
+        .map_err(|_| bus_error(format!("connecting to NATS at {url} timed out")))?
+        .map_err(|e| bus_error(format!("cannot connect to NATS at {url}: {e}")))?;
     let mut js = jetstream::new(client.clone());
     js.set_timeout(opts.request_timeout);
     let prefix = config.bus_prefix.clone();
@@ -282,10 +283,6 @@ pub async fn connect_with(
     });
     presence.spawn_refresh();
     Ok((broker, presence))
-}
-
-fn bus_err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
-    Error::Bus(e.into())
 }
 
 /// `s` as one subject token / KV key part: `[A-Za-z0-9_-]` kept, every
@@ -341,7 +338,7 @@ impl Bus {
     fn connected(&self) -> Result<()> {
         match self.client.connection_state() {
             State::Connected => Ok(()),
-            state => Err(bus_err(format!("NATS is not connected ({state:?})"))),
+            state => Err(bus_error(format!("NATS is not connected ({state:?})"))),
         }
     }
 
@@ -354,7 +351,7 @@ impl Bus {
         match self.client.request(subject, Bytes::new()).await {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
-            Err(e) => Err(bus_err(format!("NATS round trip: {e}"))),
+            Err(e) => Err(bus_error(format!("NATS round trip: {e}"))),
         }
     }
 
@@ -423,7 +420,7 @@ impl NatsBroker {
     fn handler(&self) -> Result<&Arc<dyn BrokerHandler>> {
         self.handler
             .get()
-            .ok_or_else(|| bus_err("NatsBroker::start was not called"))
+            .ok_or_else(|| bus_error("NatsBroker::start was not called"))
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use async_nats::jetstream::{consumer, kv, stream};
 use bytes::Bytes;
 
-use super::{Bus, NatsPresence, bus_err, token};
+use super::{Bus, NatsPresence, bus_error, token};
 use crate::error::Result;
 use crate::protocol::ClientInfo;
 use crate::sync::MutexExt;
@@ -51,11 +51,11 @@ impl Bus {
         self.js
             .get_or_create_stream(config)
             .await
-            .map_err(|e| bus_err(format!("JetStream KV bucket {}: {e}", self.bucket_name)))?;
+            .map_err(|e| bus_error(format!("JetStream KV bucket {}: {e}", self.bucket_name)))?;
         self.js
             .get_key_value(&self.bucket_name)
             .await
-            .map_err(|e| bus_err(format!("JetStream KV bucket {}: {e}", self.bucket_name)))
+            .map_err(|e| bus_error(format!("JetStream KV bucket {}: {e}", self.bucket_name)))
     }
 }
 
@@ -69,7 +69,7 @@ impl NatsPresence {
             .js
             .get_key_value(&self.bus.bucket_name)
             .await
-            .map_err(|e| bus_err(format!("presence bucket: {e}")))
+            .map_err(|e| bus_error(format!("presence bucket: {e}")))
     }
 
     /// Write `channel`'s key if it is older than `version` (a concurrent
@@ -100,18 +100,18 @@ impl NatsPresence {
             store
                 .delete(&key)
                 .await
-                .map_err(|e| bus_err(format!("presence delete: {e}")))?;
+                .map_err(|e| bus_error(format!("presence delete: {e}")))?;
             let mut local = self.local.lock_unpoisoned();
             if local.get(channel).is_some_and(|c| c.members.is_empty()) {
                 local.remove(channel);
             }
         } else {
             let value = serde_json::to_vec(&snapshot)
-                .map_err(|e| bus_err(format!("encoding presence: {e}")))?;
+                .map_err(|e| bus_error(format!("encoding presence: {e}")))?;
             store
                 .put(&key, Bytes::from(value))
                 .await
-                .map_err(|e| bus_err(format!("presence put: {e}")))?;
+                .map_err(|e| bus_error(format!("presence put: {e}")))?;
         }
         *written = current;
         Ok(())

@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{Bus, NatsBroker, bus_err};
+use super::{Bus, NatsBroker, bus_error};
 use crate::broker::{Control, HistoryOptions, HistoryResult, NewPublication};
 use crate::error::{Error, Result};
 use crate::ids::random_base36;
@@ -127,7 +127,7 @@ impl Bus {
         self.js
             .get_or_create_stream(config)
             .await
-            .map_err(|e| bus_err(format!("JetStream stream {}: {e}", self.gen_stream_name)))?;
+            .map_err(|e| bus_error(format!("JetStream stream {}: {e}", self.gen_stream_name)))?;
         Ok(())
     }
 
@@ -140,7 +140,7 @@ impl Bus {
                 .ok()
                 .map(|g| (Arc::from(g), m.sequence))),
             Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(bus_err(format!("reading the epoch generation: {e}"))),
+            Err(e) => Err(bus_error(format!("reading the epoch generation: {e}"))),
         }
     }
 
@@ -156,7 +156,7 @@ impl Bus {
             .js
             .publish_with_headers(self.gen_subject(), headers, Bytes::from(random_base36(8)))
             .await
-            .map_err(|e| bus_err(format!("writing the epoch generation: {e}")))?;
+            .map_err(|e| bus_error(format!("writing the epoch generation: {e}")))?;
         match ack.await {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
@@ -166,7 +166,7 @@ impl Bus {
                 self.create_gen_stream().await?;
                 Ok(false)
             }
-            Err(e) => Err(bus_err(format!("writing the epoch generation: {e}"))),
+            Err(e) => Err(bus_error(format!("writing the epoch generation: {e}"))),
         }
     }
 
@@ -175,7 +175,7 @@ impl Bus {
         self.js
             .get_stream_no_info(name)
             .await
-            .map_err(|e| bus_err(format!("stream {name}: {e}")))
+            .map_err(|e| bus_error(format!("stream {name}: {e}")))
     }
 
     /// The newest message of `subject`, `None` when it has none.
@@ -188,7 +188,7 @@ impl Bus {
                 offset: w.offset,
             })),
             Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(bus_err(format!("reading {subject}: {e}"))),
+            Err(e) => Err(bus_error(format!("reading {subject}: {e}"))),
         }
     }
 
@@ -204,7 +204,7 @@ impl Bus {
             .js
             .publish_with_headers(subject.to_string(), headers, Bytes::from(body))
             .await
-            .map_err(|e| bus_err(format!("publishing to {subject}: {e}")))?;
+            .map_err(|e| bus_error(format!("publishing to {subject}: {e}")))?;
         match ack.await {
             Ok(ack) => Ok(Some(ack.sequence)),
             Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
@@ -216,7 +216,7 @@ impl Bus {
                 self.ensure_stream().await?;
                 Ok(None)
             }
-            Err(e) => Err(bus_err(format!("publishing to {subject}: {e}"))),
+            Err(e) => Err(bus_error(format!("publishing to {subject}: {e}"))),
         }
     }
 
@@ -231,7 +231,7 @@ impl Bus {
                 return Ok(current.map_or_else(|| Arc::from(random_base36(8)), |g| g.0));
             }
         }
-        Err(bus_err("epoch generation: too much contention"))
+        Err(bus_error("epoch generation: too much contention"))
     }
 
     /// Publications of `subject` in `head`'s epoch with `lower < offset <=
@@ -259,7 +259,7 @@ impl Bus {
                 let m = match stream.direct_get(seq).await {
                     Ok(m) => m,
                     Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => break,
-                    Err(e) => return Err(bus_err(format!("reading {subject}: {e}"))),
+                    Err(e) => return Err(bus_error(format!("reading {subject}: {e}"))),
                 };
                 let Some(w) = WireIn::parse(&m.payload) else {
                     break;
@@ -310,7 +310,7 @@ impl Bus {
         filter: &str,
         deliver_policy: consumer::DeliverPolicy,
     ) -> Result<Vec<(Option<HeaderMap>, Bytes)>> {
-        let err = |e: &dyn std::fmt::Display| bus_err(format!("reading {filter}: {e}"));
+        let err = |e: &dyn std::fmt::Display| bus_error(format!("reading {filter}: {e}"));
         let stream = self.stream_named(stream_name).await?;
         let consumer = stream
             .create_consumer(consumer::pull::Config {
@@ -458,7 +458,7 @@ impl NatsBroker {
                 timestamp: publication.timestamp,
                 data: Some(&publication.data),
             })
-            .map_err(|e| bus_err(format!("encoding a publication: {e}")))?;
+            .map_err(|e| bus_error(format!("encoding a publication: {e}")))?;
             if let Some(seq) = self.bus.append(&subject, expected, body).await? {
                 let epoch: Arc<str> = Arc::from(epoch);
                 *cached = Some(Head {
@@ -470,7 +470,7 @@ impl NatsBroker {
             }
             // Someone else appended: re-read the head and retry.
         }
-        Err(bus_err(format!("{channel}: too much publish contention")))
+        Err(bus_error(format!("{channel}: too much publish contention")))
     }
 
     /// Send a broadcast, join or leave on core NATS (the body of
@@ -498,11 +498,11 @@ impl NatsBroker {
             }),
             other => serde_json::to_vec(other),
         }
-        .map_err(|e| bus_err(format!("encoding a control message: {e}")))?;
+        .map_err(|e| bus_error(format!("encoding a control message: {e}")))?;
         self.bus
             .client
             .publish(subject, Bytes::from(payload))
             .await
-            .map_err(|e| bus_err(format!("publishing a control message: {e}")))
+            .map_err(|e| bus_error(format!("publishing a control message: {e}")))
     }
 }

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::direct::NO_EPOCH;
 use super::publish::{WireBroadcast, WireIn};
-use super::{Bus, NatsBroker, bus_err};
+use super::{Bus, NatsBroker, bus_error};
 use crate::broker::{BrokerHandler, Control};
 use crate::error::Result;
 use crate::protocol::StreamPosition;
@@ -72,11 +72,11 @@ impl Bus {
             .js
             .get_or_create_stream(wanted.clone())
             .await
-            .map_err(|e| bus_err(format!("JetStream stream {}: {e}", self.stream_name)))?;
+            .map_err(|e| bus_error(format!("JetStream stream {}: {e}", self.stream_name)))?;
         let info = stream
             .info()
             .await
-            .map_err(|e| bus_err(format!("JetStream stream {}: {e}", self.stream_name)))?;
+            .map_err(|e| bus_error(format!("JetStream stream {}: {e}", self.stream_name)))?;
         let have = &info.config;
         if have.max_messages_per_subject != wanted.max_messages_per_subject
             || have.max_age != wanted.max_age
@@ -95,7 +95,7 @@ impl Bus {
             self.js
                 .update_stream(updated)
                 .await
-                .map_err(|e| bus_err(format!("updating stream {}: {e}", self.stream_name)))?;
+                .map_err(|e| bus_error(format!("updating stream {}: {e}", self.stream_name)))?;
         }
         Ok(())
     }
@@ -109,7 +109,7 @@ impl NatsBroker {
             .client
             .subscribe(bus.broadcast_subject())
             .await
-            .map_err(|e| bus_err(format!("subscribing to broadcasts: {e}")))?;
+            .map_err(|e| bus_error(format!("subscribing to broadcasts: {e}")))?;
         let handler = handler.clone();
         let stop = self.shutdown.clone();
         tokio::spawn(async move {
@@ -205,7 +205,7 @@ impl NatsBroker {
             .client
             .subscribe(bus.live_subjects(channel))
             .await
-            .map_err(|e| bus_err(format!("subscribing to {channel}: {e}")))?;
+            .map_err(|e| bus_error(format!("subscribing to {channel}: {e}")))?;
         // The head is read by a request sent after the SUB on the same
         // connection, so the server has the subscription by then: every
         // later publication arrives live. A user channel has no head: a

@@ -146,6 +146,7 @@ use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::bus_error;
 use super::history::Store;
 use super::{
     Broker, BrokerHandler, Control, Direct, HistoryOptions, HistoryResult, NewPublication,
@@ -201,13 +202,9 @@ pub enum PubSubError {
     Codec(#[from] serde_json::Error),
 }
 
-fn bus(e: PubSubError) -> Error {
-    Error::Bus(Box::new(e))
-}
-
 fn rpc(op: &'static str) -> impl FnOnce(Status) -> Error {
     move |status| {
-        bus(PubSubError::Rpc {
+        bus_error(PubSubError::Rpc {
             op,
             status: Box::new(status),
         })
@@ -416,7 +413,7 @@ pub async fn connect_typed(
     crate::auth::init_crypto();
     match tokio::time::timeout(CONNECT_TIMEOUT, connect_inner(project, config)).await {
         Ok(r) => r,
-        Err(_) => Err(bus(PubSubError::Timeout("connect"))),
+        Err(_) => Err(bus_error(PubSubError::Timeout("connect"))),
     }
 }
 

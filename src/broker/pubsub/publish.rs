@@ -15,7 +15,7 @@ use gcloud_gax::grpc::Code;
 use gcloud_googleapis::pubsub::v1::PubsubMessage;
 use tokio::sync::oneshot;
 
-use super::{Body, Inner, PubSubError, ROUND_TRIP_TIMEOUT, RPC_TIMEOUT, Wire, bus, retry};
+use super::{Body, Inner, PubSubError, ROUND_TRIP_TIMEOUT, RPC_TIMEOUT, Wire, bus_error, retry};
 use crate::broker::{BrokerHandler, Control, HistoryOptions, NewPublication};
 use crate::error::Result;
 use crate::protocol::StreamPosition;
@@ -37,7 +37,7 @@ impl Inner {
             id,
             body,
         };
-        let data = serde_json::to_vec(&wire).map_err(|e| bus(e.into()))?;
+        let data = serde_json::to_vec(&wire).map_err(|e| bus_error(PubSubError::from(e)))?;
         let msg = PubsubMessage {
             data,
             ordering_key: key,
@@ -59,7 +59,7 @@ impl Inner {
             Err(e) => {
                 self.publish_failures.fetch_add(1, Ordering::Relaxed);
                 self.publish_ok.store(false, Ordering::Relaxed);
-                Err(bus(e))
+                Err(bus_error(e))
             }
         }
     }
@@ -93,10 +93,12 @@ impl Inner {
         }
         match tokio::time::timeout(ROUND_TRIP_TIMEOUT, rx).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(bus(PubSubError::Closed)),
+            Ok(Err(_)) => Err(bus_error(PubSubError::Closed)),
             Err(_) => {
                 self.waiters.lock_unpoisoned().remove(&id);
-                Err(bus(PubSubError::Timeout("own announcement round trip")))
+                Err(bus_error(PubSubError::Timeout(
+                    "own announcement round trip",
+                )))
             }
         }
     }
@@ -125,10 +127,12 @@ impl Inner {
         }
         match tokio::time::timeout(ROUND_TRIP_TIMEOUT, rx).await {
             Ok(Ok(pos)) => Ok(pos),
-            Ok(Err(_)) => Err(bus(PubSubError::Closed)),
+            Ok(Err(_)) => Err(bus_error(PubSubError::Closed)),
             Err(_) => {
                 self.pending.lock_unpoisoned().remove(&id);
-                Err(bus(PubSubError::Timeout("own publication round trip")))
+                Err(bus_error(PubSubError::Timeout(
+                    "own publication round trip",
+                )))
             }
         }
     }

@@ -23,10 +23,11 @@ use tokio_util::sync::CancellationToken;
 use super::presence::Remote;
 use super::{
     Body, DEDUPE_MAX, DEDUPE_WINDOW, Guard, Inner, PubSubBroker, PubSubError, PubSubPresence,
-    RPC_TIMEOUT, Wire, bus, retry, rpc,
+    RPC_TIMEOUT, Wire, bus_error, retry, rpc,
 };
 use crate::broker::BrokerHandler;
 use crate::broker::history::{HistoryLimits, Store};
+use crate::broker::retry::Backoff;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::ids::random_base36;
@@ -36,9 +37,9 @@ use crate::sync::MutexExt;
 /// The receive stream of a streaming pull.
 type PullStream = gcloud_gax::grpc::Streaming<gcloud_googleapis::pubsub::v1::StreamingPullResponse>;
 
-/// Reconnection backoff bounds.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Reconnection delays: 100 ms doubling per failed attempt to 2 s (no
+/// jitter).
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
 
 /// `PROJECT[?emulator=HOST:PORT]` → project and emulator override.
 pub(super) fn parse_project(spec: &str) -> (String, Option<String>) {
@@ -108,11 +109,11 @@ pub(super) async fn connect_inner(
         Environment::GoogleCloud(_) => cc
             .with_auth()
             .await
-            .map_err(|e| bus(PubSubError::Client(format!("credentials: {e}"))))?,
+            .map_err(|e| bus_error(PubSubError::Client(format!("credentials: {e}"))))?,
     };
     let client = Client::new(cc)
         .await
-        .map_err(|e| bus(PubSubError::Client(e.to_string())))?;
+        .map_err(|e| bus_error(PubSubError::Client(e.to_string())))?;
     let topic = client.topic(&config.pubsub_topic);
     let publisher = topic.new_publisher(Some(PublisherConfig {
         workers: 1,
@@ -241,7 +242,7 @@ impl Inner {
             subc.streaming_pull(req, Duration::from_secs(10), Some(retry())),
         )
         .await
-        .map_err(|_| bus(PubSubError::Timeout("streaming pull")))?
+        .map_err(|_| bus_error(PubSubError::Timeout("streaming pull")))?
         .map_err(rpc("streaming pull"))?;
         Ok(resp.into_inner())
     }
@@ -379,14 +380,14 @@ impl Inner {
     /// The receive loop: read, and on failure reconnect with backoff.
     async fn receive_loop(self: Arc<Self>, first: PullStream) {
         self.read(first).await;
-        let mut backoff = BACKOFF_MIN;
+        let mut attempt = 0u32;
         while !self.shutdown.is_cancelled() {
             self.stream_up.store(false, Ordering::Relaxed);
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(BACKOFF.delay(attempt)) => {}
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            attempt = attempt.saturating_add(1);
             let lost = match self.ensure_subscription(false).await {
                 Ok(lost) => lost,
                 Err(e) => {
@@ -398,7 +399,7 @@ impl Inner {
                 Ok(stream) => {
                     tracing::info!(recreated = lost, "pub/sub stream re-established");
                     self.on_stream_up(lost);
-                    backoff = BACKOFF_MIN;
+                    attempt = 0;
                     self.read(stream).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "pub/sub stream not re-established"),
@@ -439,7 +440,7 @@ impl Inner {
             Ok(Ok(())) => Ok(()),
             Ok(Err(s)) if s.code() == Code::NotFound => Ok(()),
             Ok(Err(s)) => Err(rpc("delete subscription")(s)),
-            Err(_) => Err(bus(PubSubError::Timeout("delete subscription"))),
+            Err(_) => Err(bus_error(PubSubError::Timeout("delete subscription"))),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! (`P:client:<client id>` → instance id) that routes them to the
 //! instance holding the target.
 
-use super::{Direct, Inner, bus_err};
+use super::{Direct, Inner, bus_error};
 use crate::error::Result;
 use crate::protocol::ClientInfo;
 use crate::sync::MutexExt;
@@ -21,20 +21,20 @@ impl Inner {
             .arg(self.keys.client(&direct.target_id))
             .query_async(&mut conn)
             .await
-            .map_err(bus_err)?;
+            .map_err(bus_error)?;
         let Some(instance) = instance else {
             return Ok(false);
         };
         if instance == self.instance_id {
             return Ok(false); // it was here, and is gone
         }
-        let payload = format!("d {}", serde_json::to_string(&direct).map_err(bus_err)?);
+        let payload = format!("d {}", serde_json::to_string(&direct).map_err(bus_error)?);
         let receivers: u64 = redis::cmd("PUBLISH")
             .arg(self.keys.instance(&instance))
             .arg(payload)
             .query_async(&mut conn)
             .await
-            .map_err(bus_err)?;
+            .map_err(bus_error)?;
         Ok(receivers > 0)
     }
 
@@ -71,7 +71,7 @@ impl Inner {
             .arg(self.keys.client(client_id))
             .query_async(&mut conn)
             .await
-            .map_err(bus_err)?;
+            .map_err(bus_error)?;
         Ok(())
     }
 }

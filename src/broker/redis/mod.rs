@@ -131,6 +131,7 @@ use redis::{AsyncConnectionConfig, Script};
 use tokio_util::sync::CancellationToken;
 
 use self::supervise::{Connected, Subscriptions};
+use super::bus_error;
 use super::{
     Broker, BrokerHandler, Control, Direct, HistoryOptions, HistoryResult, NewPublication,
     PresenceStore,
@@ -146,11 +147,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest one command may take before the connection counts as broken.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// A failed Redis operation as the crate's typed bus error.
-fn bus_err(e: impl std::error::Error + Send + Sync + 'static) -> Error {
-    Error::Bus(Box::new(e))
-}
 
 /// The error of an operation attempted while Redis is unreachable.
 #[derive(Debug, thiserror::Error)]
@@ -277,7 +273,7 @@ impl Inner {
         self.cmd
             .read_unpoisoned()
             .clone()
-            .ok_or_else(|| bus_err(Disconnected))
+            .ok_or_else(|| bus_error(Disconnected))
     }
 
     fn handler(&self) -> Option<&Arc<dyn BrokerHandler>> {

@@ -2,7 +2,7 @@
 //! expiries per channel (`P:pr:{ch}:members`, `P:pr:{ch}:expiry`), and
 //! the local members the heartbeat rewrites.
 
-use super::{Inner, bus_err};
+use super::{Inner, bus_error};
 use crate::error::Result;
 use crate::protocol::ClientInfo;
 use crate::sync::MutexExt;
@@ -17,7 +17,7 @@ impl Inner {
             .or_default()
             .insert(info.client_id.clone(), info.clone());
         let mut conn = self.conn()?;
-        let json = serde_json::to_string(info).map_err(bus_err)?;
+        let json = serde_json::to_string(info).map_err(bus_error)?;
         let _: i64 = self
             .scripts
             .presence_add
@@ -28,7 +28,7 @@ impl Inner {
             .arg(self.ttl_ms())
             .invoke_async(&mut conn)
             .await
-            .map_err(bus_err)?;
+            .map_err(bus_error)?;
         Ok(())
     }
 
@@ -55,7 +55,7 @@ impl Inner {
             .ignore()
             .exec_async(&mut conn)
             .await
-            .map_err(bus_err)
+            .map_err(bus_error)
     }
 
     /// `PresenceStore::members`: the live members, sorted by client id,
@@ -69,10 +69,10 @@ impl Inner {
             .key(self.keys.expiry(channel))
             .invoke_async(&mut conn)
             .await
-            .map_err(bus_err)?;
+            .map_err(bus_error)?;
         let mut members = raw
             .iter()
-            .map(|s| serde_json::from_str::<ClientInfo>(s).map_err(bus_err))
+            .map(|s| serde_json::from_str::<ClientInfo>(s).map_err(bus_error))
             .collect::<Result<Vec<_>>>()?;
         members.sort_by(|a, b| a.client_id.cmp(&b.client_id));
         Ok(members)

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{Control, Direct, HistoryOptions, HistoryResult, Inner, NewPublication, bus_err};
+use super::{Control, Direct, HistoryOptions, HistoryResult, Inner, NewPublication, bus_error};
 use crate::error::Result;
 use crate::ids::random_base36;
 use crate::protocol::is_internal_channel;
@@ -45,7 +45,7 @@ impl Inner {
             sender_id: publication.sender_id,
             timestamp: publication.timestamp,
         })
-        .map_err(bus_err)?;
+        .map_err(bus_error)?;
         if is_internal_channel(channel) {
             // A user-addressed direct message: at most once, no history,
             // no offset, no key; only the instances holding the user's
@@ -55,7 +55,7 @@ impl Inner {
                 .arg(format!("p {NO_EPOCH} 0 {body}"))
                 .query_async(&mut conn)
                 .await
-                .map_err(bus_err)?;
+                .map_err(bus_error)?;
             return Ok(StreamPosition {
                 epoch: NO_EPOCH.into(),
                 offset: 0,
@@ -78,7 +78,7 @@ impl Inner {
             .arg(random_base36(8))
             .invoke_async(&mut conn)
             .await
-            .map_err(bus_err)?;
+            .map_err(bus_error)?;
         Ok(StreamPosition {
             epoch: epoch.into(),
             offset,
@@ -101,11 +101,11 @@ impl Inner {
                     sender_id,
                     timestamp,
                 };
-                let json = serde_json::to_string(&body).map_err(bus_err)?;
+                let json = serde_json::to_string(&body).map_err(bus_error)?;
                 (self.keys.all.clone(), format!("b {json}"))
             }
             Control::Join { ref channel, .. } | Control::Leave { ref channel, .. } => {
-                let json = serde_json::to_string(&control).map_err(bus_err)?;
+                let json = serde_json::to_string(&control).map_err(bus_error)?;
                 (self.keys.topic(channel), format!("c {json}"))
             }
         };
@@ -115,7 +115,7 @@ impl Inner {
             .arg(payload)
             .query_async(&mut conn)
             .await
-            .map_err(bus_err)?;
+            .map_err(bus_error)?;
         Ok(())
     }
 
@@ -145,10 +145,10 @@ impl Inner {
             .arg(history.size)
             .invoke_async(&mut conn)
             .await
-            .map_err(bus_err)?;
+            .map_err(bus_error)?;
         let mut publications = Vec::with_capacity(entries.len());
         for (offset, body) in entries {
-            let body: Body = serde_json::from_str(&body).map_err(bus_err)?;
+            let body: Body = serde_json::from_str(&body).map_err(bus_error)?;
             publications.push(Publication {
                 offset,
                 data: body.data,

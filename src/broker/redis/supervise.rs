@@ -14,17 +14,17 @@ use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
 
 use super::{
     BrokerHandler, CONNECT_TIMEOUT, DIAL_TIMEOUT, Disconnected, HistoryOptions, Inner,
-    RESPONSE_TIMEOUT, RedisBroker, bus_err,
+    RESPONSE_TIMEOUT, RedisBroker, bus_error,
 };
+use crate::broker::retry::Backoff;
 use crate::error::{Error, Result};
 use crate::ids::random_base36;
 use crate::protocol::ClientInfo;
 use crate::sync::{MutexExt, RwLockExt};
 
-/// First reconnection delay; doubled per failed attempt.
-pub(super) const BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// Longest reconnection delay.
-pub(super) const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Reconnection delays: 100 ms doubling per failed attempt to 5 s, with
+/// ±50 % jitter.
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 
 /// The pub/sub side: the subscribing half of the connection and the
 /// channels to keep subscribed across reconnections.
@@ -93,19 +93,19 @@ impl Inner {
                 .get_multiplexed_async_connection_with_config(&self.conn_config),
         )
         .await
-        .map_err(bus_err)?
-        .map_err(bus_err)?;
+        .map_err(bus_error)?
+        .map_err(bus_error)?;
         let pubsub = tokio::time::timeout(DIAL_TIMEOUT, self.client.get_async_pubsub())
             .await
-            .map_err(bus_err)?
-            .map_err(bus_err)?;
+            .map_err(bus_error)?
+            .map_err(bus_error)?;
         let (sink, stream) = pubsub.split();
         let mut c = cmd.clone();
         let _: String =
             tokio::time::timeout(RESPONSE_TIMEOUT, redis::cmd("PING").query_async(&mut c))
                 .await
-                .map_err(bus_err)?
-                .map_err(bus_err)?;
+                .map_err(bus_error)?
+                .map_err(bus_error)?;
         Ok(Connected { cmd, sink, stream })
     }
 
@@ -118,11 +118,11 @@ impl Inner {
             return Ok(());
         }
         let topic = self.keys.topic(channel);
-        let sink = subs.sink.as_mut().ok_or_else(|| bus_err(Disconnected))?;
+        let sink = subs.sink.as_mut().ok_or_else(|| bus_error(Disconnected))?;
         tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(&topic))
             .await
-            .map_err(bus_err)?
-            .map_err(bus_err)?;
+            .map_err(bus_error)?
+            .map_err(bus_error)?;
         subs.channels.insert(channel.to_string(), 1);
         Ok(())
     }
@@ -174,7 +174,7 @@ impl Inner {
         let (secs, micros): (u64, u64) = redis::cmd("TIME")
             .query_async(&mut conn)
             .await
-            .map_err(bus_err)?;
+            .map_err(bus_error)?;
         let expire_at = secs * 1000 + micros / 1000 + ttl;
         // Chunks keep each pipeline (and the memory it needs) bounded.
         let mut pipe = redis::pipe();
@@ -195,7 +195,7 @@ impl Inner {
                 .ignore();
             queued += 1;
             if queued >= 512 {
-                pipe.exec_async(&mut conn).await.map_err(bus_err)?;
+                pipe.exec_async(&mut conn).await.map_err(bus_error)?;
                 pipe = redis::pipe();
                 queued = 0;
             }
@@ -203,7 +203,7 @@ impl Inner {
         for (channel, members) in &presence {
             let (mkey, ekey) = (self.keys.members(channel), self.keys.expiry(channel));
             for info in members {
-                let json = serde_json::to_string(info).map_err(bus_err)?;
+                let json = serde_json::to_string(info).map_err(bus_error)?;
                 pipe.cmd("HSET")
                     .arg(&mkey)
                     .arg(&*info.client_id)
@@ -219,12 +219,12 @@ impl Inner {
             pipe.cmd("PEXPIRE").arg(&mkey).arg(ttl).ignore();
             pipe.cmd("PEXPIRE").arg(&ekey).arg(ttl).ignore();
             if queued >= 512 {
-                pipe.exec_async(&mut conn).await.map_err(bus_err)?;
+                pipe.exec_async(&mut conn).await.map_err(bus_error)?;
                 pipe = redis::pipe();
                 queued = 0;
             }
         }
-        pipe.exec_async(&mut conn).await.map_err(bus_err)
+        pipe.exec_async(&mut conn).await.map_err(bus_error)
     }
 
     /// After a reconnection: fill each local channel's gap from history, or
@@ -285,8 +285,8 @@ impl Inner {
             topics.extend(subs.channels.keys().map(|c| self.keys.topic(c)));
             tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(&topics))
                 .await
-                .map_err(bus_err)?
-                .map_err(bus_err)?;
+                .map_err(bus_error)?
+                .map_err(bus_error)?;
             subs.sink = Some(sink);
         }
         self.heartbeat().await?;
@@ -333,7 +333,7 @@ impl Inner {
                 Err(e) => {
                     self.teardown().await;
                     after_outage = true;
-                    let delay = backoff(attempt);
+                    let delay = BACKOFF.jittered(attempt);
                     attempt = attempt.saturating_add(1);
                     tracing::warn!(error = %e, retry_in = ?delay, "redis bus unreachable");
                     tokio::select! {
@@ -364,12 +364,4 @@ impl Inner {
             after_outage = true;
         }
     }
-}
-
-/// Exponential backoff with ±50 % jitter.
-pub(super) fn backoff(attempt: u32) -> Duration {
-    let base = BACKOFF_MIN
-        .saturating_mul(1u32 << attempt.min(10))
-        .min(BACKOFF_MAX);
-    base.mul_f64(0.5 + fastrand::f64())
 }

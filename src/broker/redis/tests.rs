@@ -1,8 +1,7 @@
-//! Unit tests of the Redis bus that need no Redis: key and topic names,
-//! the reconnection backoff. The bus itself is tested against a Redis
-//! server by `tests/bus_redis.rs`.
+//! Unit tests of the Redis bus that need no Redis: key and topic names
+//! (the reconnection backoff is tested in `broker::retry`). The bus itself
+//! is tested against a Redis server by `tests/bus_redis.rs`.
 
-use super::supervise::{BACKOFF_MAX, BACKOFF_MIN, backoff};
 use super::*;
 
 #[test]
@@ -13,15 +12,4 @@ fn topics_round_trip_channel_names() {
     assert_eq!(k.channel_of(&t), Some("chat:room/1"));
     assert_eq!(k.channel_of("p:all"), None);
     assert_eq!(k.meta("c"), "p:ch:{c}:meta");
-}
-
-#[test]
-fn backoff_grows_and_is_capped() {
-    for attempt in 0..20 {
-        let d = backoff(attempt);
-        assert!(
-            d >= BACKOFF_MIN / 2 && d <= BACKOFF_MAX.mul_f64(1.5),
-            "{d:?}"
-        );
-    }
 }
