@@ -9,6 +9,10 @@
 //! Incoming traffic reaches the node through [`BrokerHandler`]. The
 //! in-memory implementation ([`memory`]) is the default and serves one
 //! instance.
+//!
+//! Shared by the external buses: `bus_error` turns any failure into the
+//! typed `Error::Bus`, and `retry::Backoff` gives the reconnection delays
+//! (each bus with its own bounds; NATS leaves reconnection to async-nats).
 
 pub mod history;
 pub mod memory;

@@ -93,9 +93,10 @@
 //! is counted ([`PubSubBroker::publish_failures`]) and turns the instance
 //! unready; `/readyz` follows [`Broker::is_ready`]: the receive stream is up
 //! and the last publish succeeded. The receive loop reconnects with
-//! backoff (100 ms doubling to 2 s), recreates the topic and subscription
-//! if they are gone, and says hello again. Local clients keep being served
-//! meanwhile (new connections are refused: they cannot be registered).
+//! backoff (`broker::retry::Backoff`: 100 ms doubling to 2 s, no jitter),
+//! recreates the topic and subscription if they are gone, and says hello
+//! again. Local clients keep being served meanwhile (new connections are
+//! refused: they cannot be registered).
 //!
 //! * If the subscription survived (a network partition), Pub/Sub kept the
 //!   messages: they arrive after the reconnection, in order, no gap.

@@ -85,18 +85,18 @@
 //!
 //! A supervisor task owns the pub/sub connection. When it breaks (or a
 //! heartbeat write fails) the instance turns unready (`/readyz` 503) and
-//! reconnects with exponential backoff (100 ms doubling to 5 s, ±50 %
-//! jitter). Meanwhile local clients stay connected; operations that need
-//! Redis (publish, broadcast, direct to another instance, presence,
-//! history, subscribing a new channel) fail with `Error::Bus`, which the
-//! client sees as `bus_unavailable`, and the node counts failed publishes.
-//! Once back, the supervisor resubscribes every channel, rewrites the
-//! directory and presence entries, then for each locally subscribed channel
-//! replays the history after the last delivered position through the
-//! handler (sessions drop what they already have by offset), or calls
-//! `resync_failed` when the epoch changed or history no longer holds the
-//! whole gap. Only then is the instance ready again. At start-up an
-//! unreachable Redis is an error within [`CONNECT_TIMEOUT`].
+//! reconnects with exponential backoff (`broker::retry::Backoff`: 100 ms
+//! doubling to 5 s, ±50 % jitter). Meanwhile local clients stay connected;
+//! operations that need Redis (publish, broadcast, direct to another
+//! instance, presence, history, subscribing a new channel) fail with
+//! `Error::Bus`, which the client sees as `bus_unavailable`, and the node
+//! counts failed publishes. Once back, the supervisor resubscribes every
+//! channel, rewrites the directory and presence entries, then for each
+//! locally subscribed channel replays the history after the last delivered
+//! position through the handler (sessions drop what they already have by
+//! offset), or calls `resync_failed` when the epoch changed or history no
+//! longer holds the whole gap. Only then is the instance ready again. At
+//! start-up an unreachable Redis is an error within [`CONNECT_TIMEOUT`].
 //!
 //! # Files
 //!
