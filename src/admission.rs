@@ -531,15 +531,4 @@ mod tests {
             .expect("released")
             .unwrap();
     }
-
-    #[test]
-    fn the_counted_session_task_fits_a_256_byte_cell() {
-        // What server::upgrade spawns (see session::size_budget).
-        type Task = Counted<crate::session::Live<crate::ws::WebSocket>>;
-        assert!(
-            std::mem::size_of::<Task>() <= 152,
-            "connection task future is {} bytes",
-            std::mem::size_of::<Task>()
-        );
-    }
 }

@@ -174,9 +174,10 @@ mod size_budget {
 
     #[test]
     fn the_idle_connection_task_fits_a_256_byte_cell() {
-        // What server::upgrade spawns: the session, tracked for shutdown
-        // (the set-up future and the tracker token fit in its niches).
-        type Task = tokio_util::task::task_tracker::TrackedFuture<Live<WebSocket>>;
+        // What server::upgrade spawns: the session, holding its
+        // per-address permit (which shutdown also waits for) in place of a
+        // task-tracker token; the set-up future fits in its niches.
+        type Task = crate::admission::Counted<Live<WebSocket>>;
         assert!(
             size_of::<Task>() <= 152,
             "connection task future is {} bytes",
