@@ -36,7 +36,11 @@ async fn main() -> switchboard::Result<()> {
                 switchboard::protocol::now_ms()
             );
             let data: Arc<RawValue> = Arc::from(RawValue::from_string(text).expect("valid JSON"));
-            if let Err(e) = publisher.publish(None, "chat:lobby", data).await {
+            let published = match publisher.channel("chat:lobby") {
+                Ok(lobby) => publisher.publish(None, lobby, data).await,
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = published {
                 eprintln!("publish failed: {e}");
             }
         }

@@ -272,7 +272,8 @@ async fn publish(
     ApiJson(body): ApiJson<PublishBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     // The server API may publish even where clients may not.
-    let pos = node.publish(None, &body.channel, body.data.into()).await?;
+    let channel = node.channel(&body.channel).map_err(Error::from)?;
+    let pos = node.publish(None, channel, body.data.into()).await?;
     Ok(Json(json!({
         "channel": body.channel,
         "offset": pos.offset,
@@ -325,7 +326,8 @@ async fn presence(
     channel: Result<Path<String>, PathRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Path(channel) = channel.map_err(|r| ApiError::invalid(r.body_text()))?;
-    let members = node.presence(&channel).await?;
+    let ch = node.channel(&channel).map_err(Error::from)?;
+    let members = node.presence(ch).await?;
     Ok(Json(json!({
         "channel": channel,
         "count": members.len(),

@@ -76,7 +76,11 @@ pub async fn publish_metrics(node: Node, shutdown: CancellationToken) {
             Ok(raw) => Arc::from(raw),
             Err(_) => continue,
         };
-        if let Err(e) = node.publish(None, METRICS_CHANNEL, data).await {
+        let published = match node.channel(METRICS_CHANNEL) {
+            Ok(channel) => node.publish(None, channel, data).await,
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = published {
             tracing::warn!(error = %e, "publishing dashboard metrics failed");
         }
     }

@@ -28,6 +28,18 @@ fn user_channel(user_id: &str) -> Arc<str> {
     format!("{USER_CHANNEL_PREFIX}{user_id}").into()
 }
 
+/// A channel resolved for one request: its checked name and its
+/// namespace's options. Made once per request by [`Node::channel`] and
+/// handed to every node operation the request needs, so the namespace is
+/// looked up once, not once per step.
+#[derive(Clone, Copy)]
+pub struct Channel<'a> {
+    /// The channel's name, as the request gave it (already validated).
+    pub name: &'a str,
+    /// The options of the channel's namespace.
+    pub opts: &'a NamespaceOptions,
+}
+
 /// A handle to the node; clones share everything.
 #[derive(Clone)]
 pub struct Node {
@@ -296,7 +308,7 @@ impl Node {
     /// Forget a connection: leave each of its channels, then the hub.
     pub async fn unregister(&self, client: &Arc<ClientHandle>, channels: Vec<Arc<str>>) {
         for channel in channels {
-            if let Err(e) = self.unsubscribe(client, &channel).await {
+            if let Err(e) = self.leave(client, &channel).await {
                 tracing::warn!(client = %client.id(), %channel, error = %e, "cleanup of a subscription failed");
             }
         }
@@ -314,15 +326,20 @@ impl Node {
         }
     }
 
-    /// The options of `channel`'s namespace, after checking its name.
-    pub fn channel_options(&self, channel: &str) -> Result<&NamespaceOptions, ClientError> {
+    /// Resolve `channel` for a request: check its name and find its
+    /// namespace's options (an error when the namespace is not configured).
+    pub fn channel<'a>(&'a self, channel: &'a str) -> Result<Channel<'a>, ClientError> {
         protocol::validate_channel(channel)?;
-        self.shared.config.namespace_of(channel).ok_or_else(|| {
-            ClientError::new(
+        match self.shared.config.namespace_of(channel) {
+            Some(opts) => Ok(Channel {
+                name: channel,
+                opts,
+            }),
+            None => Err(ClientError::new(
                 ErrorCode::UnknownNamespace,
                 format!("the namespace of {channel:?} is not configured"),
-            )
-        })
+            )),
+        }
     }
 
     fn history_options(opts: &NamespaceOptions) -> HistoryOptions {
@@ -438,9 +455,14 @@ impl Node {
     }
 
     /// Subscribe a local client: the hub index, the bus (first local
-    /// subscriber), presence and the `join` event.
-    pub async fn subscribe(&self, client: &Arc<ClientHandle>, channel: &Arc<str>) -> Result<()> {
-        let opts = self.channel_options(channel)?.clone();
+    /// subscriber), presence and the `join` event. `opts` are the
+    /// channel's, from [`Node::channel`].
+    pub async fn subscribe(
+        &self,
+        client: &Arc<ClientHandle>,
+        channel: &Arc<str>,
+        opts: &NamespaceOptions,
+    ) -> Result<()> {
         if self.shared.hub.subscribe(channel, client) {
             if let Err(e) = self.shared.broker.subscribe(channel).await {
                 self.shared.hub.unsubscribe(channel, client.id());
@@ -463,11 +485,15 @@ impl Node {
     }
 
     /// Undo [`subscribe`](Node::subscribe), sending `leave`.
-    pub async fn unsubscribe(&self, client: &Arc<ClientHandle>, channel: &Arc<str>) -> Result<()> {
+    pub async fn unsubscribe(
+        &self,
+        client: &Arc<ClientHandle>,
+        channel: &Arc<str>,
+        opts: &NamespaceOptions,
+    ) -> Result<()> {
         if self.shared.hub.unsubscribe(channel, client.id()) {
             self.shared.broker.unsubscribe(channel).await?;
         }
-        let opts = self.channel_options(channel)?;
         if opts.presence {
             self.shared.presence.remove(channel, client.id()).await?;
             if opts.join_leave {
@@ -483,25 +509,31 @@ impl Node {
         Ok(())
     }
 
+    /// [`unsubscribe`](Node::unsubscribe) from a channel the client holds,
+    /// resolving it first: the cleanup paths (close, revoked grants).
+    pub(crate) async fn leave(&self, client: &Arc<ClientHandle>, channel: &Arc<str>) -> Result<()> {
+        let ch = self.channel(channel)?;
+        self.unsubscribe(client, channel, ch.opts).await
+    }
+
     /// Publish into a channel; returns the publication's position.
     pub async fn publish(
         &self,
         sender_id: Option<Arc<str>>,
-        channel: &str,
+        channel: Channel<'_>,
         data: Arc<RawValue>,
     ) -> Result<StreamPosition> {
-        let opts = self.channel_options(channel)?;
         let r = self
             .shared
             .broker
             .publish(
-                channel,
+                channel.name,
                 NewPublication {
                     data,
                     sender_id,
                     timestamp: protocol::now_ms(),
                 },
-                Self::history_options(opts),
+                Self::history_options(channel.opts),
             )
             .await;
         let position = self.count_bus_error(r)?;
@@ -512,39 +544,38 @@ impl Node {
     /// Publications after `since` (at most `limit`) and the channel's top.
     pub async fn history(
         &self,
-        channel: &str,
+        channel: Channel<'_>,
         since: Option<&StreamPosition>,
         limit: Option<usize>,
     ) -> Result<HistoryResult> {
-        let opts = self.channel_options(channel)?;
+        let Channel { name, opts } = channel;
         if opts.history_size == 0 {
             return Err(ClientError::new(
                 ErrorCode::HistoryDisabled,
-                format!("history is off for {channel:?}"),
+                format!("history is off for {name:?}"),
             )
             .into());
         }
         let limit = limit.unwrap_or(opts.history_size).min(opts.history_size);
         self.shared
             .broker
-            .history(channel, since, limit, Self::history_options(opts))
+            .history(name, since, limit, Self::history_options(opts))
             .await
     }
 
     /// The channel's current top.
-    pub async fn position(&self, channel: &str) -> Result<StreamPosition> {
-        let opts = self.channel_options(channel)?;
+    pub async fn position(&self, channel: Channel<'_>) -> Result<StreamPosition> {
         let h = self
             .shared
             .broker
-            .history(channel, None, 0, Self::history_options(opts))
+            .history(channel.name, None, 0, Self::history_options(channel.opts))
             .await?;
         Ok(h.top)
     }
 
     /// Whether `channel` has a stream (its top offset is above 0). A read
     /// that creates nothing: the creation limit asks it before a publish.
-    pub async fn channel_exists(&self, channel: &str) -> Result<bool> {
+    pub async fn channel_exists(&self, channel: Channel<'_>) -> Result<bool> {
         Ok(self.position(channel).await?.offset > 0)
     }
 
@@ -553,19 +584,14 @@ impl Node {
     /// — nothing partial is passed off as complete.
     pub async fn recover(
         &self,
-        channel: &str,
+        channel: Channel<'_>,
         since: &StreamPosition,
     ) -> Result<(Vec<Publication>, StreamPosition, bool)> {
-        let opts = self.channel_options(channel)?;
+        let Channel { name, opts } = channel;
         let h = self
             .shared
             .broker
-            .history(
-                channel,
-                Some(since),
-                usize::MAX,
-                Self::history_options(opts),
-            )
+            .history(name, Some(since), usize::MAX, Self::history_options(opts))
             .await?;
         if opts.history_size > 0 && h.covers(since, None) {
             Ok((h.publications, h.top, true))
@@ -575,16 +601,16 @@ impl Node {
     }
 
     /// Members of `channel` on every instance.
-    pub async fn presence(&self, channel: &str) -> Result<Vec<ClientInfo>> {
-        let opts = self.channel_options(channel)?;
+    pub async fn presence(&self, channel: Channel<'_>) -> Result<Vec<ClientInfo>> {
+        let Channel { name, opts } = channel;
         if !opts.presence {
             return Err(ClientError::new(
                 ErrorCode::PresenceDisabled,
-                format!("presence is off for {channel:?}"),
+                format!("presence is off for {name:?}"),
             )
             .into());
         }
-        self.shared.presence.members(channel).await
+        self.shared.presence.members(name).await
     }
 
     /// Release the bus.

@@ -72,8 +72,7 @@ pub fn revoked<'a>(
 ) -> Vec<Arc<str>> {
     subscribed
         .filter(|channel| {
-            node.channel_options(channel)
-                .is_ok_and(|opts| !opts.anonymous)
+            node.channel(channel).is_ok_and(|ch| !ch.opts.anonymous)
                 && !identity.grants(Action::Subscribe, channel)
         })
         .cloned()

@@ -237,7 +237,12 @@ async fn recovery_on_the_same_instance() {
         assert!(
             support::eventually(|| {
                 let a = a.clone();
-                async move { a.position(channel).await.is_ok_and(|p| p.offset == 4) }
+                async move {
+                    let Ok(ch) = a.channel(channel) else {
+                        return false;
+                    };
+                    a.position(ch).await.is_ok_and(|p| p.offset == 4)
+                }
             })
             .await
         );

@@ -68,10 +68,14 @@ where
             .collect();
         for (channel, from, last) in due {
             let missing = last - from.offset;
-            let history = self
-                .node
-                .history(&channel, Some(&from), Some(missing as usize))
-                .await;
+            let history = match self.node.channel(&channel) {
+                Ok(ch) => {
+                    self.node
+                        .history(ch, Some(&from), Some(missing as usize))
+                        .await
+                }
+                Err(e) => Err(e.into()),
+            };
             let complete = history.as_ref().is_ok_and(|h| h.covers(&from, Some(last)));
             let history = match history {
                 Ok(h) if complete => h,

@@ -13,6 +13,7 @@ use super::{AckState, Mode, Session, SubState};
 use crate::auth::Action;
 use crate::error::{ClientError, ErrorCode, close};
 use crate::metrics::Metrics;
+use crate::node::Channel;
 use crate::protocol::{self, RequestKind, StreamPosition};
 use crate::queue::CloseReason;
 use crate::ws::{Message, SendShared};
@@ -146,20 +147,23 @@ where
             }
             RequestKind::Subscribe { channel, since } => self.subscribe(id, channel, since).await?,
             RequestKind::Unsubscribe { channel } => {
+                let ch = self.node.channel(&channel)?;
                 let Some((channel, _)) = self.subs.remove_entry(channel.as_str()) else {
-                    self.node.channel_options(&channel)?;
                     return Err(ClientError::new(
                         ErrorCode::NotSubscribed,
                         format!("not subscribed to {channel:?}"),
                     )
                     .into());
                 };
-                self.node.unsubscribe(&self.client, &channel).await?;
+                self.node
+                    .unsubscribe(&self.client, &channel, ch.opts)
+                    .await?;
                 self.send(protocol::unsubscribed(&channel, id)).await
             }
             RequestKind::Publish { channel, data } => {
-                self.permit(Action::Publish, &channel)?;
-                if !self.node.channel_options(&channel)?.client_publish {
+                let ch = self.node.channel(&channel)?;
+                self.permit(Action::Publish, ch)?;
+                if !ch.opts.client_publish {
                     return Err(ClientError::new(
                         ErrorCode::PublishNotAllowed,
                         format!("clients may not publish to {channel:?}"),
@@ -169,7 +173,7 @@ where
                 let per_minute = self.node.config().channel_create_rate;
                 let now = self.node.hub().clock_ms();
                 if !self.creates.may_create(now, per_minute)
-                    && !self.node.channel_exists(&channel).await?
+                    && !self.node.channel_exists(ch).await?
                 {
                     Metrics::inc(&self.node.metrics().channel_limited);
                     return Err(ClientError::new(
@@ -180,7 +184,7 @@ where
                     )
                     .into());
                 }
-                let pos = self.node.publish(me, &channel, to_arc(data)).await?;
+                let pos = self.node.publish(me, ch, to_arc(data)).await?;
                 if pos.offset == 1 {
                     self.creates.created(self.node.hub().clock_ms(), per_minute);
                 }
@@ -188,8 +192,9 @@ where
                     .await
             }
             RequestKind::Presence { channel } => {
-                self.permit(Action::Subscribe, &channel)?;
-                let members = self.node.presence(&channel).await?;
+                let ch = self.node.channel(&channel)?;
+                self.permit(Action::Subscribe, ch)?;
+                let members = self.node.presence(ch).await?;
                 self.send(protocol::presence(&channel, &members, id)).await
             }
             RequestKind::History {
@@ -197,8 +202,9 @@ where
                 since,
                 limit,
             } => {
-                self.permit(Action::Subscribe, &channel)?;
-                let h = self.node.history(&channel, since.as_ref(), limit).await?;
+                let ch = self.node.channel(&channel)?;
+                self.permit(Action::Subscribe, ch)?;
+                let h = self.node.history(ch, since.as_ref(), limit).await?;
                 self.send(protocol::history(&channel, &h.publications, &h.top, id))
                     .await
             }
@@ -206,7 +212,7 @@ where
             RequestKind::Auth { token } => self.refresh(id, &token).await?,
             RequestKind::Ack { channel, offset } => {
                 let Some(state) = self.subs.get_mut(channel.as_str()) else {
-                    self.node.channel_options(&channel)?;
+                    self.node.channel(&channel)?;
                     return Err(ClientError::new(
                         ErrorCode::NotSubscribed,
                         format!("not subscribed to {channel:?}"),
@@ -258,7 +264,7 @@ where
         self.identity = Some(Box::new(fresh));
         for channel in &revoked {
             self.subs.remove_entry(channel);
-            if let Err(e) = self.node.unsubscribe(&self.client, channel).await {
+            if let Err(e) = self.node.leave(&self.client, channel).await {
                 tracing::warn!(client = %self.client.id(), %channel, error = %e, "unsubscribing a revoked channel failed");
             }
             if self
@@ -277,8 +283,11 @@ where
 
     /// Whether this connection may do `action` in `channel`: its namespace
     /// admits anonymous connections, or the token grants it.
-    fn permit(&self, action: Action, channel: &str) -> crate::Result<()> {
-        let opts = self.node.channel_options(channel)?;
+    fn permit(&self, action: Action, channel: Channel<'_>) -> crate::Result<()> {
+        let Channel {
+            name: channel,
+            opts,
+        } = channel;
         if opts.anonymous
             || self
                 .identity
@@ -305,8 +314,11 @@ where
         channel: String,
         since: Option<StreamPosition>,
     ) -> crate::Result<ControlFlow<()>> {
-        self.permit(Action::Subscribe, &channel)?;
-        if self.subs.contains_key(channel.as_str()) {
+        // An `Arc` from the start: the name is kept in `subs` and the hub.
+        let channel: Arc<str> = channel.into();
+        let ch = self.node.channel(&channel)?;
+        self.permit(Action::Subscribe, ch)?;
+        if self.subs.contains_key(&channel) {
             return Err(ClientError::new(
                 ErrorCode::AlreadySubscribed,
                 format!("already subscribed to {channel:?}"),
@@ -321,29 +333,28 @@ where
             )
             .into());
         }
-        let channel: Arc<str> = channel.into();
         // Join the hub first: from here on live publications are queued,
         // and the history read below overlaps them rather than missing any.
-        if let Err(e) = self.node.subscribe(&self.client, &channel).await {
-            let _ = self.node.unsubscribe(&self.client, &channel).await;
+        if let Err(e) = self.node.subscribe(&self.client, &channel, ch.opts).await {
+            let _ = self.node.unsubscribe(&self.client, &channel, ch.opts).await;
             return Err(e);
         }
         let outcome = match &since {
-            Some(since) => self.node.recover(&channel, since).await,
+            Some(since) => self.node.recover(ch, since).await,
             None => self
                 .node
-                .position(&channel)
+                .position(ch)
                 .await
                 .map(|top| (Vec::new(), top, false)),
         };
         let (missed, top, recovered) = match outcome {
             Ok(o) => o,
             Err(e) => {
-                let _ = self.node.unsubscribe(&self.client, &channel).await;
+                let _ = self.node.unsubscribe(&self.client, &channel, ch.opts).await;
                 return Err(e);
             }
         };
-        let acked = self.node.channel_options(&channel)?.acked;
+        let acked = ch.opts.acked;
         self.subs.insert(
             channel.clone(),
             SubState {
