@@ -96,10 +96,16 @@ async fn protocol_over_channels() {
         (Some("unknown_type"), Some(3))
     );
 
-    // Shutdown: the drainer's 1012 close frame, then the session
-    // cleans up.
+    // Shutdown: a close request through the queue, as the server's drainer
+    // makes one (its spreading is tested over sockets in tests/drain.rs),
+    // gives a 1012 close frame, then the session cleans up.
     shutdown.cancel();
-    crate::server::drain_clients(node.clone()).await;
+    for client in node.hub().clients() {
+        client.queue.close(crate::queue::CloseReason::new(
+            close::SERVICE_RESTART,
+            "server draining; retry=100",
+        ));
+    }
     match from_server.next().await {
         Some(Message::Close(Some(f))) => assert_eq!(f.code, close::SERVICE_RESTART),
         other => panic!("expected a close frame, got {other:?}"),
