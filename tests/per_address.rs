@@ -39,19 +39,12 @@ async fn tcp_from(server: &TestServer, from: IpAddr) -> TcpStream {
     socket.connect(server.addr).await.expect("tcp connect")
 }
 
-/// Open a WebSocket on `/ws` from `from`, with extra request headers.
-/// `Ok(())` once the welcome came; `Err(status)` for an HTTP refusal, 0
-/// when the connection was closed without an answer.
-async fn ws_from(
-    server: &TestServer,
-    from: IpAddr,
-    headers: &[(&'static str, &'static str)],
+/// The WebSocket handshake of `req` over `tcp`, then the welcome:
+/// `Err(status)` for an HTTP refusal, 0 when closed without an answer.
+async fn handshake(
+    req: tokio_tungstenite::tungstenite::handshake::client::Request,
+    tcp: TcpStream,
 ) -> Result<tokio_tungstenite::WebSocketStream<TcpStream>, u16> {
-    let mut req = server.url("/ws").into_client_request().unwrap();
-    for (k, v) in headers {
-        req.headers_mut().insert(*k, HeaderValue::from_static(v));
-    }
-    let tcp = tcp_from(server, from).await;
     let attempt = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(req, tcp)).await;
     match attempt.expect("the handshake ends in time") {
         Ok((mut ws, _)) => {
@@ -65,6 +58,22 @@ async fn ws_from(
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
         Err(_) => Err(0),
     }
+}
+
+/// Open a WebSocket on `/ws` from `from`, with extra request headers.
+/// `Ok(())` once the welcome came; `Err(status)` for an HTTP refusal, 0
+/// when the connection was closed without an answer.
+async fn ws_from(
+    server: &TestServer,
+    from: IpAddr,
+    headers: &[(&'static str, &'static str)],
+) -> Result<tokio_tungstenite::WebSocketStream<TcpStream>, u16> {
+    let mut req = server.url("/ws").into_client_request().unwrap();
+    for (k, v) in headers {
+        req.headers_mut().insert(*k, HeaderValue::from_static(v));
+    }
+    let tcp = tcp_from(server, from).await;
+    handshake(req, tcp).await
 }
 
 /// Send `request` raw from 127.0.0.1 and read the response head (and
@@ -397,19 +406,7 @@ async fn ws_after(
     let mut tcp = TcpStream::connect(server.addr).await.unwrap();
     tcp.write_all(preamble).await.unwrap();
     let req = server.url("/ws").into_client_request().unwrap();
-    let attempt = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(req, tcp)).await;
-    match attempt.expect("the handshake ends in time") {
-        Ok((mut ws, _)) => {
-            use futures_util::StreamExt;
-            let welcome = tokio::time::timeout(WAIT, ws.next())
-                .await
-                .expect("welcome");
-            assert!(matches!(welcome, Some(Ok(_))), "{welcome:?}");
-            Ok(ws)
-        }
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
-        Err(_) => Err(0),
-    }
+    handshake(req, tcp).await
 }
 
 /// A PROXY protocol v2 header for a TCP/IPv4 client.
