@@ -118,6 +118,17 @@ async fn read_unknown_channels(c: &mut Client) -> (String, u64) {
     top
 }
 
+/// Connect `alice` and a sender whose token grants `direct` to her (with
+/// auth on, a direct to a user needs that grant), and deliver one
+/// user-addressed direct message to her (bounded).
+async fn direct_to_alice(inst: &Instance) {
+    let mut alice =
+        Client::connect_url(&format!("{}?token={}", inst.url("/ws"), token_for("alice"))).await;
+    let sender = token_with(json!({"sub": "bob", "direct": ["alice"]}));
+    let mut bob = Client::connect_url(&format!("{}?token={sender}", inst.url("/ws"))).await;
+    direct_to_user(&mut bob, &mut alice, "alice").await;
+}
+
 /// Send a user-addressed `direct` from `from` until `to` (connected as
 /// that user) gets it (bounded).
 async fn direct_to_user(from: &mut Client, to: &mut Client, user: &str) {
@@ -230,12 +241,7 @@ async fn redis_user_direct_keeps_nothing() {
     let prefix = unique_prefix("ruser");
     let inst = instance(REDIS, &prefix, |_| {}).await;
     let mut conn = redis().await;
-    let mut alice =
-        Client::connect_url(&format!("{}?token={}", inst.url("/ws"), token_for("alice"))).await;
-    // With auth on, a direct to a user needs the token's `direct` grant.
-    let sender = token_with(json!({"sub": "bob", "direct": ["alice"]}));
-    let mut bob = Client::connect_url(&format!("{}?token={sender}", inst.url("/ws"))).await;
-    direct_to_user(&mut bob, &mut alice, "alice").await;
+    direct_to_alice(&inst).await;
     assert_eq!(
         keys(&mut conn, &format!("{prefix}:ch:*")).await,
         Vec::<String>::new()
@@ -390,12 +396,7 @@ async fn nats_user_direct_keeps_nothing() {
     let prefix = unique_prefix("nuser");
     let inst = instance(NATS, &prefix, |_| {}).await;
     let js = js().await;
-    let mut alice =
-        Client::connect_url(&format!("{}?token={}", inst.url("/ws"), token_for("alice"))).await;
-    // With auth on, a direct to a user needs the token's `direct` grant.
-    let sender = token_with(json!({"sub": "bob", "direct": ["alice"]}));
-    let mut bob = Client::connect_url(&format!("{}?token={sender}", inst.url("/ws"))).await;
-    direct_to_user(&mut bob, &mut alice, "alice").await;
+    direct_to_alice(&inst).await;
     assert_subject_empty(&js, &prefix, "#user:alice").await;
     assert_eq!(stored_messages(&js, &prefix).await, 0);
     inst.shutdown().await;
