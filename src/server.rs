@@ -68,6 +68,7 @@ fn router(state: AppState) -> Router {
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .route("/livez", get(|| async { "OK" }))
         .route("/readyz", get(readyz))
+        .route("/healthz", get(healthz))
         .merge(metrics_routes(&state))
         .merge(crate::api::routes(state.node.clone()));
     if let Some(path) = state.node.config().echo_path.clone() {
@@ -287,14 +288,37 @@ async fn echo(
     )
 }
 
+/// Readiness of this instance alone: 503 while draining (and, only with
+/// `ready_requires_bus`, while the bus is unreachable). The bus's state is
+/// in `/healthz`, `/metrics` (`busUp`) and Prometheus.
 async fn readyz(State(state): State<AppState>) -> Response {
     if state.node.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
     } else if !state.node.is_ready() {
         (StatusCode::SERVICE_UNAVAILABLE, "bus unavailable").into_response()
+    } else if !state.node.bus_up() {
+        "ready (bus unavailable)".into_response()
     } else {
         "ready".into_response()
     }
+}
+
+/// The health detail: readiness, drain and the bus, as JSON; always 200
+/// (it is a report, not a probe).
+async fn healthz(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let node = &state.node;
+    let bus = match &node.config().bus {
+        crate::config::BusConfig::Memory => "memory",
+        crate::config::BusConfig::Redis { .. } => "redis",
+        crate::config::BusConfig::Nats { .. } => "nats",
+        crate::config::BusConfig::PubSub { .. } => "pubsub",
+    };
+    Json(serde_json::json!({
+        "instanceId": node.instance_id(),
+        "ready": node.is_ready(),
+        "draining": node.is_draining(),
+        "bus": {"kind": bus, "up": node.bus_up()},
+    }))
 }
 
 /// Prometheus text exposition of the same counters.

@@ -553,17 +553,21 @@ impl Drop for Proxy {
     }
 }
 
-async fn ready(inst: &Instance) -> bool {
-    match reqwest::get(inst.http("/readyz")).await {
-        Ok(r) => r.status().as_u16() == 200,
+/// Whether the instance reports its bus up (`/healthz`).
+async fn bus_up(inst: &Instance) -> bool {
+    match reqwest::get(inst.http("/healthz")).await {
+        Ok(r) => r
+            .json::<Value>()
+            .await
+            .is_ok_and(|v| v["bus"]["up"] == true),
         Err(_) => false,
     }
 }
 
-async fn until_ready(inst: &Instance, want: bool, within: Duration) -> bool {
+async fn until_bus(inst: &Instance, up: bool, within: Duration) -> bool {
     let deadline = Instant::now() + within;
     loop {
-        if ready(inst).await == want {
+        if bus_up(inst).await == up {
             return true;
         }
         if Instant::now() > deadline {
@@ -631,14 +635,20 @@ async fn nats_killed_and_restarted_mid_stream() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         server.kill();
         assert!(
-            until_ready(&a, false, Duration::from_secs(10)).await,
-            "A unready"
+            until_bus(&a, false, Duration::from_secs(10)).await,
+            "A sees the bus down"
         );
         assert!(
-            until_ready(&b, false, Duration::from_secs(10)).await,
-            "B unready"
+            until_bus(&b, false, Duration::from_secs(10)).await,
+            "B sees the bus down"
         );
-        // The instances keep serving local clients; bus operations fail.
+        // The instances stay ready (a shared bus's outage must not take the
+        // fleet out of the load balancer) and keep serving local clients;
+        // bus operations fail.
+        for i in [&a, &b] {
+            let r = reqwest::get(i.http("/readyz")).await.unwrap();
+            assert_eq!(r.status().as_u16(), 200, "ready during the outage");
+        }
         assert_eq!(
             publish(&mut publisher, channel, json!("down"), 200).await,
             None
@@ -648,12 +658,12 @@ async fn nats_killed_and_restarted_mid_stream() {
 
         server.spawn().await;
         assert!(
-            until_ready(&a, true, Duration::from_secs(20)).await,
-            "A ready again"
+            until_bus(&a, true, Duration::from_secs(20)).await,
+            "A's bus back"
         );
         assert!(
-            until_ready(&b, true, Duration::from_secs(20)).await,
-            "B ready again"
+            until_bus(&b, true, Duration::from_secs(20)).await,
+            "B's bus back"
         );
         let mut more = Vec::new();
         for n in 0..5 {
@@ -714,10 +724,10 @@ async fn a_partitioned_instance_replays_what_it_missed() {
 
         proxy.cut();
         assert!(
-            until_ready(&a, false, Duration::from_secs(10)).await,
-            "A unready"
+            until_bus(&a, false, Duration::from_secs(10)).await,
+            "A sees the bus down"
         );
-        assert!(ready(&b).await, "B is unaffected");
+        assert!(bus_up(&b).await, "B is unaffected");
         // Published while A cannot hear them.
         for n in 0..5 {
             let o = publish(&mut publisher, channel, json!(n), 20 + n).await;
@@ -725,8 +735,8 @@ async fn a_partitioned_instance_replays_what_it_missed() {
         }
         proxy.restore().await;
         assert!(
-            until_ready(&a, true, Duration::from_secs(20)).await,
-            "A ready again"
+            until_bus(&a, true, Duration::from_secs(20)).await,
+            "A's bus back"
         );
         // Replayed from history in order, then live.
         assert_eq!(offsets_until(&mut sub, 8).await, vec![4, 5, 6, 7, 8]);

@@ -64,6 +64,31 @@ fn redis_settings(url: &str, prefix: &str, i: usize) -> Settings {
     }
 }
 
+/// Poll `/healthz` until its `bus.up` is `up` (bounded by `within`).
+async fn until_bus_is(inst: &Instance, up: bool, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Ok(r) = reqwest::get(inst.http("/healthz")).await {
+            if let Ok(v) = r.json::<Value>().await {
+                if v["bus"]["up"] == up {
+                    return true;
+                }
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn readyz(inst: &Instance) -> u16 {
+    reqwest::get(inst.http("/readyz"))
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
 /// Poll `/readyz` until its status is `want` (bounded by `within`).
 async fn until_ready_is(inst: &Instance, want: u16, within: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + within;
@@ -108,8 +133,9 @@ async fn next_message(c: &mut Client) -> Value {
 }
 
 /// Redis is killed (SIGKILL) and restarted empty mid-stream: both
-/// instances survive and keep their clients, `/readyz` flips to 503 and
-/// back, publishes fail with `bus_unavailable` and are counted, then the
+/// instances survive and keep their clients, stay ready (`/readyz` 200: a
+/// shared bus's outage must not empty the load balancer) while `/healthz`
+/// and `busUp` report the bus down and back, publishes fail with `bus_unavailable` and are counted, then the
 /// lost stream is detected (new epoch): subscribers are asked to resync
 /// (1012) and recover honestly (`recovered:false`); directory and presence
 /// are rewritten.
@@ -134,8 +160,9 @@ async fn redis_killed_and_restarted_mid_stream() {
         }
 
         redis.kill();
-        assert!(until_ready_is(&a, 503, WAIT).await, "A turns unready");
-        assert!(until_ready_is(&b, 503, WAIT).await, "B turns unready");
+        assert!(until_bus_is(&a, false, WAIT).await, "A sees the bus down");
+        assert!(until_bus_is(&b, false, WAIT).await, "B sees the bus down");
+        assert_eq!((readyz(&a).await, readyz(&b).await), (200, 200));
         // Local service goes on.
         let pong = s.request(json!({"type": "ping"}), 10).await;
         assert_eq!(pong["type"], "pong", "{pong}");
@@ -143,12 +170,13 @@ async fn redis_killed_and_restarted_mid_stream() {
         assert_eq!(err["code"], "bus_unavailable", "{err}");
         let m = metrics(&b).await;
         assert!(m["busPublishErrors"].as_u64().unwrap_or(0) >= 1, "{m}");
-        assert_eq!(m["ready"], false, "{m}");
+        assert_eq!(m["ready"], true, "{m}");
+        assert_eq!(m["busUp"], false, "{m}");
 
         redis.restart().await;
         let back = Duration::from_secs(20);
-        assert!(until_ready_is(&a, 200, back).await, "A ready again");
-        assert!(until_ready_is(&b, 200, back).await, "B ready again");
+        assert!(until_bus_is(&a, true, back).await, "A's bus back");
+        assert!(until_bus_is(&b, true, back).await, "B's bus back");
 
         // Redis came back empty: the stream is gone, the gap cannot be
         // proven empty, so A asks its subscriber to resync.
@@ -187,7 +215,8 @@ async fn redis_killed_and_restarted_mid_stream() {
 /// Redis stays up and another instance keeps publishing. When it is back,
 /// its subscriber gets exactly the missed publications from history, in
 /// order, then live ones; in a channel whose history was trimmed past the
-/// gap the subscriber is asked to resync (1012) instead.
+/// gap the subscriber is asked to resync (1012) instead. A runs with
+/// `ready_requires_bus`, so its `/readyz` follows its own bus link.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cut_off_instance_replays_what_it_missed() {
     bus_suite::bounded("cut_off_instance_replays_what_it_missed", async {
@@ -202,11 +231,10 @@ async fn cut_off_instance_replays_what_it_missed() {
             s.namespaces = HashMap::from([("small".to_string(), small.clone())]);
             s
         };
-        let a = Instance::start(with_small(redis_settings(
-            &format!("redis://{}", proxy.addr),
-            &prefix,
-            0,
-        )))
+        let a = Instance::start(with_small(Settings {
+            ready_requires_bus: Some(true),
+            ..redis_settings(&format!("redis://{}", proxy.addr), &prefix, 0)
+        }))
         .await;
         let b = Instance::start(with_small(redis_settings(REDIS, &prefix, 1))).await;
         let (live, trimmed) = ("live:y", "small:z");

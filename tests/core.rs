@@ -224,6 +224,13 @@ async fn http_endpoints() {
     assert_eq!(get(&server, "/_ah/health").await, (200, "OK".to_string()));
     assert_eq!(get(&server, "/livez").await.0, 200);
     assert_eq!(get(&server, "/readyz").await.0, 200);
+    let (status, body) = get(&server, "/healthz").await;
+    assert_eq!(status, 200);
+    let h: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(h["ready"], true, "{h}");
+    assert_eq!(h["draining"], false, "{h}");
+    assert_eq!(h["bus"], json!({"kind": "memory", "up": true}), "{h}");
+    assert_eq!(h["instanceId"], server.node.instance_id());
     let (status, body) = get(&server, "/metrics").await;
     assert_eq!(status, 200);
     let m: Value = serde_json::from_str(&body).unwrap();
@@ -231,6 +238,7 @@ async fn http_endpoints() {
     assert!(m["uptime"].as_f64().unwrap() >= 0.0);
     assert!(m["memoryUsage"]["rss"].as_u64().unwrap() > 1_000_000);
     assert_eq!(m["instanceId"], server.node.instance_id());
+    assert_eq!(m["busUp"], true);
     assert!(
         m["messagesOut"].as_u64().unwrap() >= 1,
         "the welcome counts"

@@ -218,7 +218,8 @@ pub trait Broker: Send + Sync + 'static {
         None
     }
 
-    /// Whether the bus is reachable now (drives `/readyz`).
+    /// Whether the bus is reachable now (`/healthz`, `busUp`; `/readyz` only
+    /// with `ready_requires_bus`).
     fn is_ready(&self) -> bool {
         true
     }

@@ -140,6 +140,9 @@ pub struct Config {
     pub proxy_protocol: bool,
     /// The metrics endpoints need the API key; `sys:metrics` is off.
     pub metrics_require_key: bool,
+    /// `/readyz` follows the bus too (off: a bus outage must not empty the
+    /// load balancer of every instance at once).
+    pub ready_requires_bus: bool,
     /// Whether a subscribed publisher gets its own publication.
     pub channel_echo: bool,
     /// Refuse channels in namespaces that are not configured.
@@ -374,6 +377,7 @@ impl Config {
                 }
                 (on, _) => on,
             },
+            ready_requires_bus: pick!(s.ready_requires_bus, false),
             api_key: s
                 .api_key_file
                 .as_deref()

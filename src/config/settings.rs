@@ -226,6 +226,11 @@ pub struct Settings {
     /// `api_key_file` [default: false].
     #[arg(long, env = "SWITCHBOARD_METRICS_REQUIRE_KEY")]
     pub metrics_require_key: Option<bool>,
+    /// `/readyz` also answers 503 while the bus is unreachable. Off by
+    /// default: a shared bus's outage would take every instance out of the
+    /// load balancer at once [default: false].
+    #[arg(long, env = "SWITCHBOARD_READY_REQUIRES_BUS")]
+    pub ready_requires_bus: Option<bool>,
     /// Default namespace: connections without a token may use it
     /// [default: true].
     #[arg(long, env = "SWITCHBOARD_ANONYMOUS")]
@@ -339,7 +344,8 @@ impl Settings {
             handshake_burst_per_ip,
             trusted_proxies,
             proxy_protocol,
-            metrics_require_key
+            metrics_require_key,
+            ready_requires_bus
         );
         if self.namespaces.is_empty() {
             self.namespaces = lower.namespaces;

@@ -320,8 +320,16 @@ pub const COUNTERS: &[Counter] = &[
         json: Some("ready"),
         prometheus: Some("switchboard_ready"),
         kind: Kind::Gauge,
-        help: "1 when ready (not draining, bus reachable).",
+        help: "1 when ready (/readyz: not draining; with ready_requires_bus, bus reachable too).",
         source: Source::Node(|n| Value::Bool(n.is_ready())),
+        feed: Feed::No,
+    },
+    Counter {
+        json: Some("busUp"),
+        prometheus: Some("switchboard_bus_up"),
+        kind: Kind::Gauge,
+        help: "1 while the bus is reachable (always 1 on the memory bus).",
+        source: Source::Node(|n| Value::Bool(n.bus_up())),
         feed: Feed::No,
     },
     Counter {

@@ -134,9 +134,19 @@ impl Node {
         self.shared.started.elapsed().as_secs_f64()
     }
 
-    /// Ready for traffic: not draining, and the bus is reachable.
+    /// Ready for traffic (`/readyz`): not draining, and, only with
+    /// `ready_requires_bus`, the bus reachable. A bus outage alone leaves the
+    /// instance ready: the bus is shared, so it would turn every instance
+    /// unready at once and leave the load balancer with no backend; what
+    /// needs the bus answers `bus_unavailable` meanwhile.
     pub fn is_ready(&self) -> bool {
-        !self.shared.draining.load(Ordering::Relaxed) && self.shared.broker.is_ready()
+        !self.shared.draining.load(Ordering::Relaxed)
+            && (!self.shared.config.ready_requires_bus || self.bus_up())
+    }
+
+    /// Whether the bus is reachable now (`/healthz`, `busUp`).
+    pub fn bus_up(&self) -> bool {
+        self.shared.broker.is_ready()
     }
 
     /// Whether shutdown has begun.

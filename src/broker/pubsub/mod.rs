@@ -90,8 +90,8 @@
 //! # Outage
 //!
 //! A failed publish returns `Error::Bus` (after the client's short retry),
-//! is counted ([`PubSubBroker::publish_failures`]) and turns the instance
-//! unready; `/readyz` follows [`Broker::is_ready`]: the receive stream is up
+//! is counted ([`PubSubBroker::publish_failures`]) and marks the bus
+//! down; `busUp` follows [`Broker::is_ready`]: the receive stream is up
 //! and the last publish succeeded. The receive loop reconnects with
 //! backoff (`broker::retry::Backoff`: 100 ms doubling to 2 s, no jitter),
 //! recreates the topic and subscription if they are gone, and says hello

@@ -1,7 +1,7 @@
 //! Publishing and history: everything this instance says goes out through
 //! [`Inner::send`] / [`Inner::send_as`] (one JSON [`Wire`] envelope, an
 //! ordering key: `c:<channel>`, `s:<sender>` or `m:<instance>`; failures are
-//! counted and turn the instance unready). A channel publication waits for
+//! counted and mark the bus down). A channel publication waits for
 //! its round trip and takes its position from this instance's history: the
 //! bounded `broker::history` [`Store`](super::super::history::Store) in
 //! [`Inner::streams`], filled on receipt by [`Inner::receive_published`],
@@ -23,7 +23,7 @@ use crate::sync::MutexExt;
 
 impl Inner {
     /// Publish `body` under `key`; returns the message id. Failures are
-    /// counted and turn the instance unready.
+    /// counted and mark the bus down.
     pub(super) async fn send(&self, key: String, body: Body) -> Result<u64> {
         let id = self.next_id();
         self.send_as(id, key, body).await?;

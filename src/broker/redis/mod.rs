@@ -84,7 +84,7 @@
 //! # Outage
 //!
 //! A supervisor task owns the pub/sub connection. When it breaks (or a
-//! heartbeat write fails) the instance turns unready (`/readyz` 503) and
+//! heartbeat write fails) the bus is reported down (`/healthz`, `busUp`) and
 //! reconnects with exponential backoff (`broker::retry::Backoff`: 100 ms
 //! doubling to 5 s, ±50 % jitter). Meanwhile local clients stay connected;
 //! operations that need Redis (publish, broadcast, direct to another
@@ -255,7 +255,7 @@ struct Inner {
     /// lock: SUBSCRIBE round trips are made under it so resubscription
     /// and subscribe calls never interleave.
     subs: tokio::sync::Mutex<Subscriptions>,
-    /// Reachable and resubscribed (drives `/readyz`).
+    /// Reachable and resubscribed (`Broker::is_ready`).
     ready: AtomicBool,
     /// Clients connected here, rewritten into the directory by the heartbeat.
     local_clients: Mutex<HashMap<Arc<str>, ()>>,
