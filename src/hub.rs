@@ -489,6 +489,33 @@ impl Hub {
             .collect()
     }
 
+    /// The position [`positions`](Self::positions) gives for one channel.
+    pub fn position(&self, channel: &str) -> Option<StreamPosition> {
+        let channels = self.channels.read_unpoisoned();
+        channels.get(channel)?.last.lock_unpoisoned().clone()
+    }
+
+    /// A subscriber of `channel` starts at `top` (the position its
+    /// subscribe read). Until a live publication arrives this is all the
+    /// instance knows of the stream, and without it a bus outage that loses
+    /// the stream would leave the subscriber with a silent gap (the repair
+    /// would have no position to compare the new epoch with). Only ever
+    /// moves the position back (or sets a first one): a publication newer
+    /// than a position read may still be on its way from the bus, and a
+    /// lower position only replays more (sessions drop duplicates). A
+    /// position in another epoch than the one held is left alone.
+    pub fn note_position(&self, channel: &str, top: &StreamPosition) {
+        let channels = self.channels.read_unpoisoned();
+        let Some(state) = channels.get(channel) else {
+            return;
+        };
+        let mut last = state.last.lock_unpoisoned();
+        match &*last {
+            Some(held) if held.epoch != top.epoch || held.offset <= top.offset => {}
+            _ => *last = Some(top.clone()),
+        }
+    }
+
     /// Close every local subscriber of `channel` with `reason`, so that
     /// they reconnect and recover (used when a bus outage left a gap the
     /// history cannot fill).

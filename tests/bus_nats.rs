@@ -76,6 +76,9 @@ impl Recorder {
 }
 
 impl BrokerHandler for Recorder {
+    fn position(&self, _channel: &str) -> Option<StreamPosition> {
+        None
+    }
     fn positions(&self) -> Vec<(Arc<str>, Option<StreamPosition>)> {
         Vec::new()
     }
@@ -813,4 +816,94 @@ fn now_us() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_micros() as u64
+}
+
+/// The silent-gap case of issue 16 on NATS: X on A subscribes (offset 3)
+/// and gets no live message; A is cut off; B publishes `d-lost`; the NATS
+/// server is killed and comes back with an empty store (new epoch); B
+/// publishes again; A comes back. X must be closed with 1012 (and then
+/// recover with `recovered:false`), never fed the new epoch as if nothing
+/// had happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_loss_before_any_live_delivery_is_not_a_silent_gap() {
+    bus_suite::bounded("nats_data_loss_before_any_live_delivery", async {
+        let mut server = PrivateNats::start().await;
+        let upstream: SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
+        let proxy = Proxy::start(upstream).await;
+        let prefix = unique_prefix("gap");
+        let via_proxy = format!("nats://127.0.0.1:{}", proxy.port);
+        let a = Instance::start(settings_for(&via_proxy, &prefix, 0)).await;
+        let b = Instance::start(settings_for(&server.url(), &prefix, 1)).await;
+        let channel = "g:room";
+        let mut y = b.client().await;
+        for n in 0..3 {
+            assert_eq!(
+                publish(&mut y, channel, json!(n), 10 + n).await,
+                Some(n + 1)
+            );
+        }
+        let mut x = a.client().await;
+        let sub = subscribe(&mut x, channel, 1).await;
+        assert_eq!(sub["offset"], 3, "{sub}");
+        let epoch1 = sub["epoch"].clone();
+
+        proxy.cut();
+        assert!(
+            until_bus(&a, false, Duration::from_secs(10)).await,
+            "A cut off"
+        );
+        assert_eq!(publish(&mut y, channel, json!("d-lost"), 20).await, Some(4));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server.kill();
+        std::fs::remove_dir_all(&server.dir).unwrap();
+        std::fs::create_dir_all(&server.dir).unwrap();
+        server.spawn().await;
+        assert!(until_bus(&b, true, Duration::from_secs(20)).await, "B back");
+        let mut acked = None;
+        for n in 0..50 {
+            // The stream is recreated by B's supervisor; retry until it is.
+            acked = publish(&mut y, channel, json!("new"), 30 + n).await;
+            if acked.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(acked, Some(1), "a new stream after the data loss");
+        proxy.restore().await;
+        assert!(until_bus(&a, true, Duration::from_secs(20)).await, "A back");
+        loop {
+            match tokio::time::timeout(
+                Duration::from_secs(15),
+                futures_util::StreamExt::next(&mut x.ws),
+            )
+            .await
+            {
+                Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f))))) => {
+                    assert_eq!(u16::from(f.code), 1012, "{f:?}");
+                    break;
+                }
+                Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    assert_ne!(v["type"], "message", "a silent gap: {v}");
+                }
+                Ok(Some(Ok(_))) => {}
+                other => panic!("expected a 1012 close, got {other:?}"),
+            }
+        }
+        let mut x2 = a.client().await;
+        x2.send(json!({"type": "subscribe", "channel": channel,
+            "since": {"epoch": epoch1, "offset": 3}, "id": 40}))
+            .await;
+        let again = loop {
+            let v = x2.recv().await;
+            if v["type"] == "subscribed" {
+                break v;
+            }
+        };
+        assert_eq!(again["recovered"], false, "{again}");
+        drop((x, x2, y));
+        a.shutdown().await;
+        b.shutdown().await;
+    })
+    .await;
 }

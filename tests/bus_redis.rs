@@ -402,3 +402,82 @@ async fn latency_through_redis() {
     })
     .await;
 }
+
+/// The issue-16 reproduction of a silent gap: X on A subscribes (offset 3)
+/// and receives no live message; A is cut off the bus; Y on B publishes
+/// `d-lost` (acked); Redis is killed and restarted empty; Y publishes into
+/// the new epoch; A comes back. X must learn of the gap (1012, then
+/// `recovered:false`), never receive the new epoch's messages as if
+/// nothing had happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_loss_before_any_live_delivery_is_not_a_silent_gap() {
+    bus_suite::bounded("data_loss_before_any_live_delivery", async {
+        let mut redis = PrivateRedis::start().await;
+        let upstream: SocketAddr = format!("127.0.0.1:{}", redis.port).parse().expect("addr");
+        let proxy = Proxy::start(upstream).await;
+        let prefix = unique_prefix("gap");
+        let a = Instance::start(redis_settings(
+            &format!("redis://{}", proxy.addr),
+            &prefix,
+            0,
+        ))
+        .await;
+        let b = Instance::start(redis_settings(&redis.url(), &prefix, 1)).await;
+        let channel = "chat:D";
+        let mut y = b.client().await;
+        for n in 1..=3u64 {
+            assert_eq!(publish(&mut y, channel, json!(n), n).await["offset"], n);
+        }
+        let mut x = a.client().await;
+        let sub = bus_suite::subscribe(&mut x, channel, 1).await;
+        assert_eq!(sub["offset"], 3, "{sub}");
+        let epoch1 = sub["epoch"].clone();
+
+        proxy.cut().await;
+        assert!(until_bus_is(&a, false, WAIT).await, "A sees the bus down");
+        let lost = publish(&mut y, channel, json!("d-lost"), 10).await;
+        assert_eq!(lost["offset"], 4, "acked before the loss: {lost}");
+        redis.restart().await; // kill -9, then empty
+        assert!(
+            until_bus_is(&b, true, Duration::from_secs(20)).await,
+            "B's bus back"
+        );
+        for (n, id) in ["e1", "e2"].into_iter().zip(11..) {
+            let ack = publish(&mut y, channel, json!(n), id).await;
+            assert_eq!(ack["type"], "ack", "{ack}");
+            assert_ne!(ack["epoch"], epoch1, "a new epoch: {ack}");
+        }
+        proxy.restore();
+        assert!(
+            until_bus_is(&a, true, Duration::from_secs(20)).await,
+            "A's bus back"
+        );
+        // X is told: the connection is closed for a resubscribe, with no
+        // new-epoch message slipped in before the close.
+        loop {
+            match tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut x.ws)).await {
+                Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f))))) => {
+                    assert_eq!(u16::from(f.code), 1012, "{f:?}");
+                    break;
+                }
+                Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) => {
+                    let v: Value = serde_json::from_str(&t).expect("json");
+                    assert_ne!(v["type"], "message", "a silent gap: {v}");
+                }
+                Ok(Some(Ok(_))) => {}
+                other => panic!("expected a 1012 close, got {other:?}"),
+            }
+        }
+        let mut x2 = a.client().await;
+        x2.send(json!({"type": "subscribe", "channel": channel,
+            "since": {"epoch": epoch1, "offset": 3}, "id": 20}))
+            .await;
+        let again = next_message(&mut x2).await;
+        assert_eq!(again["type"], "subscribed", "{again}");
+        assert_eq!(again["recovered"], false, "{again}");
+        drop((x, x2, y));
+        a.shutdown().await;
+        b.shutdown().await;
+    })
+    .await;
+}

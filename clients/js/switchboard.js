@@ -107,7 +107,9 @@ class Emitter {
  * - `message`  (frame): each publication, once, in offset order
  * - `subscribed` (frame): after every successful (re)subscribe
  * - `recovery-failed` (info): a resubscribe could not recover every missed
- *   publication (`recovered:false`); `info` is
+ *   publication (`recovered:false`), including the renewal the client makes
+ *   itself when a live message comes from another epoch (the stream was
+ *   replaced: expired, or lost by the bus); `info` is
  *   `{channel, epoch, offset, previous: {epoch, offset}, frame}`. The
  *   subscription goes on live from `offset`; fetch `history` if you need
  *   what is still retained.
@@ -149,6 +151,10 @@ export class Subscription extends Emitter {
     this._requestId = null;
     // subscribe() calls waiting for the first `subscribed`: {resolve, reject, timeout}.
     this._firstWaiters = [];
+    // Renewing the subscription after a live message of another epoch
+    // (see RealtimeClient#_resync): live messages are dropped until the
+    // server's `subscribed` answer.
+    this._resyncing = false;
   }
 
   /** The position to resume from, or null. */
@@ -180,6 +186,12 @@ export class Subscription extends Emitter {
       this.epoch !== null && typeof this.offset === 'number' ? { epoch: this.epoch, offset: this.offset } : null;
     const timeout = this._firstWaiters.find((w) => w.timeout !== undefined)?.timeout;
     return { since, timeout };
+  }
+
+  // Whether `msg` (a live `message` of this channel) belongs to another
+  // stream than the one the position is in.
+  _epochChanged(msg) {
+    return this.epoch !== null && typeof msg.offset === 'number' && typeof msg.epoch === 'string' && msg.epoch !== this.epoch;
   }
 
   // Whether `msg` (a `message` of this channel) reaches the app: false for a
@@ -228,6 +240,7 @@ export class Subscription extends Emitter {
       this.offset = reply.offset;
     }
     this.state = 'subscribed';
+    this._resyncing = false;
     this.active = true;
     this.acked = reply.acked === true;
     this._lastSubscribed = reply;
@@ -250,6 +263,7 @@ export class Subscription extends Emitter {
   // and is resubscribed on the next connection).
   _disconnected() {
     this.active = false;
+    this._resyncing = false; // the resubscribe on the next connection renews it
   }
 
   // The subscription is over: unsubscribed by the app, or refused by the
@@ -500,7 +514,29 @@ export class RealtimeClient extends Emitter {
   _acceptMessage(msg) {
     const sub = this.subscriptions.get(msg.channel);
     if (!sub) return true; // not ours to track (e.g. subscribed via raw send())
+    if (sub._resyncing) return false; // the renewed subscription covers it
+    if (sub._epochChanged(msg)) {
+      this._resync(sub);
+      return false;
+    }
     return sub._deliver(msg);
+  }
+
+  // A live message in another epoch than the subscription's: the stream was
+  // replaced (it expired, or the bus lost it), and what the old one held
+  // after our position may be gone. Treated as a gap, never adopted
+  // silently: the subscription is renewed on this connection from its
+  // position, and the server's answer tells the app (`recovery-failed`
+  // when it cannot recover, which is the case for a replaced stream).
+  _resync(sub) {
+    sub._resyncing = true;
+    const id = this._nextId++;
+    const ignore = () => {};
+    this._transmit({
+      frame: { type: 'unsubscribe', channel: sub.channel, id },
+      request: { id, type: 'unsubscribe', timer: null, timeout: this.options.requestTimeout, resolve: ignore, reject: ignore },
+    });
+    this._sendSubscribe(sub);
   }
 
   // A subscription's cumulative ack (see Subscription#_scheduleAck): sent

@@ -201,6 +201,9 @@ mod tests {
         fn on_direct(&self, _d: &Direct) -> bool {
             false
         }
+        fn position(&self, _channel: &str) -> Option<StreamPosition> {
+            None
+        }
         fn positions(&self) -> Vec<(Arc<str>, Option<StreamPosition>)> {
             Vec::new()
         }

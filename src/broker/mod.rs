@@ -134,6 +134,12 @@ pub trait BrokerHandler: Send + Sync + 'static {
     /// position (sessions drop duplicates by offset). Where history cannot
     /// fill the gap it calls `resync_failed`.
     fn positions(&self) -> Vec<(Arc<str>, Option<StreamPosition>)>;
+    /// The newest position known here of `channel` (delivered, or read by a
+    /// subscriber's subscribe), as in [`positions`](Self::positions); `None`
+    /// without local subscribers. A bus that tracks delivery per channel
+    /// starts from it, so a stream lost before any live delivery is still
+    /// seen as a gap.
+    fn position(&self, channel: &str) -> Option<StreamPosition>;
     /// The gap in `channel` cannot be filled: its local subscribers are
     /// asked to reconnect (close 1012), and recover what they can.
     fn resync_failed(&self, channel: &str);

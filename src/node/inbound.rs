@@ -25,6 +25,10 @@ impl BrokerHandler for Inbound {
         self.hub.positions()
     }
 
+    fn position(&self, channel: &str) -> Option<StreamPosition> {
+        self.hub.position(channel)
+    }
+
     fn resync_failed(&self, channel: &str) {
         if is_internal_channel(channel) {
             return; // user-addressed messages are at most once

@@ -354,6 +354,7 @@ where
                 return Err(e);
             }
         };
+        self.node.hub().note_position(&channel, &top);
         let acked = ch.opts.acked;
         self.subs.insert(
             channel.clone(),

@@ -342,10 +342,15 @@ async fn catch_up(
         return; // user channels: at most once, no history
     }
     let opts = bus.history_options(channel);
-    let since = last.as_ref().map(|l| StreamPosition {
-        epoch: l.epoch.clone(),
-        offset: l.offset,
-    });
+    // Nothing delivered here yet: start from what the subscribers read when
+    // they subscribed, so a stream lost meanwhile is a gap, not a new start.
+    let since = match last.as_ref() {
+        Some(l) => Some(StreamPosition {
+            epoch: l.epoch.clone(),
+            offset: l.offset,
+        }),
+        None => handler.position(channel),
+    };
     let h = match bus.history(channel, since.as_ref(), usize::MAX, opts).await {
         Ok(h) => h,
         Err(e) => {
