@@ -106,6 +106,11 @@ mod suite {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn crashed_members_leave_once() {
+        bus_suite::crashed_members_leave_once(&PubSub::shared().await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn recovery_on_a_different_instance() {
         bus_suite::recovery_on_a_different_instance(&PubSub::shared().await).await;
     }

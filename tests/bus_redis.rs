@@ -38,6 +38,13 @@ mod redis_bus {
     bus_suite!(super::RedisBus);
 }
 
+/// Redis announces the members of a crashed instance (see
+/// `broker::redis::presence`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_members_leave_once() {
+    bus_suite::crashed_members_leave_once(&RedisBus).await;
+}
+
 // ---------------------------------------------------------------------
 // Redis-specific: outages, start-up failure, latency.
 // ---------------------------------------------------------------------

@@ -778,6 +778,59 @@ pub async fn presence_of_a_crashed_instance_expires(f: &dyn BusFactory) {
     .await;
 }
 
+/// An instance dies without cleaning up: the subscribers on the two
+/// surviving instances each get exactly one `leave` for its member, and
+/// nothing else about it. Not in `bus_suite!`: run by the buses that
+/// announce crashed members (Redis, Pub/Sub); NATS does not yet.
+pub async fn crashed_members_leave_once(f: &dyn BusFactory) {
+    bounded("crashed_members_leave_once", async {
+        let mut cluster = Cluster::start(f, "ghost", 3).await;
+        let channel = "pres:ghost";
+        let mut a = cluster.client(0).await;
+        let mut b = cluster.client(1).await;
+        let mut c = cluster.client(2).await;
+        subscribe(&mut a, channel, 1).await;
+        subscribe(&mut b, channel, 1).await;
+        subscribe(&mut c, channel, 1).await;
+        let all: HashSet<String> = [a.id.clone(), b.id.clone(), c.id.clone()].into();
+        assert!(
+            until_members(&mut a, channel, &all, WAIT).await,
+            "three members"
+        );
+        // Let the joins arrive before counting what follows.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let c_id = c.id.clone();
+        cluster.crash(2);
+        let within = f.presence_expiry() * 2 + WAIT;
+        for s in [&mut a, &mut b] {
+            let deadline = tokio::time::Instant::now() + within;
+            let leave = loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let v = tokio::time::timeout(left, s.recv())
+                    .await
+                    .unwrap_or_else(|_| {
+                        panic!("no leave for the crashed member within {within:?}")
+                    });
+                if v["type"] == "leave" {
+                    break v;
+                }
+            };
+            assert_eq!(leave["channel"], channel, "{leave}");
+            assert_eq!(leave["clientId"], c_id.as_str(), "{leave}");
+        }
+        // Once: nothing more about it (a second reaper, a later heartbeat).
+        let later = f.presence_expiry() + Duration::from_secs(1);
+        for s in [&mut a, &mut b] {
+            if let Ok(v) = tokio::time::timeout(later, s.recv()).await {
+                panic!("one leave only, then silence; got {v}");
+            }
+        }
+        drop((a, b, c));
+        cluster.shutdown().await;
+    })
+    .await;
+}
+
 /// Subscribe on A, disconnect, N publications from B, resubscribe on C
 /// with `since`: exactly those N, in order, then `recovered:true`, then
 /// live messages.

@@ -3,7 +3,11 @@
 //! ([`Inner::member_change`]) and snapshots ([`Inner::announce`], also the
 //! heartbeat), what it knows of every other instance ([`Remote`]), the
 //! acknowledgements that make a presence change visible everywhere before
-//! it returns, and the expiry of silent instances.
+//! it returns, and the expiry of silent instances: when one falls silent
+//! for `presence_ttl` its members `leave` (each instance tells its own
+//! subscribers, so every subscriber hears it once), when it restarts (new
+//! boot) its old members leave, and when it is heard again after being
+//! given up they `join` again.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -13,6 +17,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::{Body, Inner, PRESENCE_ACK_WAIT, Wire};
+use crate::broker::Control;
 use crate::error::Result;
 use crate::protocol::ClientInfo;
 use crate::sync::MutexExt;
@@ -48,6 +53,10 @@ pub(super) struct Remote {
     pub(super) clients: HashMap<Arc<str>, Entry>,
     /// Channel → its members.
     pub(super) members: HashMap<Arc<str>, HashMap<Arc<str>, Entry>>,
+    /// Its members were announced as gone (`leave` to the local
+    /// subscribers) when it fell silent; heard again, they are announced
+    /// back (`join`).
+    pub(super) mourned: bool,
 }
 
 impl Remote {
@@ -58,7 +67,26 @@ impl Remote {
             snap_ver: 0,
             clients: HashMap::new(),
             members: HashMap::new(),
+            mourned: false,
         }
+    }
+
+    /// Its present members, as `join` (`present`) or `leave` events for
+    /// the local subscribers: what a crash, a restart (new boot) or a
+    /// return after silence changes in presence.
+    pub(super) fn events(&self, present: bool) -> Vec<Control> {
+        let mut out = Vec::new();
+        for (channel, members) in &self.members {
+            for info in members.values().filter_map(|e| e.info.clone()) {
+                let channel = channel.clone();
+                out.push(if present {
+                    Control::Join { channel, info }
+                } else {
+                    Control::Leave { channel, info }
+                });
+            }
+        }
+        out
     }
 
     pub(super) fn apply_delta(
@@ -232,6 +260,16 @@ impl Inner {
         now.duration_since(r.heard) < self.presence_ttl
     }
 
+    /// Presence events that no bus message carries (see [`Remote::events`]),
+    /// to this instance's subscribers only.
+    pub(super) fn tell_local(&self, events: &[Control]) {
+        if let Some(h) = self.handler() {
+            for e in events {
+                h.on_control(e);
+            }
+        }
+    }
+
     /// `PresenceStore::members`: the local members and every live
     /// instance's.
     pub(super) fn members(&self, channel: &str) -> Result<Vec<ClientInfo>> {
@@ -351,10 +389,22 @@ impl Inner {
             if let Err(e) = self.announce().await {
                 tracing::debug!(error = %e, "pub/sub heartbeat failed");
             }
+            // An instance silent for `presence_ttl` is gone (crashed): its
+            // members leave, told to this instance's subscribers (every
+            // instance tells its own, so each subscriber hears it once).
             let now = Instant::now();
-            self.remotes
-                .lock_unpoisoned()
-                .retain(|_, r| now.duration_since(r.heard) < self.presence_ttl * 4);
+            let mut gone = Vec::new();
+            {
+                let mut remotes = self.remotes.lock_unpoisoned();
+                for r in remotes.values_mut() {
+                    if !r.mourned && !self.alive(r, now) {
+                        r.mourned = true;
+                        gone.extend(r.events(false));
+                    }
+                }
+                remotes.retain(|_, r| now.duration_since(r.heard) < self.presence_ttl * 4);
+            }
+            self.tell_local(&gone);
         }
     }
 }

@@ -314,14 +314,31 @@ impl Inner {
         }
         let own = wire.src == self.me && wire.boot == self.boot;
         if !own {
-            let mut remotes = self.remotes.lock_unpoisoned();
-            let r = remotes
-                .entry(wire.src.clone())
-                .or_insert_with(|| Remote::new(wire.boot.clone()));
-            if r.boot != wire.boot {
-                *r = Remote::new(wire.boot.clone());
-            }
-            r.heard = now;
+            let changed = {
+                let mut remotes = self.remotes.lock_unpoisoned();
+                let r = remotes
+                    .entry(wire.src.clone())
+                    .or_insert_with(|| Remote::new(wire.boot.clone()));
+                let changed = if r.boot != wire.boot {
+                    // Restarted: the old process's members are gone.
+                    let gone = if r.mourned {
+                        Vec::new()
+                    } else {
+                        r.events(false)
+                    };
+                    *r = Remote::new(wire.boot.clone());
+                    gone
+                } else if r.mourned {
+                    // Back from silence (a partition): its members are back.
+                    r.mourned = false;
+                    r.events(true)
+                } else {
+                    Vec::new()
+                };
+                r.heard = now;
+                changed
+            };
+            self.tell_local(&changed);
         }
         let Some(handler) = self.handler().cloned() else {
             return;

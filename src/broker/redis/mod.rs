@@ -72,8 +72,12 @@
 //!   refreshed every `presence_ttl / 3` by the instance's heartbeat (which
 //!   rewrites the entries, so they also come back after Redis lost them);
 //!   `members` drops expired ones. The members of a crashed instance
-//!   disappear within `presence_ttl`. No `leave` event is sent for them
-//!   (nobody is left to send it).
+//!   disappear within `presence_ttl`, each with one `leave` across the
+//!   cluster: the script that drops an expired member publishes its leave
+//!   in the same step, and every heartbeat runs it for the presence
+//!   channels this instance serves. A member reaped while its instance was
+//!   only cut off is announced again (`join`) by that instance's next
+//!   heartbeat.
 //! * **Direct**: a target on this instance is delivered locally; otherwise
 //!   `P:client:<id>` names its instance and the message is published on that
 //!   instance's topic. No entry, or no listener on the topic (`PUBLISH`

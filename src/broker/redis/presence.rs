@@ -1,6 +1,13 @@
 //! The Redis presence store: a hash of members and a zset of their
 //! expiries per channel (`P:pr:{ch}:members`, `P:pr:{ch}:expiry`), and
 //! the local members the heartbeat rewrites.
+//!
+//! Members whose expiry passed (their instance crashed) are dropped by
+//! `scripts/presence_members.lua`, which publishes their `leave` in the
+//! same step: whoever drops a member announces it, so each is announced
+//! once across the cluster. Every heartbeat runs it (`reap`) for the
+//! presence channels this instance serves, so ghosts leave within about
+//! `presence_ttl` plus a third of it, even if nobody asks for the members.
 
 use super::{Inner, bus_error};
 use crate::error::Result;
@@ -18,7 +25,7 @@ impl Inner {
             .insert(info.client_id.clone(), info.clone());
         let mut conn = self.conn()?;
         let json = serde_json::to_string(info).map_err(bus_error)?;
-        let _: i64 = self
+        let _new: i64 = self
             .scripts
             .presence_add
             .key(self.keys.members(channel))
@@ -67,6 +74,8 @@ impl Inner {
             .presence_members
             .key(self.keys.members(channel))
             .key(self.keys.expiry(channel))
+            .arg(self.keys.topic(channel))
+            .arg(serde_json::to_string(channel).map_err(bus_error)?)
             .invoke_async(&mut conn)
             .await
             .map_err(bus_error)?;

@@ -38,6 +38,12 @@ pub(super) struct Subscriptions {
     channels: HashMap<String, usize>,
 }
 
+/// `s` as a JSON string (what the presence scripts splice into the
+/// `join`/`leave` messages they publish).
+fn json_string(s: &str) -> Result<String> {
+    serde_json::to_string(s).map_err(bus_error)
+}
+
 /// Both connections of one attempt.
 pub(super) struct Connected {
     /// Commands and scripts (multiplexed, cloned per call).
@@ -171,11 +177,6 @@ impl Inner {
             .iter()
             .map(|(ch, m)| (ch.clone(), m.values().cloned().collect()))
             .collect();
-        let (secs, micros): (u64, u64) = redis::cmd("TIME")
-            .query_async(&mut conn)
-            .await
-            .map_err(bus_error)?;
-        let expire_at = secs * 1000 + micros / 1000 + ttl;
         // Chunks keep each pipeline (and the memory it needs) bounded.
         let mut pipe = redis::pipe();
         let mut queued = 0usize;
@@ -200,31 +201,68 @@ impl Inner {
                 queued = 0;
             }
         }
+        // Members are refreshed through the add script, which announces a
+        // `join` for one that is gone from the hash (reaped while this
+        // instance was cut off, or lost with Redis's data).
+        pipe.load_script(&self.scripts.presence_add).ignore();
         for (channel, members) in &presence {
             let (mkey, ekey) = (self.keys.members(channel), self.keys.expiry(channel));
+            let (topic, name) = (self.keys.topic(channel), json_string(channel)?);
             for info in members {
                 let json = serde_json::to_string(info).map_err(bus_error)?;
-                pipe.cmd("HSET")
-                    .arg(&mkey)
-                    .arg(&*info.client_id)
-                    .arg(json)
-                    .ignore();
-                pipe.cmd("ZADD")
-                    .arg(&ekey)
-                    .arg(expire_at)
-                    .arg(&*info.client_id)
-                    .ignore();
+                pipe.invoke_script(
+                    self.scripts
+                        .presence_add
+                        .key(&mkey)
+                        .key(&ekey)
+                        .arg(&*info.client_id)
+                        .arg(json)
+                        .arg(ttl)
+                        .arg(&topic)
+                        .arg(&name),
+                )
+                .ignore();
                 queued += 1;
-            }
-            pipe.cmd("PEXPIRE").arg(&mkey).arg(ttl).ignore();
-            pipe.cmd("PEXPIRE").arg(&ekey).arg(ttl).ignore();
-            if queued >= 512 {
-                pipe.exec_async(&mut conn).await.map_err(bus_error)?;
-                pipe = redis::pipe();
-                queued = 0;
+                if queued >= 512 {
+                    pipe.exec_async(&mut conn).await.map_err(bus_error)?;
+                    pipe = redis::pipe();
+                    queued = 0;
+                }
             }
         }
-        pipe.exec_async(&mut conn).await.map_err(bus_error)
+        pipe.exec_async(&mut conn).await.map_err(bus_error)?;
+        self.reap_presence(&mut conn).await
+    }
+
+    /// Drop the expired members of every presence channel this instance
+    /// serves, announcing each one's `leave` (see `presence.rs`).
+    async fn reap_presence(&self, conn: &mut MultiplexedConnection) -> Result<()> {
+        let channels: Vec<String> = {
+            let subs = self.subs.lock().await;
+            subs.channels
+                .keys()
+                .filter(|ch| self.config.namespace_of(ch).is_some_and(|n| n.presence))
+                .cloned()
+                .collect()
+        };
+        for chunk in channels.chunks(512) {
+            let mut pipe = redis::pipe();
+            pipe.load_script(&self.scripts.presence_members).ignore();
+            for channel in chunk {
+                pipe.invoke_script(
+                    self.scripts
+                        .presence_members
+                        .key(self.keys.members(channel))
+                        .key(self.keys.expiry(channel))
+                        .arg(self.keys.topic(channel))
+                        .arg(json_string(channel)?)
+                        .arg("reap"),
+                )
+                .ignore();
+            }
+            pipe.exec_async(&mut *conn).await.map_err(bus_error)?;
+        }
+        Ok(())
     }
 
     /// After a reconnection: fill each local channel's gap from history, or
