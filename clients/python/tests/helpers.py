@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from switchboard_client import Message, Subscription
+from switchboard_client import Client, Message, Subscription
 
 
 async def take(sub: Subscription, n: int, timeout: float = 10.0) -> list[Message]:
@@ -27,3 +27,8 @@ async def until(check: Callable[[], bool], timeout: float = 10.0, what: str = "c
                 await asyncio.sleep(0.02)
     except TimeoutError:
         raise AssertionError(f"timed out waiting for {what}") from None
+
+
+def fast_client(url: str) -> Client:
+    """A client that reconnects within a fraction of a second (tests only)."""
+    return Client(url, reconnect_base_delay=0.05, reconnect_max_delay=0.3)

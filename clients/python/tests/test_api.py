@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 
-from helpers import take, until
-from sbserver import Server
 from switchboard_client import Client, Message, Position, StateChange, SwitchboardError, parse_retry_hint
 from switchboard_client.backoff import Backoff, parse_retry_after
+
+from helpers import take, until
+from sbserver import Server
 
 
 async def test_the_context_manager_waits_for_the_welcome(server: Server) -> None:

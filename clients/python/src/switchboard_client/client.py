@@ -628,4 +628,3 @@ class Client:
         """Write a raw frame (no ``id``, no reply awaited), e.g. the tutorial's own types."""
         ws = await self._wait_connected()
         await self._write(ws, frame)
-
