@@ -19,6 +19,8 @@ async def test_the_context_manager_waits_for_the_welcome(server: Server) -> None
     states: list[str] = []
     client = Client(server.url)
     client.on("state", lambda change: states.append(change.state))
+    welcomes: list[dict[str, Any]] = []
+    client.on("connected", welcomes.append)
     async with client as c:
         assert c.state == "open"
         assert c.client_id is not None and c.client_id.startswith("client-")
@@ -29,6 +31,7 @@ async def test_the_context_manager_waits_for_the_welcome(server: Server) -> None
     assert final_state == "closed"
     assert c.client_id is None
     await until(lambda: states[-1:] == ["closed"], what="the closed event")
+    assert [w["clientId"] for w in welcomes] == [c.welcome["clientId"]]
     assert states[:2] == ["connecting", "open"]
     with pytest.raises(SwitchboardError) as err:
         await c.publish("chat:x", 1)
@@ -185,6 +188,11 @@ async def test_requests_wait_for_the_connection_and_respect_the_queue_bound(serv
         await asyncio.wait_for(first, 10)
         assert client.state == "open"
         assert client.client_id != old_id
+
+
+def test_a_url_that_is_not_a_websocket_url_is_refused_at_once() -> None:
+    with pytest.raises(ValueError):
+        Client("http://localhost:8080/")
 
 
 def test_retry_advice_and_full_jitter_backoff() -> None:

@@ -59,3 +59,31 @@ async def test_recovered_false_on_an_epoch_change_is_raised_at_the_gap(server: S
         assert (msg.data, msg.offset) == ("new", 2)
         await until(lambda: len(gaps) == 1, what="the recovery-failed event")
         assert gaps[0] is gap.value
+
+
+async def test_a_subscribe_made_while_reconnecting_is_sent_on_the_next_connection(server: Server, channel: str) -> None:
+    client = Client(server.url, reconnect_base_delay=0.5, random=lambda: 0.99)
+    async with client, Client(server.url) as publisher:
+        await client.reconnect()
+        await until(lambda: client.state == "reconnecting", what="reconnecting")
+        sub = await asyncio.wait_for(client.subscribe(channel), 10)
+        assert sub.active
+        await publisher.publish(channel, "hello")
+        (msg,) = await take(sub, 1)
+        assert msg.data == "hello"
+
+
+async def test_a_full_buffer_holds_the_reader_back_and_loses_nothing(server: Server, channel: str) -> None:
+    async with Client(server.url, max_buffered=2) as consumer, Client(server.url) as publisher:
+        sub = await consumer.subscribe(channel)
+        for i in range(1, 51):
+            await publisher.publish(channel, i)
+        await until(lambda: sub.buffered == 2, what="a full buffer")
+        got = []
+        async with asyncio.timeout(10):
+            async for msg in sub:
+                got.append(msg.data)
+                assert sub.buffered <= 2
+                if len(got) == 50:
+                    break
+        assert got == list(range(1, 51))

@@ -2,12 +2,14 @@
 
 ``Client`` (client.py) keeps one WebSocket open and reconnects for ever; ``Subscription``
 (subscription.py) iterates a channel's publications with recovery; the values it hands
-over are in models.py, the exceptions in errors.py, the reconnect pacing in backoff.py.
+over are in models.py, the exceptions in errors.py, the reconnect pacing in backoff.py, the handlers'
+task in events.py, the wire helpers in wire.py.
 """
 
 from .backoff import parse_retry_hint
-from .client import Client, Handler
+from .client import Client
 from .errors import RecoveryFailed, SwitchboardError
+from .events import Handler
 from .models import Frame, History, Member, Message, Position, Presence, Publication, State, StateChange
 from .subscription import Subscription
 

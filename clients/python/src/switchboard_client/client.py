@@ -1,12 +1,12 @@
 """The Switchboard client: one WebSocket connection kept open, requests and channels.
 
-Where it sits: ``Client`` is what the application uses. It owns two background tasks:
-the *connection loop* (connect, read the ``connected`` welcome, resubscribe, read every
-server frame, reconnect for ever with full-jitter backoff, see backoff.py) and the
-*dispatcher* (runs the application's ``on(type, handler)`` handlers in order, so a slow
-or awaiting handler never stalls the reader). Requests carry an increasing ``id`` and are
-settled by the reply with that ``ref``; channel state lives in subscription.py; the
-values handed to the application are in models.py. The wire protocol is
+Where it sits: ``Client`` is what the application uses. It owns the *connection loop*
+task (connect, read the ``connected`` welcome, resubscribe, read every server frame,
+reconnect for ever with full-jitter backoff, see backoff.py) and a Dispatcher
+(events.py) that runs the application's ``on(type, handler)`` handlers in a task of
+its own. Requests carry an increasing ``id`` and are settled by the reply with that
+``ref`` (wire.py); channel state lives in subscription.py; the values handed to the
+application are in models.py. The wire protocol is
 docs/protocol.md; the behaviour mirrors the JavaScript client (clients/js).
 """
 
@@ -14,86 +14,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import itertools
 import json
 import logging
 import random as _random
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from .backoff import Backoff, parse_retry_after, parse_retry_hint
 from .errors import SwitchboardError
+from .events import Dispatcher, Handler
 from .models import Frame, History, Position, Presence, State, StateChange
 from .subscription import MessageHandler, Subscription
+from .wire import AUTH_CLOSES, REPLIES, Pending, parse_frame, with_token
 
-__all__ = ["Client", "Handler"]
+__all__ = ["Client"]
 
 log = logging.getLogger("switchboard_client")
-
-#: An ``on(type, handler)`` handler: gets the frame (or client event), may be async.
-Handler = Callable[[Any], Awaitable[None] | None]
-
-# The reply types that settle each kind of request (besides `error`).
-_REPLIES: dict[str, tuple[str, ...]] = {
-    "broadcast": ("ack",),
-    "direct": ("ack",),
-    "publish": ("ack",),
-    "subscribe": ("subscribed",),
-    "unsubscribe": ("unsubscribed",),
-    "presence": ("presence",),
-    "history": ("history",),
-    "ping": ("pong",),
-}
-
-# Close codes after which reconnecting with the same token is pointless.
-_AUTH_CLOSES = {4001: "unauthorized", 4003: "token_expired"}
-
-
-@dataclass
-class _Pending:
-    """A request written and waiting for its reply."""
-
-    type: str
-    accepts: tuple[str, ...]
-    #: Settled with the reply (ordinary requests).
-    future: asyncio.Future[Frame] | None = None
-    #: The subscription a (re)subscribe is for; its reply is handled in the reader.
-    sub: Subscription | None = None
-    #: The ``since`` the (re)subscribe asked to resume from.
-    since: Position | None = None
-    #: A (re)subscribe's timeout.
-    timer: asyncio.TimerHandle | None = None
-
-
-_Event = tuple[list[Handler], Any, Callable[[], None] | None]
-
-
-def _with_token(url: str, token: str | None) -> str:
-    if token is None:
-        return url
-    parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "token"]
-    query.append(("token", token))
-    return urlunsplit(parts._replace(query=urlencode(query)))
-
-
-def _parse(raw: str | bytes) -> Frame | None:
-    if not isinstance(raw, str):
-        return None  # binary frames are not part of the protocol
-    try:
-        msg = json.loads(raw)
-    except ValueError:
-        return None
-    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
-        return None
-    return msg
 
 
 class Client:
@@ -119,6 +61,9 @@ class Client:
         ping_timeout: float | None = 20.0,
         random: Callable[[], float] = _random.random,
     ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.netloc:
+            raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
         #: The server's URL, ``ws(s)://host/ws`` (the bare host works too).
         self.url = url
         #: Seconds a request waits for its reply, counted from when it is written.
@@ -142,7 +87,7 @@ class Client:
         #: Channel name → its Subscription.
         self.subscriptions: dict[str, Subscription] = {}
 
-        self._connect_url = _with_token(url, token)
+        self._connect_url = with_token(url, token)
         self._ws_options: dict[str, Any] = {
             "max_size": max_message_size,
             "ping_interval": ping_interval,
@@ -151,16 +96,14 @@ class Client:
             "open_timeout": None,  # the attempt as a whole is bounded by connect_timeout
         }
         self._backoff = Backoff(reconnect_base_delay, reconnect_max_delay, random)
-        self._handlers: dict[str, list[Handler]] = {}
         self._ids = itertools.count(1)
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, Pending] = {}
         self._ws: ClientConnection | None = None
         # Set while requests may be written (open, subscriptions re-sent) or once stopped.
         self._gate = asyncio.Event()
         self._waiting = 0
         self._task: asyncio.Task[None] | None = None
-        self._dispatcher: asyncio.Task[None] | None = None
-        self._events: asyncio.Queue[_Event | None] = asyncio.Queue(max(1, max_buffered))
+        self._events = Dispatcher(max_buffered)
         self._first_welcome: asyncio.Future[Frame] | None = None
         # Set once the client stopped (closed, or gave up): what requests then raise.
         self._error: SwitchboardError | None = None
@@ -196,7 +139,7 @@ class Client:
             raise self._error
         if self._task is None:
             self._first_welcome = asyncio.get_running_loop().create_future()
-            self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="switchboard-dispatch")
+            self._events.start()
             self._task = asyncio.create_task(self._run(), name="switchboard-connection")
         assert self._first_welcome is not None
         return await asyncio.shield(self._first_welcome)
@@ -220,14 +163,7 @@ class Client:
         await self._set_state(StateChange("closed"))
         for t in list(self._tasks):
             t.cancel()
-        dispatcher = self._dispatcher
-        if dispatcher is not None and dispatcher is not asyncio.current_task():
-            try:
-                self._events.put_nowait(None)  # run what is queued, then stop
-            except asyncio.QueueFull:
-                dispatcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(dispatcher, 2.0)
+        await self._events.stop()
 
     async def reconnect(self) -> None:
         """Drop the current connection (close 4000) and reconnect, with recovery."""
@@ -243,52 +179,34 @@ class Client:
         (a StateChange) and ``recovery-failed`` (a RecoveryFailed). Sync or async;
         handlers run one at a time, in order, outside the reader.
         """
-        self._handlers.setdefault(type, []).append(handler)
+        self._events.on(type, handler)
 
     def off(self, type: str, handler: Handler | None = None) -> None:
         """Remove one handler of ``type``, or all of them."""
-        handlers = self._handlers.get(type)
-        if handlers is None:
-            return
-        if handler is None:
-            del self._handlers[type]
-        elif handler in handlers:
-            handlers.remove(handler)
-
-    async def _emit(self, type: str, arg: Any) -> None:
-        handlers = self._handlers.get(type)
-        if handlers:
-            await self._dispatch(list(handlers), arg, None)
-
-    async def _dispatch(self, handlers: list[Handler], arg: Any, after: Callable[[], None] | None) -> None:
-        await self._events.put((handlers, arg, after))
-
-    async def _dispatch_loop(self) -> None:
-        while (event := await self._events.get()) is not None:
-            handlers, arg, after = event
-            for handler in handlers:
-                try:
-                    result = handler(arg)
-                    if inspect.isawaitable(result):
-                        await result
-                except Exception:
-                    # One faulty handler must not stop the others or the client.
-                    log.exception("switchboard: a handler raised")
-            if after is not None:
-                after()
+        self._events.off(type, handler)
 
     async def _set_state(self, change: StateChange) -> None:
         self.state = change.state
-        await self._emit("state", change)
+        await self._events.emit("state", change)
 
     # ---------------------------------------------------------------- connection loop
 
     async def _run(self) -> None:
+        try:
+            await self._connection_loop()
+        except Exception as exc:
+            # A bug of the client: fail loudly rather than hang every waiter.
+            log.exception("switchboard: the connection loop failed")
+            error = SwitchboardError("internal", f"the client's connection loop failed: {exc!r}")
+            self._stop(error, error)
+            self.state = "closed"
+
+    async def _connection_loop(self) -> None:
         await self._set_state(StateChange("connecting"))
         while True:
             code, reason = await self._attempt()
-            if code in _AUTH_CLOSES:
-                error = SwitchboardError(_AUTH_CLOSES[code], reason or str(code))
+            if code in AUTH_CLOSES:
+                error = SwitchboardError(AUTH_CLOSES[code], reason or str(code))
                 self._stop(error, error)
                 await self._set_state(StateChange("closed", self._backoff.attempt, None, code, reason))
                 return
@@ -333,7 +251,7 @@ class Client:
 
     async def _read_welcome(self, ws: ClientConnection) -> Frame:
         while True:
-            msg = _parse(await ws.recv())
+            msg = parse_frame(await ws.recv())
             if msg is not None and msg["type"] == "connected":
                 return msg
 
@@ -345,13 +263,14 @@ class Client:
         self.instance_id = welcome.get("instanceId")
         try:
             await self._set_state(StateChange("open"))
+            await self._events.emit("connected", welcome)
             for sub in list(self.subscriptions.values()):
                 await self._send_subscribe(sub)
             self._gate.set()
             if self._first_welcome is not None and not self._first_welcome.done():
                 self._first_welcome.set_result(welcome)
             async for raw in ws:
-                msg = _parse(raw)
+                msg = parse_frame(raw)
                 if msg is not None:
                     await self._on_frame(msg)
         except (ConnectionClosed, SwitchboardError):
@@ -409,7 +328,7 @@ class Client:
         ref = msg.get("ref")
         if isinstance(ref, int) and not isinstance(ref, bool):
             await self._settle(msg, ref)
-        await self._emit(type_, msg)
+        await self._events.emit(type_, msg)
 
     async def _settle(self, msg: Frame, ref: int) -> None:
         p = self._pending.get(ref)
@@ -428,12 +347,12 @@ class Client:
             if error is not None:
                 del self.subscriptions[sub.channel]
                 sub._end(error)
-                await self._emit("subscription-error", error)
+                await self._events.emit("subscription-error", error)
                 return
             gap = sub._confirmed(msg, p.since)
             if gap is not None:
                 await sub._report(gap)
-                await self._emit("recovery-failed", gap)
+                await self._events.emit("recovery-failed", gap)
         elif p.future is not None and not p.future.done():
             if error is not None:
                 p.future.set_exception(error)
@@ -490,7 +409,7 @@ class Client:
         id_ = next(self._ids)
         type_ = frame["type"]
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
-        self._pending[id_] = _Pending(type_, _REPLIES.get(type_, ()), future=future)
+        self._pending[id_] = Pending(type_, REPLIES.get(type_, ()), future=future)
         try:
             await self._write(ws, {**frame, "id": id_})
             limit = self.request_timeout if timeout is None else timeout
@@ -503,16 +422,18 @@ class Client:
             self._pending.pop(id_, None)
 
     async def _send_subscribe(self, sub: Subscription) -> None:
+        """Send ``sub``'s (re)subscribe on the current connection, once per connection."""
         ws = self._ws
-        if ws is None:
+        if ws is None or sub._sent_on is ws:
             return
+        sub._sent_on = ws
         id_ = next(self._ids)
         since = sub._subscribing()
         frame: Frame = {"type": "subscribe", "channel": sub.channel}
         if since is not None:
             frame["since"] = since.to_wire()
         frame["id"] = id_
-        pending = _Pending("subscribe", ("subscribed",), sub=sub, since=since)
+        pending = Pending("subscribe", ("subscribed",), sub=sub, since=since)
         self._pending[id_] = pending
         pending.timer = asyncio.get_running_loop().call_later(self.request_timeout, self._subscribe_timed_out, id_)
         await self._write(ws, frame)
@@ -559,7 +480,9 @@ class Client:
             raise SwitchboardError("already_subscribed", f"this client is already subscribed to {channel}")
         sub = Subscription(self, channel, since, handler, self.max_buffered)
         self.subscriptions[channel] = sub
-        if self._connected():
+        if self._ws is not None and self._error is None:
+            # (While a connection is being set up, whichever of this and its
+            # resubscribe loop comes first sends it.)
             with contextlib.suppress(SwitchboardError):
                 await self._send_subscribe(sub)  # if the connection dropped, it is resent
         try:

@@ -129,6 +129,8 @@ class Subscription:
         self._taken: Position | None = None
         # The pending cumulative ack, if one is scheduled.
         self._ack_timer: asyncio.TimerHandle | None = None
+        # The connection the last (re)subscribe was sent on (sent once per connection).
+        self._sent_on: object | None = None
 
     def __repr__(self) -> str:
         return f"<Subscription {self.channel} {self.state} at {self.epoch}/{self.offset}>"
@@ -196,7 +198,7 @@ class Subscription:
     async def _deliver(self, msg: Message) -> None:
         """Hand ``msg`` on: to the handler (through the client's dispatcher) or the buffer."""
         if self._handler is not None:
-            await self._client._dispatch([self._handler], msg, lambda: self._took(msg))
+            await self._client._events.dispatch([self._handler], msg, lambda: self._took(msg))
         else:
             await self._inbox.put(msg)
 
