@@ -43,6 +43,7 @@ def server() -> Iterator[Server]:
             yield srv
         finally:
             srv.stop()
+            srv.close()
 
 
 @pytest.fixture

@@ -112,6 +112,12 @@ class Server:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
 
+    def close(self) -> None:
+        """Kill the process if it runs, and remove its log."""
+        self.kill()
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
     def stop(self) -> None:
         """SIGTERM (the server drains), SIGKILL after 10 s."""
         if self.proc is not None and self.proc.poll() is None:

@@ -43,7 +43,7 @@ def auth_server() -> Iterator[Server]:
         try:
             yield server
         finally:
-            server.kill()
+            server.close()
 
 
 async def test_a_drain_close_is_honoured_retry_advice_then_a_reconnect() -> None:
@@ -64,7 +64,7 @@ async def test_a_drain_close_is_honoured_retry_advice_then_a_reconnect() -> None
             await until(lambda: client.state == "open", 20, "back after the restart")
             await client.ping()
     finally:
-        server.kill()
+        server.close()
 
 
 async def test_a_token_in_the_url_authenticates(auth_server: Server, channel: str) -> None:

@@ -65,7 +65,7 @@ async def test_memory_bus_kill_and_restart_reports_recovered_false(channel: str)
             assert live in (["after"], ["queued while down", "after"])
             assert any(s.state == "reconnecting" and s.delay is not None for s in states)
     finally:
-        server.kill()
+        server.close()
 
 
 async def test_redis_bus_kill_and_restart_recovers_every_missed_message_once_in_order(
@@ -95,5 +95,5 @@ async def test_redis_bus_kill_and_restart_recovers_every_missed_message_once_in_
             assert sub.recovery_failures == 0
             assert sub.buffered == 0
     finally:
-        a.kill()
-        b.kill()
+        a.close()
+        b.close()
