@@ -112,8 +112,18 @@ class Server:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
 
+    def pause(self) -> None:
+        """SIGSTOP: the process freezes, its TCP connections stay up (a dead peer)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
     def close(self) -> None:
         """Kill the process if it runs, and remove its log."""
+        self.resume()
         self.kill()
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)

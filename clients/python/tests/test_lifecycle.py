@@ -83,3 +83,23 @@ async def test_a_refused_token_stops_the_client_with_its_code(auth_server: Serve
                 async with Client(auth_server.url, token=token):
                     pass
         assert err.value.code in codes, err.value
+
+
+async def test_a_frozen_server_is_detected_by_keepalive_and_the_client_comes_back() -> None:
+    server = Server([])
+    try:
+        states: list[StateChange] = []
+        client = Client(server.url, ping_interval=0.2, ping_timeout=0.3, reconnect_base_delay=0.05)
+        async with client:
+            client.on("state", states.append)
+            server.pause()  # nothing answers, nothing closes
+            with pytest.raises(SwitchboardError) as err:
+                await client.ping()
+            assert err.value.code in ("disconnected", "timeout")
+            await until(lambda: client.state != "open", 10, "the dead connection noticed")
+            server.resume()
+            await until(lambda: client.state == "open", 20, "back")
+            await client.ping()
+            assert any(s.state == "reconnecting" for s in states)
+    finally:
+        server.close()

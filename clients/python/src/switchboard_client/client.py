@@ -247,7 +247,7 @@ class Client:
             return None, None
         self._backoff.reset()
         await self._serve(ws, welcome)
-        return ws.close_code, ws.close_reason
+        return ws.protocol.close_code, ws.protocol.close_reason
 
     async def _read_welcome(self, ws: ClientConnection) -> Frame:
         while True:
@@ -282,7 +282,7 @@ class Client:
             self.client_id = None
             for sub in self.subscriptions.values():
                 sub._disconnected()
-            code, reason = ws.close_code, ws.close_reason
+            code, reason = ws.protocol.close_code, ws.protocol.close_reason
             self._fail_pending(SwitchboardError("disconnected", f"connection closed ({code} {reason or ''})".strip()))
 
     def _stop(self, error: SwitchboardError, end_with: BaseException | None) -> None:
