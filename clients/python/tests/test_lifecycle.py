@@ -103,3 +103,27 @@ async def test_a_frozen_server_is_detected_by_keepalive_and_the_client_comes_bac
             assert any(s.state == "reconnecting" for s in states)
     finally:
         server.close()
+
+
+async def test_a_refused_handshake_s_retry_after_is_honoured() -> None:
+    # One handshake per 2 s from this address, no burst beyond it.
+    server = Server(["--handshake-rate-per-ip", "0.5", "--handshake-burst-per-ip", "1"])
+    try:
+        async with Client(server.url) as first:
+            states: list[StateChange] = []
+            second = Client(server.url, reconnect_base_delay=0.01, reconnect_max_delay=0.02)
+            second.on("state", states.append)
+            async with asyncio.timeout(20):
+                await second.connect()  # refused with 429 + Retry-After first, then admitted
+            try:
+                refused = [s for s in states if s.state == "reconnecting"]
+                assert refused, "the second handshake was refused"
+                assert refused[0].reason == "HTTP 429"
+                # The advice (whole seconds, at least 1) plus the jitter, not the 10 ms backoff.
+                assert refused[0].delay is not None and refused[0].delay >= 1.0
+                await second.ping()
+                await first.ping()
+            finally:
+                await second.close()
+    finally:
+        server.close()
