@@ -1,0 +1,253 @@
+//! The processes a soak kills: Switchboard instances (the real binary,
+//! each on a fixed port so that it comes back where clients look for it)
+//! and the bus servers, with persistence where the bus has it.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::pubsub_emulator::Emulator;
+use crate::support::free_port;
+
+/// How long a restarted process may take to answer.
+const START: Duration = Duration::from_secs(30);
+
+/// One `switchboard` process.
+pub struct Instance {
+    pub port: u16,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Instance {
+    /// Start with `args` (besides host and port) and wait until ready.
+    pub async fn start(args: Vec<String>) -> Instance {
+        let mut i = Instance {
+            port: free_port(),
+            args,
+            child: None,
+        };
+        i.restart().await;
+        i
+    }
+
+    /// `kill -9`: no drain, no goodbye on the bus.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start (again) on the same port; returns once `/readyz` answers 200.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn switchboard");
+        self.child = Some(child);
+        let url = format!("http://127.0.0.1:{}/readyz", self.port);
+        let deadline = tokio::time::Instant::now() + START;
+        loop {
+            if let Ok(r) = reqwest::get(&url).await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "switchboard on {} did not become ready",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The bus under test, on a private server that the soak may kill -9.
+pub enum BusServer {
+    /// `redis-server --appendonly yes --appendfsync always`.
+    Redis {
+        port: u16,
+        dir: PathBuf,
+        child: Option<Child>,
+    },
+    /// `nats-server -js` with a file store.
+    Nats {
+        port: u16,
+        dir: PathBuf,
+        child: Option<Child>,
+    },
+    /// The Pub/Sub emulator (keeps nothing across a restart).
+    PubSub(Emulator),
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "sb-soak-{name}-{}",
+        switchboard::ids::random_base36(8)
+    ));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+impl BusServer {
+    pub async fn redis() -> BusServer {
+        let mut b = BusServer::Redis {
+            port: free_port(),
+            dir: scratch("redis"),
+            child: None,
+        };
+        b.spawn().await;
+        b
+    }
+
+    pub async fn nats() -> BusServer {
+        let mut b = BusServer::Nats {
+            port: free_port(),
+            dir: scratch("nats"),
+            child: None,
+        };
+        b.spawn().await;
+        b
+    }
+
+    pub async fn pubsub() -> BusServer {
+        BusServer::PubSub(Emulator::start().await)
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            BusServer::Redis { .. } => "redis",
+            BusServer::Nats { .. } => "nats",
+            BusServer::PubSub(_) => "pubsub",
+        }
+    }
+
+    /// The TCP port clients of the bus connect to.
+    pub fn port(&self) -> u16 {
+        match self {
+            BusServer::Redis { port, .. } | BusServer::Nats { port, .. } => *port,
+            BusServer::PubSub(e) => e
+                .host()
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse().ok())
+                .expect("emulator port"),
+        }
+    }
+
+    /// `--bus` for an instance that reaches the bus at `port` (the bus's
+    /// own, or a proxy's in front of it).
+    pub fn url(&self, port: u16) -> String {
+        match self {
+            BusServer::Redis { .. } => format!("redis://127.0.0.1:{port}"),
+            BusServer::Nats { .. } => format!("nats://127.0.0.1:{port}"),
+            BusServer::PubSub(_) => format!("pubsub://soak-project?emulator=127.0.0.1:{port}"),
+        }
+    }
+
+    async fn spawn(&mut self) {
+        let (program, args, port, child) = match self {
+            BusServer::Redis { port, dir, child } => (
+                "redis-server",
+                vec![
+                    "--port".to_string(),
+                    port.to_string(),
+                    "--bind".into(),
+                    "127.0.0.1".into(),
+                    "--dir".into(),
+                    dir.display().to_string(),
+                    "--appendonly".into(),
+                    "yes".into(),
+                    "--appendfsync".into(),
+                    "always".into(),
+                    "--save".into(),
+                    String::new(),
+                ],
+                *port,
+                child,
+            ),
+            BusServer::Nats { port, dir, child } => (
+                "nats-server",
+                vec![
+                    "-a".to_string(),
+                    "127.0.0.1".into(),
+                    "-p".into(),
+                    port.to_string(),
+                    "-js".into(),
+                    "-sd".into(),
+                    dir.display().to_string(),
+                ],
+                *port,
+                child,
+            ),
+            BusServer::PubSub(e) => {
+                e.restart().await;
+                return;
+            }
+        };
+        let c = Command::new(program)
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                crate::support::services::cannot_run(
+                    program,
+                    e,
+                    &format!("install it with `apt-get install {program}`"),
+                )
+            });
+        *child = Some(c);
+        let deadline = tokio::time::Instant::now() + START;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{program} did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `kill -9`, then start again on the same port with the same store.
+    pub async fn kill_restart(&mut self) {
+        match self {
+            BusServer::Redis { child, .. } | BusServer::Nats { child, .. } => {
+                if let Some(mut c) = child.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            }
+            BusServer::PubSub(e) => e.kill(),
+        }
+        self.spawn().await;
+    }
+}
+
+impl Drop for BusServer {
+    fn drop(&mut self) {
+        match self {
+            BusServer::Redis { child, dir, .. } | BusServer::Nats { child, dir, .. } => {
+                if let Some(mut c) = child.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            BusServer::PubSub(_) => {}
+        }
+    }
+}

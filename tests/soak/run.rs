@@ -1,0 +1,266 @@
+//! One soak run: the cluster, the clients, the chaos, and the tally.
+//!
+//! Subscribers follow one channel and, whenever their connection ends,
+//! reconnect to a random live instance and resubscribe with the `since`
+//! of the last publication they got. Two publishers write `{"p", "n"}`
+//! publications, one over the server API and one over WebSocket, each
+//! recording what was acknowledged. The chaos task kills instances with
+//! SIGKILL and restarts them, kills the bus and restarts it, and cuts one
+//! instance off the bus for a while (a TCP proxy). At the end every
+//! subscriber is checked against the acknowledged set, by identity.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::clients::{api_publisher, subscriber, ws_publisher};
+use crate::private_redis::Proxy;
+use crate::procs::{BusServer, Instance};
+
+pub(crate) const CHANNEL: &str = "soak:room";
+pub(crate) const API_KEY: &str = "soak-api-key-0123456789abcdef";
+
+/// What to do to the cluster.
+pub struct Plan {
+    pub instances: usize,
+    pub subscribers: usize,
+    /// Publishing lasts this long; then the subscribers get time to settle.
+    pub seconds: u64,
+    /// A random instance is killed (and restarted) this often.
+    pub kill_every: Duration,
+    /// The bus is killed -9 and restarted at these times (from the start).
+    pub bus_restarts: Vec<Duration>,
+    /// Instance 0 is cut off the bus (its proxy) at these times, for 2 s.
+    pub partitions: Vec<Duration>,
+    /// Publications per second per publisher.
+    pub rate: u32,
+}
+
+/// What happened, and what each subscriber missed, got twice or out of
+/// order.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub bus: &'static str,
+    pub kills: u64,
+    pub bus_restarts: u64,
+    pub partitions: u64,
+    pub reconnects: u64,
+    pub acked: u64,
+    /// Acknowledged publications a subscriber never got, although it was
+    /// never told `recovered:false` around them.
+    pub missed: u64,
+    /// Acknowledged publications missed inside a `recovered:false` window:
+    /// the subscriber was told.
+    pub excused: u64,
+    /// `recovered:false` answers.
+    pub told: u64,
+    pub duplicates: u64,
+    pub reorders: u64,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "soak {}: {} instance kills, {} bus kill -9 + restarts, {} partitions, {} reconnects, \
+             {} acked publications; missed {}, twice {}, out of order {}; \
+             recovered:false {} times (covering {} publication deliveries)",
+            self.bus,
+            self.kills,
+            self.bus_restarts,
+            self.partitions,
+            self.reconnects,
+            self.acked,
+            self.missed,
+            self.duplicates,
+            self.reorders,
+            self.told,
+            self.excused
+        )
+    }
+}
+
+/// Who published what, acknowledged when.
+pub(crate) type Acked = Arc<Mutex<Vec<((u64, u64), Instant)>>>;
+
+/// One subscriber's record.
+#[derive(Default)]
+pub(crate) struct Seen {
+    pub(crate) received: HashMap<(u64, u64), u32>,
+    pub(crate) last_n: HashMap<u64, u64>,
+    pub(crate) reorders: u64,
+    /// `recovered:false` windows: from shortly before the last publication
+    /// received on the lost connection to the answer.
+    pub(crate) told: Vec<(Instant, Instant)>,
+    pub(crate) reconnects: u64,
+}
+
+/// The cluster's live instances, by index: `None` while one is down.
+pub(crate) type Live = Arc<Vec<AtomicBool>>;
+
+pub(crate) fn pick(live: &Live, ports: &[u16]) -> Option<u16> {
+    let up: Vec<u16> = ports
+        .iter()
+        .zip(live.iter())
+        .filter(|(_, l)| l.load(Ordering::Relaxed))
+        .map(|(p, _)| *p)
+        .collect();
+    (!up.is_empty()).then(|| up[fastrand::usize(..up.len())])
+}
+
+pub async fn run(mut bus: BusServer, plan: Plan) -> Report {
+    let prefix = format!("soak-{}", switchboard::ids::random_base36(6));
+    let key_file = std::env::temp_dir().join(format!("{prefix}.key"));
+    std::fs::write(&key_file, API_KEY).expect("key file");
+    let proxy = Proxy::start(format!("127.0.0.1:{}", bus.port()).parse().unwrap()).await;
+    let mut instances = Vec::new();
+    for i in 0..plan.instances {
+        let port = if i == 0 {
+            proxy.addr.port()
+        } else {
+            bus.port()
+        };
+        let mut args: Vec<String> = [
+            "--bus",
+            &bus.url(port),
+            "--bus-prefix",
+            &prefix,
+            "--instance-id",
+            &format!("{prefix}-{i}"),
+            "--api-key-file",
+            &key_file.display().to_string(),
+            "--presence-ttl",
+            "2s",
+            "--history-size",
+            "100000",
+            "--rate-limit",
+            "0",
+            "--demo",
+            "false",
+            "--drain-timeout",
+            "1s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if matches!(bus, BusServer::PubSub(_)) {
+            args.extend([
+                "--pubsub-topic".into(),
+                format!("{prefix}-topic"),
+                "--pubsub-subscription".into(),
+                format!("{prefix}-sub{i}"),
+            ]);
+        }
+        instances.push(Instance::start(args).await);
+    }
+    let ports: Arc<Vec<u16>> = Arc::new(instances.iter().map(|i| i.port).collect());
+    let live: Live = Arc::new((0..plan.instances).map(|_| AtomicBool::new(true)).collect());
+    let stop_publishing = Arc::new(AtomicBool::new(false));
+    let stop_all = Arc::new(AtomicBool::new(false));
+    let acked: Acked = Arc::default();
+
+    let mut subscribers = Vec::new();
+    let subscribed = Arc::new(AtomicU64::new(0));
+    for _ in 0..plan.subscribers {
+        let (live, ports, stop, subscribed) = (
+            live.clone(),
+            ports.clone(),
+            stop_all.clone(),
+            subscribed.clone(),
+        );
+        subscribers.push(tokio::spawn(subscriber(live, ports, stop, subscribed)));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while subscribed.load(Ordering::Relaxed) < plan.subscribers as u64 {
+        assert!(Instant::now() < deadline, "subscribers did not subscribe");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let period = Duration::from_secs(1) / plan.rate.max(1);
+    let publishers = [
+        tokio::spawn(api_publisher(
+            0,
+            period,
+            live.clone(),
+            ports.clone(),
+            stop_publishing.clone(),
+            acked.clone(),
+        )),
+        tokio::spawn(ws_publisher(
+            1,
+            period,
+            live.clone(),
+            ports.clone(),
+            stop_publishing.clone(),
+            acked.clone(),
+        )),
+    ];
+
+    // The chaos, until the publishing time is over.
+    let mut report = Report {
+        bus: bus.name(),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let end = start + Duration::from_secs(plan.seconds);
+    let mut next_kill = start + plan.kill_every;
+    let mut bus_restarts = plan.bus_restarts.iter().map(|d| start + *d).peekable();
+    let mut partitions = plan.partitions.iter().map(|d| start + *d).peekable();
+    while Instant::now() < end {
+        let now = Instant::now();
+        if now >= next_kill {
+            let i = fastrand::usize(..instances.len());
+            live[i].store(false, Ordering::Relaxed);
+            instances[i].kill();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            instances[i].restart().await;
+            live[i].store(true, Ordering::Relaxed);
+            report.kills += 1;
+            next_kill = Instant::now() + plan.kill_every;
+        } else if bus_restarts.peek().is_some_and(|t| now >= *t) {
+            bus_restarts.next();
+            bus.kill_restart().await;
+            report.bus_restarts += 1;
+        } else if partitions.peek().is_some_and(|t| now >= *t) {
+            partitions.next();
+            proxy.cut().await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            proxy.restore();
+            report.partitions += 1;
+        } else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    stop_publishing.store(true, Ordering::Relaxed);
+    for p in publishers {
+        p.await.expect("publisher");
+    }
+    // Let every subscriber catch up (reconnects, recovery, bus repair).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    stop_all.store(true, Ordering::Relaxed);
+    let acked = acked.lock().unwrap().clone();
+    report.acked = acked.len() as u64;
+    for s in subscribers {
+        let seen = s.await.expect("subscriber");
+        report.reconnects += seen.reconnects;
+        report.reorders += seen.reorders;
+        report.told += seen.told.len() as u64;
+        report.duplicates += seen.received.values().filter(|c| **c > 1).count() as u64;
+        for (id, at) in &acked {
+            if seen.received.contains_key(id) {
+                continue;
+            }
+            if seen.told.iter().any(|(from, to)| from <= at && at <= to) {
+                report.excused += 1;
+            } else {
+                report.missed += 1;
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&key_file);
+    drop(instances);
+    report
+}
