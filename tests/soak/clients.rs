@@ -143,6 +143,7 @@ pub async fn api_publisher(
     while !stop.load(Ordering::Relaxed) {
         n += 1;
         if let Some(port) = pick(&live, &ports) {
+            let sent = Instant::now();
             let r = http
                 .post(format!("http://127.0.0.1:{port}/api/publish"))
                 .bearer_auth(API_KEY)
@@ -150,7 +151,7 @@ pub async fn api_publisher(
                 .send()
                 .await;
             if r.is_ok_and(|r| r.status().is_success()) {
-                acked.lock().unwrap().push(((p, n), Instant::now()));
+                acked.lock().unwrap().push(((p, n), sent, Instant::now()));
             }
         }
         tokio::time::sleep(period).await;
@@ -179,6 +180,7 @@ pub async fn ws_publisher(
         if let Some(conn) = ws.as_mut() {
             let frame = json!({"type": "publish", "channel": CHANNEL,
                 "data": {"p": p, "n": n}, "id": n});
+            let sent = Instant::now();
             let answer = async {
                 conn.send(Message::text(frame.to_string())).await.ok()?;
                 loop {
@@ -196,7 +198,7 @@ pub async fn ws_publisher(
             };
             match timeout(Duration::from_secs(2), answer).await {
                 Ok(Some(v)) if v["type"] == "ack" => {
-                    acked.lock().unwrap().push(((p, n), Instant::now()));
+                    acked.lock().unwrap().push(((p, n), sent, Instant::now()));
                 }
                 Ok(Some(_)) => {} // an error reply: not published
                 _ => ws = None,   // lost or silent: reconnect

@@ -17,15 +17,25 @@ pub struct Instance {
     pub port: u16,
     args: Vec<String>,
     child: Option<Child>,
+    /// Its log (stderr), shown when it fails to start.
+    log: PathBuf,
+    /// Starts that exited before becoming ready (and were retried).
+    pub failed_starts: u64,
 }
 
 impl Instance {
     /// Start with `args` (besides host and port) and wait until ready.
     pub async fn start(args: Vec<String>) -> Instance {
+        let port = free_port();
         let mut i = Instance {
-            port: free_port(),
+            port,
             args,
             child: None,
+            failed_starts: 0,
+            log: std::env::temp_dir().join(format!(
+                "sb-soak-{}-{port}.log",
+                switchboard::ids::random_base36(6)
+            )),
         };
         i.restart().await;
         i
@@ -40,30 +50,50 @@ impl Instance {
     }
 
     /// Start (again) on the same port; returns once `/readyz` answers 200.
+    /// A process that exits before (a bus it cannot reach at start-up
+    /// stops it, loudly) is started again, as a process manager would,
+    /// and counted in `failed_starts`.
     pub async fn restart(&mut self) {
         self.kill();
-        let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn switchboard");
-        self.child = Some(child);
         let url = format!("http://127.0.0.1:{}/readyz", self.port);
         let deadline = tokio::time::Instant::now() + START;
         loop {
+            if self.child.is_none() {
+                let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+                    .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+                    .args(&self.args)
+                    .env("NO_COLOR", "1")
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(&self.log).expect("log file"))
+                    .spawn()
+                    .expect("spawn switchboard");
+                self.child = Some(child);
+            }
             if let Ok(r) = reqwest::get(&url).await {
                 if r.status().is_success() {
                     return;
                 }
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "switchboard on {} did not become ready",
-                self.port
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            if tokio::time::Instant::now() >= deadline {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                panic!(
+                    "switchboard on {} did not become ready; its log ends:\n{}",
+                    self.port,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            if exited {
+                self.child = None;
+                self.failed_starts += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     }
 }
@@ -71,6 +101,7 @@ impl Instance {
 impl Drop for Instance {
     fn drop(&mut self) {
         self.kill();
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 

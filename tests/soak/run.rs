@@ -45,6 +45,9 @@ pub struct Plan {
 pub struct Report {
     pub bus: &'static str,
     pub kills: u64,
+    /// Instance starts that failed (the bus unreachable at start-up) and
+    /// were retried.
+    pub failed_starts: u64,
     pub bus_restarts: u64,
     pub partitions: u64,
     pub reconnects: u64,
@@ -65,11 +68,12 @@ impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "soak {}: {} instance kills, {} bus kill -9 + restarts, {} partitions, {} reconnects, \
+            "soak {}: {} instance kills ({} failed starts retried), {} bus kill -9 + restarts, {} partitions, {} reconnects, \
              {} acked publications; missed {}, twice {}, out of order {}; \
              recovered:false {} times (covering {} publication deliveries)",
             self.bus,
             self.kills,
+            self.failed_starts,
             self.bus_restarts,
             self.partitions,
             self.reconnects,
@@ -83,8 +87,8 @@ impl std::fmt::Display for Report {
     }
 }
 
-/// Who published what, acknowledged when.
-pub(crate) type Acked = Arc<Mutex<Vec<((u64, u64), Instant)>>>;
+/// Who published what: sent when, acknowledged when.
+pub(crate) type Acked = Arc<Mutex<Vec<((u64, u64), Instant, Instant)>>>;
 
 /// One subscriber's record.
 #[derive(Default)]
@@ -249,18 +253,40 @@ pub async fn run(mut bus: BusServer, plan: Plan) -> Report {
         report.reorders += seen.reorders;
         report.told += seen.told.len() as u64;
         report.duplicates += seen.received.values().filter(|c| **c > 1).count() as u64;
-        for (id, at) in &acked {
+        for (id, sent, at) in &acked {
             if seen.received.contains_key(id) {
                 continue;
             }
-            if seen.told.iter().any(|(from, to)| from <= at && at <= to) {
+            // Told about it: the publication was on its way during a
+            // `recovered:false` window (sent before the answer, acknowledged
+            // after the window began). One sent after the answer must
+            // arrive: it cannot be below the position the answer gave.
+            if seen.told.iter().any(|(from, to)| from <= at && sent <= to) {
                 report.excused += 1;
             } else {
                 report.missed += 1;
+                if std::env::var("SOAK_DEBUG").is_ok() {
+                    let near = seen
+                        .told
+                        .iter()
+                        .map(|(f, t)| {
+                            let d = |a: Instant, b: Instant| {
+                                a.saturating_duration_since(b).as_millis() as i64
+                                    - b.saturating_duration_since(a).as_millis() as i64
+                            };
+                            (d(*at, *f), d(*at, *t))
+                        })
+                        .min_by_key(|(a, b)| a.abs().min(b.abs()));
+                    eprintln!(
+                        "missed {id:?} acked at +{} ms; nearest told window (ms from start, from end): {near:?}",
+                        at.duration_since(start).as_millis()
+                    );
+                }
             }
         }
     }
     let _ = std::fs::remove_file(&key_file);
+    report.failed_starts = instances.iter().map(|i| i.failed_starts).sum();
     drop(instances);
     report
 }
