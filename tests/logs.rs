@@ -1,6 +1,7 @@
 //! The binary's log output as a file or pipe receives it: plain text with
 //! no ANSI escapes, or JSON lines in Cloud Logging's shape (`severity`,
-//! `message`, `time`), with the format chosen by flag or TOML key.
+//! `message`, `time`), with the format chosen by flag or TOML key; and on a
+//! terminal, colour unless `NO_COLOR` is set.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -126,4 +127,44 @@ fn log_and_log_format_are_toml_keys() {
         "the file's log filter applies: {lines:#?}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Run the binary on a pseudo-terminal (util-linux `script`) for a second
+/// and return what it wrote there.
+fn run_on_a_terminal(no_color: Option<&str>) -> String {
+    let command = format!(
+        "timeout 1 {} --host 127.0.0.1 --port 0 --demo false",
+        env!("CARGO_BIN_EXE_switchboard")
+    );
+    let mut script = Command::new("script");
+    script.args(["-qec", &command, "/dev/null"]);
+    script
+        .env_remove("NO_COLOR")
+        .env_remove("SWITCHBOARD_LOG_FORMAT");
+    if let Some(v) = no_color {
+        script.env("NO_COLOR", v);
+    }
+    let out = script
+        .stdin(Stdio::null())
+        .output()
+        .expect("util-linux `script` runs the binary on a pseudo-terminal");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("switchboard listening"), "{text:?}");
+    text
+}
+
+#[test]
+fn colour_on_a_terminal_unless_no_color() {
+    assert!(
+        run_on_a_terminal(None).contains('\u{1b}'),
+        "colour on a terminal"
+    );
+    assert!(
+        !run_on_a_terminal(Some("1")).contains('\u{1b}'),
+        "NO_COLOR turns it off"
+    );
+    assert!(
+        run_on_a_terminal(Some("")).contains('\u{1b}'),
+        "an empty NO_COLOR does not"
+    );
 }
