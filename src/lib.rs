@@ -44,6 +44,8 @@
 //!   (`write_timeout`) and gives way to the connection's close requests.
 //! * [`log_limit`]: at most one log line per interval for events a client
 //!   can cause at will.
+//! * [`logging`]: the log subscriber: text (colour only on a terminal) or
+//!   JSON in Cloud Logging's shape.
 //! * [`keepalive`]: one shared sweeper that pings every client and removes
 //!   dead peers, instead of a timer per connection.
 //! * [`metrics`]: the counters (plain atomics) and the delivery-latency
@@ -88,6 +90,7 @@ pub mod ids;
 pub mod keepalive;
 pub mod limits;
 pub mod log_limit;
+pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod prometheus;

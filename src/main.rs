@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use switchboard::config::{Config, Settings};
+use switchboard::logging::{self, LogFormat};
 use switchboard::{Node, server};
 
 /// A real-time WebSocket server: the App Engine Flex tutorial's protocol,
@@ -29,20 +30,15 @@ struct Cli {
     /// it answers 200: the container HEALTHCHECK, with no curl needed.
     #[arg(long)]
     healthcheck: bool,
-    /// Log format.
-    #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    log_format: String,
-    /// Log filter, e.g. `info`, `switchboard=debug` (RUST_LOG syntax).
-    #[arg(long, env = "RUST_LOG", default_value = "info")]
-    log: String,
 }
 
-fn load(cli: &Cli) -> Result<Config, switchboard::error::Error> {
+/// The settings: flags and environment over the TOML file, if any.
+fn settings(cli: &Cli) -> Result<Settings, switchboard::error::Error> {
     let file = match cli.check_config.as_ref().or(cli.config.as_ref()) {
         Some(path) => Settings::from_file(path)?,
         None => Settings::default(),
     };
-    Config::from_settings(cli.settings.clone().layered_over(file))
+    Ok(cli.settings.clone().layered_over(file))
 }
 
 /// mimalloc instead of the system allocator: measured with
@@ -56,15 +52,16 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     switchboard::auth::init_crypto();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if cli.log_format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-    let config = match load(&cli) {
+    // Logging is set up from the layered settings (`log` and `log_format`
+    // may come from the file); an error before that goes to stderr.
+    let config = settings(&cli).and_then(|s| {
+        logging::init(
+            s.log.as_deref().unwrap_or("info"),
+            s.log_format.unwrap_or(LogFormat::Text),
+        );
+        Config::from_settings(s)
+    });
+    let config = match config {
         Ok(c) => c,
         Err(e) => {
             eprintln!("switchboard: {e}");

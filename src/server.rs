@@ -2,8 +2,9 @@
 //! and the shutdown sequence.
 //!
 //! [`run`] serves until the `shutdown` future completes, then:
-//! 1. marks the node draining (`/readyz` answers 503),
-//! 2. stops accepting connections,
+//! 1. marks the node draining (`/readyz` answers 503 on connections
+//!    already open),
+//! 2. stops accepting connections (new ones, probes included, are refused),
 //! 3. asks every connection to reconnect elsewhere: close 1012 with a
 //!    `retry=MS` hint, spread evenly (in random order) over `drain_spread`,
 //!    frames already queued written first ([`drain_clients`]),

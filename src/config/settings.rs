@@ -12,6 +12,7 @@ use serde::Deserialize;
 use super::duration::HumanDuration;
 use super::namespace::NamespaceSettings;
 use crate::error::{Error, Result};
+use crate::logging::LogFormat;
 use crate::queue::SlowConsumerPolicy;
 
 /// Every setting, each optional so that flags, environment and file can be
@@ -267,6 +268,14 @@ pub struct Settings {
     #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_BYTES")]
     pub history_max_bytes: Option<u64>,
     // -- end history budget --
+    /// Log filter, e.g. `info`, `switchboard=debug` (RUST_LOG syntax)
+    /// [default: info].
+    #[arg(long, env = "RUST_LOG")]
+    pub log: Option<String>,
+    /// Log format: `text` (colour only on a terminal without `NO_COLOR`) or
+    /// `json` (Cloud Logging's `severity`/`message`/`time`) [default: text].
+    #[arg(long, env = "SWITCHBOARD_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
     /// Per-namespace options; only in the TOML file (`[namespaces.chat]`).
     #[arg(skip)]
     pub namespaces: HashMap<String, NamespaceSettings>,
@@ -345,7 +354,9 @@ impl Settings {
             trusted_proxies,
             proxy_protocol,
             metrics_require_key,
-            ready_requires_bus
+            ready_requires_bus,
+            log,
+            log_format
         );
         if self.namespaces.is_empty() {
             self.namespaces = lower.namespaces;

@@ -95,6 +95,7 @@ fn every_setting() -> Settings {
         "\"1s\"",
         "\"127.0.0.1\"",
         "\"disconnect\"",
+        "\"json\"",
         "[\"x\"]",
         "\"x\"",
     ];

@@ -1,7 +1,8 @@
 //! The services the bus tests need, and how a test fails when one is
 //! missing: with a message naming the server, where it was looked for, and
 //! the command that starts (or installs) it. A bus test never skips itself
-//! because its server is down; `.ci/run` starts every one of them.
+//! because its server is down; `scripts/services` (run by `scripts/test`)
+//! starts every one of them.
 
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -48,7 +49,7 @@ impl Service {
         if let Err(e) = TcpStream::connect_timeout(&addr, PROBE) {
             panic!(
                 "{} is not reachable on {} ({e}): start it with `{}` \
-                 (`.ci/run` starts it when it is down)",
+                 (`scripts/services` starts it when it is down)",
                 self.name, self.addr, self.start
             );
         }
