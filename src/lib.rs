@@ -53,6 +53,9 @@
 //! * [`prometheus`]: the table in the Prometheus text format.
 //! * [`assets`]: the embedded JavaScript client and demo pages.
 //! * [`auth`]: JWT verification and channel grants.
+//! * [`proxy`]: the backend proxies (connect, subscribe, publish, rpc,
+//!   refresh): HTTP calls to the application's backend, bounded in time
+//!   and in number; the session asks them (`session::proxied`).
 //! * [`relay`]: who may `broadcast` and `direct` to other clients, and
 //!   what a refreshed token no longer grants.
 //! * [`api`]: the server HTTP API for backends (`/api/publish`, `/api/broadcast`,
@@ -92,6 +95,7 @@ pub mod metrics;
 pub mod node;
 pub mod prometheus;
 pub mod protocol;
+pub mod proxy;
 pub mod queue;
 pub mod refusal_log;
 pub mod relay;

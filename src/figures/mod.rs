@@ -10,6 +10,7 @@
 pub mod counter;
 pub mod feed;
 pub mod json;
+pub mod proxy;
 pub mod table;
 
 pub use counter::{Counter, Feed, Kind, Source, Sources, Value};
