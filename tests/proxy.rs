@@ -461,3 +461,77 @@ fn a_proxied_namespace_needs_its_url() {
     s.proxy_rpc_url = Some("not a url".into());
     assert!(switchboard::Config::from_settings(s).is_err());
 }
+
+/// `examples/chat-backend` against a real server: a chat message goes
+/// through it, is stamped, persisted to its file and served back; an
+/// empty one is refused and nowhere.
+#[tokio::test]
+async fn chat_backend_example_persists() {
+    let dir = std::env::temp_dir().join(format!("sb-chat-backend-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("chat.jsonl");
+    let port = free_port();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/chat-backend/server.py"
+    );
+    let _backend = tokio::process::Command::new("python3")
+        .args([script, "--port", &port.to_string(), "--file"])
+        .arg(&file)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 runs the example backend (it is a test requirement)");
+    let base = format!("http://127.0.0.1:{port}");
+    assert!(
+        eventually(|| async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        })
+        .await,
+        "the example backend listens"
+    );
+    let mut s = settings();
+    s.proxy_publish_url = Some(format!("{base}/publish"));
+    s.namespaces = HashMap::from([(
+        "chat".to_string(),
+        NamespaceSettings {
+            publish_proxy: Some(true),
+            ..Default::default()
+        },
+    )]);
+    let server = start_with(s).await;
+    let mut c = Client::connect(&server).await;
+    c.request(json!({"type":"subscribe","channel":"chat:lobby"}), 1)
+        .await;
+    let r = c
+        .request(json!({"type":"publish","channel":"chat:lobby","data":{"text":"  hello  ","name":"ann"}}), 2)
+        .await;
+    assert_eq!(r["type"], "ack", "{r}");
+    let m = c.recv_type("message").await;
+    assert_eq!(
+        (&m["data"]["text"], &m["data"]["name"]),
+        (&json!("hello"), &json!("ann"))
+    );
+    assert!(m["data"]["time"].is_u64(), "stamped by the backend: {m}");
+    let r = c
+        .request(
+            json!({"type":"publish","channel":"chat:lobby","data":{"text":" "}}),
+            3,
+        )
+        .await;
+    assert_eq!(r["code"], "empty_message");
+    let stored: Value = reqwest::get(format!("{base}/messages?channel=chat:lobby"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let messages = stored["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 1, "{stored}");
+    assert_eq!(messages[0]["data"], m["data"]);
+    assert_eq!(messages[0]["clientId"], c.id);
+    assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 1);
+    server.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
