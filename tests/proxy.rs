@@ -328,6 +328,8 @@ async fn rpc_answers_errors_and_bad_frames() {
             let d = &call["data"];
             ok(json!({"data": d["a"].as_i64().unwrap() + d["b"].as_i64().unwrap()}))
         }
+        // Over the 1 MiB an answer may have.
+        Some("big") => ok(json!({"data": "x".repeat(1_100_000)})),
         _ => Reply::Json(json!({"error": {"code": "no_such_method", "message": "unknown"}})),
     })
     .await;
@@ -346,7 +348,9 @@ async fn rpc_answers_errors_and_bad_frames() {
     assert_eq!(c.recv().await["code"], "invalid_frame");
     let r = c.request(json!({"type":"rpc","method":""}), 3).await;
     assert_eq!(r["code"], "invalid_frame");
-    assert_eq!(backend.calls_of("rpc").len(), 2);
+    let r = c.request(json!({"type":"rpc","method":"big"}), 4).await;
+    assert_eq!(r["code"], "proxy_unavailable");
+    assert_eq!(backend.calls_of("rpc").len(), 3);
     let call = &backend.calls_of("rpc")[0];
     assert_eq!(
         (&call["method"], &call["data"]),
@@ -359,7 +363,8 @@ async fn rpc_answers_errors_and_bad_frames() {
         "{text}"
     );
     assert!(text.contains(r#"switchboard_proxy_calls_total{kind="rpc",outcome="refused"} 1"#));
-    assert!(text.contains(r#"switchboard_proxy_latency_ms_count{kind="rpc"} 2"#));
+    assert!(text.contains(r#"switchboard_proxy_calls_total{kind="rpc",outcome="failed"} 1"#));
+    assert!(text.contains(r#"switchboard_proxy_latency_ms_count{kind="rpc"} 3"#));
     server.shutdown().await;
 
     // Without an rpc proxy.

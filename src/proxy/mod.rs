@@ -42,6 +42,9 @@ use crate::metrics::Metrics;
 pub use answer::{Answer, ConnectResult, DataResult, Empty, Refusal};
 pub use config::{ProxyConfig, parse_headers, parse_url};
 
+/// Largest answer body read from the backend; a longer one is malformed.
+pub const MAX_ANSWER: usize = 1 << 20;
+
 /// What a proxy call is for; the `kind` of its body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -255,9 +258,10 @@ impl Proxy {
         Err(unavailable(kind))
     }
 
-    /// POST the body; the answer's bytes when the status is 200.
+    /// POST the body; the answer's bytes when the status is 200 (empty,
+    /// so malformed, beyond [`MAX_ANSWER`] bytes).
     async fn exchange(&self, url: &reqwest::Url, body: &Request<'_>) -> reqwest::Result<Vec<u8>> {
-        let response = self
+        let mut response = self
             .http
             .post(url.clone())
             .json(body)
@@ -268,7 +272,14 @@ impl Proxy {
             // 2xx other than 200: not one of the answers either.
             return Ok(Vec::new());
         }
-        Ok(response.bytes().await?.to_vec())
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response.chunk().await? {
+            if bytes.len() + chunk.len() > MAX_ANSWER {
+                return Ok(Vec::new());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(bytes)
     }
 }
 

@@ -346,16 +346,10 @@ where
         // An `Arc` from the start: the name is kept in `subs` and the hub.
         let channel: Arc<str> = channel.into();
         let ch = self.node.channel(&channel)?;
-        if ch.opts.subscribe_proxy && !by_backend {
-            let asked = self.proxy_request(crate::proxy::Kind::Subscribe);
-            if let Some(denial) = super::proxied::subscribe(&self.node, asked, &channel, id).await?
-            {
-                return Ok(self.deny(denial).await);
-            }
-        } else if !by_backend {
+        let ask_backend = ch.opts.subscribe_proxy && !by_backend;
+        if !ask_backend && !by_backend {
             self.permit(Action::Subscribe, ch)?;
         }
-        let ch = self.node.channel(&channel)?;
         if self.subs.contains_key(&channel) {
             return Err(ClientError::new(
                 ErrorCode::AlreadySubscribed,
@@ -371,6 +365,14 @@ where
             )
             .into());
         }
+        if ask_backend {
+            let asked = self.proxy_request(crate::proxy::Kind::Subscribe);
+            if let Some(denial) = super::proxied::subscribe(&self.node, asked, &channel, id).await?
+            {
+                return Ok(self.deny(denial).await);
+            }
+        }
+        let ch = self.node.channel(&channel)?;
         // Join the hub first: from here on live publications are queued,
         // and the history read below overlaps them rather than missing any.
         if let Err(e) = self.node.subscribe(&self.client, &channel, ch.opts).await {
