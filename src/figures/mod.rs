@@ -12,6 +12,8 @@ pub mod feed;
 pub mod json;
 pub mod proxy;
 pub mod table;
+#[cfg(test)]
+mod tests;
 
 pub use counter::{Counter, Feed, Kind, Source, Sources, Value};
 pub use table::COUNTERS;
