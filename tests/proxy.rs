@@ -7,89 +7,15 @@
 mod support;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
+use support::backend::{Backend, Reply, forbidden, ok};
 use support::*;
 use switchboard::config::{NamespaceSettings, Settings};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-
-/// What the backend does with one call.
-enum Reply {
-    Json(Value),
-    Status(u16),
-    Raw(&'static str),
-    /// Answer after a pause.
-    Slow(Duration, Value),
-}
-
-type Script = Arc<dyn Fn(&Value) -> Reply + Send + Sync>;
-
-/// The test's backend: every call's body and headers, in order.
-#[derive(Clone)]
-struct Backend {
-    calls: Arc<Mutex<Vec<(Value, HeaderMap)>>>,
-    /// Calls answered so far.
-    answered: Arc<AtomicUsize>,
-    script: Script,
-}
-
-impl Backend {
-    /// Start a backend answering with `script`; its base URL.
-    async fn start(script: impl Fn(&Value) -> Reply + Send + Sync + 'static) -> (Backend, String) {
-        let backend = Backend {
-            calls: Arc::default(),
-            answered: Arc::default(),
-            script: Arc::new(script),
-        };
-        let app = axum::Router::new()
-            .route("/{kind}", axum::routing::post(answer))
-            .with_state(backend.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        (backend, url)
-    }
-
-    fn calls(&self) -> Vec<Value> {
-        self.calls
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|c| c.0.clone())
-            .collect()
-    }
-
-    fn calls_of(&self, kind: &str) -> Vec<Value> {
-        self.calls()
-            .into_iter()
-            .filter(|c| c["kind"] == kind)
-            .collect()
-    }
-}
-
-async fn answer(State(b): State<Backend>, headers: HeaderMap, body: Bytes) -> Response {
-    let body: Value = serde_json::from_slice(&body).expect("the server sends JSON");
-    b.calls.lock().unwrap().push((body.clone(), headers));
-    let reply = (b.script)(&body);
-    let response = match reply {
-        Reply::Json(v) => axum::Json(v).into_response(),
-        Reply::Status(s) => StatusCode::from_u16(s).unwrap().into_response(),
-        Reply::Raw(text) => text.into_response(),
-        Reply::Slow(d, v) => {
-            tokio::time::sleep(d).await;
-            axum::Json(v).into_response()
-        }
-    };
-    b.answered.fetch_add(1, Ordering::SeqCst);
-    response
-}
 
 /// Settings with every proxy pointing at `url`, and a namespace `p`
 /// whose subscriptions and publications go through the proxies.
@@ -120,14 +46,6 @@ async fn refused(server: &TestServer) -> (u16, String) {
         id: String::new(),
     };
     c.expect_close_frame().await
-}
-
-fn ok(result: Value) -> Reply {
-    Reply::Json(json!({ "result": result }))
-}
-
-fn forbidden() -> Reply {
-    Reply::Json(json!({"error": {"code": "forbidden", "message": "not you"}}))
 }
 
 #[tokio::test]
@@ -538,5 +456,70 @@ async fn chat_backend_example_persists() {
     assert_eq!(messages[0]["clientId"], c.id);
     assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 1);
     server.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// With a connect proxy and auth on: no token → the backend decides (no
+/// `auth` frame awaited); a valid token → not asked, unless
+/// `proxy_connect_always`; a bad token → refused without a call.
+#[tokio::test]
+async fn tokens_and_the_connect_proxy() {
+    const SECRET: &str = "proxy-test-secret-0123456789abcdef";
+    let dir = std::env::temp_dir().join(format!("sb-proxy-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("secret"), SECRET).unwrap();
+    switchboard::auth::init_crypto();
+    let exp = switchboard::protocol::now_ms() / 1000 + 600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "u-jwt", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    for always in [false, true] {
+        let (backend, url) = Backend::start(|_| ok(json!({"userId": "u-cookie"}))).await;
+        let mut s = settings();
+        s.proxy_connect_url = Some(format!("{url}/connect"));
+        s.proxy_connect_always = Some(always);
+        s.auth_hs256_secret_file = Some(dir.join("secret"));
+        s.auth_required = Some(true);
+        let server = start_with(s).await;
+        let mut c = Client::connect(&server).await;
+        assert_eq!(backend.calls()[0]["userId"], Value::Null);
+        let who = |c: &TestServer, id: &str| {
+            c.node
+                .hub()
+                .clients()
+                .into_iter()
+                .find(|h| &**h.id() == id)
+                .and_then(|h| h.info.user_id.clone())
+                .map(|u| u.to_string())
+        };
+        assert_eq!(who(&server, &c.id).as_deref(), Some("u-cookie"));
+        c.request(json!({"type":"ping"}), 1).await;
+        let jwt = Client::connect_url(&server.url(&format!("/ws?token={token}"))).await;
+        let calls = backend.calls();
+        match always {
+            false => assert_eq!(calls.len(), 1, "a valid token is not asked about"),
+            true => {
+                assert_eq!(calls[1]["userId"], "u-jwt");
+                assert_eq!(who(&server, &jwt.id).as_deref(), Some("u-cookie"));
+            }
+        }
+        let (ws, _) = tokio_tungstenite::connect_async(server.url("/ws?token=bad"))
+            .await
+            .unwrap();
+        let mut bad = Client {
+            ws,
+            id: String::new(),
+        };
+        assert_eq!(bad.expect_close_frame().await.0, 4001);
+        assert_eq!(
+            backend.calls().len(),
+            calls.len(),
+            "a bad token is not asked about"
+        );
+        server.shutdown().await;
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
