@@ -16,8 +16,9 @@
 //! * [`session`]: one WebSocket connection: its read loop, its writer, its
 //!   subscriptions. Generic over `Sink`/`Stream` so it can be driven by
 //!   channels in unit tests. Set-up (`open`), the idle future (`live`),
-//!   writing (`write`), request handlers (`handlers`) and acknowledged
-//!   delivery (`acked`) each have a file.
+//!   writing (`write`), request handlers (`handlers`), acknowledged
+//!   delivery (`acked`) and the backend proxies' hooks (`proxied`) each
+//!   have a file.
 //! * [`ws`]: our RFC 6455 layer: the upgrade, frames, permessage-deflate
 //!   ([`ws::deflate`]) and [`ws::WebSocket`], the `Stream`/`Sink` over TCP.
 //! * [`protocol`]: parsing client frames into [`protocol::Request`] and
@@ -68,7 +69,7 @@
 //!
 //! Imports point down only: no module imports one that imports it back
 //! (`scripts/module-graph` lists the edges and any cycle). At the bottom
-//! `error`, `ids`, `protocol`, `queue`; then `hub`, `config`, `broker`;
+//! `error`, `ids`, `protocol`, `queue`; then `hub`, `proxy`, `config`, `broker`;
 //! `node` above those; `session`, `api`, `keepalive`, `relay` above the
 //! node; `server` on top.
 
