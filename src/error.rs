@@ -39,6 +39,13 @@ pub enum ErrorCode {
     BroadcastNotAllowed,
     /// Client `direct` is turned off (`client_direct = false`).
     DirectNotAllowed,
+    /// A backend proxy gave no usable answer (timeout, not 200, malformed,
+    /// unreachable); the request may be retried.
+    ProxyUnavailable,
+    /// `proxy_max_in_flight` backend calls were in flight on the instance.
+    ProxyBusy,
+    /// An `rpc` frame on a server without `proxy_rpc_url`.
+    RpcNotAvailable,
     Internal,
 }
 
@@ -68,6 +75,9 @@ impl ErrorCode {
             ErrorCode::RecipientBusy => "recipient_busy",
             ErrorCode::BroadcastNotAllowed => "broadcast_not_allowed",
             ErrorCode::DirectNotAllowed => "direct_not_allowed",
+            ErrorCode::ProxyUnavailable => "proxy_unavailable",
+            ErrorCode::ProxyBusy => "proxy_busy",
+            ErrorCode::RpcNotAvailable => "rpc_not_available",
             ErrorCode::Internal => "internal",
         }
     }
@@ -121,7 +131,8 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4008;
     /// Authentication failed or was required and missing.
     pub const UNAUTHORIZED: u16 = 4001;
-    /// The connection's token expired without a refresh.
+    /// The connection's token expired without a refresh; also a refusal
+    /// by the connect or refresh proxy (with the backend's reason).
     pub const TOKEN_EXPIRED: u16 = 4003;
     /// The user already has `max_connections_per_user` connections.
     pub const TOO_MANY_USER_CONNECTIONS: u16 = 4030;

@@ -30,6 +30,7 @@ pub async fn run(node: Node, shutdown: CancellationToken) {
     let cfg = node.config();
     let ping_ms = cfg.ping_interval.as_millis() as u64;
     let timeout_ms = cfg.pong_timeout.as_millis() as u64;
+    let refresh = cfg.proxy.refresh_url.is_some();
     let mut tick = tokio::time::interval(tick_for(cfg.ping_interval, cfg.pong_timeout));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -37,7 +38,7 @@ pub async fn run(node: Node, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => {
                 let hub = node.hub();
-                let dead = pass(hub, hub.clock_ms(), ping_ms, timeout_ms);
+                let dead = pass(hub, hub.clock_ms(), ping_ms, timeout_ms, refresh);
                 if dead > 0 {
                     node.metrics().dead_peers.fetch_add(dead as u64, std::sync::atomic::Ordering::Relaxed);
                     tracing::info!(dead, "removing peers that stopped answering pings");
@@ -54,8 +55,10 @@ pub async fn run(node: Node, shutdown: CancellationToken) {
 /// expired, slow, disconnected) is skipped: it is counted and closed once,
 /// and its task removes it within its write timeout (see
 /// [`crate::bounded_write`]). The same pass queues overdue redeliveries
-/// (acked namespaces) and closes connections whose token expired (4003).
-pub fn pass(hub: &Hub, now: u64, ping_ms: u64, timeout_ms: u64) -> usize {
+/// (acked namespaces) and closes connections whose token expired (4003),
+/// or, with `refresh` (a refresh proxy is configured), asks their session
+/// to call it (once: the expiry is cleared until the session sets it).
+pub fn pass(hub: &Hub, now: u64, ping_ms: u64, timeout_ms: u64, refresh: bool) -> usize {
     let mut dead = 0;
     let wall_secs = crate::protocol::now_ms() / 1000;
     hub.for_each_client(|client| {
@@ -68,7 +71,10 @@ pub fn pass(hub: &Hub, now: u64, ping_ms: u64, timeout_ms: u64) -> usize {
             hub.push(client, Outbound::Redeliver);
         }
         let expires = client.expires_at.load(Ordering::Relaxed);
-        if expires != 0 && wall_secs >= expires {
+        if expires != 0 && wall_secs >= expires && refresh {
+            client.expires_at.store(0, Ordering::Relaxed);
+            hub.push(client, Outbound::Refresh);
+        } else if expires != 0 && wall_secs >= expires {
             client
                 .queue
                 .close(CloseReason::new(close::TOKEN_EXPIRED, "token expired"));
@@ -108,15 +114,19 @@ mod tests {
             user_id: None,
         });
         let seen = a.last_seen.load(Ordering::Relaxed);
-        assert_eq!(pass(&hub, seen + 10, 100, 100), 0);
+        assert_eq!(pass(&hub, seen + 10, 100, 100, false), 0);
         assert!(a.queue.take().0.is_empty(), "not quiet long enough");
-        assert_eq!(pass(&hub, seen + 100, 100, 100), 0);
+        assert_eq!(pass(&hub, seen + 100, 100, 100, false), 0);
         assert!(matches!(a.queue.take().0.front(), Some(Outbound::Ping)));
-        assert_eq!(pass(&hub, seen + 150, 100, 100), 0, "waiting for the pong");
-        assert_eq!(pass(&hub, seen + 200, 100, 100), 1);
+        assert_eq!(
+            pass(&hub, seen + 150, 100, 100, false),
+            0,
+            "waiting for the pong"
+        );
+        assert_eq!(pass(&hub, seen + 200, 100, 100, false), 1);
         assert!(a.queue.is_closed());
         assert_eq!(
-            pass(&hub, seen + 300, 100, 100),
+            pass(&hub, seen + 300, 100, 100, false),
             0,
             "a dead peer is counted once, not on every pass until it is gone"
         );

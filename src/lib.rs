@@ -16,8 +16,9 @@
 //! * [`session`]: one WebSocket connection: its read loop, its writer, its
 //!   subscriptions. Generic over `Sink`/`Stream` so it can be driven by
 //!   channels in unit tests. Set-up (`open`), the idle future (`live`),
-//!   writing (`write`), request handlers (`handlers`) and acknowledged
-//!   delivery (`acked`) each have a file.
+//!   writing (`write`), request handlers (`handlers`), acknowledged
+//!   delivery (`acked`) and the backend proxies' hooks (`proxied`) each
+//!   have a file.
 //! * [`ws`]: our RFC 6455 layer: the upgrade, frames, permessage-deflate
 //!   ([`ws::deflate`]) and [`ws::WebSocket`], the `Stream`/`Sink` over TCP.
 //! * [`protocol`]: parsing client frames into [`protocol::Request`] and
@@ -55,6 +56,9 @@
 //! * [`prometheus`]: the table in the Prometheus text format.
 //! * [`assets`]: the embedded JavaScript client and demo pages.
 //! * [`auth`]: JWT verification and channel grants.
+//! * [`proxy`]: the backend proxies (connect, subscribe, publish, rpc,
+//!   refresh): HTTP calls to the application's backend, bounded in time
+//!   and in number; the session asks them (`session::proxied`).
 //! * [`relay`]: who may `broadcast` and `direct` to other clients, and
 //!   what a refreshed token no longer grants.
 //! * [`api`]: the server HTTP API for backends (`/api/publish`, `/api/broadcast`,
@@ -67,7 +71,7 @@
 //!
 //! Imports point down only: no module imports one that imports it back
 //! (`scripts/module-graph` lists the edges and any cycle). At the bottom
-//! `error`, `ids`, `protocol`, `queue`; then `hub`, `config`, `broker`;
+//! `error`, `ids`, `protocol`, `queue`; then `hub`, `proxy`, `config`, `broker`;
 //! `node` above those; `session`, `api`, `keepalive`, `relay` above the
 //! node; `server` on top.
 
@@ -95,6 +99,7 @@ pub mod metrics;
 pub mod node;
 pub mod prometheus;
 pub mod protocol;
+pub mod proxy;
 pub mod queue;
 pub mod refusal_log;
 pub mod relay;

@@ -21,7 +21,7 @@ pub struct Metrics {
     /// Frames written to clients.
     pub messages_out: AtomicU64,
     /// Valid requests received, by type (`protocol::RequestKind::TYPES`).
-    pub requests_by_type: [AtomicU64; 10],
+    pub requests_by_type: [AtomicU64; 11],
     /// Channel publications written to clients (`message` frames).
     pub publications_out: AtomicU64,
     /// WebSocket handshakes completed.
@@ -57,7 +57,18 @@ pub struct Metrics {
     pub channel_limited: AtomicU64,
     /// Publish → write latency of channel publications.
     pub latency: LatencyHistogram,
+    /// Backend proxy calls by kind and outcome (`proxy::Kind`,
+    /// `proxy::Outcome`, by index).
+    pub proxy_calls: [[AtomicU64; PROXY_OUTCOMES]; PROXY_KINDS],
+    /// Backend proxy call latency by kind (every outcome but `busy`).
+    pub proxy_latency: [LatencyHistogram; PROXY_KINDS],
 }
+
+/// Kinds of backend proxy call: connect, subscribe, publish, rpc, refresh.
+pub const PROXY_KINDS: usize = 5;
+/// Outcomes of a backend proxy call: ok, refused, disconnect, timeout,
+/// failed, busy.
+pub const PROXY_OUTCOMES: usize = 6;
 
 /// Upper bounds (ms) of the latency histogram's buckets; a last bucket
 /// holds everything above.

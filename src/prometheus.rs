@@ -37,7 +37,7 @@ pub fn render(sources: &Sources<'_>) -> String {
             Value::Int(n) => sample(&mut out, series, n),
             Value::Float(x) => sample(&mut out, series, x),
             Value::Bool(b) => sample(&mut out, series, u8::from(b)),
-            Value::Histogram(snap, sum_ms) => histogram(&mut out, name, &snap, sum_ms),
+            Value::Histogram(snap, sum_ms) => histogram(&mut out, series, &snap, sum_ms),
             Value::Text(_) => {}
         }
     }
@@ -49,15 +49,30 @@ fn sample(out: &mut String, series: &str, value: impl std::fmt::Display) {
     let _ = writeln!(out, "{series} {value}");
 }
 
-/// The `_bucket` (cumulative), `_sum` and `_count` lines of histogram `name`.
-fn histogram(out: &mut String, name: &str, snap: &LatencySnapshot, sum_ms: u64) {
+/// The `_bucket` (cumulative), `_sum` and `_count` lines of histogram
+/// `series` (a name, with its labels if any).
+fn histogram(out: &mut String, series: &str, snap: &LatencySnapshot, sum_ms: u64) {
+    let (name, labels) = match series.split_once('{') {
+        Some((name, rest)) => (name, rest.trim_end_matches('}')),
+        None => (series, ""),
+    };
+    let (braced, sep) = match labels {
+        "" => (String::new(), ""),
+        l => (format!("{{{l}}}"), ","),
+    };
     let mut cumulative = 0;
     for (i, le) in LATENCY_BUCKETS_MS.iter().enumerate() {
         cumulative += snap.0[i];
-        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+        );
     }
     cumulative += snap.0[LATENCY_BUCKETS_MS.len()];
-    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-    let _ = writeln!(out, "{name}_sum {sum_ms}");
-    let _ = writeln!(out, "{name}_count {cumulative}");
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}"
+    );
+    let _ = writeln!(out, "{name}_sum{braced} {sum_ms}");
+    let _ = writeln!(out, "{name}_count{braced} {cumulative}");
 }

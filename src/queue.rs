@@ -71,6 +71,9 @@ pub enum Outbound {
     /// The sweeper found an acknowledgement overdue: resend what is
     /// unacknowledged (acked namespaces).
     Redeliver,
+    /// The sweeper found the connection's credentials expired and the
+    /// refresh proxy is configured: ask it (extend, or close 4003).
+    Refresh,
 }
 
 /// One channel publication as the hub fans it out.
@@ -104,7 +107,7 @@ impl Outbound {
         match self {
             Outbound::Frame(b) => b.len(),
             Outbound::Publication(d) => d.frame.len(),
-            Outbound::Ping | Outbound::Redeliver => 0,
+            Outbound::Ping | Outbound::Redeliver | Outbound::Refresh => 0,
         }
     }
 }

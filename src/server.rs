@@ -220,6 +220,11 @@ fn upgrade(
         Mode::Protocol => cfg.max_message_size,
         Mode::Echo => cfg.echo_max_message_size,
     };
+    let hello = session::Hello {
+        token: query.token,
+        remote_addr: Some(client.to_string()),
+        headers: session::Hello::forwarded_headers(&state.node, headers),
+    };
     ws.on_upgrade(limit, cfg.compression, move |socket| {
         let AppState {
             node,
@@ -231,7 +236,7 @@ fn upgrade(
         // (its permit: see `admission`).
         let setting_up = tracker.token();
         async move {
-            let session = session::open(node, socket, mode, query.token).await?;
+            let session = session::open_with(node, socket, mode, hello).await?;
             drop(setting_up);
             Some(Counted::new(session.live(shutdown), permit))
         }

@@ -22,10 +22,12 @@ const JSON_ONLY: [&str; 5] = [
 ];
 
 /// Prometheus families without a JSON key.
-const PROMETHEUS_ONLY: [&str; 5] = [
+const PROMETHEUS_ONLY: [&str; 7] = [
     "process_cpu_seconds_total",
     "switchboard_delivery_latency_ms",
     "switchboard_frames_out_total",
+    "switchboard_proxy_calls_total",
+    "switchboard_proxy_latency_ms",
     "switchboard_requests_total",
     "switchboard_upgrades_refused_total",
 ];
@@ -135,11 +137,12 @@ async fn json_and_prometheus_expose_the_same_counters() {
         assert_eq!(prom.types[name], c.kind.as_str(), "{name}");
     }
     for h in histograms {
-        let name = h.prometheus.unwrap();
-        assert!(
-            prom.samples.contains_key(&format!("{name}_count")),
-            "{name}"
-        );
+        let series = h.prometheus.unwrap();
+        let count = match series.split_once('{') {
+            Some((name, labels)) => format!("{name}_count{{{labels}"),
+            None => format!("{series}_count"),
+        };
+        assert!(prom.samples.contains_key(&count), "{count}");
     }
 
     // Twins agree; the figures without a twin are the documented ones.

@@ -155,6 +155,8 @@ pub struct Config {
     /// the operator's `maxmemory` is the bound (see `broker::redis`).
     pub history_max_bytes: u64,
     // -- end history budget --
+    /// The backend proxies (issue 17); each off without its URL.
+    pub proxy: crate::proxy::ProxyConfig,
     /// Options of channels without a configured namespace.
     pub default_namespace: NamespaceOptions,
     /// Options per configured namespace.
@@ -182,6 +184,31 @@ fn default_namespace(s: &Settings) -> Result<NamespaceOptions> {
         slow_consumer: s.slow_consumer.unwrap_or_default(),
         anonymous: pick!(s.anonymous, true),
         acked: false,
+        subscribe_proxy: false,
+        publish_proxy: false,
+    })
+}
+
+/// The backend proxies' options (issue 17).
+fn proxy(s: &Settings) -> Result<crate::proxy::ProxyConfig> {
+    use crate::proxy::parse_url;
+    let defaults = crate::proxy::ProxyConfig::default();
+    Ok(crate::proxy::ProxyConfig {
+        connect_url: parse_url("proxy_connect_url", s.proxy_connect_url.clone())?,
+        subscribe_url: parse_url("proxy_subscribe_url", s.proxy_subscribe_url.clone())?,
+        publish_url: parse_url("proxy_publish_url", s.proxy_publish_url.clone())?,
+        rpc_url: parse_url("proxy_rpc_url", s.proxy_rpc_url.clone())?,
+        refresh_url: parse_url("proxy_refresh_url", s.proxy_refresh_url.clone())?,
+        connect_always: pick!(s.proxy_connect_always, false),
+        timeout: nonzero(
+            "proxy_timeout",
+            s.proxy_timeout.map_or(defaults.timeout, |d| d.0),
+        )?,
+        headers: crate::proxy::parse_headers(s.proxy_headers.clone().unwrap_or_default())?,
+        max_in_flight: positive(
+            "proxy_max_in_flight",
+            pick!(s.proxy_max_in_flight, defaults.max_in_flight),
+        )?,
     })
 }
 
@@ -189,7 +216,20 @@ impl Config {
     /// Validate layered settings into a configuration.
     pub fn from_settings(s: Settings) -> Result<Config> {
         let default_namespace = default_namespace(&s)?;
+        let proxy = proxy(&s)?;
         let namespaces = namespace::namespaces(s.namespaces, &default_namespace)?;
+        for (name, ns) in &namespaces {
+            if ns.subscribe_proxy && proxy.subscribe_url.is_none() {
+                return Err(Error::Config(format!(
+                    "namespaces.{name}: subscribe_proxy needs proxy_subscribe_url"
+                )));
+            }
+            if ns.publish_proxy && proxy.publish_url.is_none() {
+                return Err(Error::Config(format!(
+                    "namespaces.{name}: publish_proxy needs proxy_publish_url"
+                )));
+            }
+        }
         let instance_id = s
             .instance_id
             .or_else(|| std::env::var("GAE_INSTANCE").ok())
@@ -398,6 +438,7 @@ impl Config {
                 }
                 n => n,
             },
+            proxy,
             default_namespace,
             namespaces,
         })

@@ -25,6 +25,8 @@ pub struct NamespaceSettings {
     pub slow_consumer: Option<SlowConsumerPolicy>,
     pub anonymous: Option<bool>,
     pub acked: Option<bool>,
+    pub subscribe_proxy: Option<bool>,
+    pub publish_proxy: Option<bool>,
 }
 
 /// The effective options of a namespace.
@@ -48,6 +50,13 @@ pub struct NamespaceOptions {
     /// Acknowledged at-least-once delivery: clients acknowledge offsets and
     /// the server resends what stays unacknowledged (needs history).
     pub acked: bool,
+    /// Subscriptions are decided by the backend's subscribe proxy (in
+    /// place of the grant check); needs `proxy_subscribe_url`.
+    pub subscribe_proxy: bool,
+    /// Client publications go through the backend's publish proxy (in
+    /// place of the grant check), which may refuse or rewrite them; needs
+    /// `proxy_publish_url`.
+    pub publish_proxy: bool,
 }
 
 impl Default for NamespaceOptions {
@@ -61,6 +70,8 @@ impl Default for NamespaceOptions {
             slow_consumer: SlowConsumerPolicy::Disconnect,
             anonymous: true,
             acked: false,
+            subscribe_proxy: false,
+            publish_proxy: false,
         }
     }
 }
@@ -103,6 +114,8 @@ pub(super) fn namespaces(
             slow_consumer: ns.slow_consumer.unwrap_or(default_namespace.slow_consumer),
             anonymous: ns.anonymous.unwrap_or(default_namespace.anonymous),
             acked: ns.acked.unwrap_or(false),
+            subscribe_proxy: ns.subscribe_proxy.unwrap_or(false),
+            publish_proxy: ns.publish_proxy.unwrap_or(false),
         };
         if opts.acked && opts.history_size == 0 {
             return Err(Error::Config(format!(
@@ -129,6 +142,8 @@ pub(super) fn namespaces(
             slow_consumer: SlowConsumerPolicy::ConflateLatest,
             anonymous: true,
             acked: false,
+            subscribe_proxy: false,
+            publish_proxy: false,
         });
     if default_namespace.join_leave && !default_namespace.presence {
         return Err(Error::Config(

@@ -276,6 +276,42 @@ pub struct Settings {
     /// `json` (Cloud Logging's `severity`/`message`/`time`) [default: text].
     #[arg(long, env = "SWITCHBOARD_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    // -- backend proxies (issue 17; src/proxy/) --
+    /// URL the connect proxy is POSTed to: it decides who a connection
+    /// without `?token=` is (off by default).
+    #[arg(long, env = "SWITCHBOARD_PROXY_CONNECT_URL")]
+    pub proxy_connect_url: Option<String>,
+    /// URL of the subscribe proxy, asked in namespaces with
+    /// `subscribe_proxy = true`.
+    #[arg(long, env = "SWITCHBOARD_PROXY_SUBSCRIBE_URL")]
+    pub proxy_subscribe_url: Option<String>,
+    /// URL of the publish proxy, asked in namespaces with
+    /// `publish_proxy = true`; it may replace the data.
+    #[arg(long, env = "SWITCHBOARD_PROXY_PUBLISH_URL")]
+    pub proxy_publish_url: Option<String>,
+    /// URL of the RPC proxy, which answers the client's `rpc` frames.
+    #[arg(long, env = "SWITCHBOARD_PROXY_RPC_URL")]
+    pub proxy_rpc_url: Option<String>,
+    /// URL of the refresh proxy, asked when a connection's credentials
+    /// expire (else they end with close 4003).
+    #[arg(long, env = "SWITCHBOARD_PROXY_REFRESH_URL")]
+    pub proxy_refresh_url: Option<String>,
+    /// Ask the connect proxy also when the connection presented a valid
+    /// token [default: false].
+    #[arg(long, env = "SWITCHBOARD_PROXY_CONNECT_ALWAYS")]
+    pub proxy_connect_always: Option<bool>,
+    /// Deadline of one proxy call [default: 1s].
+    #[arg(long, env = "SWITCHBOARD_PROXY_TIMEOUT")]
+    pub proxy_timeout: Option<HumanDuration>,
+    /// Upgrade-request headers forwarded to the connect proxy
+    /// (comma-separated names, e.g. `Cookie,Authorization`) [default: none].
+    #[arg(long, env = "SWITCHBOARD_PROXY_HEADERS", value_delimiter = ',')]
+    pub proxy_headers: Option<Vec<String>>,
+    /// Most proxy calls in flight on this instance; beyond it a request
+    /// gets `proxy_busy` [default: 1000].
+    #[arg(long, env = "SWITCHBOARD_PROXY_MAX_IN_FLIGHT")]
+    pub proxy_max_in_flight: Option<usize>,
+    // -- end backend proxies --
     /// Per-namespace options; only in the TOML file (`[namespaces.chat]`).
     #[arg(skip)]
     pub namespaces: HashMap<String, NamespaceSettings>,
@@ -356,7 +392,17 @@ impl Settings {
             metrics_require_key,
             ready_requires_bus,
             log,
-            log_format
+            log_format,
+            // backend proxies (issue 17)
+            proxy_connect_url,
+            proxy_subscribe_url,
+            proxy_publish_url,
+            proxy_rpc_url,
+            proxy_refresh_url,
+            proxy_connect_always,
+            proxy_timeout,
+            proxy_headers,
+            proxy_max_in_flight
         );
         if self.namespaces.is_empty() {
             self.namespaces = lower.namespaces;

@@ -11,7 +11,9 @@ use crate::hub::Hub;
 use crate::node::Node;
 
 use crate::broker::history::HistoryStats;
-use crate::metrics::{LatencySnapshot, MemoryUsage, Metrics, cpu_seconds, memory_usage};
+use crate::metrics::{
+    LatencyHistogram, LatencySnapshot, MemoryUsage, Metrics, cpu_seconds, memory_usage,
+};
 
 /// One figure the server exposes, declared once in
 /// [`COUNTERS`](super::COUNTERS) and rendered from there by `/metrics`,
@@ -43,7 +45,7 @@ pub enum Kind {
     Counter,
     /// A level, up or down.
     Gauge,
-    /// Bucketed observations ([`Source::Latency`]).
+    /// Bucketed observations ([`Source::Histogram`]).
     Histogram,
 }
 
@@ -84,8 +86,8 @@ pub enum Source {
     /// Worked out from other figures (read one after the other, not as one
     /// atomic snapshot).
     Derived(fn(&Sources<'_>) -> u64),
-    /// The publish → write latency histogram ([`Metrics::latency`]).
-    Latency,
+    /// A latency histogram of [`Metrics`] (publish → write, proxy calls).
+    Histogram(fn(&Metrics) -> &LatencyHistogram),
 }
 
 /// A figure's value at one moment.
@@ -160,9 +162,9 @@ impl Counter {
             Source::CpuSeconds => Value::Float(cpu_seconds()),
             Source::Node(f) => f(sources.node),
             Source::Derived(f) => Value::Int(f(sources)),
-            Source::Latency => {
-                let latency = &sources.metrics().latency;
-                Value::Histogram(latency.snapshot(), latency.sum_ms())
+            Source::Histogram(f) => {
+                let h = f(sources.metrics());
+                Value::Histogram(h.snapshot(), h.sum_ms())
             }
         };
         Some(value)

@@ -10,7 +10,10 @@
 pub mod counter;
 pub mod feed;
 pub mod json;
+pub mod proxy;
 pub mod table;
+#[cfg(test)]
+mod tests;
 
 pub use counter::{Counter, Feed, Kind, Source, Sources, Value};
 pub use table::COUNTERS;

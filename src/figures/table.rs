@@ -8,7 +8,8 @@
 //! `originRefused` and `connectionsRefused` are one sum in Prometheus
 //! (`switchboard_upgrades_refused_total`); `apiRequests` and `apiErrors`
 //! have no Prometheus series yet; the per-request-type and per-frame-kind
-//! counts, the latency histogram and the CPU time are Prometheus only.
+//! counts, the latency histograms, the backend proxies' figures and the CPU
+//! time are Prometheus only.
 //! `tests/metrics.rs` holds both endpoints to this list.
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -17,6 +18,7 @@ use crate::admission::AddrTable;
 use crate::hub::Hub;
 
 use super::counter::{Counter, Feed, Kind, Source, Value};
+use super::proxy;
 
 const SLOW_CONSUMER_ACTIONS: &str = "Actions taken on full client queues, by policy.";
 const REQUESTS: &str = "Valid client requests received, by type.";
@@ -289,6 +291,14 @@ pub const COUNTERS: &[Counter] = &[
     },
     Counter {
         json: None,
+        prometheus: Some(r#"switchboard_requests_total{type="rpc"}"#),
+        kind: Kind::Counter,
+        help: REQUESTS,
+        source: Source::Requests(10),
+        feed: Feed::No,
+    },
+    Counter {
+        json: None,
         prometheus: Some(r#"switchboard_frames_out_total{kind="message"}"#),
         kind: Kind::Counter,
         help: FRAMES_OUT,
@@ -369,12 +379,148 @@ pub const COUNTERS: &[Counter] = &[
         prometheus: Some("switchboard_delivery_latency_ms"),
         kind: Kind::Histogram,
         help: "Channel publication: publish to write, in ms.",
-        source: Source::Latency,
+        source: Source::Histogram(|m| &m.latency),
         feed: Feed::Quantiles(&[
             ("deliveryLatencyMsP50", 0.5),
             ("deliveryLatencyMsP99", 0.99),
         ]),
     },
+    // Backend proxies (issue 17): one line each, see `figures::proxy`.
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="connect",outcome="ok"}"#,
+        |m| &m.proxy_calls[0][0],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="connect",outcome="refused"}"#,
+        |m| &m.proxy_calls[0][1],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="connect",outcome="disconnect"}"#,
+        |m| &m.proxy_calls[0][2],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="connect",outcome="timeout"}"#,
+        |m| &m.proxy_calls[0][3],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="connect",outcome="failed"}"#,
+        |m| &m.proxy_calls[0][4],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="connect",outcome="busy"}"#,
+        |m| &m.proxy_calls[0][5],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="subscribe",outcome="ok"}"#,
+        |m| &m.proxy_calls[1][0],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="subscribe",outcome="refused"}"#,
+        |m| &m.proxy_calls[1][1],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="subscribe",outcome="disconnect"}"#,
+        |m| &m.proxy_calls[1][2],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="subscribe",outcome="timeout"}"#,
+        |m| &m.proxy_calls[1][3],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="subscribe",outcome="failed"}"#,
+        |m| &m.proxy_calls[1][4],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="subscribe",outcome="busy"}"#,
+        |m| &m.proxy_calls[1][5],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="publish",outcome="ok"}"#,
+        |m| &m.proxy_calls[2][0],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="publish",outcome="refused"}"#,
+        |m| &m.proxy_calls[2][1],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="publish",outcome="disconnect"}"#,
+        |m| &m.proxy_calls[2][2],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="publish",outcome="timeout"}"#,
+        |m| &m.proxy_calls[2][3],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="publish",outcome="failed"}"#,
+        |m| &m.proxy_calls[2][4],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="publish",outcome="busy"}"#,
+        |m| &m.proxy_calls[2][5],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="rpc",outcome="ok"}"#,
+        |m| &m.proxy_calls[3][0],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="rpc",outcome="refused"}"#,
+        |m| &m.proxy_calls[3][1],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="rpc",outcome="disconnect"}"#,
+        |m| &m.proxy_calls[3][2],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="rpc",outcome="timeout"}"#,
+        |m| &m.proxy_calls[3][3],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="rpc",outcome="failed"}"#,
+        |m| &m.proxy_calls[3][4],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="rpc",outcome="busy"}"#,
+        |m| &m.proxy_calls[3][5],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="refresh",outcome="ok"}"#,
+        |m| &m.proxy_calls[4][0],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="refresh",outcome="refused"}"#,
+        |m| &m.proxy_calls[4][1],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="refresh",outcome="disconnect"}"#,
+        |m| &m.proxy_calls[4][2],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="refresh",outcome="timeout"}"#,
+        |m| &m.proxy_calls[4][3],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="refresh",outcome="failed"}"#,
+        |m| &m.proxy_calls[4][4],
+    ),
+    proxy::calls(
+        r#"switchboard_proxy_calls_total{kind="refresh",outcome="busy"}"#,
+        |m| &m.proxy_calls[4][5],
+    ),
+    proxy::latency(r#"switchboard_proxy_latency_ms{kind="connect"}"#, |m| {
+        &m.proxy_latency[0]
+    }),
+    proxy::latency(r#"switchboard_proxy_latency_ms{kind="subscribe"}"#, |m| {
+        &m.proxy_latency[1]
+    }),
+    proxy::latency(r#"switchboard_proxy_latency_ms{kind="publish"}"#, |m| {
+        &m.proxy_latency[2]
+    }),
+    proxy::latency(r#"switchboard_proxy_latency_ms{kind="rpc"}"#, |m| {
+        &m.proxy_latency[3]
+    }),
+    proxy::latency(r#"switchboard_proxy_latency_ms{kind="refresh"}"#, |m| {
+        &m.proxy_latency[4]
+    }),
     Counter {
         json: Some("memoryUsage.rss"),
         prometheus: Some("process_resident_memory_bytes"),
@@ -451,92 +597,3 @@ pub const COUNTERS: &[Counter] = &[
         feed: Feed::No,
     },
 ];
-
-#[cfg(test)]
-mod tests {
-    use std::collections::HashSet;
-
-    use super::*;
-
-    /// The family of a Prometheus series: its name without labels.
-    fn family(series: &str) -> &str {
-        series.split('{').next().unwrap_or(series)
-    }
-
-    #[test]
-    fn names_are_unique() {
-        let mut json = HashSet::new();
-        let mut prometheus = HashSet::new();
-        let mut feed = HashSet::new();
-        for c in COUNTERS {
-            assert!(c.json.is_some() || c.prometheus.is_some(), "{c:?}");
-            if let Some(k) = c.json {
-                assert!(json.insert(k), "JSON key {k} twice");
-            }
-            if let Some(s) = c.prometheus {
-                assert!(prometheus.insert(s), "series {s} twice");
-            }
-            let keys = match c.feed {
-                Feed::No => vec![],
-                Feed::Now(k) | Feed::Rate(k) => vec![k],
-                Feed::Quantiles(qs) => qs.iter().map(|(k, _)| *k).collect(),
-            };
-            for k in keys {
-                assert!(feed.insert(k), "feed key {k} twice");
-            }
-        }
-        assert!(!feed.contains("timestamp"), "the feed adds its own");
-    }
-
-    #[test]
-    fn families_are_contiguous_and_agree() {
-        let mut seen = HashSet::new();
-        let mut last: Option<&Counter> = None;
-        for c in COUNTERS.iter().filter(|c| c.prometheus.is_some()) {
-            let name = family(c.prometheus.unwrap());
-            match last {
-                Some(l) if family(l.prometheus.unwrap()) == name => {
-                    assert_eq!((l.kind, l.help), (c.kind, c.help), "{name}");
-                }
-                _ => assert!(seen.insert(name), "family {name} split"),
-            }
-            last = Some(c);
-        }
-    }
-
-    #[test]
-    fn sources_fit_the_expositions() {
-        for c in COUNTERS {
-            match c.source {
-                Source::Latency => {
-                    assert_eq!(c.kind, Kind::Histogram);
-                    assert_eq!(c.json, None, "a histogram has no JSON form");
-                    assert!(matches!(c.feed, Feed::Quantiles(_)));
-                }
-                Source::Addrs(_) => assert_eq!(c.feed, Feed::No, "the feed has no address table"),
-                _ => {
-                    assert_ne!(c.kind, Kind::Histogram);
-                    assert!(!matches!(c.feed, Feed::Quantiles(_)));
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn request_series_follow_the_request_types() {
-        let types = crate::protocol::RequestKind::TYPES;
-        let series: Vec<_> = COUNTERS
-            .iter()
-            .filter_map(|c| match c.source {
-                Source::Requests(i) => Some((i, c.prometheus)),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(series.len(), types.len());
-        for (n, (i, name)) in series.into_iter().enumerate() {
-            assert_eq!(n, i);
-            let want = format!("switchboard_requests_total{{type=\"{}\"}}", types[i]);
-            assert_eq!(name, Some(want.as_str()));
-        }
-    }
-}

@@ -65,6 +65,8 @@ struct Shared {
     draining: AtomicBool,
     /// Verifies tokens; `None` when auth is not configured.
     auth: Option<crate::auth::Authenticator>,
+    /// The backend proxies (each off without its URL).
+    proxy: crate::proxy::Proxy,
 }
 
 impl Node {
@@ -82,6 +84,7 @@ impl Node {
         presence: Arc<dyn PresenceStore>,
     ) -> Result<Node> {
         let auth = crate::auth::Authenticator::from_config(&config.auth)?;
+        let proxy = crate::proxy::Proxy::new(&config.proxy)?;
         let hub = Arc::new(Hub::new(Limits {
             max_messages: config.queue_max_messages,
             max_bytes: config.queue_max_bytes,
@@ -103,6 +106,7 @@ impl Node {
                 started: Instant::now(),
                 draining: AtomicBool::new(false),
                 auth,
+                proxy,
             }),
         })
     }
@@ -164,11 +168,43 @@ impl Node {
         self.shared.auth.as_ref()
     }
 
+    /// The backend proxies.
+    pub fn proxy(&self) -> &crate::proxy::Proxy {
+        &self.shared.proxy
+    }
+
+    /// Call `kind`'s backend proxy (see [`crate::proxy::Proxy::call`]).
+    pub async fn proxy_call<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: crate::proxy::Kind,
+        body: &crate::proxy::Request<'_>,
+    ) -> std::result::Result<crate::proxy::Answer<T>, ClientError> {
+        self.shared
+            .proxy
+            .call(&self.shared.metrics, kind, body)
+            .await
+    }
+
+    /// A new client id (before registration, for the connect proxy).
+    pub fn new_client_id() -> Arc<str> {
+        format!("client-{}-{}", protocol::now_ms(), random_base36(9)).into()
+    }
+
     /// Register a new connection (of `identity`'s user, if any) and give it
     /// an id. Fails when the user is at `max_connections_per_user`, or when
     /// the bus cannot record the client (direct messages would not find it).
     pub async fn register(
         &self,
+        identity: Option<&crate::auth::Identity>,
+    ) -> Result<Arc<ClientHandle>> {
+        self.register_as(Node::new_client_id(), identity).await
+    }
+
+    /// [`register`](Self::register) under an id from
+    /// [`new_client_id`](Self::new_client_id).
+    pub async fn register_as(
+        &self,
+        id: Arc<str>,
         identity: Option<&crate::auth::Identity>,
     ) -> Result<Arc<ClientHandle>> {
         if let Some(identity) = identity {
@@ -181,9 +217,8 @@ impl Node {
                 .into());
             }
         }
-        let id = format!("client-{}-{}", protocol::now_ms(), random_base36(9));
         let info = ClientInfo {
-            client_id: id.into(),
+            client_id: id,
             user_id: identity.map(|i| i.user_id.clone()),
         };
         self.shared.broker.register_client(&info).await?;

@@ -28,15 +28,42 @@ struct Connected<'a> {
     message: &'static str,
     #[serde(rename = "instanceId")]
     instance_id: &'a str,
+    /// The connect proxy's `data`, when it gave some.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a RawValue>,
 }
 
 /// `{"type":"connected",…}`: the welcome, as the tutorial sends it.
 pub fn connected(client_id: &str, instance_id: &str) -> Text {
+    connected_with(client_id, instance_id, None)
+}
+
+/// The welcome with the connect proxy's `data`, if any.
+pub fn connected_with(client_id: &str, instance_id: &str, data: Option<&RawValue>) -> Text {
     encode(&Connected {
         ty: "connected",
         client_id,
         message: "Welcome to the real-time server",
         instance_id,
+        data,
+    })
+}
+
+#[derive(Serialize)]
+struct Rpc<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    #[serde(rename = "ref")]
+    reference: &'a RawValue,
+    data: &'a RawValue,
+}
+
+/// `{"type":"rpc","ref","data"}`: the backend's answer to an `rpc` frame.
+pub fn rpc(reference: &RawValue, data: &RawValue) -> Text {
+    encode(&Rpc {
+        ty: "rpc",
+        reference,
+        data,
     })
 }
 
@@ -74,7 +101,7 @@ pub fn direct(sender_id: Option<&str>, data: &RawValue, timestamp: u64) -> Text 
 struct ErrorFrame<'a> {
     #[serde(rename = "type")]
     ty: &'static str,
-    code: &'static str,
+    code: &'a str,
     message: &'a str,
     #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
     reference: Ref<'a>,
@@ -82,10 +109,15 @@ struct ErrorFrame<'a> {
 
 /// `{"type":"error","code","message","ref"}`.
 pub fn error(err: &ClientError, reference: Ref<'_>) -> Text {
+    error_with_code(err.code.as_str(), &err.message, reference)
+}
+
+/// An `error` frame with a code of the backend's (a proxy's refusal).
+pub fn error_with_code(code: &str, message: &str, reference: Ref<'_>) -> Text {
     encode(&ErrorFrame {
         ty: "error",
-        code: err.code.as_str(),
-        message: &err.message,
+        code,
+        message,
         reference,
     })
 }

@@ -60,11 +60,16 @@ pub enum RequestKind<'a> {
         channel: String,
         offset: u64,
     },
+    /// A call answered by the backend's RPC proxy.
+    Rpc {
+        method: String,
+        data: &'a RawValue,
+    },
 }
 
 impl RequestKind<'_> {
     /// Every request type, in the order of [`RequestKind::index`].
-    pub const TYPES: [&'static str; 10] = [
+    pub const TYPES: [&'static str; 11] = [
         "broadcast",
         "direct",
         "subscribe",
@@ -75,6 +80,7 @@ impl RequestKind<'_> {
         "ping",
         "auth",
         "ack",
+        "rpc",
     ];
 
     /// Position of this request's type in [`RequestKind::TYPES`].
@@ -90,6 +96,7 @@ impl RequestKind<'_> {
             RequestKind::Ping => 7,
             RequestKind::Auth { .. } => 8,
             RequestKind::Ack { .. } => 9,
+            RequestKind::Rpc { .. } => 10,
         }
     }
 }
@@ -117,7 +124,12 @@ struct Envelope<'a> {
     token: Option<&'a RawValue>,
     #[serde(borrow)]
     offset: Option<&'a RawValue>,
+    #[serde(borrow)]
+    method: Option<&'a RawValue>,
 }
+
+/// Longest `rpc` method name, in characters.
+pub const MAX_METHOD: usize = 128;
 
 /// A request that could not be parsed, with the `id` if one was readable.
 #[derive(Debug)]
@@ -226,6 +238,18 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, ParseError<'_>> {
         "ack" => RequestKind::Ack {
             channel: channel().map_err(fail)?,
             offset: field(env.offset, "offset", "a non-negative integer").map_err(fail)?,
+        },
+        "rpc" => RequestKind::Rpc {
+            method: field::<String>(env.method, "method", "a string")
+                .and_then(|m| match m.chars().count() {
+                    1..=MAX_METHOD => Ok(m),
+                    _ => Err(ClientError::new(
+                        ErrorCode::InvalidFrame,
+                        format!("`method` must be 1 to {MAX_METHOD} characters"),
+                    )),
+                })
+                .map_err(fail)?,
+            data: env.data.unwrap_or(null()),
         },
         "auth" => RequestKind::Auth {
             token: field(env.token, "token", "a JWT string").map_err(fail)?,

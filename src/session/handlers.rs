@@ -162,7 +162,10 @@ where
             }
             RequestKind::Publish { channel, data } => {
                 let ch = self.node.channel(&channel)?;
-                self.permit(Action::Publish, ch)?;
+                let proxied = ch.opts.publish_proxy;
+                if !proxied {
+                    self.permit(Action::Publish, ch)?;
+                }
                 if !ch.opts.client_publish {
                     return Err(ClientError::new(
                         ErrorCode::PublishNotAllowed,
@@ -184,7 +187,16 @@ where
                     )
                     .into());
                 }
-                let pos = self.node.publish(me, ch, to_arc(data)).await?;
+                let mut data = to_arc(data);
+                if proxied {
+                    let asked = self.proxy_request(crate::proxy::Kind::Publish);
+                    match super::proxied::publish(&self.node, asked, &channel, data, id).await? {
+                        Ok(allowed) => data = allowed,
+                        Err(denial) => return Ok(self.deny(denial).await),
+                    }
+                }
+                let ch = self.node.channel(&channel)?;
+                let pos = self.node.publish(me, ch, data).await?;
                 if pos.offset == 1 {
                     self.creates.created(self.node.hub().clock_ms(), per_minute);
                 }
@@ -209,6 +221,7 @@ where
                     .await
             }
             RequestKind::Ping => self.send(protocol::pong(id)).await,
+            RequestKind::Rpc { method, data } => self.rpc(id, &method, data).await?,
             RequestKind::Auth { token } => self.refresh(id, &token).await?,
             RequestKind::Ack { channel, offset } => {
                 let Some(state) = self.subs.get_mut(channel.as_str()) else {
@@ -256,29 +269,33 @@ where
                 .into());
             }
         }
-        self.node.hub().set_expiry(&self.client, fresh.expires_at);
         // Narrower grants take effect now: what the new token no longer
         // grants is unsubscribed (told before the `authenticated` reply).
-        let revoked = crate::relay::revoked(&self.node, &fresh, self.subs.iter().map(|(c, _)| c));
         let reply = protocol::authenticated(&fresh.user_id, fresh.expires_at, id);
+        if self.adopt(fresh).await.is_break() {
+            return Ok(ControlFlow::Break(()));
+        }
+        Ok(self.send(reply).await)
+    }
+
+    /// Take fresh credentials of the same user (a token, or the refresh
+    /// proxy's answer): their expiry, and their grants, unsubscribing
+    /// (with an `unsubscribed` frame each) what they no longer grant.
+    pub(super) async fn adopt(&mut self, fresh: crate::auth::Identity) -> ControlFlow<()> {
+        self.node.hub().set_expiry(&self.client, fresh.expires_at);
+        let revoked = crate::relay::revoked(&self.node, &fresh, self.subs.iter().map(|(c, _)| c));
         self.identity = Some(Box::new(fresh));
         for channel in &revoked {
             self.subs.remove_entry(channel);
             if let Err(e) = self.node.leave(&self.client, channel).await {
                 tracing::warn!(client = %self.client.id(), %channel, error = %e, "unsubscribing a revoked channel failed");
             }
-            if self
-                .send(protocol::unsubscribed(channel, None))
-                .await
-                .is_break()
-            {
-                return Ok(ControlFlow::Break(()));
-            }
+            self.send(protocol::unsubscribed(channel, None)).await?;
         }
         if !revoked.is_empty() {
             self.arm_ack_deadline();
         }
-        Ok(self.send(reply).await)
+        ControlFlow::Continue(())
     }
 
     /// Whether this connection may do `action` in `channel`: its namespace
@@ -314,10 +331,25 @@ where
         channel: String,
         since: Option<StreamPosition>,
     ) -> crate::Result<ControlFlow<()>> {
+        self.subscribe_as(id, channel, since, false).await
+    }
+
+    /// Subscribe; `by_backend`: the connect proxy chose the channel, so
+    /// neither the grants nor the subscribe proxy are asked.
+    pub(super) async fn subscribe_as(
+        &mut self,
+        id: Option<&RawValue>,
+        channel: String,
+        since: Option<StreamPosition>,
+        by_backend: bool,
+    ) -> crate::Result<ControlFlow<()>> {
         // An `Arc` from the start: the name is kept in `subs` and the hub.
         let channel: Arc<str> = channel.into();
         let ch = self.node.channel(&channel)?;
-        self.permit(Action::Subscribe, ch)?;
+        let ask_backend = ch.opts.subscribe_proxy && !by_backend;
+        if !ask_backend && !by_backend {
+            self.permit(Action::Subscribe, ch)?;
+        }
         if self.subs.contains_key(&channel) {
             return Err(ClientError::new(
                 ErrorCode::AlreadySubscribed,
@@ -333,6 +365,14 @@ where
             )
             .into());
         }
+        if ask_backend {
+            let asked = self.proxy_request(crate::proxy::Kind::Subscribe);
+            if let Some(denial) = super::proxied::subscribe(&self.node, asked, &channel, id).await?
+            {
+                return Ok(self.deny(denial).await);
+            }
+        }
+        let ch = self.node.channel(&channel)?;
         // Join the hub first: from here on live publications are queued,
         // and the history read below overlaps them rather than missing any.
         if let Err(e) = self.node.subscribe(&self.client, &channel, ch.opts).await {

@@ -27,12 +27,15 @@
 //! * `write`: writing to the socket: queued frames, replies, close, all
 //!   bounded;
 //! * `handlers`: the client's requests;
-//! * `acked`: acknowledged delivery: the ack deadline and redelivery.
+//! * `acked`: acknowledged delivery: the ack deadline and redelivery;
+//! * `proxied`: the backend proxies' hooks (connect, subscribe, publish,
+//!   rpc, refresh).
 
 mod acked;
 mod handlers;
 mod live;
 mod open;
+mod proxied;
 #[cfg(test)]
 mod tests;
 mod write;
@@ -52,7 +55,12 @@ use crate::ws::{Message, SendShared};
 
 use acked::AckState;
 pub use live::Live;
-pub use open::open;
+pub use open::{open, open_with};
+pub use proxied::Hello;
+
+/// The `transport` the backend proxies are told, in one place: this
+/// session serves WebSocket connections.
+pub(crate) const TRANSPORT: &str = "websocket";
 
 /// What the connection is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

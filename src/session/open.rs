@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 
+use super::proxied::{self, Hello};
 use super::{CLOSE_HANDSHAKE_TIMEOUT, Mode, Session, Subs};
 use crate::auth::Identity;
 use crate::error::{ClientError, ErrorCode, close};
@@ -93,7 +94,7 @@ where
 /// (see `ws::WebSocketUpgrade::on_upgrade`).
 pub async fn open<S, E>(
     node: Node,
-    mut ws: S,
+    ws: S,
     mode: Mode,
     url_token: Option<String>,
 ) -> Option<Session<S>>
@@ -101,11 +102,42 @@ where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + SendShared + Unpin + Send + 'static,
     E: std::error::Error + Send + 'static,
 {
+    let hello = Hello {
+        token: url_token,
+        ..Hello::default()
+    };
+    open_with(node, ws, mode, hello).await
+}
+
+/// [`open`] with everything the upgrade request tells (for the connect
+/// proxy: the client's address and the `proxy_headers`).
+///
+/// With a connect proxy, a connection without `?token=` is who the
+/// backend says (no first `auth` frame is awaited); with
+/// `proxy_connect_always`, so is one with a valid token. A token that
+/// fails is refused (4001/4003) without asking the backend.
+pub async fn open_with<S, E>(
+    node: Node,
+    mut ws: S,
+    mode: Mode,
+    mut hello: Hello,
+) -> Option<Session<S>>
+where
+    S: Stream<Item = Result<Message, E>> + Sink<Message> + SendShared + Unpin + Send + 'static,
+    E: std::error::Error + Send + 'static,
+{
     let mut identity = None;
     let mut auth_reply = None;
+    let mut admitted = None;
     let client = match mode {
         Mode::Protocol => {
-            match authenticate(&node, &mut ws, url_token).await {
+            let connect_proxy = node.proxy().url(crate::proxy::Kind::Connect).is_some();
+            let url_token = hello.token.take();
+            let checked = match (connect_proxy, url_token) {
+                (true, None) => Ok(None),
+                (_, token) => authenticate(&node, &mut ws, token).await,
+            };
+            match checked {
                 Ok(Some((id, reply))) => {
                     identity = Some(Box::new(id));
                     auth_reply = reply;
@@ -118,7 +150,21 @@ where
                     return None;
                 }
             }
-            match node.register(identity.as_deref()).await {
+            let id = Node::new_client_id();
+            if connect_proxy && (identity.is_none() || node.config().proxy.connect_always) {
+                match proxied::connect(&node, &id, identity.as_deref(), &hello).await {
+                    Ok(a) => {
+                        identity = a.identity;
+                        admitted = Some((a.data, a.channels));
+                    }
+                    Err((code, reason)) => {
+                        tracing::info!(code, %reason, "connection refused by the connect proxy");
+                        refuse(&mut ws, code, &reason).await;
+                        return None;
+                    }
+                }
+            }
+            match node.register_as(id, identity.as_deref()).await {
                 Ok(c) => c,
                 Err(crate::error::Error::Client(e)) => {
                     refuse(&mut ws, close::TOO_MANY_USER_CONNECTIONS, &e.message).await;
@@ -144,7 +190,11 @@ where
         creates: crate::create_limit::CreateLimit::default(),
     };
     tracing::debug!(client = %session.client.id(), ?mode, "connected");
-    if mode == Mode::Protocol && session.greet(auth_reply).await.is_break() {
+    let (data, channels) = admitted.unwrap_or_default();
+    if mode == Mode::Protocol
+        && (session.greet(auth_reply, data.as_deref()).await.is_break()
+            || (!channels.is_empty() && session.subscribe_for_backend(channels).await.is_break()))
+    {
         session.finish().await;
         return None;
     }
@@ -166,8 +216,12 @@ where
     }
 
     /// The welcome (and the `authenticated` reply to a first-frame auth).
-    async fn greet(&mut self, auth_reply: Option<Text>) -> ControlFlow<()> {
-        let welcome = protocol::connected(self.client.id(), self.node.instance_id());
+    async fn greet(
+        &mut self,
+        auth_reply: Option<Text>,
+        data: Option<&serde_json::value::RawValue>,
+    ) -> ControlFlow<()> {
+        let welcome = protocol::connected_with(self.client.id(), self.node.instance_id(), data);
         self.send(welcome).await?;
         if let Some(reply) = auth_reply {
             self.send(reply).await?;

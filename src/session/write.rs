@@ -33,6 +33,7 @@ where
         let mut deadline = Deadline::new(self.node.config().write_timeout);
         let mut redeliver_due = false;
         let mut redeliver_check = false;
+        let mut refresh_due = false;
         for item in items {
             let msg = match item {
                 Outbound::Frame(text) => Message::Text(text),
@@ -71,6 +72,10 @@ where
                     redeliver_due = true;
                     continue;
                 }
+                Outbound::Refresh => {
+                    refresh_due = true;
+                    continue;
+                }
             };
             self.wait(Op::Ready, &mut deadline, Until::Abort).await?;
             if Pin::new(&mut self.ws).start_send(msg).is_err() {
@@ -84,6 +89,9 @@ where
         }
         if redeliver_check || redeliver_due {
             self.arm_ack_deadline();
+        }
+        if refresh_due && close.is_none() {
+            Box::pin(self.refresh_by_proxy()).await?;
         }
         match close {
             Some(reason) => {

@@ -2,6 +2,7 @@
 //! real sockets.
 #![allow(dead_code)]
 
+pub mod backend;
 pub mod deflate;
 pub mod frames;
 pub mod raw_ws;
