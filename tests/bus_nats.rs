@@ -132,6 +132,7 @@ fn new_pub(n: u64) -> NewPublication {
             .into(),
         sender_id: None,
         timestamp: switchboard::protocol::now_ms(),
+        conditions: Default::default(),
     }
 }
 

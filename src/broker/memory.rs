@@ -101,11 +101,10 @@ impl Broker for MemoryBroker {
     ) -> Result<StreamPosition> {
         let handler = self.handler();
         // Delivered inside the stream lock: this is the per-channel order.
-        Ok(self
-            .streams
+        self.streams
             .publish(channel, publication, history, |channel, epoch, p| {
                 handler.on_publication(channel, epoch, p)
-            }))
+            })
     }
 
     async fn publish_control(&self, control: Control) -> Result<()> {
@@ -124,7 +123,17 @@ impl Broker for MemoryBroker {
         limit: usize,
         history: HistoryOptions,
     ) -> Result<HistoryResult> {
-        Ok(self.streams.read(channel, since, limit, history))
+        Ok(self.streams.read(channel, since, limit, false, history))
+    }
+
+    async fn history_newest(
+        &self,
+        channel: &str,
+        since: Option<&StreamPosition>,
+        limit: usize,
+        history: HistoryOptions,
+    ) -> Result<HistoryResult> {
+        Ok(self.streams.read(channel, since, limit, true, history))
     }
 
     fn history_stats(&self) -> Option<Arc<HistoryStats>> {
@@ -212,6 +221,7 @@ mod tests {
             data: serde_json::from_str("1").unwrap(),
             sender_id: None,
             timestamp: 0,
+            conditions: Default::default(),
         }
     }
 

@@ -25,6 +25,8 @@ pub struct NamespaceSettings {
     pub slow_consumer: Option<SlowConsumerPolicy>,
     pub anonymous: Option<bool>,
     pub acked: Option<bool>,
+    pub idempotency_window: Option<HumanDuration>,
+    pub cache: Option<bool>,
 }
 
 /// The effective options of a namespace.
@@ -48,6 +50,11 @@ pub struct NamespaceOptions {
     /// Acknowledged at-least-once delivery: clients acknowledge offsets and
     /// the server resends what stays unacknowledged (needs history).
     pub acked: bool,
+    /// How long a publish's `idempotencyKey` is remembered per channel.
+    pub idempotency_window: Duration,
+    /// Last-value channel: `subscribe` first delivers the newest
+    /// publication (needs history).
+    pub cache: bool,
 }
 
 impl Default for NamespaceOptions {
@@ -61,9 +68,14 @@ impl Default for NamespaceOptions {
             slow_consumer: SlowConsumerPolicy::Disconnect,
             anonymous: true,
             acked: false,
+            idempotency_window: DEFAULT_IDEMPOTENCY_WINDOW,
+            cache: false,
         }
     }
 }
+
+/// The default `idempotency_window`.
+pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(300);
 
 /// Checks a namespace name: the channel charset minus `:`.
 fn valid_namespace_name(name: &str) -> bool {
@@ -103,7 +115,19 @@ pub(super) fn namespaces(
             slow_consumer: ns.slow_consumer.unwrap_or(default_namespace.slow_consumer),
             anonymous: ns.anonymous.unwrap_or(default_namespace.anonymous),
             acked: ns.acked.unwrap_or(false),
+            idempotency_window: nonzero(
+                &format!("namespaces.{name}.idempotency_window"),
+                ns.idempotency_window
+                    .map(|d| d.0)
+                    .unwrap_or(default_namespace.idempotency_window),
+            )?,
+            cache: ns.cache.unwrap_or(false),
         };
+        if opts.cache && opts.history_size == 0 {
+            return Err(Error::Config(format!(
+                "namespaces.{name}: cache (last-value channels) needs history (history_size > 0)"
+            )));
+        }
         if opts.acked && opts.history_size == 0 {
             return Err(Error::Config(format!(
                 "namespaces.{name}: acked delivery needs history (history_size > 0)"
@@ -117,7 +141,8 @@ pub(super) fn namespaces(
         namespaces.insert(name, opts);
     }
     // `sys` is where the server publishes its own figures: clients may
-    // read it but not write it, unless the file configures it.
+    // read it but not write it, unless the file configures it. A
+    // last-value namespace: a new subscriber sees the figures at once.
     namespaces
         .entry("sys".to_string())
         .or_insert(NamespaceOptions {
@@ -129,6 +154,8 @@ pub(super) fn namespaces(
             slow_consumer: SlowConsumerPolicy::ConflateLatest,
             anonymous: true,
             acked: false,
+            idempotency_window: default_namespace.idempotency_window,
+            cache: true,
         });
     if default_namespace.join_leave && !default_namespace.presence {
         return Err(Error::Config(
