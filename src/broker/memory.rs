@@ -264,6 +264,51 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn keys_hold_for_their_window_within_the_budget() {
+        use super::super::history::KEY_OVERHEAD;
+        use crate::broker::PublishConditions;
+        let b = MemoryBroker::new();
+        b.start(Arc::new(Recorder::default())).await.unwrap();
+        let keyed = |expected| NewPublication {
+            conditions: PublishConditions {
+                idempotency_key: Some("k".into()),
+                idempotency_window: Duration::from_secs(60),
+                expected_offset: expected,
+            },
+            ..new_pub()
+        };
+        let first = b.publish("c", keyed(Some(0)), OPTS).await.unwrap();
+        let stats = b.streams.stats().clone();
+        assert_eq!(
+            stats.bytes.load(Relaxed),
+            (1 + ENTRY_OVERHEAD + 1 + KEY_OVERHEAD) as u64,
+            "the key counts against the budget"
+        );
+        // A duplicate wins over a stale expectation and appends nothing.
+        let again = b.publish("c", keyed(Some(0)), OPTS).await.unwrap();
+        assert_eq!(again, first);
+        let h = b.history("c", None, 10, OPTS).await.unwrap();
+        assert_eq!(h.top.offset, 1);
+        let stale = NewPublication {
+            conditions: PublishConditions {
+                expected_offset: Some(0),
+                ..Default::default()
+            },
+            ..new_pub()
+        };
+        match b.publish("c", stale, OPTS).await {
+            Err(crate::error::Error::Client(e)) => assert_eq!(e.position, Some(first.clone())),
+            other => panic!("{other:?}"),
+        }
+        tokio::time::advance(Duration::from_secs(61)).await;
+        let later = b.publish("c", keyed(None), OPTS).await.unwrap();
+        assert_eq!(later.offset, 2, "the window has passed");
+        let newest = b.history_newest("c", None, 1, OPTS).await.unwrap();
+        let offsets: Vec<u64> = newest.publications.iter().map(|p| p.offset).collect();
+        assert_eq!(offsets, vec![2]);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn idle_empty_streams_are_forgotten_with_a_new_epoch() {
         let b = MemoryBroker::new();
         b.start(Arc::new(Recorder::default())).await.unwrap();
