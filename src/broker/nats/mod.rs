@@ -80,6 +80,23 @@
 //! message is delivered, or reported with [`BrokerHandler::resync_failed`]
 //! when history no longer holds it.
 //!
+//! # Idempotent and conditional publish
+//!
+//! An `idempotencyKey` travels as the JetStream `Nats-Msg-Id`
+//! `T(channel).T(key)`; the stream's `duplicate_window` is the longest
+//! namespace `idempotency_window` (at most `max_age`, which JetStream
+//! requires), so a shorter namespace window is not enforced shorter on
+//! NATS. JetStream checks the id before the expected sequence, so a
+//! repeat is answered with the first message's sequence, whose stored
+//! epoch and offset are the reply; when that message has left the stream
+//! the reply is `duplicate`. An `expectedOffset` is compared with the head
+//! read fresh from the server (a cached head that disagrees is re-read)
+//! and the append carries that head's sequence as
+//! `Nats-Expected-Last-Subject-Sequence`: a writer that lost the race
+//! re-reads and answers `offset_mismatch`. With a key and a mismatching
+//! offset the append expects sequence `u64::MAX`, which asks for the
+//! duplicate check and can never be stored.
+//!
 //! # History
 //!
 //! One stream per deployment: `max_msgs_per_subject` is the largest history
