@@ -805,3 +805,58 @@ fn now_us() -> u64 {
         .unwrap()
         .as_micros() as u64
 }
+
+/// A repeated idempotency key whose first publication has already left
+/// the stream (history size 1 everywhere, so one newer message pushes it
+/// out): JetStream still knows the id, the server cannot learn the first
+/// offset, so the answer is `duplicate` and nothing is published again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_key_whose_first_publication_left_the_stream_is_duplicate() {
+    use switchboard::config::NamespaceSettings;
+    let cluster = bus_suite::Cluster::start_with(&NatsBus, "dupgone", 1, |s| {
+        s.history_size = Some(1);
+        s.namespaces.insert(
+            "sys".into(),
+            NamespaceSettings {
+                history_size: Some(1),
+                client_publish: Some(false),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let mut c = cluster.client(0).await;
+    let ch = "dup:gone";
+    let key = json!("k-1");
+    let first = c
+        .request(
+            json!({"type": "publish", "channel": ch, "data": 1, "idempotencyKey": key}),
+            1,
+        )
+        .await;
+    assert_eq!(first["offset"], 1, "{first}");
+    let again = c
+        .request(
+            json!({"type": "publish", "channel": ch, "data": 1, "idempotencyKey": key}),
+            2,
+        )
+        .await;
+    assert_eq!(again["offset"], 1, "still in the stream: {again}");
+    let next = c
+        .request(json!({"type": "publish", "channel": ch, "data": 2}), 3)
+        .await;
+    assert_eq!(next["offset"], 2, "{next}");
+    let gone = c
+        .request(
+            json!({"type": "publish", "channel": ch, "data": 1, "idempotencyKey": key}),
+            4,
+        )
+        .await;
+    assert_eq!(gone["code"], "duplicate", "{gone}");
+    let h = c
+        .request(json!({"type": "history", "channel": ch}), 5)
+        .await;
+    assert_eq!(h["offset"], 2, "nothing published again: {h}");
+    drop(c);
+    cluster.shutdown().await;
+}
