@@ -300,6 +300,15 @@ mod tests {
             Err(crate::error::Error::Client(e)) => assert_eq!(e.position, Some(first.clone())),
             other => panic!("{other:?}"),
         }
+        let elsewhere = NewPublication {
+            conditions: PublishConditions {
+                expected_offset: Some(3),
+                ..Default::default()
+            },
+            ..new_pub()
+        };
+        assert!(b.publish("none", elsewhere, OPTS).await.is_err());
+        assert_eq!(stats.streams.load(Relaxed), 1, "a refusal creates nothing");
         tokio::time::advance(Duration::from_secs(61)).await;
         let later = b.publish("c", keyed(None), OPTS).await.unwrap();
         assert_eq!(later.offset, 2, "the window has passed");

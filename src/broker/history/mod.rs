@@ -342,6 +342,13 @@ impl Store {
             return Ok(StreamPosition { epoch, offset: 0 });
         }
         let conditions = new.conditions;
+        if let Some(expected) = conditions.expected_offset.filter(|e| *e != 0) {
+            // Refused without creating a stream (a stream's top is never
+            // below 1): a refusal holds nothing on the server.
+            if let Err(top) = self.find(channel) {
+                return Err(ClientError::offset_mismatch(expected, top).into());
+            }
+        }
         loop {
             let now = Instant::now();
             let (name, stream) = self.open(channel, now);
