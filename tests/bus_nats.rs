@@ -860,3 +860,46 @@ async fn a_repeated_key_whose_first_publication_left_the_stream_is_duplicate() {
     drop(c);
     cluster.shutdown().await;
 }
+
+/// A last-value channel recovers after a bus restart as history does: the
+/// JetStream store keeps the newest publication, and a subscriber after
+/// the restart gets it before `subscribed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_value_channel_survives_a_nats_restart() {
+    bus_suite::bounded("a_last_value_channel_survives_a_nats_restart", async {
+        use switchboard::config::NamespaceSettings;
+        let mut server = PrivateNats::start().await;
+        let prefix = unique_prefix("lvrestart");
+        let mut s = settings_for(&server.url(), &prefix, 0);
+        s.namespaces.insert(
+            "lv".into(),
+            NamespaceSettings {
+                cache: Some(true),
+                ..Default::default()
+            },
+        );
+        let a = Instance::start(s).await;
+        let mut p = a.client().await;
+        let channel = "lv:price";
+        for n in 1..=2 {
+            assert_eq!(publish(&mut p, channel, json!(n), n).await, Some(n));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        server.kill();
+        assert!(until_ready(&a, false, Duration::from_secs(10)).await);
+        server.spawn().await;
+        assert!(until_ready(&a, true, Duration::from_secs(20)).await);
+        let mut late = a.client().await;
+        late.send(json!({"type": "subscribe", "channel": channel, "id": 1}))
+            .await;
+        let m = late.recv().await;
+        assert_eq!(m["type"], "message", "{m}");
+        assert_eq!(m["data"], 2, "the newest: {m}");
+        let sub = late.recv().await;
+        assert_eq!(sub["type"], "subscribed", "{sub}");
+        assert_eq!(sub["offset"], 2, "{sub}");
+        drop((p, late));
+        a.shutdown().await;
+    })
+    .await;
+}
