@@ -62,3 +62,22 @@ test('publish({expectedOffset}) appends only at that offset', async () => {
   const second = await client.publish(ch, 2, { expectedOffset: 1 });
   assert.equal(second.offset, 2);
 });
+
+test('sys:metrics is a last-value channel: a new subscriber gets the latest figures first', async () => {
+  const first = new RealtimeClient(server.url);
+  const second = new RealtimeClient(server.url);
+  try {
+    await first.connect();
+    const sample = new Promise((resolve) => first.subscribe('sys:metrics', resolve));
+    await sample; // published once a second while someone listens
+    await second.connect();
+    const seen = [];
+    const subscribed = await second.subscribe('sys:metrics', (m) => seen.push(m));
+    assert.ok(seen.length >= 1, 'a message before subscribed resolved');
+    assert.equal(seen[0].offset, subscribed.offset);
+    assert.equal(typeof seen[0].data, 'object');
+  } finally {
+    first.close();
+    second.close();
+  }
+});
