@@ -37,7 +37,11 @@ async fn main() -> switchboard::Result<()> {
             );
             let data: Arc<RawValue> = Arc::from(RawValue::from_string(text).expect("valid JSON"));
             let published = match publisher.channel("chat:lobby") {
-                Ok(lobby) => publisher.publish(None, lobby, data).await,
+                Ok(lobby) => {
+                    publisher
+                        .publish(None, lobby, data, Default::default())
+                        .await
+                }
                 Err(e) => Err(e.into()),
             };
             if let Err(e) = published {

@@ -4,10 +4,11 @@
 //!
 //! | route | effect |
 //! |---|---|
-//! | `POST /api/publish` | publish into a channel (`senderId: null`); ignores `client_publish` |
+//! | `POST /api/publish` | publish into a channel (`senderId: null`); ignores `client_publish`; optional `idempotencyKey`, `expectedOffset` (409 `offset_mismatch` with the current `offset`/`epoch`) |
 //! | `POST /api/broadcast` | the tutorial's broadcast to every client of every instance |
 //! | `POST /api/direct` | a `direct` frame to one client id, wherever it is connected |
 //! | `GET /api/presence/{channel}` | the members of a channel on every instance |
+//! | `GET /api/history/{channel}` | retained publications (`?limit`, `?reverse=true` newest first, `?epoch&offset` after a position) |
 //! | `POST /api/disconnect` | close a client connected to *this* instance |
 //!
 //! The API is off unless an API key is configured (`api_key_file`): then
@@ -45,9 +46,13 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use serde_json::value::RawValue;
 
+use std::sync::Arc;
+
+use crate::broker::PublishConditions;
 use crate::error::{Error, ErrorCode};
 use crate::metrics::Metrics;
 use crate::node::Node;
+use crate::protocol::StreamPosition;
 
 /// An API error: its status and the JSON body `{"code","message"}`.
 #[derive(Debug)]
@@ -55,6 +60,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// The channel's current top (`offset_mismatch`).
+    pub position: Option<StreamPosition>,
 }
 
 impl ApiError {
@@ -63,6 +70,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            position: None,
         }
     }
 
@@ -74,11 +82,12 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut resp = (
-            self.status,
-            Json(json!({"code": self.code, "message": self.message})),
-        )
-            .into_response();
+        let mut body = json!({"code": self.code, "message": self.message});
+        if let Some(top) = &self.position {
+            body["offset"] = json!(top.offset);
+            body["epoch"] = json!(top.epoch);
+        }
+        let mut resp = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -94,13 +103,20 @@ impl From<Error> for ApiError {
         let ce = e.to_client();
         let status = match ce.code {
             ErrorCode::UnknownTarget => StatusCode::NOT_FOUND,
-            ErrorCode::PresenceDisabled | ErrorCode::HistoryDisabled => StatusCode::CONFLICT,
+            ErrorCode::PresenceDisabled
+            | ErrorCode::HistoryDisabled
+            | ErrorCode::OffsetMismatch
+            | ErrorCode::Duplicate => StatusCode::CONFLICT,
+            ErrorCode::Unsupported => StatusCode::NOT_IMPLEMENTED,
             ErrorCode::PermissionDenied => StatusCode::FORBIDDEN,
             ErrorCode::BusUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_REQUEST,
         };
-        ApiError::new(status, ce.code.as_str(), ce.message)
+        ApiError {
+            position: ce.position,
+            ..ApiError::new(status, ce.code.as_str(), ce.message)
+        }
     }
 }
 
@@ -157,6 +173,7 @@ pub fn routes<S: Clone + Send + Sync + 'static>(node: Node) -> Router<S> {
         .route("/api/broadcast", post(broadcast))
         .route("/api/direct", post(direct))
         .route("/api/presence/{*channel}", get(presence))
+        .route("/api/history/{*channel}", get(history))
         .route("/api/disconnect", post(disconnect))
         .method_not_allowed_fallback(method_not_allowed)
         .route_layer(middleware::from_fn_with_state(node.clone(), guard))
@@ -261,10 +278,14 @@ async fn method_not_allowed(State(node): State<Node>) -> ApiError {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct PublishBody {
     channel: String,
     data: Box<RawValue>,
+    /// Publish at most once per key and channel within the window.
+    idempotency_key: Option<String>,
+    /// Append only if the channel's top offset is this one.
+    expected_offset: Option<u64>,
 }
 
 async fn publish(
@@ -273,7 +294,14 @@ async fn publish(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     // The server API may publish even where clients may not.
     let channel = node.channel(&body.channel).map_err(Error::from)?;
-    let pos = node.publish(None, channel, body.data.into()).await?;
+    let conditions = PublishConditions {
+        idempotency_key: body.idempotency_key.map(Arc::from),
+        expected_offset: body.expected_offset,
+        ..Default::default()
+    };
+    let pos = node
+        .publish(None, channel, body.data.into(), conditions)
+        .await?;
     Ok(Json(json!({
         "channel": body.channel,
         "offset": pos.offset,
@@ -319,6 +347,44 @@ async fn direct(
         }
     }
     Ok(Json(json!({})))
+}
+
+/// The query of `GET /api/history/{channel}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    limit: Option<usize>,
+    /// The newest publications, newest first.
+    #[serde(default)]
+    reverse: bool,
+    /// With `offset`: only publications after this position.
+    epoch: Option<String>,
+    offset: Option<u64>,
+}
+
+async fn history(
+    State(node): State<Node>,
+    channel: Result<Path<String>, PathRejection>,
+    query: Result<axum::extract::Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path(channel) = channel.map_err(|r| ApiError::invalid(r.body_text()))?;
+    let axum::extract::Query(q) = query.map_err(|r| ApiError::invalid(r.body_text()))?;
+    let since = match (q.epoch, q.offset) {
+        (Some(epoch), Some(offset)) => Some(StreamPosition {
+            epoch: epoch.into(),
+            offset,
+        }),
+        (None, None) => None,
+        _ => return Err(ApiError::invalid("epoch and offset go together")),
+    };
+    let ch = node.channel(&channel).map_err(Error::from)?;
+    let h = node.history(ch, since.as_ref(), q.limit, q.reverse).await?;
+    Ok(Json(json!({
+        "channel": channel,
+        "epoch": h.top.epoch,
+        "offset": h.top.offset,
+        "publications": h.publications,
+    })))
 }
 
 async fn presence(

@@ -77,7 +77,7 @@ pub async fn publish_metrics(node: Node, shutdown: CancellationToken) {
             Err(_) => continue,
         };
         let published = match node.channel(METRICS_CHANNEL) {
-            Ok(channel) => node.publish(None, channel, data).await,
+            Ok(channel) => node.publish(None, channel, data, Default::default()).await,
             Err(e) => Err(e.into()),
         };
         if let Err(e) = published {

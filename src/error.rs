@@ -5,6 +5,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::log_limit::LogLimit;
+use crate::protocol::StreamPosition;
 
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -46,6 +47,18 @@ pub enum ErrorCode {
     ProxyBusy,
     /// An `rpc` frame on a server without `proxy_rpc_url`.
     RpcNotAvailable,
+    /// A conditional publish (`expectedOffset`) found another top offset;
+    /// the error carries the current `offset` and `epoch`.
+    OffsetMismatch,
+    /// An `idempotencyKey` outside 1–128 bytes.
+    InvalidIdempotencyKey,
+    /// A repeated idempotency key whose first publication's position the
+    /// bus no longer holds (NATS, after it left the stream): nothing was
+    /// published again.
+    Duplicate,
+    /// The configured bus cannot give what the request asks (Pub/Sub:
+    /// idempotent and conditional publish).
+    Unsupported,
     Internal,
 }
 
@@ -78,6 +91,10 @@ impl ErrorCode {
             ErrorCode::ProxyUnavailable => "proxy_unavailable",
             ErrorCode::ProxyBusy => "proxy_busy",
             ErrorCode::RpcNotAvailable => "rpc_not_available",
+            ErrorCode::OffsetMismatch => "offset_mismatch",
+            ErrorCode::InvalidIdempotencyKey => "invalid_idempotency_key",
+            ErrorCode::Duplicate => "duplicate",
+            ErrorCode::Unsupported => "unsupported",
             ErrorCode::Internal => "internal",
         }
     }
@@ -96,6 +113,8 @@ pub struct ClientError {
     pub code: ErrorCode,
     /// Human-readable explanation; not part of the contract.
     pub message: String,
+    /// The channel's current top, for `offset_mismatch`.
+    pub position: Option<StreamPosition>,
 }
 
 impl ClientError {
@@ -103,6 +122,19 @@ impl ClientError {
         ClientError {
             code,
             message: message.into(),
+            position: None,
+        }
+    }
+
+    /// A conditional publish that expected `expected` found `top`.
+    pub fn offset_mismatch(expected: u64, top: StreamPosition) -> Self {
+        ClientError {
+            code: ErrorCode::OffsetMismatch,
+            message: format!(
+                "expected offset {expected}, the channel is at {}",
+                top.offset
+            ),
+            position: Some(top),
         }
     }
 }

@@ -440,3 +440,69 @@ async fn direct_to_a_user_reaches_each_of_its_connections() {
     assert_eq!(r.0, 200);
     server.shutdown().await;
 }
+
+/// `idempotencyKey` and `expectedOffset` on `/api/publish` (409
+/// `offset_mismatch` with the current top), and `GET /api/history` with
+/// `reverse` and a position.
+#[tokio::test]
+async fn publish_conditions_and_newest_first_history() {
+    let server = start_api().await;
+    let ch = "chat:api-cond";
+    let first = post(
+        &server,
+        "/api/publish",
+        json!({"channel": ch, "data": 1, "idempotencyKey": "job-1"}),
+    )
+    .await;
+    assert_eq!(first.0, 200, "{}", first.1);
+    let again = post(
+        &server,
+        "/api/publish",
+        json!({"channel": ch, "data": 2, "idempotencyKey": "job-1"}),
+    )
+    .await;
+    assert_eq!(again.1["offset"], first.1["offset"], "{}", again.1);
+    assert_eq!(again.1["epoch"], first.1["epoch"], "{}", again.1);
+    let ok = post(
+        &server,
+        "/api/publish",
+        json!({"channel": ch, "data": 3, "expectedOffset": 1}),
+    )
+    .await;
+    assert_eq!(ok.1["offset"], 2, "{}", ok.1);
+    let stale = post(
+        &server,
+        "/api/publish",
+        json!({"channel": ch, "data": 4, "expectedOffset": 1}),
+    )
+    .await;
+    assert_error(&stale, 409, "offset_mismatch");
+    assert_eq!(stale.1["offset"], 2, "{}", stale.1);
+    assert_eq!(stale.1["epoch"], first.1["epoch"], "{}", stale.1);
+    let bad = post(
+        &server,
+        "/api/publish",
+        json!({"channel": ch, "data": 4, "idempotencyKey": ""}),
+    )
+    .await;
+    assert_error(&bad, 400, "invalid_idempotency_key");
+
+    let h = get_api(&server, &format!("/api/history/{ch}?reverse=true&limit=1")).await;
+    assert_eq!(h.0, 200, "{}", h.1);
+    assert_eq!(h.1["offset"], 2);
+    let pubs = h.1["publications"].as_array().unwrap();
+    assert_eq!(pubs.len(), 1, "{}", h.1);
+    assert_eq!(pubs[0]["data"], 3);
+    let epoch = h.1["epoch"].as_str().unwrap();
+    let h = get_api(
+        &server,
+        &format!("/api/history/{ch}?epoch={epoch}&offset=1"),
+    )
+    .await;
+    let pubs = h.1["publications"].as_array().unwrap();
+    assert_eq!(pubs.len(), 1, "{}", h.1);
+    assert_eq!(pubs[0]["offset"], 2);
+    let bad = get_api(&server, &format!("/api/history/{ch}?offset=1")).await;
+    assert_error(&bad, 400, "invalid_request");
+    server.shutdown().await;
+}

@@ -135,6 +135,7 @@ fn new_pub(n: u64) -> NewPublication {
             .into(),
         sender_id: None,
         timestamp: switchboard::protocol::now_ms(),
+        conditions: Default::default(),
     }
 }
 
@@ -904,6 +905,104 @@ async fn data_loss_before_any_live_delivery_is_not_a_silent_gap() {
         drop((x, x2, y));
         a.shutdown().await;
         b.shutdown().await;
+    })
+    .await;
+}
+
+/// A repeated idempotency key whose first publication has already left
+/// the stream (history size 1 everywhere, so one newer message pushes it
+/// out): JetStream still knows the id, the server cannot learn the first
+/// offset, so the answer is `duplicate` and nothing is published again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_key_whose_first_publication_left_the_stream_is_duplicate() {
+    use switchboard::config::NamespaceSettings;
+    let cluster = bus_suite::Cluster::start_with(&NatsBus, "dupgone", 1, |s| {
+        s.history_size = Some(1);
+        s.namespaces.insert(
+            "sys".into(),
+            NamespaceSettings {
+                history_size: Some(1),
+                client_publish: Some(false),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let mut c = cluster.client(0).await;
+    let ch = "dup:gone";
+    let key = json!("k-1");
+    let first = c
+        .request(
+            json!({"type": "publish", "channel": ch, "data": 1, "idempotencyKey": key}),
+            1,
+        )
+        .await;
+    assert_eq!(first["offset"], 1, "{first}");
+    let again = c
+        .request(
+            json!({"type": "publish", "channel": ch, "data": 1, "idempotencyKey": key}),
+            2,
+        )
+        .await;
+    assert_eq!(again["offset"], 1, "still in the stream: {again}");
+    let next = c
+        .request(json!({"type": "publish", "channel": ch, "data": 2}), 3)
+        .await;
+    assert_eq!(next["offset"], 2, "{next}");
+    let gone = c
+        .request(
+            json!({"type": "publish", "channel": ch, "data": 1, "idempotencyKey": key}),
+            4,
+        )
+        .await;
+    assert_eq!(gone["code"], "duplicate", "{gone}");
+    let h = c
+        .request(json!({"type": "history", "channel": ch}), 5)
+        .await;
+    assert_eq!(h["offset"], 2, "nothing published again: {h}");
+    drop(c);
+    cluster.shutdown().await;
+}
+
+/// A last-value channel recovers after a bus restart as history does: the
+/// JetStream store keeps the newest publication, and a subscriber after
+/// the restart gets it before `subscribed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_last_value_channel_survives_a_nats_restart() {
+    bus_suite::bounded("a_last_value_channel_survives_a_nats_restart", async {
+        use switchboard::config::NamespaceSettings;
+        let mut server = PrivateNats::start().await;
+        let prefix = unique_prefix("lvrestart");
+        let mut s = settings_for(&server.url(), &prefix, 0);
+        s.namespaces.insert(
+            "lv".into(),
+            NamespaceSettings {
+                cache: Some(true),
+                ..Default::default()
+            },
+        );
+        let a = Instance::start(s).await;
+        let mut p = a.client().await;
+        let channel = "lv:price";
+        for n in 1..=2 {
+            assert_eq!(publish(&mut p, channel, json!(n), n).await, Some(n));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        server.kill();
+        assert!(until_bus(&a, false, Duration::from_secs(10)).await);
+        server.spawn().await;
+        assert!(until_bus(&a, true, Duration::from_secs(20)).await);
+        let mut late = a.client().await;
+        late.send(json!({"type": "subscribe", "channel": channel, "id": 1}))
+            .await;
+        let m = late.recv().await;
+        assert_eq!(m["type"], "message", "{m}");
+        assert_eq!(m["data"], 2, "the newest: {m}");
+        let sub = late.recv().await;
+        assert_eq!(sub["type"], "subscribed", "{sub}");
+        assert_eq!(sub["offset"], 2, "{sub}");
+        drop((p, late));
+        a.shutdown().await;
     })
     .await;
 }

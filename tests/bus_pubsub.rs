@@ -65,6 +65,13 @@ impl BusFactory for PubSub {
     fn recovers_across_instances(&self) -> bool {
         false
     }
+
+    /// Positions are assigned by each instance on receipt: nothing can
+    /// check a key or an offset atomically with the append, so both are
+    /// refused (`unsupported`).
+    fn publish_conditions(&self) -> bool {
+        false
+    }
 }
 
 mod suite {
@@ -113,6 +120,16 @@ mod suite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn recovery_on_a_different_instance() {
         bus_suite::recovery_on_a_different_instance(&PubSub::shared().await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idempotent_publish_across_instances() {
+        bus_suite::idempotent_publish_across_instances(&PubSub::shared().await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conditional_publish_races() {
+        bus_suite::conditional_publish_races(&PubSub::shared().await).await;
     }
 }
 

@@ -152,6 +152,10 @@ export type ServerErrorCode =
   | 'direct_not_allowed'
   | 'recipient_busy'
   | 'channel_limit'
+  | 'offset_mismatch'
+  | 'invalid_idempotency_key'
+  | 'duplicate'
+  | 'unsupported'
   | 'internal';
 
 /**
@@ -169,6 +173,10 @@ export interface ErrorFrame {
   type: 'error';
   code: ServerErrorCode | string;
   message: string;
+  /** `offset_mismatch`: the channel's current newest offset. */
+  offset?: number;
+  /** `offset_mismatch`: the channel's current epoch. */
+  epoch?: string;
   ref?: RequestId;
 }
 
@@ -295,6 +303,15 @@ export interface RequestOptions {
 export interface HistoryOptions extends RequestOptions {
   since?: StreamPosition;
   limit?: number;
+  /** The newest `limit` publications (after `since`), newest first. */
+  reverse?: boolean;
+}
+
+export interface PublishOptions extends RequestOptions {
+  /** 1-128 bytes: a repeat within the namespace's window publishes nothing and gets the first ack. */
+  idempotencyKey?: string;
+  /** Publish only if the channel's newest offset is this one (else `offset_mismatch`). */
+  expectedOffset?: number;
 }
 
 export interface SubscribeOptions extends RequestOptions {
@@ -381,7 +398,7 @@ export class RealtimeClient extends Emitter<ClientEvents & Record<string, any[]>
   ping(opts?: RequestOptions): Promise<PongFrame>;
   broadcast(data: unknown, opts?: RequestOptions): Promise<AckFrame>;
   direct(targetId: string, data: unknown, opts?: RequestOptions): Promise<AckFrame>;
-  publish(channel: string, data: unknown, opts?: RequestOptions): Promise<AckFrame & { channel: string; offset: number }>;
+  publish(channel: string, data: unknown, opts?: PublishOptions): Promise<AckFrame & { channel: string; offset: number }>;
   presence(channel: string, opts?: RequestOptions): Promise<PresenceFrame>;
   history<T = Json>(channel: string, opts?: HistoryOptions): Promise<HistoryFrame<T>>;
 

@@ -834,9 +834,18 @@ export class RealtimeClient extends Emitter {
     return this._request({ type: 'direct', targetId, data: data ?? null }, opts);
   }
 
-  /** Publish to a channel; resolves with the `ack` (`{channel, offset}`). */
-  publish(channel, data, opts) {
-    return this._request({ type: 'publish', channel, data: data ?? null }, opts);
+  /**
+   * Publish to a channel; resolves with the `ack` (`{channel, offset}`).
+   * `opts`: `{idempotencyKey, expectedOffset, timeout}`. A repeated
+   * `idempotencyKey` resolves with the first publication's ack; a wrong
+   * `expectedOffset` rejects with `offset_mismatch` (`err.frame.offset` /
+   * `err.frame.epoch`: the channel's current top).
+   */
+  publish(channel, data, opts = {}) {
+    const frame = { type: 'publish', channel, data: data ?? null };
+    if (opts.idempotencyKey !== undefined) frame.idempotencyKey = opts.idempotencyKey;
+    if (opts.expectedOffset !== undefined) frame.expectedOffset = opts.expectedOffset;
+    return this._request(frame, opts);
   }
 
   /** Who is in a channel; resolves with the `presence` frame. */
@@ -845,13 +854,15 @@ export class RealtimeClient extends Emitter {
   }
 
   /**
-   * A channel's retained publications, oldest first; resolves with the
-   * `history` frame. `opts`: `{since: {epoch, offset}, limit, timeout}`.
+   * A channel's retained publications, oldest first (`reverse: true`: the
+   * newest `limit`, newest first); resolves with the `history` frame.
+   * `opts`: `{since: {epoch, offset}, limit, reverse, timeout}`.
    */
   history(channel, opts = {}) {
     const frame = { type: 'history', channel };
     if (opts.since) frame.since = opts.since;
     if (opts.limit !== undefined) frame.limit = opts.limit;
+    if (opts.reverse) frame.reverse = true;
     return this._request(frame, opts);
   }
 

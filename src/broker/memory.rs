@@ -101,11 +101,10 @@ impl Broker for MemoryBroker {
     ) -> Result<StreamPosition> {
         let handler = self.handler();
         // Delivered inside the stream lock: this is the per-channel order.
-        Ok(self
-            .streams
+        self.streams
             .publish(channel, publication, history, |channel, epoch, p| {
                 handler.on_publication(channel, epoch, p)
-            }))
+            })
     }
 
     async fn publish_control(&self, control: Control) -> Result<()> {
@@ -124,7 +123,17 @@ impl Broker for MemoryBroker {
         limit: usize,
         history: HistoryOptions,
     ) -> Result<HistoryResult> {
-        Ok(self.streams.read(channel, since, limit, history))
+        Ok(self.streams.read(channel, since, limit, false, history))
+    }
+
+    async fn history_newest(
+        &self,
+        channel: &str,
+        since: Option<&StreamPosition>,
+        limit: usize,
+        history: HistoryOptions,
+    ) -> Result<HistoryResult> {
+        Ok(self.streams.read(channel, since, limit, true, history))
     }
 
     fn history_stats(&self) -> Option<Arc<HistoryStats>> {
@@ -215,6 +224,7 @@ mod tests {
             data: serde_json::from_str("1").unwrap(),
             sender_id: None,
             timestamp: 0,
+            conditions: Default::default(),
         }
     }
 
@@ -254,6 +264,60 @@ mod tests {
         };
         let h4 = b.history("c", Some(&stale), 100, OPTS).await.unwrap();
         assert!(h4.publications.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keys_hold_for_their_window_within_the_budget() {
+        use super::super::history::KEY_OVERHEAD;
+        use crate::broker::PublishConditions;
+        let b = MemoryBroker::new();
+        b.start(Arc::new(Recorder::default())).await.unwrap();
+        let keyed = |expected| NewPublication {
+            conditions: PublishConditions {
+                idempotency_key: Some("k".into()),
+                idempotency_window: Duration::from_secs(60),
+                expected_offset: expected,
+            },
+            ..new_pub()
+        };
+        let first = b.publish("c", keyed(Some(0)), OPTS).await.unwrap();
+        let stats = b.streams.stats().clone();
+        assert_eq!(
+            stats.bytes.load(Relaxed),
+            (1 + ENTRY_OVERHEAD + 1 + KEY_OVERHEAD) as u64,
+            "the key counts against the budget"
+        );
+        // A duplicate wins over a stale expectation and appends nothing.
+        let again = b.publish("c", keyed(Some(0)), OPTS).await.unwrap();
+        assert_eq!(again, first);
+        let h = b.history("c", None, 10, OPTS).await.unwrap();
+        assert_eq!(h.top.offset, 1);
+        let stale = NewPublication {
+            conditions: PublishConditions {
+                expected_offset: Some(0),
+                ..Default::default()
+            },
+            ..new_pub()
+        };
+        match b.publish("c", stale, OPTS).await {
+            Err(crate::error::Error::Client(e)) => assert_eq!(e.position, Some(first.clone())),
+            other => panic!("{other:?}"),
+        }
+        let elsewhere = NewPublication {
+            conditions: PublishConditions {
+                expected_offset: Some(3),
+                ..Default::default()
+            },
+            ..new_pub()
+        };
+        assert!(b.publish("none", elsewhere, OPTS).await.is_err());
+        assert_eq!(stats.streams.load(Relaxed), 1, "a refusal creates nothing");
+        tokio::time::advance(Duration::from_secs(61)).await;
+        let later = b.publish("c", keyed(None), OPTS).await.unwrap();
+        assert_eq!(later.offset, 2, "the window has passed");
+        let newest = b.history_newest("c", None, 1, OPTS).await.unwrap();
+        let offsets: Vec<u64> = newest.publications.iter().map(|p| p.offset).collect();
+        assert_eq!(offsets, vec![2]);
     }
 
     #[tokio::test(start_paused = true)]

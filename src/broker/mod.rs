@@ -53,12 +53,33 @@ pub struct NewPublication {
     pub data: Arc<RawValue>,
     pub sender_id: Option<Arc<str>>,
     pub timestamp: u64,
+    /// Idempotency key and expected offset, both optional.
+    pub conditions: PublishConditions,
 }
+
+/// Conditions a publish carries (see the guarantees on [`Broker`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublishConditions {
+    /// A repeat of this key in the channel within `idempotency_window`
+    /// publishes nothing and answers the first publication's position
+    /// (1–[`MAX_IDEMPOTENCY_KEY`] bytes, checked by the node).
+    pub idempotency_key: Option<Arc<str>>,
+    /// How long a key is remembered (the namespace's window).
+    pub idempotency_window: Duration,
+    /// Append only if the channel's top offset is this one at that moment;
+    /// otherwise nothing is published and the answer is `offset_mismatch`
+    /// with the current top.
+    pub expected_offset: Option<u64>,
+}
+
+/// Longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 
 /// The answer to a history query.
 #[derive(Debug, Clone)]
 pub struct HistoryResult {
-    /// Retained publications after the requested offset, oldest first.
+    /// Retained publications after the requested offset, oldest first
+    /// (newest first from [`Broker::history_newest`]).
     pub publications: Vec<Publication>,
     /// The stream's current top (epoch and newest offset).
     pub top: StreamPosition,
@@ -168,6 +189,20 @@ pub trait BrokerHandler: Send + Sync + 'static {
 ///   epoch, so a client never trusts a stale offset.
 /// * **Failure is loud.** An operation that cannot reach the bus returns
 ///   `Error::Bus`; nothing falls back to local-only delivery.
+/// * **Idempotent publish.** A publication with an idempotency key whose
+///   key was already published in the channel within its window appends
+///   nothing and returns the first publication's position. Across
+///   instances on Redis (a key in the channel's hash slot, set by the
+///   publish script) and NATS (JetStream `Nats-Msg-Id`, window =
+///   the stream's `duplicate_window`); per instance on the memory bus.
+/// * **Conditional publish.** With an expected offset the append happens
+///   only if the channel's top offset is that one, atomically with the
+///   append (the channel lock, the Lua script, JetStream's
+///   `Nats-Expected-Last-Subject-Sequence`); otherwise `publish` returns
+///   the client error `offset_mismatch` carrying the current top, and
+///   nothing is published. A duplicate key is answered before the check.
+///   A bus that cannot give these (Pub/Sub) refuses both with
+///   `unsupported`.
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
     /// Attach the handler and connect. Called once, before anything else;
@@ -206,6 +241,25 @@ pub trait Broker: Send + Sync + 'static {
         limit: usize,
         history: HistoryOptions,
     ) -> Result<HistoryResult>;
+
+    /// The newest `limit` retained publications of `channel` after
+    /// `since` (after the oldest retained without it), **newest first**,
+    /// and the current top; none for a `since` of another epoch. The
+    /// default reads oldest first and keeps the tail; buses override it
+    /// with a read from the top.
+    async fn history_newest(
+        &self,
+        channel: &str,
+        since: Option<&StreamPosition>,
+        limit: usize,
+        history: HistoryOptions,
+    ) -> Result<HistoryResult> {
+        let mut h = self.history(channel, since, usize::MAX, history).await?;
+        let skip = h.publications.len().saturating_sub(limit);
+        h.publications.drain(..skip);
+        h.publications.reverse();
+        Ok(h)
+    }
 
     /// A client connected to this instance; direct messages must be able to
     /// find it from any instance from now on.

@@ -184,6 +184,15 @@ fn default_namespace(s: &Settings) -> Result<NamespaceOptions> {
         slow_consumer: s.slow_consumer.unwrap_or_default(),
         anonymous: pick!(s.anonymous, true),
         acked: false,
+        idempotency_window: nonzero(
+            "idempotency_window",
+            pick!(
+                s.idempotency_window,
+                HumanDuration(namespace::DEFAULT_IDEMPOTENCY_WINDOW)
+            )
+            .0,
+        )?,
+        cache: false,
         subscribe_proxy: false,
         publish_proxy: false,
     })

@@ -27,6 +27,8 @@ pub struct NamespaceSettings {
     pub acked: Option<bool>,
     pub subscribe_proxy: Option<bool>,
     pub publish_proxy: Option<bool>,
+    pub idempotency_window: Option<HumanDuration>,
+    pub cache: Option<bool>,
 }
 
 /// The effective options of a namespace.
@@ -57,6 +59,11 @@ pub struct NamespaceOptions {
     /// place of the grant check), which may refuse or rewrite them; needs
     /// `proxy_publish_url`.
     pub publish_proxy: bool,
+    /// How long a publish's `idempotencyKey` is remembered per channel.
+    pub idempotency_window: Duration,
+    /// Last-value channel: `subscribe` first delivers the newest
+    /// publication (needs history).
+    pub cache: bool,
 }
 
 impl Default for NamespaceOptions {
@@ -72,9 +79,14 @@ impl Default for NamespaceOptions {
             acked: false,
             subscribe_proxy: false,
             publish_proxy: false,
+            idempotency_window: DEFAULT_IDEMPOTENCY_WINDOW,
+            cache: false,
         }
     }
 }
+
+/// The default `idempotency_window`.
+pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(300);
 
 /// Checks a namespace name: the channel charset minus `:`.
 fn valid_namespace_name(name: &str) -> bool {
@@ -116,7 +128,19 @@ pub(super) fn namespaces(
             acked: ns.acked.unwrap_or(false),
             subscribe_proxy: ns.subscribe_proxy.unwrap_or(false),
             publish_proxy: ns.publish_proxy.unwrap_or(false),
+            idempotency_window: nonzero(
+                &format!("namespaces.{name}.idempotency_window"),
+                ns.idempotency_window
+                    .map(|d| d.0)
+                    .unwrap_or(default_namespace.idempotency_window),
+            )?,
+            cache: ns.cache.unwrap_or(false),
         };
+        if opts.cache && opts.history_size == 0 {
+            return Err(Error::Config(format!(
+                "namespaces.{name}: cache (last-value channels) needs history (history_size > 0)"
+            )));
+        }
         if opts.acked && opts.history_size == 0 {
             return Err(Error::Config(format!(
                 "namespaces.{name}: acked delivery needs history (history_size > 0)"
@@ -130,7 +154,8 @@ pub(super) fn namespaces(
         namespaces.insert(name, opts);
     }
     // `sys` is where the server publishes its own figures: clients may
-    // read it but not write it, unless the file configures it.
+    // read it but not write it, unless the file configures it. A
+    // last-value namespace: a new subscriber sees the figures at once.
     namespaces
         .entry("sys".to_string())
         .or_insert(NamespaceOptions {
@@ -144,6 +169,8 @@ pub(super) fn namespaces(
             acked: false,
             subscribe_proxy: false,
             publish_proxy: false,
+            idempotency_window: default_namespace.idempotency_window,
+            cache: true,
         });
     if default_namespace.join_leave && !default_namespace.presence {
         return Err(Error::Config(

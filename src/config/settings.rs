@@ -261,6 +261,10 @@ pub struct Settings {
     /// [default: disconnect].
     #[arg(long, env = "SWITCHBOARD_SLOW_CONSUMER")]
     pub slow_consumer: Option<SlowConsumerPolicy>,
+    /// Default namespace: how long a publish's `idempotencyKey` is
+    /// remembered per channel [default: 5m].
+    #[arg(long, env = "SWITCHBOARD_IDEMPOTENCY_WINDOW")]
+    pub idempotency_window: Option<HumanDuration>,
     // -- history budget (issue 13) --
     /// Instance-wide budget of retained history bytes: the NATS stream's
     /// `max_bytes` (oldest dropped first); the memory and Pub/Sub buses
@@ -370,6 +374,7 @@ impl Settings {
             join_leave,
             client_publish,
             slow_consumer,
+            idempotency_window,
             auth_hs256_secret_file,
             auth_public_key_file,
             auth_jwks_file,

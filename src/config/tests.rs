@@ -141,3 +141,33 @@ fn layering_keeps_every_field() {
     let from_upper = all.clone().layered_over(Settings::default());
     assert_eq!(format!("{from_upper:#?}"), format!("{all:#?}"));
 }
+
+#[test]
+fn cache_and_idempotency_window_per_namespace() {
+    let file: Settings = toml::from_str(
+        "idempotency_window = \"2m\"\n[namespaces.ticker]\ncache = true\nhistory_size = 1\nidempotency_window = \"10s\"\n[namespaces.chat]\n",
+    )
+    .unwrap();
+    let c = Config::from_settings(file).unwrap();
+    let ticker = c.namespace_of("ticker:x").unwrap();
+    assert!(ticker.cache);
+    assert_eq!(ticker.idempotency_window, Duration::from_secs(10));
+    let chat = c.namespace_of("chat:x").unwrap();
+    assert!(!chat.cache);
+    assert_eq!(chat.idempotency_window, Duration::from_secs(120));
+    assert!(
+        c.namespace_of("sys:metrics").unwrap().cache,
+        "sys is last-value"
+    );
+    assert_eq!(
+        Config::default().default_namespace.idempotency_window,
+        Duration::from_secs(300)
+    );
+    let no_history: Settings =
+        toml::from_str("[namespaces.t]\ncache = true\nhistory_size = 0\n").unwrap();
+    let err = Config::from_settings(no_history).unwrap_err().to_string();
+    assert!(
+        err.contains("namespaces.t") && err.contains("cache"),
+        "{err}"
+    );
+}

@@ -11,7 +11,8 @@ use std::time::Instant;
 use serde_json::value::RawValue;
 
 use crate::broker::{
-    Broker, Control, Direct, HistoryOptions, HistoryResult, NewPublication, PresenceStore,
+    Broker, Control, Direct, HistoryOptions, HistoryResult, MAX_IDEMPOTENCY_KEY, NewPublication,
+    PresenceStore, PublishConditions,
 };
 use crate::config::{Config, NamespaceOptions};
 use crate::error::{ClientError, Error, ErrorCode, Result};
@@ -378,6 +379,7 @@ impl Node {
                     data,
                     sender_id,
                     timestamp: protocol::now_ms(),
+                    conditions: PublishConditions::default(),
                 },
                 HistoryOptions {
                     size: 0,
@@ -457,7 +459,18 @@ impl Node {
         sender_id: Option<Arc<str>>,
         channel: Channel<'_>,
         data: Arc<RawValue>,
+        mut conditions: PublishConditions,
     ) -> Result<StreamPosition> {
+        if let Some(key) = &conditions.idempotency_key {
+            if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+                return Err(ClientError::new(
+                    ErrorCode::InvalidIdempotencyKey,
+                    format!("an idempotency key is 1-{MAX_IDEMPOTENCY_KEY} bytes"),
+                )
+                .into());
+            }
+        }
+        conditions.idempotency_window = channel.opts.idempotency_window;
         let r = self
             .shared
             .broker
@@ -467,6 +480,7 @@ impl Node {
                     data,
                     sender_id,
                     timestamp: protocol::now_ms(),
+                    conditions,
                 },
                 Self::history_options(channel.opts),
             )
@@ -476,12 +490,14 @@ impl Node {
         Ok(position)
     }
 
-    /// Publications after `since` (at most `limit`) and the channel's top.
+    /// Publications after `since` (at most `limit`; with `newest_first`
+    /// the newest ones, newest first) and the channel's top.
     pub async fn history(
         &self,
         channel: Channel<'_>,
         since: Option<&StreamPosition>,
         limit: Option<usize>,
+        newest_first: bool,
     ) -> Result<HistoryResult> {
         let Channel { name, opts } = channel;
         if opts.history_size == 0 {
@@ -492,10 +508,24 @@ impl Node {
             .into());
         }
         let limit = limit.unwrap_or(opts.history_size).min(opts.history_size);
-        self.shared
+        let broker = &self.shared.broker;
+        let history = Self::history_options(opts);
+        if newest_first {
+            broker.history_newest(name, since, limit, history).await
+        } else {
+            broker.history(name, since, limit, history).await
+        }
+    }
+
+    /// The channel's newest retained publication (none or one) and its
+    /// top: what a last-value channel shows a new subscriber.
+    pub async fn latest(&self, channel: Channel<'_>) -> Result<(Vec<Publication>, StreamPosition)> {
+        let h = self
+            .shared
             .broker
-            .history(name, since, limit, Self::history_options(opts))
-            .await
+            .history_newest(channel.name, None, 1, Self::history_options(channel.opts))
+            .await?;
+        Ok((h.publications, h.top))
     }
 
     /// The channel's current top.

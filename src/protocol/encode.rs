@@ -103,13 +103,26 @@ struct ErrorFrame<'a> {
     ty: &'static str,
     code: &'a str,
     message: &'a str,
+    /// The channel's current top (`offset_mismatch`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<&'a str>,
     #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
     reference: Ref<'a>,
 }
 
-/// `{"type":"error","code","message","ref"}`.
+/// `{"type":"error","code","message","ref"}`, with `offset` and `epoch`
+/// for `offset_mismatch`.
 pub fn error(err: &ClientError, reference: Ref<'_>) -> Text {
-    error_with_code(err.code.as_str(), &err.message, reference)
+    encode(&ErrorFrame {
+        ty: "error",
+        code: err.code.as_str(),
+        message: &err.message,
+        offset: err.position.as_ref().map(|p| p.offset),
+        epoch: err.position.as_ref().map(|p| &*p.epoch),
+        reference,
+    })
 }
 
 /// An `error` frame with a code of the backend's (a proxy's refusal).
@@ -118,6 +131,8 @@ pub fn error_with_code(code: &str, message: &str, reference: Ref<'_>) -> Text {
         ty: "error",
         code,
         message,
+        offset: None,
+        epoch: None,
         reference,
     })
 }

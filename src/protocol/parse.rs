@@ -40,6 +40,10 @@ pub enum RequestKind<'a> {
     Publish {
         channel: String,
         data: &'a RawValue,
+        /// Publish at most once per key and channel within the window.
+        idempotency_key: Option<String>,
+        /// Append only if the channel's top offset is this one.
+        expected_offset: Option<u64>,
     },
     Presence {
         channel: String,
@@ -48,6 +52,8 @@ pub enum RequestKind<'a> {
         channel: String,
         since: Option<StreamPosition>,
         limit: Option<usize>,
+        /// The newest publications, newest first.
+        reverse: bool,
     },
     Ping,
     /// Present (or refresh) a token.
@@ -126,6 +132,12 @@ struct Envelope<'a> {
     offset: Option<&'a RawValue>,
     #[serde(borrow)]
     method: Option<&'a RawValue>,
+    #[serde(rename = "idempotencyKey", borrow)]
+    idempotency_key: Option<&'a RawValue>,
+    #[serde(rename = "expectedOffset", borrow)]
+    expected_offset: Option<&'a RawValue>,
+    #[serde(borrow)]
+    reverse: Option<&'a RawValue>,
 }
 
 /// Longest `rpc` method name, in characters.
@@ -224,6 +236,14 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, ParseError<'_>> {
         "publish" => RequestKind::Publish {
             channel: channel().map_err(fail)?,
             data: env.data.unwrap_or(null()),
+            idempotency_key: opt_field(env.idempotency_key, "idempotencyKey", "a string")
+                .map_err(fail)?,
+            expected_offset: opt_field(
+                env.expected_offset,
+                "expectedOffset",
+                "a non-negative integer",
+            )
+            .map_err(fail)?,
         },
         "presence" => RequestKind::Presence {
             channel: channel().map_err(fail)?,
@@ -233,6 +253,9 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, ParseError<'_>> {
             since: since().map_err(fail)?,
             limit: opt_field::<usize>(env.limit, "limit", "a non-negative integer")
                 .map_err(fail)?,
+            reverse: opt_field(env.reverse, "reverse", "a boolean")
+                .map_err(fail)?
+                .unwrap_or(false),
         },
         "ping" => RequestKind::Ping,
         "ack" => RequestKind::Ack {
@@ -315,6 +338,32 @@ mod tests {
             code(r#"{"type":"history","channel":"a","limit":-1}"#),
             ErrorCode::InvalidFrame
         );
+        assert_eq!(
+            code(r#"{"type":"history","channel":"a","reverse":"yes"}"#),
+            ErrorCode::InvalidFrame
+        );
+        assert_eq!(
+            code(r#"{"type":"publish","channel":"a","expectedOffset":-1}"#),
+            ErrorCode::InvalidFrame
+        );
+        assert_eq!(
+            code(r#"{"type":"publish","channel":"a","idempotencyKey":5}"#),
+            ErrorCode::InvalidFrame
+        );
+    }
+
+    #[test]
+    fn publish_conditions_and_reverse_parse() {
+        let r = parse_request(
+            r#"{"type":"publish","channel":"a","data":1,"idempotencyKey":"k1","expectedOffset":7}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            r.kind,
+            RequestKind::Publish { idempotency_key: Some(ref k), expected_offset: Some(7), .. } if k == "k1"
+        ));
+        let r = parse_request(r#"{"type":"history","channel":"a","reverse":true}"#).unwrap();
+        assert!(matches!(r.kind, RequestKind::History { reverse: true, .. }));
     }
 
     #[test]

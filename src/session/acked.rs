@@ -71,7 +71,7 @@ where
             let history = match self.node.channel(&channel) {
                 Ok(ch) => {
                     self.node
-                        .history(ch, Some(&from), Some(missing as usize))
+                        .history(ch, Some(&from), Some(missing as usize), false)
                         .await
                 }
                 Err(e) => Err(e.into()),

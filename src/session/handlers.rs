@@ -11,6 +11,7 @@ use serde_json::value::RawValue;
 
 use super::{AckState, Mode, Session, SubState};
 use crate::auth::Action;
+use crate::broker::PublishConditions;
 use crate::error::{ClientError, ErrorCode, close};
 use crate::metrics::Metrics;
 use crate::node::Channel;
@@ -160,7 +161,12 @@ where
                     .await?;
                 self.send(protocol::unsubscribed(&channel, id)).await
             }
-            RequestKind::Publish { channel, data } => {
+            RequestKind::Publish {
+                channel,
+                data,
+                idempotency_key,
+                expected_offset,
+            } => {
                 let ch = self.node.channel(&channel)?;
                 let proxied = ch.opts.publish_proxy;
                 if !proxied {
@@ -196,7 +202,12 @@ where
                     }
                 }
                 let ch = self.node.channel(&channel)?;
-                let pos = self.node.publish(me, ch, data).await?;
+                let conditions = PublishConditions {
+                    idempotency_key: idempotency_key.map(Arc::from),
+                    expected_offset,
+                    ..Default::default()
+                };
+                let pos = self.node.publish(me, ch, data, conditions).await?;
                 if pos.offset == 1 {
                     self.creates.created(self.node.hub().clock_ms(), per_minute);
                 }
@@ -213,10 +224,14 @@ where
                 channel,
                 since,
                 limit,
+                reverse,
             } => {
                 let ch = self.node.channel(&channel)?;
                 self.permit(Action::Subscribe, ch)?;
-                let h = self.node.history(ch, since.as_ref(), limit).await?;
+                let h = self
+                    .node
+                    .history(ch, since.as_ref(), limit, reverse)
+                    .await?;
                 self.send(protocol::history(&channel, &h.publications, &h.top, id))
                     .await
             }
@@ -381,11 +396,21 @@ where
         }
         let outcome = match &since {
             Some(since) => self.node.recover(ch, since).await,
+            None if ch.opts.cache => self.node.latest(ch).await.map(|(l, top)| (l, top, false)),
             None => self
                 .node
                 .position(ch)
                 .await
                 .map(|top| (Vec::new(), top, false)),
+        };
+        // A last-value channel shows the newest publication when there is
+        // no recovery to make (no `since` above, or one history cannot
+        // serve here).
+        let outcome = match outcome {
+            Ok((_, _, false)) if ch.opts.cache && since.is_some() => {
+                self.node.latest(ch).await.map(|(l, top)| (l, top, false))
+            }
+            other => other,
         };
         let (missed, top, recovered) = match outcome {
             Ok(o) => o,

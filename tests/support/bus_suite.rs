@@ -102,7 +102,19 @@ pub trait BusFactory: Send + Sync + 'static {
     fn recovers_across_instances(&self) -> bool {
         true
     }
+
+    /// Whether the bus gives idempotent and conditional publish; a bus
+    /// that cannot returns false and the suite checks it refuses them
+    /// with `unsupported`.
+    fn publish_conditions(&self) -> bool {
+        true
+    }
 }
+
+#[path = "bus_suite_state.rs"]
+mod state;
+#[allow(unused_imports)] // a test file may run none of them
+pub use state::*;
 
 /// Loopback, a free port, demo off (no `sys:metrics` noise), a short drain,
 /// and an instance id derived from the case's prefix.
@@ -916,6 +928,10 @@ macro_rules! bus_suite {
         $crate::bus_suite!(@case $factory, presence_across_instances);
         $crate::bus_suite!(@case $factory, presence_of_a_crashed_instance_expires);
         $crate::bus_suite!(@case $factory, recovery_on_a_different_instance);
+        $crate::bus_suite!(@case $factory, history_newest_first);
+        $crate::bus_suite!(@case $factory, idempotent_publish_across_instances);
+        $crate::bus_suite!(@case $factory, conditional_publish_races);
+        $crate::bus_suite!(@case $factory, last_value_channel_across_instances);
     };
     (@case $factory:expr, $case:ident) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,6 +32,7 @@ import RealtimeClientDefault, {
   type PresenceFrame,
   type PresenceMember,
   type Publication,
+  type PublishOptions,
   type RealtimeClientOptions,
   type RecoveryFailedEvent,
   type RequestId,
@@ -210,6 +211,10 @@ async function requests(): Promise<void> {
   const history = await client.history<Chat>('chat:lobby', historyOptions);
   expectType(history.publications[0]?.data)<Chat>();
   expectType(await client.history('chat:lobby'))<HistoryFrame<Json>>();
+  const newest: HistoryOptions = { limit: 50, reverse: true };
+  expectType(await client.history<Chat>('chat:lobby', newest))<HistoryFrame<Chat>>();
+  const conditional: PublishOptions = { idempotencyKey: 'job-1', expectedOffset: 41, timeout: 1_000 };
+  expectType((await client.publish('chat:lobby', { text: 'once' }, conditional)).offset)<number>();
 
   // Subscriptions.
   const subscribeOptions: SubscribeOptions = { since, timeout: 1_000 };

@@ -80,6 +80,23 @@
 //! message is delivered, or reported with [`BrokerHandler::resync_failed`]
 //! when history no longer holds it.
 //!
+//! # Idempotent and conditional publish
+//!
+//! An `idempotencyKey` travels as the JetStream `Nats-Msg-Id`
+//! `T(channel).T(key)`; the stream's `duplicate_window` is the longest
+//! namespace `idempotency_window` (at most `max_age`, which JetStream
+//! requires), so a shorter namespace window is not enforced shorter on
+//! NATS. JetStream checks the id before the expected sequence, so a
+//! repeat is answered with the first message's sequence, whose stored
+//! epoch and offset are the reply; when that message has left the stream
+//! the reply is `duplicate`. An `expectedOffset` is compared with the head
+//! read fresh from the server (a cached head that disagrees is re-read)
+//! and the append carries that head's sequence as
+//! `Nats-Expected-Last-Subject-Sequence`: a writer that lost the race
+//! re-reads and answers `offset_mismatch`. With a key and a mismatching
+//! offset the append expects sequence `u64::MAX`, which asks for the
+//! duplicate check and can never be stored.
+//!
 //! # History
 //!
 //! One stream per deployment: `max_msgs_per_subject` is the largest history
@@ -171,7 +188,7 @@ use super::{
     PresenceStore,
 };
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::protocol::is_internal_channel;
 use crate::protocol::{ClientInfo, StreamPosition};
 use presence::LocalChannel;
@@ -241,9 +258,11 @@ pub async fn connect_with(
     let prefix = config.bus_prefix.clone();
     let mut size = config.default_namespace.history_size;
     let mut ttl = config.default_namespace.history_ttl;
+    let mut window = config.default_namespace.idempotency_window;
     for ns in config.namespaces.values() {
         size = size.max(ns.history_size);
         ttl = ttl.max(ns.history_ttl);
+        window = window.max(ns.idempotency_window);
     }
     let bus = Arc::new(Bus {
         client,
@@ -256,6 +275,8 @@ pub async fn connect_with(
         // the channel's epoch and offset.
         max_per_subject: i64::try_from(size).unwrap_or(i64::MAX).max(1),
         max_age: ttl,
+        // JetStream refuses a window longer than `max_age`.
+        duplicate_window: window.min(ttl),
         max_bytes: i64::try_from(config.history_max_bytes).unwrap_or(i64::MAX),
         prefix,
         config: config.clone(),
@@ -322,6 +343,9 @@ struct Bus {
     max_per_subject: i64,
     /// The stream's `max_age`.
     max_age: Duration,
+    /// The stream's `duplicate_window`: the longest namespace
+    /// `idempotency_window`, at most `max_age`.
+    duplicate_window: Duration,
     /// The stream's `max_bytes` (`history_max_bytes`, oldest dropped).
     max_bytes: i64,
     /// Namespaces (per-channel history options for gap fills).
@@ -455,7 +479,7 @@ impl Broker for NatsBroker {
             true => self.publish_to_user(channel, &publication).await,
             false => self.try_publish(channel, &publication).await,
         };
-        if let Err(e) = &result {
+        if let Err(e @ Error::Bus(_)) = &result {
             self.count_failure("a channel publication", e);
         }
         result
@@ -480,7 +504,19 @@ impl Broker for NatsBroker {
         limit: usize,
         history: HistoryOptions,
     ) -> Result<HistoryResult> {
-        self.bus.history(channel, since, limit, history).await
+        self.bus
+            .history(channel, since, limit, false, history)
+            .await
+    }
+
+    async fn history_newest(
+        &self,
+        channel: &str,
+        since: Option<&StreamPosition>,
+        limit: usize,
+        history: HistoryOptions,
+    ) -> Result<HistoryResult> {
+        self.bus.history(channel, since, limit, true, history).await
     }
 
     async fn register_client(&self, info: &ClientInfo) -> Result<()> {

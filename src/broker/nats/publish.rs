@@ -17,9 +17,9 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{Bus, NatsBroker, bus_error};
-use crate::broker::{Control, HistoryOptions, HistoryResult, NewPublication};
-use crate::error::{Error, Result};
+use super::{Bus, NatsBroker, bus_error, token};
+use crate::broker::{Control, HistoryOptions, HistoryResult, NewPublication, PublishConditions};
+use crate::error::{ClientError, Error, ErrorCode, Result};
 use crate::ids::random_base36;
 use crate::protocol::{Publication, StreamPosition};
 use crate::sync::MutexExt;
@@ -193,20 +193,33 @@ impl Bus {
     }
 
     /// Append to `subject` if its newest message is still `expected`
-    /// (sequence 0: empty). `Ok(None)` when another writer got there first.
-    async fn append(&self, subject: &str, expected: u64, body: Vec<u8>) -> Result<Option<u64>> {
+    /// (sequence 0: empty), under JetStream message id `msg_id` if given.
+    /// `Ok(None)` when another writer got there first; otherwise the
+    /// stored sequence and whether JetStream found the id a duplicate
+    /// (then the sequence is the first message's, and nothing was added:
+    /// de-duplication is checked before the expected sequence).
+    async fn append(
+        &self,
+        subject: &str,
+        expected: u64,
+        body: Vec<u8>,
+        msg_id: Option<&str>,
+    ) -> Result<Option<(u64, bool)>> {
         let mut headers = HeaderMap::new();
         headers.insert(
             async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
             expected.to_string().as_str(),
         );
+        if let Some(id) = msg_id {
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
+        }
         let ack = self
             .js
             .publish_with_headers(subject.to_string(), headers, Bytes::from(body))
             .await
             .map_err(|e| bus_error(format!("publishing to {subject}: {e}")))?;
         match ack.await {
-            Ok(ack) => Ok(Some(ack.sequence)),
+            Ok(ack) => Ok(Some((ack.sequence, ack.duplicate))),
             Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
                 Ok(None)
             }
@@ -217,6 +230,23 @@ impl Bus {
                 Ok(None)
             }
             Err(e) => Err(bus_error(format!("publishing to {subject}: {e}"))),
+        }
+    }
+
+    /// The position of the message at `seq` (the first publication of a
+    /// duplicate idempotency key), if the stream still holds it.
+    async fn position_at(&self, subject: &str, seq: u64) -> Result<Option<StreamPosition>> {
+        let stream = self.stream_named(&self.stream_name).await?;
+        match stream.direct_get(seq).await {
+            Ok(m) if m.subject.as_str() == subject => {
+                Ok(WireIn::parse(&m.payload).map(|w| StreamPosition {
+                    epoch: w.epoch,
+                    offset: w.offset,
+                }))
+            }
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(bus_error(format!("reading {subject}: {e}"))),
         }
     }
 
@@ -235,13 +265,15 @@ impl Bus {
     }
 
     /// Publications of `subject` in `head`'s epoch with `lower < offset <=
-    /// head.offset`, oldest first, at most `limit`, none older than `ttl`.
+    /// head.offset`, none older than `ttl`: the oldest `limit`, oldest
+    /// first, or with `newest_first` the newest `limit`, newest first.
     async fn read_range(
         &self,
         subject: &str,
         head: &Head,
         lower: u64,
         limit: usize,
+        newest_first: bool,
         ttl: Duration,
     ) -> Result<Vec<Publication>> {
         if head.offset <= lower || limit == 0 {
@@ -250,12 +282,17 @@ impl Bus {
         let oldest_ms = crate::protocol::now_ms().saturating_sub(ttl.as_millis() as u64);
         let fresh = |p: &Publication| p.timestamp > oldest_ms;
         let wanted = head.offset - lower;
+        let walk = if newest_first {
+            wanted.min(limit as u64)
+        } else {
+            wanted
+        };
         let mut out = Vec::new();
-        if wanted <= WALK_LIMIT {
+        if walk <= WALK_LIMIT {
             // Follow `prev` back from the head, one direct get each.
             let stream = self.stream_named(&self.stream_name).await?;
             let mut seq = head.seq;
-            loop {
+            while (out.len() as u64) < walk {
                 let m = match stream.direct_get(seq).await {
                     Ok(m) => m,
                     Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => break,
@@ -280,7 +317,12 @@ impl Bus {
         } else {
             out = self.read_subject(subject, head, lower).await?;
         }
-        Ok(out.into_iter().filter(fresh).take(limit).collect())
+        out.retain(fresh);
+        if newest_first {
+            out.reverse();
+        }
+        out.truncate(limit);
+        Ok(out)
     }
 
     /// Every retained publication of `subject` in `head`'s epoch after
@@ -349,12 +391,14 @@ impl Bus {
         Ok(out)
     }
 
-    /// The history query of [`Broker::history`](crate::broker::Broker::history).
+    /// The history query of [`Broker::history`](crate::broker::Broker::history)
+    /// and, `newest_first`, of `Broker::history_newest`.
     pub(super) async fn history(
         &self,
         channel: &str,
         since: Option<&StreamPosition>,
         limit: usize,
+        newest_first: bool,
         history: HistoryOptions,
     ) -> Result<HistoryResult> {
         self.connected()?;
@@ -388,7 +432,7 @@ impl Bus {
             _ => {
                 let after = since.map_or(0, |p| p.offset);
                 let lower = after.max(head.offset.saturating_sub(history.size as u64));
-                self.read_range(&subject, &head, lower, limit, history.ttl)
+                self.read_range(&subject, &head, lower, limit, newest_first, history.ttl)
                     .await?
             }
         };
@@ -435,16 +479,34 @@ impl NatsBroker {
     ) -> Result<StreamPosition> {
         self.bus.connected()?;
         let subject = self.bus.stream_subject(channel);
+        let conditions = &publication.conditions;
+        let msg_id = conditions
+            .idempotency_key
+            .as_deref()
+            .map(|key| format!("{}.{}", token(channel), token(key)));
         let writer = self.writer(channel);
         let mut cached = writer.lock().await;
         for _ in 0..PUBLISH_ATTEMPTS {
-            let head = match cached.take() {
-                Some(h) => Some(h),
-                None => self.bus.head(&subject).await?,
+            let (head, fresh) = match cached.take() {
+                Some(h) => (Some(h), false),
+                None => (self.bus.head(&subject).await?, true),
             };
+            let top = head.as_ref().map_or(0, |h| h.offset);
+            let mismatch = conditions.expected_offset.is_some_and(|e| e != top);
+            if mismatch && !fresh {
+                continue; // the cached head may be stale: look again
+            }
+            if mismatch && msg_id.is_none() {
+                *cached = head;
+                return Err(self.mismatch(channel, conditions).await);
+            }
+            // With a key, a mismatch still asks JetStream whether the key
+            // is a duplicate (checked before the expected sequence, which
+            // no message has here, so nothing is stored).
             let fresh_epoch;
             let (epoch, offset, expected): (&str, u64, u64) = match &head {
                 Some(h) => (&h.epoch, h.offset + 1, h.seq),
+                None if mismatch => ("", 1, 0),
                 None => {
                     fresh_epoch = self.bus.take_epoch().await?;
                     (&fresh_epoch, 1, 0)
@@ -459,18 +521,50 @@ impl NatsBroker {
                 data: Some(&publication.data),
             })
             .map_err(|e| bus_error(format!("encoding a publication: {e}")))?;
-            if let Some(seq) = self.bus.append(&subject, expected, body).await? {
-                let epoch: Arc<str> = Arc::from(epoch);
-                *cached = Some(Head {
-                    seq,
-                    epoch: epoch.clone(),
-                    offset,
-                });
-                return Ok(StreamPosition { epoch, offset });
+            let expect_seq = if mismatch { u64::MAX } else { expected };
+            match self
+                .bus
+                .append(&subject, expect_seq, body, msg_id.as_deref())
+                .await?
+            {
+                Some((seq, true)) => {
+                    return match self.bus.position_at(&subject, seq).await? {
+                        Some(first) => Ok(first),
+                        None => Err(ClientError::new(
+                            ErrorCode::Duplicate,
+                            "already published under this idempotency key; its offset has left the history",
+                        )
+                        .into()),
+                    };
+                }
+                Some((seq, false)) => {
+                    let epoch: Arc<str> = Arc::from(epoch);
+                    *cached = Some(Head {
+                        seq,
+                        epoch: epoch.clone(),
+                        offset,
+                    });
+                    return Ok(StreamPosition { epoch, offset });
+                }
+                None if mismatch => return Err(self.mismatch(channel, conditions).await),
+                // Someone else appended: re-read the head and retry.
+                None => {}
             }
-            // Someone else appended: re-read the head and retry.
         }
         Err(bus_error(format!("{channel}: too much publish contention")))
+    }
+
+    /// The `offset_mismatch` of a conditional publish, with the channel's
+    /// current top as a history read reports it.
+    async fn mismatch(&self, channel: &str, conditions: &PublishConditions) -> Error {
+        let opts = self.bus.history_options(channel);
+        match self.bus.history(channel, None, 0, false, opts).await {
+            Ok(h) => {
+                ClientError::offset_mismatch(conditions.expected_offset.unwrap_or_default(), h.top)
+                    .into()
+            }
+            Err(e) => e,
+        }
     }
 
     /// Send a broadcast, join or leave on core NATS (the body of

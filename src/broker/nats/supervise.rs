@@ -51,6 +51,7 @@ impl Bus {
             max_messages_per_subject: self.max_per_subject,
             max_age: self.max_age,
             max_bytes: self.max_bytes,
+            duplicate_window: self.duplicate_window,
             storage: stream::StorageType::File,
             discard: stream::DiscardPolicy::Old,
             allow_direct: true,
@@ -83,6 +84,7 @@ impl Bus {
             || have.max_bytes != wanted.max_bytes
             || have.discard != wanted.discard
             || have.republish != wanted.republish
+            || have.duplicate_window != wanted.duplicate_window
             || !have.allow_direct
         {
             let mut updated = have.clone();
@@ -91,6 +93,7 @@ impl Bus {
             updated.max_bytes = wanted.max_bytes;
             updated.discard = wanted.discard;
             updated.republish = wanted.republish;
+            updated.duplicate_window = wanted.duplicate_window;
             updated.allow_direct = true;
             self.js
                 .update_stream(updated)
@@ -351,7 +354,10 @@ async fn catch_up(
         }),
         None => handler.position(channel),
     };
-    let h = match bus.history(channel, since.as_ref(), usize::MAX, opts).await {
+    let h = match bus
+        .history(channel, since.as_ref(), usize::MAX, false, opts)
+        .await
+    {
         Ok(h) => h,
         Err(e) => {
             tracing::warn!(%channel, error = %e, "reading history to fill a gap failed");

@@ -154,7 +154,7 @@ use super::{
     PresenceStore,
 };
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::error::{ClientError, Error, ErrorCode, Result};
 use crate::protocol::{ClientInfo, StreamPosition};
 use crate::sync::MutexExt;
 use presence::{Local, PendingAcks, Remote};
@@ -443,6 +443,17 @@ impl Broker for PubSubBroker {
         publication: NewPublication,
         history: HistoryOptions,
     ) -> Result<StreamPosition> {
+        // Positions are assigned by each instance on receipt: no instance
+        // can check a key or an offset atomically with the append.
+        if publication.conditions.idempotency_key.is_some()
+            || publication.conditions.expected_offset.is_some()
+        {
+            return Err(ClientError::new(
+                ErrorCode::Unsupported,
+                "idempotencyKey and expectedOffset are not available on the Pub/Sub bus",
+            )
+            .into());
+        }
         self.inner.publish(channel, publication, history).await
     }
 
@@ -461,7 +472,23 @@ impl Broker for PubSubBroker {
         limit: usize,
         history: HistoryOptions,
     ) -> Result<HistoryResult> {
-        Ok(self.inner.streams.read(channel, since, limit, history))
+        Ok(self
+            .inner
+            .streams
+            .read(channel, since, limit, false, history))
+    }
+
+    async fn history_newest(
+        &self,
+        channel: &str,
+        since: Option<&StreamPosition>,
+        limit: usize,
+        history: HistoryOptions,
+    ) -> Result<HistoryResult> {
+        Ok(self
+            .inner
+            .streams
+            .read(channel, since, limit, true, history))
     }
 
     fn history_stats(&self) -> Option<Arc<crate::broker::history::HistoryStats>> {

@@ -197,6 +197,7 @@ impl Inner {
                     data,
                     sender_id,
                     timestamp,
+                    conditions: Default::default(),
                 };
                 let history = HistoryOptions {
                     size,
@@ -204,13 +205,17 @@ impl Inner {
                 };
                 // Delivered under the stream's lock: the local order is
                 // the stream's order even against a concurrent replay.
-                let position = self
+                // Without conditions the store refuses nothing.
+                let Ok(position) = self
                     .streams
                     .publish(&channel, new, history, |ch, epoch, p| {
                         if subscribed {
                             handler.on_publication(ch, epoch, p);
                         }
-                    });
+                    })
+                else {
+                    return;
+                };
                 if own {
                     if let Some(tx) = self.pending.lock_unpoisoned().remove(&wire.id) {
                         let _ = tx.send(position);

@@ -11,6 +11,7 @@
 //! |---|---|---|
 //! | `P:ch:{ch}:meta` | hash `epoch`, `top` | the stream's epoch and newest offset; written only by a publish, expires the namespace's `history_ttl` after the last one |
 //! | `P:ch:{ch}:stream` | stream, ids `0-<offset>` | retained publications: field `b` the JSON body, `x` the expiry (Redis ms); exact `MAXLEN` = the namespace's `history_size` (no key when it is 0); expires `history_ttl` after the last publish |
+//! | `P:ch:{ch}:idem:<key>` | string `<epoch> <offset>`, `PX idempotency_window` | a publish's idempotency key and the position it published (set by the publish script) |
 //! | `P:gen` | string, no expiry | the epoch the next new stream takes (one key per deployment, rewritten by each stream creation, restored by the heartbeat) |
 //! | `P:pr:{ch}:members` | hash client id → info JSON | presence |
 //! | `P:pr:{ch}:expiry` | zset client id → expiry (Redis ms) | per-member expiry, refreshed by the heartbeat |
@@ -197,6 +198,10 @@ impl Keys {
     fn stream(&self, channel: &str) -> String {
         format!("{}:ch:{{{channel}}}:stream", self.prefix)
     }
+    /// An idempotency key of `channel`, in the channel's hash slot.
+    fn idempotency(&self, channel: &str, key: &str) -> String {
+        format!("{}:ch:{{{channel}}}:idem:{key}", self.prefix)
+    }
     fn members(&self, channel: &str) -> String {
         format!("{}:pr:{{{channel}}}:members", self.prefix)
     }
@@ -214,8 +219,8 @@ impl Keys {
 /// The Lua scripts (run by EVALSHA, reloaded after a Redis restart), one
 /// file each under `scripts/`, each headed by its `KEYS` and `ARGV`.
 struct Scripts {
-    /// Atomic publish: epoch, offset, append, fan-out
-    /// (`scripts/publish.lua`).
+    /// Atomic publish: idempotency key, expected offset, epoch, offset,
+    /// append, fan-out (`scripts/publish.lua`).
     publish: Script,
     /// History read; writes nothing (`scripts/history.lua`).
     history: Script,
@@ -398,7 +403,19 @@ impl Broker for RedisBroker {
         history: HistoryOptions,
     ) -> Result<HistoryResult> {
         self.inner
-            .read_history(channel, since, limit, history)
+            .read_history(channel, since, limit, false, history)
+            .await
+    }
+
+    async fn history_newest(
+        &self,
+        channel: &str,
+        since: Option<&StreamPosition>,
+        limit: usize,
+        history: HistoryOptions,
+    ) -> Result<HistoryResult> {
+        self.inner
+            .read_history(channel, since, limit, true, history)
             .await
     }
 

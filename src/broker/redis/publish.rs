@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::{Control, Direct, HistoryOptions, HistoryResult, Inner, NewPublication, bus_error};
-use crate::error::Result;
+use crate::error::{ClientError, Result};
 use crate::ids::random_base36;
 use crate::protocol::is_internal_channel;
 use crate::protocol::{Publication, StreamPosition};
@@ -41,8 +41,8 @@ impl Inner {
     ) -> Result<StreamPosition> {
         let mut conn = self.conn()?;
         let body = serde_json::to_string(&Body {
-            data: publication.data,
-            sender_id: publication.sender_id,
+            data: publication.data.clone(),
+            sender_id: publication.sender_id.clone(),
             timestamp: publication.timestamp,
         })
         .map_err(bus_error)?;
@@ -64,25 +64,44 @@ impl Inner {
         let ttl_ms = u64::try_from(history.ttl.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
-        let (epoch, offset): (String, u64) = self
+        let conditions = &publication.conditions;
+        let (idempotency_key, keyed) = match &conditions.idempotency_key {
+            Some(key) => (self.keys.idempotency(channel, key), "1"),
+            None => (self.keys.meta(channel), ""),
+        };
+        let window_ms = u64::try_from(conditions.idempotency_window.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let expected = conditions
+            .expected_offset
+            .map_or_else(String::new, |o| o.to_string());
+        let (epoch, offset, outcome): (String, u64, u8) = self
             .scripts
             .publish
             .key(self.keys.meta(channel))
             .key(self.keys.stream(channel))
             .key(&self.keys.generation)
+            .key(idempotency_key)
             .arg(self.keys.topic(channel))
             .arg(body)
             .arg(history.size)
             .arg(ttl_ms)
             .arg(random_base36(8))
             .arg(random_base36(8))
+            .arg(keyed)
+            .arg(window_ms)
+            .arg(expected)
             .invoke_async(&mut conn)
             .await
             .map_err(bus_error)?;
-        Ok(StreamPosition {
+        let position = StreamPosition {
             epoch: epoch.into(),
             offset,
-        })
+        };
+        match (outcome, conditions.expected_offset) {
+            (2, Some(expected)) => Err(ClientError::offset_mismatch(expected, position).into()),
+            _ => Ok(position),
+        }
     }
 
     /// `Broker::publish_control`: a broadcast on the broadcast topic, a
@@ -119,12 +138,14 @@ impl Inner {
         Ok(())
     }
 
-    /// Read history (the shared implementation of `Broker::history`).
+    /// Read history (the shared implementation of `Broker::history` and,
+    /// `newest_first`, of `Broker::history_newest`).
     pub(super) async fn read_history(
         &self,
         channel: &str,
         since: Option<&StreamPosition>,
         limit: usize,
+        newest_first: bool,
         history: HistoryOptions,
     ) -> Result<HistoryResult> {
         let mut conn = self.conn()?;
@@ -143,6 +164,7 @@ impl Inner {
             .arg(limit)
             .arg(random_base36(8))
             .arg(history.size)
+            .arg(if newest_first { "1" } else { "" })
             .invoke_async(&mut conn)
             .await
             .map_err(bus_error)?;

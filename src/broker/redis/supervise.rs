@@ -280,7 +280,7 @@ impl Inner {
                 ttl: opts.history_ttl,
             };
             let h = self
-                .read_history(&channel, last.as_ref(), usize::MAX, opts)
+                .read_history(&channel, last.as_ref(), usize::MAX, false, opts)
                 .await?;
             match &last {
                 // Nothing delivered since the subscription: hand over what

@@ -2,8 +2,8 @@
 --
 -- KEYS: meta, stream, generation.
 -- ARGV: since epoch or '', since offset, limit (-1: all), fallback epoch,
--- size.
--- Returns {epoch, top, {{offset, body}…}}.
+-- size, '1' for the newest first.
+-- Returns {epoch, top, {{offset, body}…}} (oldest first, or newest first).
 --
 -- An absent stream reports the current generation (the epoch its first
 -- publication will carry) at offset 0, or `fallback` (never stored) when
@@ -19,7 +19,12 @@ local out = {}
 local limit = tonumber(ARGV[3])
 if limit ~= 0 and (ARGV[1] == '' or ARGV[1] == epoch) then
   local after = math.max(tonumber(ARGV[2]), top - tonumber(ARGV[5]))
-  local entries = redis.call('XRANGE', KEYS[2], '(0-' .. after, '+')
+  local entries
+  if ARGV[6] == '1' then
+    entries = redis.call('XREVRANGE', KEYS[2], '+', '(0-' .. after)
+  else
+    entries = redis.call('XRANGE', KEYS[2], '(0-' .. after, '+')
+  end
   for _, e in ipairs(entries) do
     if limit > 0 and #out >= limit then break end
     local f = e[2]

@@ -55,7 +55,7 @@
 
 use std::cmp::Reverse;
 use std::collections::hash_map::RandomState;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
@@ -65,8 +65,13 @@ use tokio::time::Instant;
 
 use super::{HistoryOptions, HistoryResult, NewPublication};
 use crate::config::Config;
+use crate::error::{ClientError, Result};
 use crate::protocol::{Publication, StreamPosition};
 use crate::sync::MutexExt;
+
+mod stream;
+pub use stream::KEY_OVERHEAD;
+use stream::{Stream, cost};
 
 /// What the in-process channel history holds (memory and Pub/Sub buses,
 /// this module): gauges kept exact by the store, read by `/metrics`.
@@ -124,91 +129,6 @@ impl HistoryLimits {
             max_bytes: usize::try_from(config.history_max_bytes).unwrap_or(usize::MAX),
             max_channels: config.history_max_channels,
         }
-    }
-}
-
-/// What a publication counts against the byte budget.
-fn cost(p: &Publication) -> usize {
-    p.data.get().len() + ENTRY_OVERHEAD
-}
-
-/// One channel's stream.
-#[derive(Debug)]
-pub(crate) struct Stream {
-    /// Names this incarnation of the stream.
-    pub(crate) epoch: Arc<str>,
-    /// Offset of the newest publication.
-    pub(crate) top: u64,
-    /// Retained publications, oldest first, each with its expiry.
-    retained: VecDeque<(Instant, Publication)>,
-    /// Last publication time, for forgetting idle empty streams.
-    touched: Instant,
-    /// Bytes of `retained` as counted against the budget.
-    bytes: usize,
-    /// Forgotten by the store: a publisher holding it must look again.
-    dead: bool,
-    /// Has an entry in the expiry queue.
-    scheduled: bool,
-}
-
-impl Stream {
-    /// Retained publications after `since` (all without it), at most
-    /// `limit`; none when `since` is of another epoch.
-    fn after(&self, since: Option<&StreamPosition>, limit: usize) -> Vec<Publication> {
-        match since {
-            Some(since) if since.epoch != self.epoch => Vec::new(),
-            _ => {
-                let after = since.map_or(0, |p| p.offset);
-                self.retained
-                    .iter()
-                    .map(|(_, p)| p)
-                    .filter(|p| p.offset > after)
-                    .take(limit)
-                    .cloned()
-                    .collect()
-            }
-        }
-    }
-
-    /// The stream's top.
-    pub(crate) fn position(&self) -> StreamPosition {
-        StreamPosition {
-            epoch: self.epoch.clone(),
-            offset: self.top,
-        }
-    }
-
-    /// Drop the front publication, keeping the figures exact.
-    fn pop_front(&mut self, stats: &HistoryStats) {
-        if let Some((_, p)) = self.retained.pop_front() {
-            let c = cost(&p);
-            self.bytes -= c;
-            stats.bytes.fetch_sub(c as u64, Relaxed);
-            if self.retained.is_empty() {
-                stats.channels.fetch_sub(1, Relaxed);
-            }
-        }
-    }
-
-    /// Drop what is beyond `size` or expired at `now`.
-    fn trim(&mut self, size: usize, now: Instant, stats: &HistoryStats) {
-        while self.retained.len() > size {
-            self.pop_front(stats);
-        }
-        while self.retained.front().is_some_and(|(exp, _)| *exp <= now) {
-            self.pop_front(stats);
-        }
-    }
-
-    /// Free everything (the stream is being forgotten).
-    fn clear(&mut self, stats: &HistoryStats) {
-        if !self.retained.is_empty() {
-            stats.channels.fetch_sub(1, Relaxed);
-        }
-        stats.bytes.fetch_sub(self.bytes as u64, Relaxed);
-        self.bytes = 0;
-        self.retained = VecDeque::new();
-        self.dead = true;
     }
 }
 
@@ -342,11 +262,10 @@ impl Store {
             if index.streams.len() == 1 && !over_channels {
                 let slot = &index.streams[oldest];
                 let mut s = slot.stream.lock_unpoisoned();
+                // Keys first: a lone stream keeps its publications longest.
                 while self.stats.bytes.load(Relaxed) as usize > limits.max_bytes
-                    && !s.retained.is_empty()
-                {
-                    s.pop_front(&self.stats);
-                }
+                    && (s.pop_key(&self.stats) || s.pop_front(&self.stats))
+                {}
                 return;
             }
             let oldest = oldest.clone();
@@ -370,15 +289,10 @@ impl Store {
             return (name, stream);
         }
         let name: Arc<str> = Arc::from(channel);
-        let stream = Arc::new(Mutex::new(Stream {
-            epoch: self.next_epoch(index, channel),
-            top: 0,
-            retained: VecDeque::new(),
-            touched: now,
-            bytes: 0,
-            dead: false,
-            scheduled: false,
-        }));
+        let stream = Arc::new(Mutex::new(Stream::new(
+            self.next_epoch(index, channel),
+            now,
+        )));
         index.streams.insert(
             name.clone(),
             Slot {
@@ -399,6 +313,12 @@ impl Store {
     /// channel; returns its position. Keeps `history.size` publications for
     /// `history.ttl`, within the budgets.
     ///
+    /// The publication's conditions are checked under the same lock: a
+    /// remembered idempotency key answers its first position and appends
+    /// nothing; an expected offset other than the top is `offset_mismatch`.
+    /// Keys count against the byte budget (`KEY_OVERHEAD` + length each)
+    /// and are forgotten after their window.
+    ///
     /// Internal channels (`#user:…`, at-most-once user-addressed messages
     /// that nobody reads by offset) get no stream: a client sending `direct`
     /// to many user ids must not fill the channel budget. They are
@@ -409,7 +329,7 @@ impl Store {
         new: NewPublication,
         history: HistoryOptions,
         deliver: impl FnOnce(&Arc<str>, &Arc<str>, &Publication),
-    ) -> StreamPosition {
+    ) -> Result<StreamPosition> {
         if crate::protocol::is_internal_channel(channel) {
             let epoch: Arc<str> = Arc::from("");
             let publication = Publication {
@@ -419,7 +339,15 @@ impl Store {
                 timestamp: new.timestamp,
             };
             deliver(&Arc::from(channel), &epoch, &publication);
-            return StreamPosition { epoch, offset: 0 };
+            return Ok(StreamPosition { epoch, offset: 0 });
+        }
+        let conditions = new.conditions;
+        if let Some(expected) = conditions.expected_offset.filter(|e| *e != 0) {
+            // Refused without creating a stream (a stream's top is never
+            // below 1): a refusal holds nothing on the server.
+            if let Err(top) = self.find(channel) {
+                return Err(ClientError::offset_mismatch(expected, top).into());
+            }
         }
         loop {
             let now = Instant::now();
@@ -427,6 +355,22 @@ impl Store {
             let mut s = stream.lock_unpoisoned();
             if s.dead {
                 continue; // evicted between the lookup and the lock
+            }
+            s.trim(history.size, now, &self.stats);
+            if let Some(offset) = conditions
+                .idempotency_key
+                .as_deref()
+                .and_then(|k| s.published_as(k))
+            {
+                return Ok(StreamPosition {
+                    epoch: s.epoch.clone(),
+                    offset,
+                });
+            }
+            if let Some(expected) = conditions.expected_offset {
+                if expected != s.top {
+                    return Err(ClientError::offset_mismatch(expected, s.position()).into());
+                }
             }
             s.top += 1;
             s.touched = now;
@@ -437,6 +381,10 @@ impl Store {
                 timestamp: new.timestamp,
             };
             deliver(&name, &s.epoch, &publication);
+            if let Some(key) = conditions.idempotency_key {
+                let top = s.top;
+                s.remember(key, top, now + conditions.idempotency_window, &self.stats);
+            }
             if history.size > 0 {
                 let c = cost(&publication);
                 if s.retained.is_empty() {
@@ -467,7 +415,7 @@ impl Store {
                     self.enforce(&mut index);
                 }
             }
-            return position;
+            return Ok(position);
         }
     }
 
@@ -483,14 +431,15 @@ impl Store {
         }
     }
 
-    /// Retained publications of `channel` after `since` (at most `limit`)
-    /// and its top. A channel without a stream answers offset 0 and the
+    /// Retained publications of `channel` after `since` (at most `limit`;
+    /// the newest ones, newest first, with `newest_first`) and its top. A channel without a stream answers offset 0 and the
     /// epoch of its next stream, and nothing is created.
     pub(crate) fn read(
         &self,
         channel: &str,
         since: Option<&StreamPosition>,
         limit: usize,
+        newest_first: bool,
         history: HistoryOptions,
     ) -> HistoryResult {
         loop {
@@ -509,7 +458,7 @@ impl Store {
             }
             s.trim(history.size, Instant::now(), &self.stats);
             return HistoryResult {
-                publications: s.after(since, limit),
+                publications: s.after(since, limit, newest_first),
                 top: s.position(),
             };
         }
@@ -583,11 +532,14 @@ impl Store {
         // Oldest publication first: stop at the first stream not idle.
         let mut idle = Vec::new();
         for name in index.recency.values().take(IDLE_SCAN) {
-            let s = index.streams[name].stream.lock_unpoisoned();
+            let mut s = index.streams[name].stream.lock_unpoisoned();
             if now.duration_since(s.touched) < STREAM_IDLE_EXPIRY {
                 break;
             }
-            if s.retained.is_empty() {
+            while s.key_order.front().is_some_and(|(exp, _)| *exp <= now) {
+                s.pop_key(&self.stats);
+            }
+            if s.retained.is_empty() && s.keys.is_empty() {
                 idle.push(name.clone());
             }
         }
