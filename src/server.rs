@@ -34,7 +34,7 @@ use crate::figures::Sources;
 use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
 use crate::node::Node;
-use crate::session::{self, Mode};
+use crate::session::{self, Mode, UrlParams};
 use crate::sync::MutexExt;
 use crate::ws::WebSocketUpgrade;
 use crate::ws::upgrade::UpgradeRejection;
@@ -109,12 +109,6 @@ fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
         })
 }
 
-/// The upgrade request's query: `?token=` carries a JWT.
-#[derive(Debug, Default, serde::Deserialize)]
-struct UpgradeQuery {
-    token: Option<String>,
-}
-
 /// A refused handshake: logged (at most once per few seconds), answered
 /// `status` with `why`, and `Retry-After` when given.
 fn refuse(
@@ -143,7 +137,7 @@ fn upgrade(
     ws: std::result::Result<WebSocketUpgrade, UpgradeRejection>,
     conn: Option<Arc<ConnInfo>>,
     headers: &HeaderMap,
-    query: UpgradeQuery,
+    query: UrlParams,
     mode: Mode,
 ) -> Response {
     let cfg = state.node.config();
@@ -229,7 +223,7 @@ fn upgrade(
         // (its permit: see `admission`).
         let setting_up = tracker.token();
         async move {
-            let session = session::open(node, socket, mode, query.token).await?;
+            let session = session::open(node, socket, mode, query).await?;
             drop(setting_up);
             Some(Counted::new(session.live(shutdown), permit))
         }
@@ -245,7 +239,7 @@ async fn root(
     State(state): State<AppState>,
     conn: Conn,
     headers: HeaderMap,
-    Query(query): Query<UpgradeQuery>,
+    Query(query): Query<UrlParams>,
     ws: std::result::Result<WebSocketUpgrade, UpgradeRejection>,
 ) -> Response {
     if let Err(UpgradeRejection::NotUpgrade) = ws {
@@ -263,7 +257,7 @@ async fn ws_only(
     State(state): State<AppState>,
     conn: Conn,
     headers: HeaderMap,
-    Query(query): Query<UpgradeQuery>,
+    Query(query): Query<UrlParams>,
     ws: std::result::Result<WebSocketUpgrade, UpgradeRejection>,
 ) -> Response {
     let conn = conn.map(|Extension(c)| c);
@@ -277,14 +271,7 @@ async fn echo(
     ws: std::result::Result<WebSocketUpgrade, UpgradeRejection>,
 ) -> Response {
     let conn = conn.map(|Extension(c)| c);
-    upgrade(
-        state,
-        ws,
-        conn,
-        &headers,
-        UpgradeQuery::default(),
-        Mode::Echo,
-    )
+    upgrade(state, ws, conn, &headers, UrlParams::default(), Mode::Echo)
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {

@@ -97,7 +97,7 @@ pub enum Value<'a> {
     Bool(bool),
     /// JSON only: Prometheus values are numbers.
     Text(&'a str),
-    /// Bucket counts and the sum of all observations (ms).
+    /// Bucket counts and the sum of all observations (µs).
     Histogram(LatencySnapshot, u64),
 }
 
@@ -162,7 +162,7 @@ impl Counter {
             Source::Derived(f) => Value::Int(f(sources)),
             Source::Latency => {
                 let latency = &sources.metrics().latency;
-                Value::Histogram(latency.snapshot(), latency.sum_ms())
+                Value::Histogram(latency.snapshot(), latency.sum_us())
             }
         };
         Some(value)

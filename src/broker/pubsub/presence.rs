@@ -100,6 +100,7 @@ impl Remote {
                 info: Some(ClientInfo {
                     client_id: id,
                     user_id: None,
+                    name: None,
                 }),
             });
         }
