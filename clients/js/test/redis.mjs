@@ -49,7 +49,11 @@ export async function startRedis() {
         child.once('spawn', resolve);
         child.once('error', reject);
       });
-      await spawned;
+      try {
+        await spawned;
+      } catch (err) {
+        throw new Error(`cannot run ${bin} (${err.message}): install it with \`apt-get install redis-server\` or set REDIS_SERVER`);
+      }
       for (let i = 0; i < 100; i++) {
         if (await answersPing(port)) return handle;
         if (child.exitCode !== null) break;
