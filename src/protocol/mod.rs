@@ -40,11 +40,14 @@ pub fn now_ms() -> u64 {
 pub const MAX_NAME_CHARS: usize = 64;
 
 /// A display name as presence shows it: `raw` trimmed, without control
-/// characters, cut to [`MAX_NAME_CHARS`]; `None` when nothing is left.
+/// characters or bidirectional overrides (which could make a name read as
+/// another), cut to [`MAX_NAME_CHARS`]; `None` when nothing is left.
 pub fn display_name(raw: &str) -> Option<Arc<str>> {
     let name: String = raw
         .chars()
-        .filter(|c| !c.is_control())
+        .filter(|&c| {
+            !c.is_control() && !matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+        })
         .collect::<String>()
         .trim()
         .chars()
@@ -138,6 +141,10 @@ mod tests {
             Some("Ada Lovelace")
         );
         assert_eq!(display_name("a\u{7}b").as_deref(), Some("ab"));
+        assert_eq!(
+            display_name("\u{202E}evil\u{2066}").as_deref(),
+            Some("evil")
+        );
         assert_eq!(display_name(" \t "), None);
         assert_eq!(display_name(""), None);
         let long = "é".repeat(100);
