@@ -122,6 +122,9 @@ struct Claims {
     channels: Grants,
     #[serde(default)]
     direct: Vec<String>,
+    /// A display name for presence (optional).
+    #[serde(default)]
+    name: Option<String>,
 }
 
 /// Who a verified token says the client is.
@@ -133,6 +136,9 @@ pub struct Identity {
     pub expires_at: Option<u64>,
     /// Channels the token grants.
     pub grants: Grants,
+    /// The token's `name` claim, as presence shows it
+    /// ([`crate::protocol::display_name`]).
+    pub name: Option<Arc<str>>,
 }
 
 /// What a client wants to do in a channel.
@@ -317,6 +323,11 @@ impl Authenticator {
                         user_id: data.claims.sub.into(),
                         expires_at: data.claims.exp,
                         grants,
+                        name: data
+                            .claims
+                            .name
+                            .as_deref()
+                            .and_then(crate::protocol::display_name),
                     });
                 }
                 Err(e) => {

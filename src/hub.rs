@@ -27,8 +27,12 @@ use crate::sync::{MutexExt, RwLockExt};
 /// keep-alive sweeper.
 #[derive(Debug)]
 pub struct ClientHandle {
-    /// Client id and user id, as shown to others.
-    pub info: ClientInfo,
+    /// The client id.
+    id: Arc<str>,
+    /// Its user id and display name, in one allocation that an anonymous,
+    /// unnamed connection does without, so that the handle stays in a
+    /// 160-byte allocation (`session::size_budget`).
+    who: Option<Arc<Who>>,
     /// Frames waiting to be written to this client.
     pub queue: OutQueue,
     /// When a frame last arrived from the client (ms since the hub
@@ -46,10 +50,49 @@ pub struct ClientHandle {
     pub(crate) ack_deadline: AtomicU64,
 }
 
+/// What a [`ClientHandle`] knows of who the client is, besides its id.
+#[derive(Debug)]
+struct Who {
+    user_id: Option<Arc<str>>,
+    name: Option<Arc<str>>,
+}
+
 impl ClientHandle {
+    fn new(info: ClientInfo, now_ms: u64) -> Self {
+        let ClientInfo {
+            client_id,
+            user_id,
+            name,
+        } = info;
+        ClientHandle {
+            id: client_id,
+            who: (user_id.is_some() || name.is_some()).then(|| Arc::new(Who { user_id, name })),
+            queue: OutQueue::new(),
+            last_seen: AtomicU64::new(now_ms),
+            ping_sent: AtomicU64::new(0),
+            expires_at: AtomicU64::new(0),
+            ack_deadline: AtomicU64::new(0),
+        }
+    }
+
     /// The client's id.
     pub fn id(&self) -> &Arc<str> {
-        &self.info.client_id
+        &self.id
+    }
+
+    /// The user id of an authenticated client.
+    pub fn user_id(&self) -> Option<&Arc<str>> {
+        self.who.as_ref()?.user_id.as_ref()
+    }
+
+    /// Who the client is, as shown to others (presence, join/leave).
+    pub fn info(&self) -> ClientInfo {
+        let who = self.who.as_deref();
+        ClientInfo {
+            client_id: self.id.clone(),
+            user_id: who.and_then(|w| w.user_id.clone()),
+            name: who.and_then(|w| w.name.clone()),
+        }
     }
 }
 
@@ -131,14 +174,7 @@ impl Hub {
                 .entry(user.clone())
                 .or_default() += 1;
         }
-        let handle = Arc::new(ClientHandle {
-            info,
-            queue: OutQueue::new(),
-            last_seen: AtomicU64::new(self.clock_ms()),
-            ping_sent: AtomicU64::new(0),
-            expires_at: AtomicU64::new(0),
-            ack_deadline: AtomicU64::new(0),
-        });
+        let handle = Arc::new(ClientHandle::new(info, self.clock_ms()));
         self.clients
             .write_unpoisoned()
             .insert(handle.id().clone(), handle.clone());
@@ -148,17 +184,12 @@ impl Hub {
     /// A handle that is not registered: it gets no broadcast and is not
     /// counted (the diagnostic echo endpoint).
     pub fn detached(&self) -> Arc<ClientHandle> {
-        Arc::new(ClientHandle {
-            info: ClientInfo {
-                client_id: format!("echo-{}", crate::ids::random_base36(9)).into(),
-                user_id: None,
-            },
-            queue: OutQueue::new(),
-            last_seen: AtomicU64::new(self.clock_ms()),
-            ping_sent: AtomicU64::new(0),
-            expires_at: AtomicU64::new(0),
-            ack_deadline: AtomicU64::new(0),
-        })
+        let info = ClientInfo {
+            client_id: format!("echo-{}", crate::ids::random_base36(9)).into(),
+            user_id: None,
+            name: None,
+        };
+        Arc::new(ClientHandle::new(info, self.clock_ms()))
     }
 
     /// When the client's oldest unacknowledged publication is due (hub
@@ -188,7 +219,7 @@ impl Hub {
     /// Forget a client (its channels must have been left already).
     pub fn remove(&self, client_id: &str) {
         let removed = self.clients.write_unpoisoned().remove(client_id);
-        if let Some(user) = removed.as_ref().and_then(|c| c.info.user_id.as_ref()) {
+        if let Some(user) = removed.as_ref().and_then(|c| c.user_id()) {
             let mut users = self.users.lock_unpoisoned();
             if let Some(n) = users.get_mut(user) {
                 *n -= 1;
@@ -435,7 +466,7 @@ impl Hub {
             channel: channel.clone(),
             epoch: epoch.clone(),
             offset: publication.offset,
-            timestamp: publication.timestamp,
+            fanned_out: std::time::Instant::now(),
             policy,
             frame: frame.clone(),
             deflated: std::sync::OnceLock::new(),
@@ -562,6 +593,7 @@ mod tests {
         ClientInfo {
             client_id: id.into(),
             user_id: None,
+            name: None,
         }
     }
 

@@ -112,6 +112,7 @@ mod tests {
         let a = hub.add(ClientInfo {
             client_id: "a".into(),
             user_id: None,
+            name: None,
         });
         let seen = a.last_seen.load(Ordering::Relaxed);
         assert_eq!(pass(&hub, seen + 10, 100, 100, false), 0);

@@ -70,37 +70,42 @@ pub const PROXY_KINDS: usize = 5;
 /// failed, busy.
 pub const PROXY_OUTCOMES: usize = 6;
 
-/// Upper bounds (ms) of the latency histogram's buckets; a last bucket
-/// holds everything above.
-pub const LATENCY_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000];
+/// Upper bounds (µs) of the latency histogram's buckets, log-spaced from
+/// 10 µs to 5 s; a last bucket holds everything above.
+pub const LATENCY_BUCKETS_US: [u64; 18] = [
+    10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+    500_000, 1_000_000, 2_500_000, 5_000_000,
+];
 
-/// A fixed-bucket histogram of publish → write latency in milliseconds
-/// (publication timestamp to the moment the frame is handed to the socket).
-/// Lock-free: one relaxed increment per observation.
+/// A fixed-bucket histogram of delivery latency in microseconds: from the
+/// moment this instance fans a publication out to its subscribers' queues
+/// to the moment the frame is handed to each socket (a monotonic clock, so
+/// no clock skew between instances). Lock-free: one relaxed increment per
+/// observation.
 #[derive(Debug, Default)]
 pub struct LatencyHistogram {
-    counts: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
-    /// Sum of all observations (ms), for Prometheus' `_sum`.
-    sum_ms: AtomicU64,
+    counts: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    /// Sum of all observations (µs), for Prometheus' `_sum`.
+    sum_us: AtomicU64,
 }
 
 impl LatencyHistogram {
-    /// Record one latency.
-    pub fn observe(&self, ms: u64) {
-        let i = LATENCY_BUCKETS_MS
+    /// Record one latency, in µs.
+    pub fn observe_us(&self, us: u64) {
+        let i = LATENCY_BUCKETS_US
             .iter()
-            .position(|&b| ms <= b)
-            .unwrap_or(LATENCY_BUCKETS_MS.len());
+            .position(|&b| us <= b)
+            .unwrap_or(LATENCY_BUCKETS_US.len());
         self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_ms.fetch_add(ms, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
-    /// Sum of all observations so far, in ms.
-    pub fn sum_ms(&self) -> u64 {
-        self.sum_ms.load(Ordering::Relaxed)
+    /// Sum of all observations so far, in µs.
+    pub fn sum_us(&self) -> u64 {
+        self.sum_us.load(Ordering::Relaxed)
     }
 
-    /// The cumulative counts so far.
+    /// The counts per bucket so far.
     pub fn snapshot(&self) -> LatencySnapshot {
         LatencySnapshot(std::array::from_fn(|i| {
             self.counts[i].load(Ordering::Relaxed)
@@ -108,9 +113,9 @@ impl LatencyHistogram {
     }
 }
 
-/// Bucket counts at one moment.
+/// Bucket counts (not cumulative) at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LatencySnapshot(pub [u64; LATENCY_BUCKETS_MS.len() + 1]);
+pub struct LatencySnapshot(pub [u64; LATENCY_BUCKETS_US.len() + 1]);
 
 impl LatencySnapshot {
     /// Observations between `earlier` and this snapshot.
@@ -120,23 +125,30 @@ impl LatencySnapshot {
         }))
     }
 
-    /// The upper bound of the bucket holding quantile `q`, in ms; `None`
-    /// without observations. Beyond the last bound it reports the last
-    /// bound.
-    pub fn quantile(&self, q: f64) -> Option<u64> {
+    /// Quantile `q` in ms, interpolated linearly inside the bucket that
+    /// holds it (as Prometheus' `histogram_quantile` does; the first bucket
+    /// starts at 0); `None` without observations. Beyond the last bound it
+    /// reports the last bound.
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
         let total: u64 = self.0.iter().sum();
         if total == 0 {
             return None;
         }
-        let rank = ((q * total as f64).ceil() as u64).max(1);
-        let mut seen = 0;
-        for (i, c) in self.0.iter().enumerate() {
-            seen += c;
-            if seen >= rank {
-                return Some(LATENCY_BUCKETS_MS[i.min(LATENCY_BUCKETS_MS.len() - 1)]);
+        let rank = (q.clamp(0.0, 1.0) * total as f64).max(f64::MIN_POSITIVE);
+        let mut below = 0u64;
+        for (i, &c) in self.0.iter().enumerate() {
+            if c > 0 && (below + c) as f64 >= rank {
+                let Some(&upper) = LATENCY_BUCKETS_US.get(i) else {
+                    break; // above the last bound
+                };
+                let lower = if i == 0 { 0 } else { LATENCY_BUCKETS_US[i - 1] };
+                let within = (rank - below as f64) / c as f64;
+                let us = lower as f64 + (upper - lower) as f64 * within;
+                return Some(us / 1000.0);
             }
+            below += c;
         }
-        LATENCY_BUCKETS_MS.last().copied()
+        LATENCY_BUCKETS_US.last().map(|&us| us as f64 / 1000.0)
     }
 }
 
@@ -206,18 +218,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn quantiles_come_from_bucket_bounds() {
+    fn quantiles_are_interpolated_inside_buckets() {
         let h = LatencyHistogram::default();
         let empty = h.snapshot();
-        assert_eq!(empty.quantile(0.5), None);
+        assert_eq!(empty.quantile_ms(0.5), None);
+        // 100 observations in (20, 50] µs, one of 7 ms, one of 40 ms.
         for _ in 0..98 {
-            h.observe(0);
+            h.observe_us(30);
         }
-        h.observe(7);
-        h.observe(40);
+        h.observe_us(7_000);
+        h.observe_us(40_000);
         let s = h.snapshot().since(&empty);
-        assert_eq!(s.quantile(0.5), Some(1));
-        assert_eq!(s.quantile(0.99), Some(10));
-        assert_eq!(s.quantile(1.0), Some(50));
+        let p50 = s.quantile_ms(0.5).unwrap();
+        // Half of the (20, 50] bucket's 98: a bit above its middle, in ms.
+        assert!((p50 - (0.020 + 0.030 * 50.0 / 98.0)).abs() < 1e-9, "{p50}");
+        let p99 = s.quantile_ms(0.99).unwrap();
+        assert!(p99 > 5.0 && p99 <= 10.0, "{p99}");
+        assert_eq!(s.quantile_ms(1.0), Some(50.0));
+        // Different traffic, different figures: not bucket bounds.
+        h.observe_us(150);
+        let later = h.snapshot().since(&empty);
+        assert_ne!(later.quantile_ms(0.5), s.quantile_ms(0.5));
+        assert_eq!(h.sum_us(), 98 * 30 + 7_000 + 40_000 + 150);
+    }
+
+    #[test]
+    fn beyond_the_last_bound_reports_it() {
+        let h = LatencyHistogram::default();
+        h.observe_us(60_000_000);
+        assert_eq!(h.snapshot().quantile_ms(0.5), Some(5000.0));
     }
 }

@@ -11,7 +11,7 @@
 use std::fmt::Write;
 
 use crate::figures::{COUNTERS, Sources, Value};
-use crate::metrics::{LATENCY_BUCKETS_MS, LatencySnapshot};
+use crate::metrics::{LATENCY_BUCKETS_US, LatencySnapshot};
 
 /// Render every figure of [`COUNTERS`] that names a Prometheus series.
 pub fn render(sources: &Sources<'_>) -> String {
@@ -37,7 +37,7 @@ pub fn render(sources: &Sources<'_>) -> String {
             Value::Int(n) => sample(&mut out, series, n),
             Value::Float(x) => sample(&mut out, series, x),
             Value::Bool(b) => sample(&mut out, series, u8::from(b)),
-            Value::Histogram(snap, sum_ms) => histogram(&mut out, series, &snap, sum_ms),
+            Value::Histogram(snap, sum_us) => histogram(&mut out, series, &snap, sum_us),
             Value::Text(_) => {}
         }
     }
@@ -50,8 +50,10 @@ fn sample(out: &mut String, series: &str, value: impl std::fmt::Display) {
 }
 
 /// The `_bucket` (cumulative), `_sum` and `_count` lines of histogram
-/// `series` (a name, with its labels if any).
-fn histogram(out: &mut String, series: &str, snap: &LatencySnapshot, sum_ms: u64) {
+/// `series` (a name, with its labels if any), in ms (the bounds and the
+/// sum are kept in µs: `le="0.01"` is 10 µs).
+fn histogram(out: &mut String, series: &str, snap: &LatencySnapshot, sum_us: u64) {
+    let ms = |us: u64| us as f64 / 1000.0;
     let (name, labels) = match series.split_once('{') {
         Some((name, rest)) => (name, rest.trim_end_matches('}')),
         None => (series, ""),
@@ -61,18 +63,19 @@ fn histogram(out: &mut String, series: &str, snap: &LatencySnapshot, sum_ms: u64
         l => (format!("{{{l}}}"), ","),
     };
     let mut cumulative = 0;
-    for (i, le) in LATENCY_BUCKETS_MS.iter().enumerate() {
+    for (i, &le) in LATENCY_BUCKETS_US.iter().enumerate() {
         cumulative += snap.0[i];
         let _ = writeln!(
             out,
-            "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+            "{name}_bucket{{{labels}{sep}le=\"{}\"}} {cumulative}",
+            ms(le)
         );
     }
-    cumulative += snap.0[LATENCY_BUCKETS_MS.len()];
+    cumulative += snap.0[LATENCY_BUCKETS_US.len()];
     let _ = writeln!(
         out,
         "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}"
     );
-    let _ = writeln!(out, "{name}_sum{braced} {sum_ms}");
+    let _ = writeln!(out, "{name}_sum{braced} {}", ms(sum_us));
     let _ = writeln!(out, "{name}_count{braced} {cumulative}");
 }

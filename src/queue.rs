@@ -82,9 +82,9 @@ pub struct Delivery {
     pub channel: Arc<str>,
     pub epoch: Arc<str>,
     pub offset: u64,
-    /// When it was published (ms since the Unix epoch), for the
-    /// delivery-latency histogram.
-    pub timestamp: u64,
+    /// When this instance fanned it out, for the delivery-latency
+    /// histogram (fan-out to socket write).
+    pub fanned_out: std::time::Instant,
     /// The namespace's policy when the queue is full.
     pub policy: SlowConsumerPolicy,
     /// The encoded `message` frame.
@@ -433,7 +433,7 @@ mod tests {
             channel: channel.into(),
             epoch: "e".into(),
             offset,
-            timestamp: 0,
+            fanned_out: std::time::Instant::now(),
             policy,
             frame: Text::from("x"),
             deflated: OnceLock::new(),

@@ -35,7 +35,7 @@ use crate::figures::Sources;
 use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
 use crate::node::Node;
-use crate::session::{self, Mode};
+use crate::session::{self, Mode, UrlParams};
 use crate::sync::MutexExt;
 use crate::ws::WebSocketUpgrade;
 use crate::ws::upgrade::UpgradeRejection;
@@ -111,12 +111,6 @@ fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
         })
 }
 
-/// The upgrade request's query: `?token=` carries a JWT.
-#[derive(Debug, Default, serde::Deserialize)]
-struct UpgradeQuery {
-    token: Option<String>,
-}
-
 /// A refused handshake: logged (at most once per few seconds), answered
 /// `status` with `why`, and `Retry-After` when given.
 fn refuse(
@@ -145,7 +139,7 @@ fn upgrade(
     ws: std::result::Result<WebSocketUpgrade, UpgradeRejection>,
     conn: Option<Arc<ConnInfo>>,
     headers: &HeaderMap,
-    query: UpgradeQuery,
+    query: UrlParams,
     mode: Mode,
 ) -> Response {
     let cfg = state.node.config();
@@ -222,6 +216,7 @@ fn upgrade(
     };
     let hello = session::Hello {
         token: query.token,
+        name: query.name,
         remote_addr: Some(client.to_string()),
         headers: session::Hello::forwarded_headers(&state.node, headers),
     };
@@ -252,7 +247,7 @@ async fn root(
     State(state): State<AppState>,
     conn: Conn,
     headers: HeaderMap,
-    Query(query): Query<UpgradeQuery>,
+    Query(query): Query<UrlParams>,
     ws: std::result::Result<WebSocketUpgrade, UpgradeRejection>,
 ) -> Response {
     if let Err(UpgradeRejection::NotUpgrade) = ws {
@@ -270,7 +265,7 @@ async fn ws_only(
     State(state): State<AppState>,
     conn: Conn,
     headers: HeaderMap,
-    Query(query): Query<UpgradeQuery>,
+    Query(query): Query<UrlParams>,
     ws: std::result::Result<WebSocketUpgrade, UpgradeRejection>,
 ) -> Response {
     let conn = conn.map(|Extension(c)| c);
@@ -284,14 +279,7 @@ async fn echo(
     ws: std::result::Result<WebSocketUpgrade, UpgradeRejection>,
 ) -> Response {
     let conn = conn.map(|Extension(c)| c);
-    upgrade(
-        state,
-        ws,
-        conn,
-        &headers,
-        UpgradeQuery::default(),
-        Mode::Echo,
-    )
+    upgrade(state, ws, conn, &headers, UrlParams::default(), Mode::Echo)
 }
 
 /// Readiness of this instance alone: 503 while draining (and, only with

@@ -103,6 +103,45 @@ async fn connect_token(server: &TestServer, token: &str) -> Result<Client, u16> 
 }
 
 #[tokio::test]
+async fn the_token_name_claim_names_the_connection_not_the_url() {
+    let server = start_with(auth_settings()).await;
+    let mut token = claims("user-7");
+    token["name"] = json!("  Grace Hopper\u{7} ");
+    // `?name=` is only for connections without a token: the token's claim wins.
+    let mut c = connect_token(&server, &format!("{}&name=Mallory", hs256(token)))
+        .await
+        .unwrap();
+    c.request(json!({"type":"subscribe","channel":"private:n"}), 1)
+        .await;
+    let p = c
+        .request(json!({"type":"presence","channel":"private:n"}), 2)
+        .await;
+    assert_eq!(p["members"][0]["name"], "Grace Hopper");
+    // A token without the claim: no name, whatever the URL says.
+    let mut d = connect_token(
+        &server,
+        &format!("{}&name=Mallory", hs256(claims("user-8"))),
+    )
+    .await
+    .unwrap();
+    d.request(json!({"type":"subscribe","channel":"private:n"}), 1)
+        .await;
+    let p = d
+        .request(json!({"type":"presence","channel":"private:n"}), 2)
+        .await;
+    let names: Vec<&Value> = p["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| &m["name"])
+        .collect();
+    assert!(names.contains(&&json!("Grace Hopper")));
+    assert!(names.contains(&&Value::Null), "{p}");
+    assert!(!p.to_string().contains("Mallory"));
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_valid_token_sets_the_user_and_its_grants() {
     let server = start_with(auth_settings()).await;
     let mut c = connect_token(&server, &hs256(claims("user-42")))

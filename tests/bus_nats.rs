@@ -344,6 +344,7 @@ async fn presence_merges_instances_and_clean_close_removes_them() {
     let info = |id: &str| ClientInfo {
         client_id: id.into(),
         user_id: Some("u".into()),
+        name: None,
     };
     // Concurrent adds share writes and all land.
     let mut adds = Vec::new();

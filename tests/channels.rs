@@ -188,6 +188,42 @@ async fn presence_and_join_leave_including_disconnects() {
 }
 
 #[tokio::test]
+async fn a_name_from_the_url_shows_in_presence_and_join() {
+    let server = start().await;
+    let mut a = Client::connect_url(&format!("{}?name=Ada%20Lovelace", server.url("/ws"))).await;
+    a.request(sub("named"), 1).await;
+    // Trimmed, control characters dropped, cut to 64 characters.
+    let long = "%C3%A9".repeat(100);
+    let mut b = Client::connect_url(&format!("{}?name=%0A{long}", server.url("/ws"))).await;
+    b.request(sub("named"), 1).await;
+    let join = a.recv_type("join").await;
+    assert_eq!(join["clientId"], json!(b.id));
+    assert_eq!(join["name"], json!("é".repeat(64)));
+    let p = b
+        .request(json!({"type":"presence","channel":"named"}), 2)
+        .await;
+    let of = |id: &str| {
+        p["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["clientId"] == json!(id))
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(of(&a.id)["name"], "Ada Lovelace");
+    // Without `?name=` a member has no `name` key at all.
+    let mut c = Client::connect(&server).await;
+    c.request(sub("named"), 1).await;
+    let join = a.recv_type("join").await;
+    assert_eq!(
+        join,
+        json!({"type":"join","channel":"named","clientId":c.id,"userId":null})
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_dead_peer_leaves_presence() {
     let mut s = settings();
     s.ping_interval = Some("100ms".parse().unwrap());

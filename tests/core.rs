@@ -290,6 +290,30 @@ async fn prometheus_exposition() {
         let value = l.rsplit(' ').next().unwrap();
         assert!(value.parse::<f64>().is_ok(), "{l}");
     }
+    // The latency histogram is a valid one: bounds from 0.01 ms up, each
+    // count cumulative, `+Inf` last and equal to `_count`.
+    let buckets: Vec<(f64, u64)> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("switchboard_delivery_latency_ms_bucket{le=\""))
+        .map(|l| {
+            let (le, count) = l.split_once("\"} ").unwrap();
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap()
+            };
+            (le, count.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(buckets.first().map(|b| b.0), Some(0.01), "{body}");
+    assert_eq!(buckets.last().map(|b| b.0), Some(f64::INFINITY));
+    assert!(
+        buckets
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
+        "{buckets:?}"
+    );
+    assert_eq!(buckets.last().unwrap().1, 1);
     server.shutdown().await;
 }
 

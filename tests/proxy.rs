@@ -492,7 +492,7 @@ async fn tokens_and_the_connect_proxy() {
                 .clients()
                 .into_iter()
                 .find(|h| &**h.id() == id)
-                .and_then(|h| h.info.user_id.clone())
+                .and_then(|h| h.info().user_id.clone())
                 .map(|u| u.to_string())
         };
         assert_eq!(who(&server, &c.id).as_deref(), Some("u-cookie"));

@@ -78,6 +78,8 @@ export interface MessageFrame<T = Json> {
 export interface PresenceMember {
   clientId: string;
   userId: string | null;
+  /** Display name: the token's `name` claim, or the `?name=` of a connection without a token (unverified). */
+  name?: string;
 }
 
 export interface PresenceFrame {
@@ -93,6 +95,8 @@ export interface JoinLeaveFrame {
   channel: string;
   clientId: string;
   userId: string | null;
+  /** As in {@link PresenceMember}. */
+  name?: string;
 }
 
 export interface Publication<T = Json> {

@@ -99,7 +99,7 @@ pub enum Value<'a> {
     Bool(bool),
     /// JSON only: Prometheus values are numbers.
     Text(&'a str),
-    /// Bucket counts and the sum of all observations (ms).
+    /// Bucket counts and the sum of all observations (µs).
     Histogram(LatencySnapshot, u64),
 }
 
@@ -164,7 +164,7 @@ impl Counter {
             Source::Derived(f) => Value::Int(f(sources)),
             Source::Histogram(f) => {
                 let h = f(sources.metrics());
-                Value::Histogram(h.snapshot(), h.sum_ms())
+                Value::Histogram(h.snapshot(), h.sum_us())
             }
         };
         Some(value)

@@ -62,7 +62,7 @@ impl FeedSampler {
                 ) => {
                     let window = now.since(&before);
                     for &(key, q) in qs {
-                        figures.insert(key.into(), window.quantile(q).into());
+                        figures.insert(key.into(), window.quantile_ms(q).into());
                     }
                     *last = Some(Value::Histogram(now, sum));
                 }

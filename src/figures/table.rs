@@ -49,7 +49,7 @@ pub const COUNTERS: &[Counter] = &[
         kind: Kind::Counter,
         help: "Frames received from clients.",
         source: Source::Metrics(|m| &m.messages_in),
-        feed: Feed::Rate("messagesPerSecond"),
+        feed: Feed::Rate("framesInPerSecond"),
     },
     Counter {
         json: Some("messagesOut"),
@@ -65,7 +65,7 @@ pub const COUNTERS: &[Counter] = &[
         kind: Kind::Counter,
         help: "Frames queued for clients by fan-out.",
         source: Source::Hub(Hub::delivered),
-        feed: Feed::No,
+        feed: Feed::Rate("deliveriesPerSecond"),
     },
     Counter {
         json: Some("publications"),
@@ -378,7 +378,7 @@ pub const COUNTERS: &[Counter] = &[
         json: None,
         prometheus: Some("switchboard_delivery_latency_ms"),
         kind: Kind::Histogram,
-        help: "Channel publication: publish to write, in ms.",
+        help: "Channel publication: fan-out on this instance to socket write, in ms (10 us resolution).",
         source: Source::Histogram(|m| &m.latency),
         feed: Feed::Quantiles(&[
             ("deliveryLatencyMsP50", 0.5),

@@ -194,11 +194,16 @@ impl Node {
     /// Register a new connection (of `identity`'s user, if any) and give it
     /// an id. Fails when the user is at `max_connections_per_user`, or when
     /// the bus cannot record the client (direct messages would not find it).
+    /// `name` is the display name the client asked for (`?name=`); it is
+    /// used only without a token: an authenticated connection is named by
+    /// its token's `name` claim.
     pub async fn register(
         &self,
         identity: Option<&crate::auth::Identity>,
+        name: Option<&str>,
     ) -> Result<Arc<ClientHandle>> {
-        self.register_as(Node::new_client_id(), identity).await
+        self.register_as(Node::new_client_id(), identity, name)
+            .await
     }
 
     /// [`register`](Self::register) under an id from
@@ -207,6 +212,7 @@ impl Node {
         &self,
         id: Arc<str>,
         identity: Option<&crate::auth::Identity>,
+        name: Option<&str>,
     ) -> Result<Arc<ClientHandle>> {
         if let Some(identity) = identity {
             let max = self.shared.config.max_connections_per_user;
@@ -221,6 +227,10 @@ impl Node {
         let info = ClientInfo {
             client_id: id,
             user_id: identity.map(|i| i.user_id.clone()),
+            name: match identity {
+                Some(identity) => identity.name.clone(),
+                None => name.and_then(protocol::display_name),
+            },
         };
         self.shared.broker.register_client(&info).await?;
         Metrics::inc(&self.shared.metrics.connections_total);
@@ -228,7 +238,7 @@ impl Node {
         self.shared
             .hub
             .set_expiry(&handle, identity.and_then(|i| i.expires_at));
-        if let Some(user) = &handle.info.user_id {
+        if let Some(user) = handle.user_id() {
             let channel = user_channel(user);
             if self.shared.hub.subscribe(&channel, &handle) {
                 if let Err(e) = self.shared.broker.subscribe(&channel).await {
@@ -248,7 +258,7 @@ impl Node {
                 tracing::warn!(client = %client.id(), %channel, error = %e, "cleanup of a subscription failed");
             }
         }
-        if let Some(user) = &client.info.user_id {
+        if let Some(user) = client.user_id() {
             let channel = user_channel(user);
             if self.shared.hub.unsubscribe(&channel, client.id()) {
                 if let Err(e) = self.shared.broker.unsubscribe(&channel).await {
@@ -407,13 +417,13 @@ impl Node {
             }
         }
         if opts.presence {
-            self.shared.presence.add(channel, &client.info).await?;
+            self.shared.presence.add(channel, &client.info()).await?;
             if opts.join_leave {
                 self.shared
                     .broker
                     .publish_control(Control::Join {
                         channel: channel.clone(),
-                        info: client.info.clone(),
+                        info: client.info(),
                     })
                     .await?;
             }
@@ -438,7 +448,7 @@ impl Node {
                     .broker
                     .publish_control(Control::Leave {
                         channel: channel.clone(),
-                        info: client.info.clone(),
+                        info: client.info(),
                     })
                     .await?;
             }

@@ -367,6 +367,7 @@ mod tests {
         let info = ClientInfo {
             client_id: "c1".into(),
             user_id: None,
+            name: None,
         };
         assert_eq!(
             join_leave(true, "ch", &info).as_str(),

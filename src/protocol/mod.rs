@@ -35,6 +35,28 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Longest display name, in characters (a name in presence is held for as
+/// long as its connection: at most 256 bytes).
+pub const MAX_NAME_CHARS: usize = 64;
+
+/// A display name as presence shows it: `raw` trimmed, without control
+/// characters or bidirectional overrides (which could make a name read as
+/// another), cut to [`MAX_NAME_CHARS`]; `None` when nothing is left.
+pub fn display_name(raw: &str) -> Option<Arc<str>> {
+    let name: String = raw
+        .chars()
+        .filter(|&c| {
+            !c.is_control() && !matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+        })
+        .collect::<String>()
+        .trim()
+        .chars()
+        .take(MAX_NAME_CHARS)
+        .collect();
+    let name = name.trim_end();
+    (!name.is_empty()).then(|| name.into())
+}
+
 /// Whether `b` may appear in a channel name: `A-Z a-z 0-9 _ - . : @ / = ,`.
 pub fn is_channel_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@' | b'/' | b'=' | b',')
@@ -92,6 +114,10 @@ pub struct ClientInfo {
     pub client_id: Arc<str>,
     #[serde(rename = "userId")]
     pub user_id: Option<Arc<str>>,
+    /// A display name: the token's `name` claim, or without a token the
+    /// `?name=` of the upgrade (unverified); see [`display_name`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<Arc<str>>,
 }
 
 #[cfg(test)]
@@ -106,5 +132,22 @@ mod tests {
         assert!(validate_channel("é").is_err());
         assert!(validate_channel(&"a".repeat(256)).is_err());
         assert!(validate_channel(&"a".repeat(255)).is_ok());
+    }
+
+    #[test]
+    fn display_names() {
+        assert_eq!(
+            display_name("  Ada Lovelace \n").as_deref(),
+            Some("Ada Lovelace")
+        );
+        assert_eq!(display_name("a\u{7}b").as_deref(), Some("ab"));
+        assert_eq!(
+            display_name("\u{202E}evil\u{2066}").as_deref(),
+            Some("evil")
+        );
+        assert_eq!(display_name(" \t "), None);
+        assert_eq!(display_name(""), None);
+        let long = "é".repeat(100);
+        assert_eq!(display_name(&long).unwrap().chars().count(), MAX_NAME_CHARS);
     }
 }

@@ -236,7 +236,7 @@ impl Proxy {
         // reqwest's own timeout covers the whole exchange; this one also
         // covers reading and decoding the body, whatever its pace.
         let result = tokio::time::timeout(self.config.timeout, self.exchange(url, body)).await;
-        metrics.proxy_latency[kind.index()].observe(started.elapsed().as_millis() as u64);
+        metrics.proxy_latency[kind.index()].observe_us(started.elapsed().as_micros() as u64);
         let failure = match result {
             Ok(Ok(bytes)) => match answer::parse::<T>(&bytes) {
                 Ok(answer) => {

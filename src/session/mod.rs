@@ -55,7 +55,7 @@ use crate::ws::{Message, SendShared};
 
 use acked::AckState;
 pub use live::Live;
-pub use open::{open, open_with};
+pub use open::{UrlParams, open, open_with};
 pub use proxied::Hello;
 
 /// The `transport` the backend proxies are told, in one place: this
@@ -150,18 +150,18 @@ pub struct Session<S> {
 }
 
 /// Serve one upgraded connection until it ends, then clean up.
-/// `url_token` is the `?token=` of the upgrade request, if any.
+/// `params` is the query of the upgrade request.
 pub async fn serve<S, E>(
     node: Node,
     ws: S,
     mode: Mode,
     shutdown: CancellationToken,
-    url_token: Option<String>,
+    params: UrlParams,
 ) where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + SendShared + Unpin + Send + 'static,
     E: std::error::Error + Send + 'static,
 {
-    if let Some(session) = open(node, ws, mode, url_token).await {
+    if let Some(session) = open(node, ws, mode, params).await {
         session.live(shutdown).await;
     }
 }

@@ -33,6 +33,16 @@ where
     .await;
 }
 
+/// What the upgrade request's query may carry.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct UrlParams {
+    /// `?token=`: a JWT, instead of a first `auth` frame.
+    pub token: Option<String>,
+    /// `?name=`: the display name of a connection without a token
+    /// (unverified; see `protocol::display_name`).
+    pub name: Option<String>,
+}
+
 /// Who the connection is, before it is registered: the URL token, or,
 /// when auth is required, a first `auth` frame within `auth_timeout`.
 /// `Err` is the close code and reason to refuse the connection with.
@@ -92,18 +102,14 @@ where
 /// size is idle memory per connection: the server runs `open` boxed and
 /// then only `live`, whose state is little more than the [`Session`]
 /// (see `ws::WebSocketUpgrade::on_upgrade`).
-pub async fn open<S, E>(
-    node: Node,
-    ws: S,
-    mode: Mode,
-    url_token: Option<String>,
-) -> Option<Session<S>>
+pub async fn open<S, E>(node: Node, ws: S, mode: Mode, params: UrlParams) -> Option<Session<S>>
 where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + SendShared + Unpin + Send + 'static,
     E: std::error::Error + Send + 'static,
 {
     let hello = Hello {
-        token: url_token,
+        token: params.token,
+        name: params.name,
         ..Hello::default()
     };
     open_with(node, ws, mode, hello).await
@@ -164,7 +170,10 @@ where
                     }
                 }
             }
-            match node.register_as(id, identity.as_deref()).await {
+            match node
+                .register_as(id, identity.as_deref(), hello.name.as_deref())
+                .await
+            {
                 Ok(c) => c,
                 Err(crate::error::Error::Client(e)) => {
                     refuse(&mut ws, close::TOO_MANY_USER_CONNECTIONS, &e.message).await;

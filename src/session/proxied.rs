@@ -28,6 +28,9 @@ use crate::ws::{Message, SendShared};
 pub struct Hello {
     /// The `?token=` of the upgrade URL.
     pub token: Option<String>,
+    /// The `?name=` of the upgrade URL: the display name of a connection
+    /// without a token (unverified; see `protocol::display_name`).
+    pub name: Option<String>,
     /// The client's address (after `trusted_proxies`), for the connect
     /// proxy's `remoteAddr`.
     pub remote_addr: Option<String>,
@@ -118,6 +121,8 @@ fn identity_of(
     (!user_id.is_empty()).then(|| {
         Box::new(Identity {
             user_id: user_id.into(),
+            // The connect proxy's answer names no display name (yet).
+            name: None,
             expires_at,
             grants: grants.unwrap_or_default(),
         })

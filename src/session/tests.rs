@@ -65,7 +65,7 @@ async fn protocol_over_channels() {
         ChannelSocket { incoming, outgoing },
         Mode::Protocol,
         shutdown.clone(),
-        None,
+        Default::default(),
     ));
     let welcome = next_json(&mut from_server).await;
     assert_eq!(welcome["type"], "connected");

@@ -10,7 +10,7 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use super::{CLOSE_HANDSHAKE_TIMEOUT, Session};
 use crate::bounded_write::{self, Deadline, Op, Until, Wrote};
 use crate::metrics::Metrics;
-use crate::protocol::{self, Text};
+use crate::protocol::Text;
 use crate::queue::{CloseReason, Outbound};
 use crate::ws::{CloseFrame, Message, SendShared};
 
@@ -57,8 +57,9 @@ where
                         redeliver_check = true;
                     }
                     Metrics::inc(&self.node.metrics().publications_out);
-                    let latency = protocol::now_ms().saturating_sub(d.timestamp);
-                    self.node.metrics().latency.observe(latency);
+                    let latency = d.fanned_out.elapsed().as_micros();
+                    (self.node.metrics().latency)
+                        .observe_us(latency.try_into().unwrap_or(u64::MAX));
                     // Shared: compressed at most once for all recipients.
                     self.wait(Op::Ready, &mut deadline, Until::Abort).await?;
                     if self.ws.start_send_shared(&d.frame, &d.deflated).is_err() {

@@ -715,16 +715,29 @@ pub async fn presence_across_instances(f: &dyn BusFactory) {
         let cluster = Cluster::start(f, "presence", 3).await;
         let channel = "pres:room";
         let mut a = cluster.client(0).await;
-        let mut b = cluster.client(1).await;
+        // B has a display name: it travels with its presence entry.
+        let mut b = Client::connect_url(&format!("{}?name=Bea", cluster.get(1).url("/ws"))).await;
         let mut c = cluster.client(2).await;
         subscribe(&mut a, channel, 1).await;
         subscribe(&mut b, channel, 1).await;
         let j = a.recv_type("join").await;
         assert_eq!(j["clientId"], b.id.as_str(), "{j}");
         assert_eq!(j["channel"], channel);
+        assert_eq!(j["name"], "Bea", "{j}");
 
         let expected: HashSet<String> = [a.id.clone(), b.id.clone()].into();
         assert_eq!(members(&mut c, channel, 2).await, expected, "seen from C");
+        let r = c
+            .request(json!({"type": "presence", "channel": channel}), 20)
+            .await;
+        let named: Vec<&Value> = r["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["name"] == "Bea")
+            .collect();
+        assert_eq!(named.len(), 1, "{r}");
+        assert_eq!(named[0]["clientId"], b.id.as_str());
         assert_eq!(members(&mut a, channel, 3).await, expected, "seen from A");
 
         let r = b

@@ -503,6 +503,7 @@ impl Broker for PubSubBroker {
         let info = ClientInfo {
             client_id: client_id.into(),
             user_id: None,
+            name: None,
         };
         self.inner.member_change(None, &info, false).await
     }
@@ -527,6 +528,7 @@ impl PresenceStore for PubSubPresence {
         let info = ClientInfo {
             client_id: client_id.into(),
             user_id: None,
+            name: None,
         };
         self.inner.member_change(Some(channel), &info, false).await
     }

@@ -128,6 +128,7 @@ impl Remote {
                 info: Some(ClientInfo {
                     client_id: id,
                     user_id: None,
+                    name: None,
                 }),
             });
         }

@@ -12,6 +12,7 @@ fn info(id: &str) -> ClientInfo {
     ClientInfo {
         client_id: id.into(),
         user_id: None,
+        name: None,
     }
 }
 
