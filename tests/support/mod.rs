@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod deflate;
+pub mod event_sink;
 pub mod frames;
 pub mod raw_ws;
 pub mod services;
