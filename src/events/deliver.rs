@@ -73,25 +73,27 @@ impl Delivery {
         })
     }
 
-    /// Run until `shutdown`. `presence_ttl / 3` paces the heartbeat.
+    /// Run until `shutdown`: the heartbeat (every `presence_ttl / 3`) in
+    /// a task of its own, so that a slow backend never delays it (a late
+    /// heartbeat would get this live instance reaped), and the delivery
+    /// rounds here. A retry waits at most that long too, so the lease
+    /// (lifetime `presence_ttl`) is renewed while the backend is down.
     pub(super) async fn run(self, shutdown: CancellationToken, presence_ttl: Duration) {
         let beat_every = (presence_ttl / 3).max(Duration::from_millis(100));
-        let mut next_beat = tokio::time::Instant::now();
+        tokio::spawn(heartbeat(
+            self.store.clone(),
+            self.stats.clone(),
+            beat_every,
+            shutdown.clone(),
+        ));
         let mut attempt = 0u32;
         loop {
-            if tokio::time::Instant::now() >= next_beat {
-                next_beat = tokio::time::Instant::now() + beat_every;
-                match self.store.heartbeat(now_ms()).await {
-                    Ok(n) => EventStats::add(&self.stats.emitted, n),
-                    Err(e) => log(&e, "heartbeat"),
-                }
-            }
             let wait = match self.step(&mut attempt).await {
                 Ok(true) => Duration::ZERO,
                 Ok(false) => IDLE,
                 Err(e) => {
                     log(&e, "event delivery");
-                    let d = BACKOFF.jittered(attempt);
+                    let d = BACKOFF.jittered(attempt).min(beat_every);
                     attempt = attempt.saturating_add(1);
                     d
                 }
@@ -169,6 +171,26 @@ impl Delivery {
             Ok(())
         } else {
             Err(format!("events_url answered {}", answer.status()))
+        }
+    }
+}
+
+/// Heart-beat this instance and reap dead ones, every `every`, until
+/// `shutdown`.
+async fn heartbeat(
+    store: Arc<dyn Store>,
+    stats: Arc<EventStats>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        match store.heartbeat(now_ms()).await {
+            Ok(n) => EventStats::add(&stats.emitted, n),
+            Err(e) => log(&e, "heartbeat"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
         }
     }
 }
