@@ -3,7 +3,8 @@
 //! with its fields and order, signatures, the grace period, a backend that
 //! is down and comes back, dead letters and their replay, the presence
 //! read; on Redis two instances (no duplicates) and an instance killed
-//! with SIGKILL (its clients' events arrive once).
+//! with SIGKILL while holding the delivery lease (its clients' events
+//! arrive once, and the survivor takes the delivery over).
 
 mod support;
 #[macro_use]
@@ -364,6 +365,28 @@ mod redis {
         b.shutdown().await;
     }
 
+    /// Wait until the lease `key` names `holder`.
+    async fn until_held(key: &str, holder: &str) {
+        let client = ::redis::Client::open(REDIS).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let end = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let now: Option<String> = ::redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if now.as_deref() == Some(holder) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < end,
+                "lease held by {now:?}, not {holder}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Kills the child if the test fails before it is killed.
     struct Guard(Child);
     impl Drop for Guard {
@@ -377,7 +400,6 @@ mod redis {
     async fn redis_kill_9_the_clients_of_a_dead_instance_leave_once() {
         let sink = EventSink::start(SECRET).await;
         let prefix = unique_prefix("kill");
-        let a = Instance::start(settings(&prefix, 0, Some(REDIS), &sink, "200ms")).await;
         let port = support::free_port();
         let mut child = Guard(
             Command::new(env!("CARGO_BIN_EXE_switchboard"))
@@ -413,6 +435,11 @@ mod redis {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+        // The victim started first: it holds the delivery lease, which the
+        // survivor must take over when the victim dies.
+        let lease = format!("{prefix}:ev:lease");
+        until_held(&lease, &format!("{prefix}-victim")).await;
+        let a = Instance::start(settings(&prefix, 0, Some(REDIS), &sink, "200ms")).await;
         let url = format!("ws://127.0.0.1:{port}/ws?token={}", token("eve"));
         let mut c = Client::connect_url(&url).await;
         subscribe(&mut c, "chat:k", 1).await;
@@ -439,6 +466,7 @@ mod redis {
         assert_eq!(client[3]["instanceId"], a.node.instance_id());
         assert_eq!(types(&sink.of("user:eve")), ["user_online", "user_offline"]);
         assert_eq!(events.len(), 8, "{events:#?}");
+        until_held(&lease, a.node.instance_id()).await;
         a.shutdown().await;
     }
 }
