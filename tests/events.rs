@@ -329,6 +329,15 @@ mod redis {
         assert_eq!(types(&sink.of("user:u2")), ["user_online", "user_offline"]);
         assert_eq!(types(&sink.of("user:u0")), ["user_online"]);
         assert_eq!(sink.bad_signatures(), 0);
+        // Delivered events leave the log (the cursor's own entry stays).
+        let client = ::redis::Client::open(REDIS).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let len: u64 = ::redis::cmd("XLEN")
+            .arg(format!("{prefix}:ev:log"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(len <= 1, "{len} entries left in the log");
         i.shutdown().await;
     }
 

@@ -3,7 +3,7 @@
 //!
 //! | key | type | what |
 //! |---|---|---|
-//! | `P:log` | stream, field `e` the event JSON, `t` since (ms) | the event log, approximate `MAXLEN` [`MAX_LOG`] |
+//! | `P:log` | stream, field `e` the event JSON, `t` since (ms) | the event log: delivered entries are trimmed at each acknowledgement (`MINID`), undelivered ones bounded by an approximate `MAXLEN` [`MAX_LOG`] |
 //! | `P:cursor` | string | id of the last acknowledged log entry |
 //! | `P:lease` | string → instance id, `PX` | the delivery lease |
 //! | `P:dead` | stream, like the log | dead-lettered events, `MAXLEN ~` [`MAX_DEAD`] |
@@ -221,6 +221,7 @@ impl Store for RedisStore {
             .ack
             .key(self.key("lease"))
             .key(self.key("cursor"))
+            .key(self.key("log"))
             .arg(&self.instance_id)
             .arg(pos)
             .invoke_async(&mut conn)
