@@ -268,6 +268,36 @@ async fn dead_letters_are_kept_and_replayed() {
     i.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_backend_that_is_not_listening_gets_everything_once_it_is() {
+    let port = support::free_port();
+    let unused = EventSink::start(SECRET).await;
+    let mut s = settings(&unique_prefix("absent"), 0, None, &unused, "100ms");
+    s.events_url = Some(EventSink::url_on(port));
+    let i = Instance::start(s).await;
+    let mut c = user_client(&i, "fay").await;
+    subscribe(&mut c, "chat:f", 1).await;
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sink = EventSink::start_on(SECRET, port).await;
+    let events = sink.until(DEADLINE, |e| e.len() >= 8).await;
+    assert_eq!(
+        types(&events),
+        [
+            "connect",
+            "user_online",
+            "subscribe",
+            "channel_occupied",
+            "unsubscribe",
+            "disconnect",
+            "channel_vacated",
+            "user_offline"
+        ]
+    );
+    assert_ordered_once(&events);
+    i.shutdown().await;
+}
+
 #[test]
 fn events_need_a_secret_and_a_durable_bus() {
     let base = || Settings {

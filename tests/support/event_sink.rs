@@ -36,6 +36,17 @@ pub struct EventSink {
 
 impl EventSink {
     pub async fn start(secret: &str) -> EventSink {
+        EventSink::start_on(secret, 0).await
+    }
+
+    /// The URL a sink on `port` would have (to point a server at a
+    /// backend that is not there yet).
+    pub fn url_on(port: u16) -> String {
+        format!("http://127.0.0.1:{port}/events")
+    }
+
+    /// A sink on `port` (0: a free one).
+    pub async fn start_on(secret: &str, port: u16) -> EventSink {
         let shared = Arc::new(Shared {
             secret: secret.as_bytes().to_vec(),
             ..Default::default()
@@ -43,8 +54,10 @@ impl EventSink {
         let app = Router::new()
             .route("/events", post(receive))
             .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/events", listener.local_addr().unwrap());
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let url = EventSink::url_on(listener.local_addr().unwrap().port());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
