@@ -353,3 +353,108 @@ impl Store for MemoryStore {
         Ok(0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change<'a>(op: Op<'a>, client: &'a str, user: Option<&'a str>) -> Change<'a> {
+        Change {
+            op,
+            client_id: client,
+            user_id: user,
+        }
+    }
+
+    fn types(events: &[Stored]) -> Vec<String> {
+        events
+            .iter()
+            .map(|s| serde_json::from_str::<Event>(&s.json).unwrap())
+            .map(|e| {
+                serde_json::to_value(e.kind)
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn changes_are_idempotent_and_a_user_counts_every_connection() {
+        let s = MemoryStore::new("i", 1000, Arc::default());
+        assert_eq!(
+            s.record(change(Op::Connect, "a", Some("u")), 1)
+                .await
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            s.record(change(Op::Connect, "a", Some("u")), 1)
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            s.record(change(Op::Connect, "b", Some("u")), 1)
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            s.record(change(Op::Subscribe("c"), "a", None), 2)
+                .await
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            s.record(change(Op::Subscribe("c"), "a", None), 2)
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            s.record(change(Op::Unsubscribe("x"), "a", None), 2)
+                .await
+                .unwrap(),
+            0
+        );
+        let bye = Op::Disconnect {
+            code: 1000,
+            reason: "",
+        };
+        // a's disconnect also unsubscribes it; the user stays online via b.
+        assert_eq!(s.record(change(bye, "a", Some("u")), 3).await.unwrap(), 2);
+        assert_eq!(s.record(change(bye, "a", Some("u")), 3).await.unwrap(), 0);
+        assert_eq!(s.user("u").await.unwrap().connections, 1);
+        assert_eq!(
+            s.settle(2000).await.unwrap(),
+            1,
+            "only the channel is vacated"
+        );
+        s.record(change(bye, "b", Some("u")), 3000).await.unwrap();
+        assert_eq!(s.settle(3500).await.unwrap(), 0, "within the grace");
+        assert!(s.user("u").await.unwrap().online);
+        assert_eq!(s.settle(4000).await.unwrap(), 1);
+        let p = s.user("u").await.unwrap();
+        assert_eq!((p.online, p.connections, p.seq), (false, 0, 2));
+        let log = s.read(100).await.unwrap();
+        assert_eq!(
+            types(&log),
+            [
+                "connect",
+                "user_online",
+                "connect",
+                "subscribe",
+                "channel_occupied",
+                "unsubscribe",
+                "disconnect",
+                "channel_vacated",
+                "disconnect",
+                "user_offline"
+            ]
+        );
+        s.ack(&log[4].pos).await.unwrap();
+        assert_eq!(s.read(100).await.unwrap().len(), 5);
+    }
+}
