@@ -10,6 +10,8 @@
 //! | `GET /api/presence/{channel}` | the members of a channel on every instance |
 //! | `GET /api/history/{channel}` | retained publications (`?limit`, `?reverse=true` newest first, `?epoch&offset` after a position) |
 //! | `POST /api/disconnect` | close a client connected to *this* instance |
+//! | `GET /api/users/{id}/presence` | a user's connections across the cluster, and the `seq` of its lifecycle events (needs `events_url`) |
+//! | `POST /api/events/replay` | move dead-lettered lifecycle events back for delivery (needs `events_url`) |
 //!
 //! The API is off unless an API key is configured (`api_key_file`): then
 //! every `/api/*` path answers 404, as if it did not exist. With a key,
@@ -175,6 +177,8 @@ pub fn routes<S: Clone + Send + Sync + 'static>(node: Node) -> Router<S> {
         .route("/api/presence/{*channel}", get(presence))
         .route("/api/history/{*channel}", get(history))
         .route("/api/disconnect", post(disconnect))
+        .route("/api/users/{id}/presence", get(user_presence))
+        .route("/api/events/replay", post(replay_events))
         .method_not_allowed_fallback(method_not_allowed)
         .route_layer(middleware::from_fn_with_state(node.clone(), guard))
         .layer(DefaultBodyLimit::max(limit))
@@ -447,6 +451,47 @@ async fn disconnect(
         ));
     }
     Ok(Json(json!({"disconnected": true})))
+}
+
+/// The lifecycle events, or 404 `events_off`.
+fn events(node: &Node) -> Result<&crate::events::Events, ApiError> {
+    node.events().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "events_off",
+            "lifecycle events are off (no events_url)",
+        )
+    })
+}
+
+async fn user_presence(
+    State(node): State<Node>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path(id) = id.map_err(|r| ApiError::invalid(r.body_text()))?;
+    let p = events(&node)?.user(&id).await?;
+    Ok(Json(json!({
+        "userId": id,
+        "online": p.online,
+        "connections": p.connections,
+        "seq": p.seq,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayBody {
+    /// At most this many (default and cap: `events::MAX_REPLAY`).
+    max: Option<usize>,
+}
+
+async fn replay_events(
+    State(node): State<Node>,
+    ApiJson(body): ApiJson<ReplayBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let max = body.max.unwrap_or(crate::events::MAX_REPLAY);
+    let (replayed, left) = events(&node)?.replay(max).await?;
+    Ok(Json(json!({"replayed": replayed, "deadLettered": left})))
 }
 
 #[cfg(test)]

@@ -61,6 +61,9 @@
 //!   and in number; the session asks them (`session::proxied`).
 //! * [`relay`]: who may `broadcast` and `direct` to other clients, and
 //!   what a refreshed token no longer grants.
+//! * [`events`]: lifecycle events (webhooks): connect, disconnect,
+//!   subscribe, user online/offline…, durable on the bus, delivered in
+//!   signed batches by one instance at a time.
 //! * [`api`]: the server HTTP API for backends (`/api/publish`, `/api/broadcast`,
 //!   `/api/direct`, `/api/presence/{channel}`, `/api/disconnect`), behind an API key.
 //! * [`api_key`]: that key, read from its file and compared in constant time.
@@ -71,8 +74,8 @@
 //!
 //! Imports point down only: no module imports one that imports it back
 //! (`scripts/module-graph` lists the edges and any cycle). At the bottom
-//! `error`, `ids`, `protocol`, `queue`; then `hub`, `proxy`, `config`, `broker`;
-//! `node` above those; `session`, `api`, `keepalive`, `relay` above the
+//! `error`, `ids`, `protocol`, `queue`; then `hub`, `proxy`, `config`, `broker`,
+//! `events`; `node` above those; `session`, `api`, `keepalive`, `relay` above the
 //! node; `server` on top.
 
 #![forbid(unsafe_code)]
@@ -88,6 +91,7 @@ pub mod client_addr;
 pub mod config;
 pub mod create_limit;
 pub mod error;
+pub mod events;
 pub mod figures;
 pub mod hub;
 pub mod ids;

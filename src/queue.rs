@@ -349,6 +349,12 @@ impl OutQueue {
         Poll::Pending
     }
 
+    /// The requested close, if any (what the `disconnect` lifecycle event
+    /// reports).
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.state.lock_unpoisoned().close.as_deref().cloned()
+    }
+
     /// Whether a close has been requested.
     pub fn is_closed(&self) -> bool {
         self.state.lock_unpoisoned().close.is_some()

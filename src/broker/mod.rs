@@ -22,7 +22,6 @@ pub mod nats;
 pub mod pubsub;
 #[cfg(feature = "redis")]
 pub mod redis;
-#[cfg(any(feature = "redis", feature = "pubsub"))]
 pub(crate) mod retry;
 
 use std::sync::Arc;

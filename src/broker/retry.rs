@@ -1,4 +1,5 @@
-//! Reconnection backoff shared by the buses: one [`Backoff`] with the
+//! Reconnection backoff shared by the buses (and the lifecycle events'
+//! delivery retries): one [`Backoff`] with the
 //! bounds each bus chooses, so every reconnect loop grows its delay the
 //! same way.
 //!
@@ -35,7 +36,6 @@ impl Backoff {
 
     /// [`delay`](Self::delay) with ±50 % jitter: uniformly between half
     /// and one and a half times it.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn jittered(&self, attempt: u32) -> Duration {
         self.delay(attempt).mul_f64(0.5 + fastrand::f64())
     }

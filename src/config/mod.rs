@@ -27,6 +27,7 @@ macro_rules! pick {
 
 mod bus;
 mod duration;
+mod events;
 mod namespace;
 mod settings;
 #[cfg(test)]
@@ -35,6 +36,7 @@ mod validate;
 
 pub use bus::BusConfig;
 pub use duration::HumanDuration;
+pub use events::EventsConfig;
 pub use namespace::{NamespaceOptions, NamespaceSettings};
 pub use settings::Settings;
 use validate::{message_limit, nonzero, positive};
@@ -157,6 +159,10 @@ pub struct Config {
     // -- end history budget --
     /// The backend proxies (issue 17); each off without its URL.
     pub proxy: crate::proxy::ProxyConfig,
+    // -- lifecycle events (issue 17) --
+    /// The lifecycle-event webhook; `None` (the default) sends none.
+    pub events: Option<EventsConfig>,
+    // -- end lifecycle events --
     /// Options of channels without a configured namespace.
     pub default_namespace: NamespaceOptions,
     /// Options per configured namespace.
@@ -273,6 +279,13 @@ impl Config {
                 "auth_required needs a key: auth_hs256_secret_file, auth_public_key_file or auth_jwks_file".into(),
             ));
         }
+        let events = EventsConfig::from_settings(
+            s.events_url,
+            s.events_secret_file,
+            s.events_grace,
+            s.events_max_age,
+            &bus,
+        )?;
         let drain_timeout = pick!(s.drain_timeout, HumanDuration(Duration::from_secs(30))).0;
         let pubsub_topic = pick!(s.pubsub_topic, "switchboard-messages".into());
         let pubsub_subscription = s
@@ -448,6 +461,7 @@ impl Config {
                 n => n,
             },
             proxy,
+            events,
             default_namespace,
             namespaces,
         })

@@ -316,6 +316,24 @@ pub struct Settings {
     #[arg(long, env = "SWITCHBOARD_PROXY_MAX_IN_FLIGHT")]
     pub proxy_max_in_flight: Option<usize>,
     // -- end backend proxies --
+    // -- lifecycle events (issue 17) --
+    /// Backend URL that lifecycle events (connect, disconnect, subscribe,
+    /// user_online, …) are POSTed to in signed batches; off without it.
+    #[arg(long, env = "SWITCHBOARD_EVENTS_URL")]
+    pub events_url: Option<String>,
+    /// File with the secret that signs every event delivery
+    /// (`X-Switchboard-Signature`); required with `events_url`.
+    #[arg(long, env = "SWITCHBOARD_EVENTS_SECRET_FILE")]
+    pub events_secret_file: Option<std::path::PathBuf>,
+    /// `channel_vacated` and `user_offline` wait this long and are not sent
+    /// if the channel or user is back within it [default: 3s].
+    #[arg(long, env = "SWITCHBOARD_EVENTS_GRACE")]
+    pub events_grace: Option<HumanDuration>,
+    /// How long an undelivered event is retried before it is dead-lettered
+    /// [default: 24h].
+    #[arg(long, env = "SWITCHBOARD_EVENTS_MAX_AGE")]
+    pub events_max_age: Option<HumanDuration>,
+    // -- end lifecycle events --
     /// Per-namespace options; only in the TOML file (`[namespaces.chat]`).
     #[arg(skip)]
     pub namespaces: HashMap<String, NamespaceSettings>,
@@ -407,7 +425,12 @@ impl Settings {
             proxy_connect_always,
             proxy_timeout,
             proxy_headers,
-            proxy_max_in_flight
+            proxy_max_in_flight,
+            // lifecycle events (issue 17)
+            events_url,
+            events_secret_file,
+            events_grace,
+            events_max_age
         );
         if self.namespaces.is_empty() {
             self.namespaces = lower.namespaces;

@@ -14,8 +14,12 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
+use std::sync::atomic::AtomicU64;
+
 use crate::admission::AddrTable;
+use crate::events::EventStats;
 use crate::hub::Hub;
+use crate::node::Node;
 
 use super::counter::{Counter, Feed, Kind, Source, Value};
 use super::proxy;
@@ -23,6 +27,11 @@ use super::proxy;
 const SLOW_CONSUMER_ACTIONS: &str = "Actions taken on full client queues, by policy.";
 const REQUESTS: &str = "Valid client requests received, by type.";
 const FRAMES_OUT: &str = "Frames written to clients, by kind.";
+
+/// A lifecycle-event figure (0 while events are off).
+fn events(node: &Node, f: fn(&EventStats) -> &AtomicU64) -> Value<'_> {
+    Value::Int(node.events().map_or(0, |e| f(e.stats()).load(Relaxed)))
+}
 
 /// Every figure, in the order of `/metrics/prometheus` (the JSON sorts its
 /// keys).
@@ -145,6 +154,63 @@ pub const COUNTERS: &[Counter] = &[
         kind: Kind::Counter,
         help: "Client publishes refused by the channel creation limit.",
         source: Source::Metrics(|m| &m.channel_limited),
+        feed: Feed::No,
+    },
+    // Lifecycle events (issue 17): zero while events_url is unset.
+    Counter {
+        json: Some("eventsEmitted"),
+        prometheus: Some("switchboard_events_emitted_total"),
+        kind: Kind::Counter,
+        help: "Lifecycle events written to the bus (durable).",
+        source: Source::Node(|n| events(n, |s| &s.emitted)),
+        feed: Feed::No,
+    },
+    Counter {
+        json: Some("eventsFailed"),
+        prometheus: Some("switchboard_events_failed_total"),
+        kind: Kind::Counter,
+        help: "Connection changes whose lifecycle events could not be written to the bus.",
+        source: Source::Node(|n| events(n, |s| &s.failed)),
+        feed: Feed::No,
+    },
+    Counter {
+        json: Some("eventsDelivered"),
+        prometheus: Some("switchboard_events_delivered_total"),
+        kind: Kind::Counter,
+        help: "Lifecycle events acknowledged by the backend (2xx), delivered by this instance.",
+        source: Source::Node(|n| events(n, |s| &s.delivered)),
+        feed: Feed::No,
+    },
+    Counter {
+        json: Some("eventsRetried"),
+        prometheus: Some("switchboard_events_retried_total"),
+        kind: Kind::Counter,
+        help: "Failed lifecycle-event deliveries (batches), retried with backoff.",
+        source: Source::Node(|n| events(n, |s| &s.retried)),
+        feed: Feed::No,
+    },
+    Counter {
+        json: Some("eventsDeadLettered"),
+        prometheus: Some("switchboard_events_dead_lettered_total"),
+        kind: Kind::Counter,
+        help: "Lifecycle events dead-lettered after events_max_age.",
+        source: Source::Node(|n| events(n, |s| &s.dead_lettered)),
+        feed: Feed::No,
+    },
+    Counter {
+        json: Some("eventsDropped"),
+        prometheus: Some("switchboard_events_dropped_total"),
+        kind: Kind::Counter,
+        help: "Lifecycle events dropped from a full event log (memory bus).",
+        source: Source::Node(|n| events(n, |s| &s.dropped)),
+        feed: Feed::No,
+    },
+    Counter {
+        json: Some("eventsDeliveryMs"),
+        prometheus: Some("switchboard_events_delivery_ms_total"),
+        kind: Kind::Counter,
+        help: "Sum over delivered lifecycle events of the time from emission to acknowledgement, in ms.",
+        source: Source::Node(|n| events(n, |s| &s.delivery_ms)),
         feed: Feed::No,
     },
     // JSON only: Prometheus has the sum, `switchboard_upgrades_refused_total`.

@@ -16,6 +16,7 @@ use crate::broker::{
 };
 use crate::config::{Config, NamespaceOptions};
 use crate::error::{ClientError, Error, ErrorCode, Result};
+use crate::events::{Change, Events, Op};
 use crate::hub::{ClientHandle, Hub};
 use crate::ids::random_base36;
 use crate::metrics::Metrics;
@@ -26,6 +27,10 @@ use crate::protocol::USER_CHANNEL_PREFIX;
 
 mod inbound;
 use inbound::Inbound;
+
+/// The `disconnect` event's code for a connection dropped without a
+/// close frame (RFC 6455's "abnormal closure", never sent on the wire).
+const DROPPED: u16 = 1006;
 
 fn user_channel(user_id: &str) -> Arc<str> {
     format!("{USER_CHANNEL_PREFIX}{user_id}").into()
@@ -68,6 +73,8 @@ struct Shared {
     auth: Option<crate::auth::Authenticator>,
     /// The backend proxies (each off without its URL).
     proxy: crate::proxy::Proxy,
+    /// Lifecycle events; `None` unless `events_url` is set.
+    events: Option<Events>,
 }
 
 impl Node {
@@ -86,6 +93,7 @@ impl Node {
     ) -> Result<Node> {
         let auth = crate::auth::Authenticator::from_config(&config.auth)?;
         let proxy = crate::proxy::Proxy::new(&config.proxy)?;
+        let events = Events::start(&config).await?;
         let hub = Arc::new(Hub::new(Limits {
             max_messages: config.queue_max_messages,
             max_bytes: config.queue_max_bytes,
@@ -108,6 +116,7 @@ impl Node {
                 draining: AtomicBool::new(false),
                 auth,
                 proxy,
+                events,
             }),
         })
     }
@@ -162,6 +171,23 @@ impl Node {
     /// Turn unready: shutdown has begun.
     pub fn start_draining(&self) {
         self.shared.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Lifecycle events, when `events_url` is set.
+    pub fn events(&self) -> Option<&Events> {
+        self.shared.events.as_ref()
+    }
+
+    /// Report a connection's change to the lifecycle events (if on).
+    async fn lifecycle(&self, client: &ClientHandle, op: Op<'_>) {
+        if let Some(events) = &self.shared.events {
+            let change = Change {
+                op,
+                client_id: client.id(),
+                user_id: client.user_id().map(|u| &**u),
+            };
+            events.record(change).await;
+        }
     }
 
     /// The token verifier, when auth is configured.
@@ -248,11 +274,18 @@ impl Node {
                 }
             }
         }
+        self.lifecycle(&handle, Op::Connect).await;
         Ok(handle)
     }
 
     /// Forget a connection: leave each of its channels, then the hub.
     pub async fn unregister(&self, client: &Arc<ClientHandle>, channels: Vec<Arc<str>>) {
+        // What the `disconnect` event reports: the server's close, else
+        // the client's own end.
+        let (code, reason) = match client.queue.close_reason() {
+            Some(r) => (r.code.unwrap_or(DROPPED), r.reason),
+            None => (crate::error::close::NORMAL, "closed by the client".into()),
+        };
         for channel in channels {
             if let Err(e) = self.leave(client, &channel).await {
                 tracing::warn!(client = %client.id(), %channel, error = %e, "cleanup of a subscription failed");
@@ -267,6 +300,14 @@ impl Node {
             }
         }
         self.shared.hub.remove(client.id());
+        self.lifecycle(
+            client,
+            Op::Disconnect {
+                code,
+                reason: &reason,
+            },
+        )
+        .await;
         if let Err(e) = self.shared.broker.unregister_client(client.id()).await {
             tracing::warn!(client = %client.id(), error = %e, "unregistering from the bus failed");
         }
@@ -416,6 +457,7 @@ impl Node {
                 return Err(e);
             }
         }
+        self.lifecycle(client, Op::Subscribe(channel)).await;
         if opts.presence {
             self.shared.presence.add(channel, &client.info()).await?;
             if opts.join_leave {
@@ -441,6 +483,7 @@ impl Node {
         if self.shared.hub.unsubscribe(channel, client.id()) {
             self.shared.broker.unsubscribe(channel).await?;
         }
+        self.lifecycle(client, Op::Unsubscribe(channel)).await;
         if opts.presence {
             self.shared.presence.remove(channel, client.id()).await?;
             if opts.join_leave {
@@ -588,8 +631,11 @@ impl Node {
         self.shared.presence.members(name).await
     }
 
-    /// Release the bus.
+    /// Release the bus (and stop delivering events).
     pub async fn close(&self) -> Result<()> {
+        if let Some(events) = &self.shared.events {
+            events.close();
+        }
         self.shared.broker.close().await
     }
 }

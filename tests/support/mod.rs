@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod deflate;
+pub mod event_sink;
 pub mod frames;
 pub mod raw_ws;
 pub mod services;
