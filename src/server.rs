@@ -14,11 +14,12 @@ use std::future::Future;
 
 use std::net::IpAddr;
 
+use axum::body::Body;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -28,7 +29,7 @@ use tower::ServiceExt;
 
 use std::sync::{Arc, Mutex};
 
-use crate::admission::{self, Acceptor, AddrTable, ConnInfo, Counted, Refusal, RefusalLog};
+use crate::admission::{self, Acceptor, AddrTable, ConnInfo, Counted, Permit, Refusal, RefusalLog};
 use crate::error::Result;
 use crate::figures::Sources;
 use crate::limits::TokenBucket;
@@ -63,6 +64,8 @@ fn router(state: AppState) -> Router {
     let mut app = Router::new()
         .route("/", get(root))
         .route("/ws", get(ws_only))
+        .route("/sse", get(sse_stream))
+        .route("/sse/send", post(sse_send))
         .route("/_ah/health", get(|| async { "OK" }))
         // Browsers ask for it on every page; no 404 in their consoles.
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
@@ -133,11 +136,101 @@ fn refuse(
     resp
 }
 
-/// Admit (or refuse) an upgrade on `/`, `/ws` or the echo path: the same
-/// checks on all three, cheapest and most specific first: draining,
-/// origin, the instance's connection count, the client address's
-/// connection count (counted at accept, or here behind a trusted proxy),
-/// its handshake bucket (429), the instance's (503).
+/// Admit (or refuse) a new connection, WebSocket or SSE: the same checks
+/// on every path, cheapest and most specific first: draining, origin, the
+/// instance's connection count, the client address's connection count
+/// (counted at accept, or here behind a trusted proxy), its handshake
+/// bucket (429), the instance's (503). `Ok` holds the forwarded client's
+/// permit when the connection was not counted at accept.
+fn admit(
+    state: &AppState,
+    client: IpAddr,
+    conn: Option<&ConnInfo>,
+    headers: &HeaderMap,
+) -> std::result::Result<Option<Permit>, Box<Response>> {
+    let cfg = state.node.config();
+    if state.shutdown.is_cancelled() {
+        return Err(Box::new(refuse(
+            state,
+            client,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            None,
+        )));
+    }
+    if !origin_allowed(&cfg.allowed_origins, headers) {
+        Metrics::inc(&state.node.metrics().origin_refused);
+        return Err(Box::new(refuse(
+            state,
+            client,
+            StatusCode::FORBIDDEN,
+            "origin not allowed",
+            None,
+        )));
+    }
+    if state.node.hub().len() >= cfg.max_connections {
+        Metrics::inc(&state.node.metrics().connections_refused);
+        let why = "too many connections";
+        return Err(Box::new(refuse(
+            state,
+            client,
+            StatusCode::SERVICE_UNAVAILABLE,
+            why,
+            None,
+        )));
+    }
+    // The connection's own permit (taken at accept), or one for the
+    // forwarded client behind a trusted proxy.
+    let fresh = match conn.is_some_and(|c| c.has_permit()) {
+        true => None,
+        false => match state.addrs.acquire(client) {
+            Ok(p) => Some(p),
+            Err(_) => {
+                let why = "too many connections from this address";
+                return Err(Box::new(refuse(
+                    state,
+                    client,
+                    StatusCode::TOO_MANY_REQUESTS,
+                    why,
+                    Some(1),
+                )));
+            }
+        },
+    };
+    if let Err(Refusal::Throttled(wait)) = state.addrs.admit(client) {
+        let why = "too many new connections from this address; retry later";
+        let retry = Some(admission::retry_secs(wait));
+        return Err(Box::new(refuse(
+            state,
+            client,
+            StatusCode::TOO_MANY_REQUESTS,
+            why,
+            retry,
+        )));
+    }
+    if cfg.handshake_rate > 0.0 {
+        let mut bucket = state.admission.lock_unpoisoned();
+        let now = state.node.hub().clock_ms();
+        if !bucket.take(now, cfg.handshake_rate, cfg.handshake_burst) {
+            let wait = bucket.wait(cfg.handshake_rate);
+            drop(bucket);
+            Metrics::inc(&state.node.metrics().handshakes_throttled);
+            let why = "too many new connections; retry later";
+            let retry = Some(admission::retry_secs(wait));
+            return Err(Box::new(refuse(
+                state,
+                client,
+                StatusCode::SERVICE_UNAVAILABLE,
+                why,
+                retry,
+            )));
+        }
+    }
+    Ok(fresh)
+}
+
+/// Admit (or refuse, see [`admit`]) an upgrade on `/`, `/ws` or the echo
+/// path, and start its session.
 fn upgrade(
     state: AppState,
     ws: std::result::Result<WebSocketUpgrade, UpgradeRejection>,
@@ -157,59 +250,10 @@ fn upgrade(
             return resp;
         }
     };
-    if state.shutdown.is_cancelled() {
-        return refuse(
-            &state,
-            client,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "draining",
-            None,
-        );
-    }
-    if !origin_allowed(&cfg.allowed_origins, headers) {
-        Metrics::inc(&state.node.metrics().origin_refused);
-        return refuse(
-            &state,
-            client,
-            StatusCode::FORBIDDEN,
-            "origin not allowed",
-            None,
-        );
-    }
-    if state.node.hub().len() >= cfg.max_connections {
-        Metrics::inc(&state.node.metrics().connections_refused);
-        let why = "too many connections";
-        return refuse(&state, client, StatusCode::SERVICE_UNAVAILABLE, why, None);
-    }
-    // The connection's own permit (taken at accept), or one for the
-    // forwarded client behind a trusted proxy.
-    let fresh = match conn.as_ref().is_some_and(|c| c.has_permit()) {
-        true => None,
-        false => match state.addrs.acquire(client) {
-            Ok(p) => Some(p),
-            Err(_) => {
-                let why = "too many connections from this address";
-                return refuse(&state, client, StatusCode::TOO_MANY_REQUESTS, why, Some(1));
-            }
-        },
+    let fresh = match admit(&state, client, conn.as_deref(), headers) {
+        Ok(fresh) => fresh,
+        Err(resp) => return *resp,
     };
-    if let Err(Refusal::Throttled(wait)) = state.addrs.admit(client) {
-        let why = "too many new connections from this address; retry later";
-        let retry = Some(admission::retry_secs(wait));
-        return refuse(&state, client, StatusCode::TOO_MANY_REQUESTS, why, retry);
-    }
-    if cfg.handshake_rate > 0.0 {
-        let mut bucket = state.admission.lock_unpoisoned();
-        let now = state.node.hub().clock_ms();
-        if !bucket.take(now, cfg.handshake_rate, cfg.handshake_burst) {
-            let wait = bucket.wait(cfg.handshake_rate);
-            drop(bucket);
-            Metrics::inc(&state.node.metrics().handshakes_throttled);
-            let why = "too many new connections; retry later";
-            let retry = Some(admission::retry_secs(wait));
-            return refuse(&state, client, StatusCode::SERVICE_UNAVAILABLE, why, retry);
-        }
-    }
     let Some(permit) = fresh.or_else(|| conn.and_then(|c| c.take_permit())) else {
         let why = "connection already upgraded";
         return refuse(&state, client, StatusCode::BAD_REQUEST, why, None);
@@ -285,6 +329,54 @@ async fn echo(
         UpgradeQuery::default(),
         Mode::Echo,
     )
+}
+
+/// `GET /sse`: an event stream for clients whose WebSocket upgrade is
+/// broken, admitted like an upgrade ([`admit`]); the token as `?token=`
+/// or `Authorization: Bearer`.
+async fn sse_stream(
+    State(state): State<AppState>,
+    conn: Conn,
+    headers: HeaderMap,
+    Query(query): Query<UpgradeQuery>,
+) -> Response {
+    let conn = conn.map(|Extension(c)| c);
+    let client = ConnInfo::client(
+        conn.as_deref(),
+        &state.node.config().trusted_proxies,
+        &headers,
+    );
+    let fresh = match admit(&state, client, conn.as_deref(), &headers) {
+        Ok(fresh) => fresh,
+        Err(resp) => return *resp,
+    };
+    let token = query.token.or_else(|| bearer(&headers));
+    let AppState {
+        node,
+        shutdown,
+        tracker,
+        ..
+    } = state;
+    crate::sse::open_stream(node, token, shutdown, &tracker, fresh)
+}
+
+/// `POST /sse/send`: frames for an SSE connection (on any instance); a
+/// browser's `Origin` is checked as for the stream.
+async fn sse_send(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    if !origin_allowed(&state.node.config().allowed_origins, &headers) {
+        Metrics::inc(&state.node.metrics().origin_refused);
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
+    crate::sse::send(state.node, &headers, body).await
+}
+
+/// The token of an `Authorization: Bearer` header.
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_owned())
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {

@@ -28,15 +28,20 @@ struct Connected<'a> {
     message: &'static str,
     #[serde(rename = "instanceId")]
     instance_id: &'a str,
+    /// SSE connections only: the id to post frames with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session: Option<&'a str>,
 }
 
-/// `{"type":"connected",…}`: the welcome, as the tutorial sends it.
-pub fn connected(client_id: &str, instance_id: &str) -> Text {
+/// `{"type":"connected",…}`: the welcome, as the tutorial sends it; with
+/// `session` on an SSE connection.
+pub fn connected(client_id: &str, instance_id: &str, session: Option<&str>) -> Text {
     encode(&Connected {
         ty: "connected",
         client_id,
         message: "Welcome to the real-time server",
         instance_id,
+        session,
     })
 }
 

@@ -167,7 +167,12 @@ where
 
     /// The welcome (and the `authenticated` reply to a first-frame auth).
     async fn greet(&mut self, auth_reply: Option<Text>) -> ControlFlow<()> {
-        let welcome = protocol::connected(self.client.id(), self.node.instance_id());
+        let session = self.ws.open_session(self.client.id());
+        let welcome = protocol::connected(
+            self.client.id(),
+            self.node.instance_id(),
+            session.as_deref(),
+        );
         self.send(welcome).await?;
         if let Some(reply) = auth_reply {
             self.send(reply).await?;

@@ -6,6 +6,7 @@ pub mod deflate;
 pub mod frames;
 pub mod raw_ws;
 pub mod services;
+pub mod sse;
 
 use std::net::SocketAddr;
 use std::time::Duration;
