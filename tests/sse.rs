@@ -201,6 +201,9 @@ async fn keep_alive_comments_keep_a_reading_stream_and_a_vanished_one_is_removed
     sse.quiet_for(Duration::from_millis(1200)).await;
     assert!(sse.comments >= 3, "comments: {}", sse.comments);
     assert_eq!(server.node.hub().len(), 1);
+    let (status, body) = get(&server, "/metrics").await;
+    let metrics: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((status, metrics["sseConnections"].clone()), (200, json!(1)));
     sse.send(vec![json!({"type":"ping","id":1})]).await;
     assert_eq!(sse.reply(1).await["type"], "pong");
     drop(sse);

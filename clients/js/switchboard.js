@@ -305,6 +305,8 @@ class SseSocket {
     this.url = url;
     this.readyState = 0;
     this.onopen = this.onmessage = this.onclose = this.onerror = null;
+    /** Keep-alive comments (no message): a sign of life for the heartbeat. */
+    this.onactivity = null;
     this._fetch = fetchImpl;
     this._abort = new AbortController();
     this._session = null;
@@ -357,7 +359,10 @@ class SseSocket {
         for (const line of block.split(/\r?\n/)) {
           if (line.startsWith('data:')) data.push(line.slice(line.startsWith('data: ') ? 6 : 5));
         }
-        if (data.length === 0) continue; // a keep-alive comment
+        if (data.length === 0) {
+          this.onactivity?.(); // a keep-alive comment: the stream is alive
+          continue;
+        }
         const text = data.join('\n');
         let frame = null;
         try {
@@ -562,6 +567,7 @@ export class RealtimeClient extends Emitter {
     ws.onopen = () => this._onOpen(ws);
     ws.onmessage = (event) => this._onMessage(ws, event);
     ws.onclose = (event) => this._onClose(ws, event.code, event.reason);
+    if (transport === 'sse') ws.onactivity = () => ws === this.ws && this._touch();
     ws.onerror = (event) => {
       if (ws !== this.ws) return;
       // Browsers give no detail. A close event should follow, but some
