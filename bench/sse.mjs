@@ -5,6 +5,7 @@
 // POST /sse/send, deliveries/s, loss and publish→event latency.
 //
 //   node bench/sse.mjs --port PORT --pid PID [-n 5000] [--subscribers 1000] [--messages 200]
+//                      [--idle sse,ws] [--no-fanout]
 //
 // Loopback only; every phase is bounded in connections and time. The server
 // should run as bench/run.sh starts it: --rate-limit 0 --handshake-rate 0
@@ -21,6 +22,8 @@ const PID = Number(arg('--pid'));
 const N = Number(arg('-n', 5000));
 const SUBS = Number(arg('--subscribers', 1000));
 const MESSAGES = Number(arg('--messages', 200));
+const KINDS = arg('--idle', 'sse,ws').split(',').filter(Boolean); // which idle runs, in order
+const FANOUT = !process.argv.includes('--no-fanout');
 const CONCURRENCY = 128;
 if (!PORT || !PID) throw new Error('usage: --port PORT --pid PID [-n N] [--subscribers S] [--messages K]');
 
@@ -170,6 +173,8 @@ async function fanout() {
   };
 }
 
-const result = { n: N, idle: [await idle('sse'), await idle('ws')], fanout: await fanout() };
+const result = { n: N, idle: [] };
+for (const kind of KINDS) result.idle.push(await idle(kind));
+if (FANOUT) result.fanout = await fanout();
 console.log(JSON.stringify(result, null, 2));
 process.exit(0);
