@@ -272,7 +272,7 @@ async fn drain_ends_the_stream_with_the_reconnect_advice() {
 }
 
 #[tokio::test]
-async fn origin_and_auth_are_checked_as_for_websocket() {
+async fn the_origin_is_checked_as_for_websocket() {
     let mut s = settings();
     s.allowed_origins = Some(vec!["https://good.example".into()]);
     let server = start_with(s).await;
@@ -295,6 +295,62 @@ async fn origin_and_auth_are_checked_as_for_websocket() {
     let mut sse = Sse::open(&server.http("")).await;
     sse.send(vec![json!({"type":"ping","id":1})]).await;
     assert_eq!(sse.reply(1).await["type"], "pong");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_token_comes_as_a_query_or_a_bearer_header_and_is_verified() {
+    const SECRET: &str = "sse-test-secret-0123456789abcdef";
+    let dir = std::env::temp_dir().join(format!("sb-sse-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret_file = dir.join("secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    let mut s = settings();
+    s.auth_hs256_secret_file = Some(secret_file);
+    s.auth_required = Some(true);
+    let server = start_with(s).await;
+    switchboard::auth::init_crypto();
+    let exp = switchboard::protocol::now_ms() / 1000 + 600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": "alice", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let http = reqwest::Client::new();
+    // No token: there is no first-frame auth over SSE.
+    let resp = http.get(server.http("/sse")).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    // A bad token: the stream's only event is the close, 4001.
+    let mut bad = Sse::open_raw(&server.http(""), "?token=nope").await;
+    let events = bad.until_end(Duration::from_secs(5)).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(
+        (events[0]["type"].clone(), events[0]["code"].clone()),
+        (json!("close"), json!(4001))
+    );
+    // A good one, as a query and as a bearer header.
+    let mut q = Sse::open_query(&server.http(""), &format!("?token={token}")).await;
+    q.send(vec![json!({"type":"ping","id":1})]).await;
+    assert_eq!(q.reply(1).await["type"], "pong");
+    let resp = http
+        .get(server.http("/sse"))
+        .header("authorization", format!("Bearer {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = String::new();
+    let mut resp = resp;
+    while !body.contains("\n\n") {
+        let chunk = tokio::time::timeout(WAIT, resp.chunk())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        body.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    assert!(body.contains("\"type\":\"connected\""), "{body}");
     server.shutdown().await;
 }
 

@@ -29,6 +29,17 @@ impl Sse {
     }
 
     pub async fn open_query(base: &str, query: &str) -> Sse {
+        let mut sse = Sse::open_raw(base, query).await;
+        let welcome = sse.recv().await;
+        assert_eq!(welcome["type"], "connected", "{welcome}");
+        sse.id = welcome["clientId"].as_str().unwrap().to_string();
+        sse.session = welcome["session"].as_str().expect("a session").to_string();
+        sse
+    }
+
+    /// Open `base/sse` (`query` appended), expecting a 200 stream, without
+    /// reading anything.
+    pub async fn open_raw(base: &str, query: &str) -> Sse {
         let http = reqwest::Client::new();
         let resp = http
             .get(format!("{base}/sse{query}"))
@@ -41,7 +52,7 @@ impl Sse {
             resp.headers()["content-type"].to_str().unwrap(),
             "text/event-stream"
         );
-        let mut sse = Sse {
+        Sse {
             resp,
             buf: String::new(),
             http,
@@ -50,12 +61,7 @@ impl Sse {
             session: String::new(),
             comments: 0,
             ids: Vec::new(),
-        };
-        let welcome = sse.recv().await;
-        assert_eq!(welcome["type"], "connected", "{welcome}");
-        sse.id = welcome["clientId"].as_str().unwrap().to_string();
-        sse.session = welcome["session"].as_str().expect("a session").to_string();
-        sse
+        }
     }
 
     /// The next complete event already read, if any (comments and ids
