@@ -354,21 +354,30 @@ async fn the_token_comes_as_a_query_or_a_bearer_header_and_is_verified() {
     server.shutdown().await;
 }
 
-#[cfg(any(feature = "redis", feature = "nats"))]
+#[cfg(feature = "pubsub")]
+#[path = "support/pubsub_emulator.rs"]
+mod pubsub_emulator;
+
+#[cfg(any(feature = "redis", feature = "nats", feature = "pubsub"))]
 mod across_instances {
     //! The POST lands on the instance that does not hold the stream.
     use super::*;
     use bus_suite::{Instance, base_settings, unique_prefix};
+    use switchboard::config::Settings;
 
-    async fn post_elsewhere(bus: &str) {
-        let prefix = unique_prefix("sse");
-        let settings = |i| switchboard::config::Settings {
+    /// The settings of instance `i` on `bus`.
+    fn on_bus(bus: &str, prefix: &str, i: usize) -> Settings {
+        Settings {
             bus: Some(bus.into()),
-            bus_prefix: Some(prefix.clone()),
-            ..base_settings(&prefix, i)
-        };
-        let a = Instance::start(settings(0)).await;
-        let b = Instance::start(settings(1)).await;
+            bus_prefix: Some(prefix.into()),
+            ..base_settings(prefix, i)
+        }
+    }
+
+    async fn post_elsewhere(settings: impl Fn(&str, usize) -> Settings) {
+        let prefix = unique_prefix("sse");
+        let a = Instance::start(settings(&prefix, 0)).await;
+        let b = Instance::start(settings(&prefix, 1)).await;
         let mut sse = Sse::open(&a.http("")).await;
         let other = b.http("");
         let body = |frames| json!({"session": sse.session, "frames": frames});
@@ -419,12 +428,24 @@ mod across_instances {
     #[cfg(feature = "redis")]
     #[tokio::test]
     async fn a_post_to_another_instance_reaches_the_stream_on_redis() {
-        post_elsewhere("redis://127.0.0.1:6379").await;
+        post_elsewhere(|p, i| on_bus("redis://127.0.0.1:6379", p, i)).await;
     }
 
     #[cfg(feature = "nats")]
     #[tokio::test]
     async fn a_post_to_another_instance_reaches_the_stream_on_nats() {
-        post_elsewhere("nats://127.0.0.1:4222").await;
+        post_elsewhere(|p, i| on_bus("nats://127.0.0.1:4222", p, i)).await;
+    }
+
+    #[cfg(feature = "pubsub")]
+    #[tokio::test]
+    async fn a_post_to_another_instance_reaches_the_stream_on_pubsub() {
+        let host = super::pubsub_emulator::Emulator::shared().await.host();
+        post_elsewhere(|p, i| Settings {
+            pubsub_topic: Some(format!("{p}-topic")),
+            pubsub_subscription: Some(format!("{p}-sub{i}")),
+            ..on_bus(&format!("pubsub://test-project?emulator={host}"), p, i)
+        })
+        .await;
     }
 }
