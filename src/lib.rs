@@ -68,6 +68,11 @@
 //!   `/api/direct`, `/api/presence/{channel}`, `/api/disconnect`), behind an API key.
 //! * [`api_key`]: that key, read from its file and compared in constant time.
 //! * [`ids`]: random identifiers (client ids, epochs, instance ids).
+//! * [`inbox`]: the inboxes of SSE connections: session id → the frames
+//!   posted for it, bounded.
+//! * [`sse`]: the Server-Sent Events transport (`GET /sse`,
+//!   `POST /sse/send`): a session whose frames arrive by POST and leave
+//!   as events of a streaming response.
 //! * [`sync`]: std locks that recover from a poisoned lock (one place
 //!   for the recovery, and why).
 //! * [`error`]: client-visible error codes and close codes.
@@ -95,6 +100,7 @@ pub mod events;
 pub mod figures;
 pub mod hub;
 pub mod ids;
+pub mod inbox;
 pub mod keepalive;
 pub mod limits;
 pub mod log_limit;
@@ -109,6 +115,7 @@ pub mod refusal_log;
 pub mod relay;
 pub mod server;
 pub mod session;
+pub mod sse;
 pub mod sync;
 pub mod ws;
 

@@ -20,6 +20,8 @@ export interface ConnectedFrame {
   clientId: string;
   message: string;
   instanceId?: string;
+  /** SSE connections only: the id the client posts its frames with. */
+  session?: string;
 }
 
 export interface BroadcastFrame<T = Json> {
@@ -297,6 +299,16 @@ export interface RealtimeClientOptions {
   queueWhileDisconnected?: number;
   /** Random source in [0, 1) for the jitter (tests). Default Math.random. */
   random?: () => number;
+  /**
+   * The transports to try, in order (default `['websocket', 'sse']`): when
+   * one cannot open, the next is tried at once; every reconnect after a
+   * connection that opened starts again with the first.
+   */
+  transports?: Transport[];
+  /** The SSE stream's URL. Default: from the URL, `…/ws` → `…/sse` (ws → http). */
+  sseUrl?: string;
+  /** The `fetch` the SSE transport uses. Default: the global one. */
+  fetch?: typeof fetch;
 }
 
 export interface RequestOptions {
@@ -372,7 +384,11 @@ export class RealtimeClient extends Emitter<ClientEvents & Record<string, any[]>
   constructor(url?: string, options?: RealtimeClientOptions);
 
   readonly url: string;
-  readonly options: Required<Omit<RealtimeClientOptions, 'WebSocket'>> & { WebSocket?: WebSocketConstructor };
+  readonly options: Required<Omit<RealtimeClientOptions, 'WebSocket' | 'sseUrl' | 'fetch'>> & {
+    WebSocket?: WebSocketConstructor;
+    sseUrl?: string;
+    fetch?: typeof fetch;
+  };
   /** The current socket, or null. */
   ws: WebSocketLike | null;
   reconnectAttempts: number;
@@ -381,6 +397,8 @@ export class RealtimeClient extends Emitter<ClientEvents & Record<string, any[]>
   /** Set from the `connected` frame; null while not connected. Changes on every reconnect. */
   readonly clientId: string | null;
   readonly instanceId: string | null;
+  /** The transport of the current connection; null while not connected. */
+  readonly transport: Transport | null;
   readonly subscriptions: Map<string, Subscription>;
   /** True when open and ready to write. */
   readonly connected: boolean;
@@ -417,5 +435,11 @@ export class RealtimeClient extends Emitter<ClientEvents & Record<string, any[]>
 
 /** Parse `retry=<ms>` out of a close reason. */
 export function parseRetryHint(reason: string | undefined | null): number | null;
+
+/** A way to reach the server: a WebSocket, or Server-Sent Events with POSTs. */
+export type Transport = 'websocket' | 'sse';
+
+/** The SSE stream's URL for a WebSocket URL: `ws(s)://host/…/ws?q` → `http(s)://host/…/sse?q`. */
+export function sseUrlFor(wsUrl: string): string;
 
 export default RealtimeClient;

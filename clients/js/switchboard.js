@@ -22,7 +22,12 @@ const DEFAULTS = Object.freeze({
   connectTimeout: 10_000,
   queueWhileDisconnected: 100,
   random: Math.random,
+  transports: ['websocket', 'sse'],
+  sseUrl: undefined,
+  fetch: undefined,
 });
+
+const TRANSPORTS = ['websocket', 'sse'];
 
 // The reply types that settle each kind of request (besides `error`).
 const REPLY_TYPES = Object.freeze({
@@ -288,6 +293,161 @@ export class Subscription extends Emitter {
   }
 }
 
+// The SSE endpoint for a WebSocket URL: `ws(s)://host[/prefix]/ws?q` →
+// `http(s)://host[/prefix]/sse?q` (a path ending in `/` gets `sse` added).
+export function sseUrlFor(wsUrl) {
+  const u = new URL(wsUrl);
+  u.protocol = u.protocol === 'wss:' ? 'https:' : u.protocol === 'ws:' ? 'http:' : u.protocol;
+  u.pathname = u.pathname.endsWith('/ws') ? `${u.pathname.slice(0, -3)}/sse` : u.pathname.replace(/\/?$/, '/sse');
+  return u.toString();
+}
+
+// Frames one POST carries at most (the server's bound).
+const SSE_MAX_FRAMES = 32;
+
+/**
+ * The Server-Sent Events transport behind the WebSocket interface the
+ * client uses (`readyState`, `send`, `close`, `onopen`/`onmessage`/
+ * `onclose`/`onerror`), so that nothing above it knows which one it has.
+ * The stream is read with `fetch` (not `EventSource`, which reconnects by
+ * itself and hides status codes); frames go out as `POST …/sse/send` with
+ * the session id from the welcome, in order, one request in flight. The
+ * server's last event, `{"type":"close",code,reason}`, is the close.
+ */
+class SseSocket {
+  constructor(url, fetchImpl) {
+    this.url = url;
+    this.readyState = 0;
+    this.onopen = this.onmessage = this.onclose = this.onerror = null;
+    /** Keep-alive comments (no message): a sign of life for the heartbeat. */
+    this.onactivity = null;
+    this._fetch = fetchImpl;
+    this._abort = new AbortController();
+    this._session = null;
+    this._outbox = [];
+    this._posting = false;
+    const u = new URL(url);
+    u.pathname = `${u.pathname.replace(/\/$/, '')}/send`;
+    u.search = '';
+    this._sendUrl = u.toString();
+    this._run();
+  }
+
+  async _run() {
+    let closed = null;
+    try {
+      const res = await this._fetch(this.url, {
+        headers: { accept: 'text/event-stream' },
+        cache: 'no-store',
+        signal: this._abort.signal,
+      });
+      if (!res.ok || !res.body) {
+        closed = { code: 1006, reason: `SSE stream refused: ${res.status}` };
+        this.onerror?.({ type: 'error' });
+        return;
+      }
+      this.readyState = 1;
+      this.onopen?.({ type: 'open' });
+      closed = await this._read(res.body.getReader());
+    } catch {
+      closed = { code: 1006, reason: '' };
+      if (this.readyState === 0) this.onerror?.({ type: 'error' });
+    } finally {
+      this._finish(closed ?? { code: 1006, reason: '' });
+    }
+  }
+
+  // Read events until the close event (its code and reason) or the end.
+  async _read(reader) {
+    const decoder = new TextDecoder();
+    let buf = '';
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return { code: 1006, reason: '' };
+      buf += decoder.decode(value, { stream: true });
+      let end;
+      while ((end = buf.search(/\r?\n\r?\n/)) !== -1) {
+        const block = buf.slice(0, end);
+        buf = buf.slice(end).replace(/^\r?\n\r?\n/, '');
+        const data = [];
+        for (const line of block.split(/\r?\n/)) {
+          if (line.startsWith('data:')) data.push(line.slice(line.startsWith('data: ') ? 6 : 5));
+        }
+        if (data.length === 0) {
+          this.onactivity?.(); // a keep-alive comment: the stream is alive
+          continue;
+        }
+        const text = data.join('\n');
+        let frame = null;
+        try {
+          frame = JSON.parse(text);
+        } catch {
+          // not ours to judge: handed on as is
+        }
+        if (frame && frame.type === 'close') return { code: frame.code ?? 1000, reason: frame.reason ?? '' };
+        if (frame && frame.type === 'connected' && typeof frame.session === 'string') {
+          this._session = frame.session;
+          this._pump();
+        }
+        if (this.readyState === 1) this.onmessage?.({ data: text });
+      }
+    }
+  }
+
+  _finish({ code, reason }) {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    this._abort.abort();
+    this.onclose?.({ code, reason });
+  }
+
+  send(text) {
+    if (this.readyState !== 1) throw new Error('SSE stream not open');
+    this._outbox.push(text);
+    this._pump();
+  }
+
+  // Post what is waiting, in order, one request at a time.
+  async _pump() {
+    if (this._posting || this._session === null) return;
+    this._posting = true;
+    try {
+      while (this._outbox.length > 0 && this.readyState === 1) {
+        const batch = this._outbox.slice(0, SSE_MAX_FRAMES);
+        const body = `{"session":${JSON.stringify(this._session)},"frames":[${batch.join(',')}]}`;
+        const res = await this._fetch(this._sendUrl, {
+          method: 'POST',
+          headers: { 'content-type': 'application/json' },
+          body,
+          signal: this._abort.signal,
+        });
+        await res.arrayBuffer().catch(() => {});
+        if (res.status === 429) {
+          const wait = Number(res.headers.get('retry-after')) || 1;
+          await new Promise((r) => setTimeout(r, wait * 1000));
+          continue; // the same batch again: nothing of it was queued
+        }
+        this._outbox.splice(0, batch.length);
+        if (res.status === 404) {
+          this._finish({ code: 4404, reason: 'SSE session unknown to the server' });
+          return;
+        }
+        // Any other refusal (400, 413) concerns these frames only.
+      }
+    } catch {
+      this._finish({ code: 1006, reason: 'SSE send failed' });
+    } finally {
+      this._posting = false;
+    }
+  }
+
+  close() {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    this._abort.abort();
+  }
+}
+
 function jsonId(value) {
   // Request ids are numbers we generate; a ref comes back as the same JSON value.
   return typeof value === 'number' || typeof value === 'string' ? String(value) : JSON.stringify(value);
@@ -331,6 +491,15 @@ export class RealtimeClient extends Emitter {
     this.instanceId = null;
     /** Channel name → Subscription. */
     this.subscriptions = new Map();
+    /** The transport of the current connection: `websocket`, `sse`, or null. */
+    this.transport = null;
+    const bad = (this.options.transports || []).filter((t) => !TRANSPORTS.includes(t));
+    if (!Array.isArray(this.options.transports) || this.options.transports.length === 0 || bad.length > 0) {
+      throw new TypeError(`RealtimeClient: transports must list some of ${TRANSPORTS.join(', ')}`);
+    }
+    // Which of options.transports the next attempt uses; back to the first
+    // after a connection that opened, or after trying them all.
+    this._transportIndex = 0;
 
     this._nextId = 1;
     this._pending = new Map(); // jsonId(id) → {type, resolve, reject, timer, onReply}
@@ -385,7 +554,11 @@ export class RealtimeClient extends Emitter {
 
   _open(state) {
     this._clearReconnectTimer();
-    const WS = this.options.WebSocket || globalThis.WebSocket;
+    const transport = this.options.transports[this._transportIndex];
+    const WS =
+      transport === 'sse'
+        ? this._sseSocketClass()
+        : this.options.WebSocket || globalThis.WebSocket;
     if (typeof WS !== 'function') {
       throw new Error(
         'RealtimeClient: no WebSocket implementation; pass options.WebSocket ' +
@@ -395,17 +568,20 @@ export class RealtimeClient extends Emitter {
     if (state !== 'reconnecting') this._setState(state, { attempt: this.reconnectAttempts });
     let ws;
     try {
-      ws = new WS(this.url);
+      ws = new WS(transport === 'sse' ? this.options.sseUrl || sseUrlFor(this.url) : this.url);
     } catch (err) {
       // A malformed URL is a programming error: give up at once.
       this._giveUp(new SwitchboardError('closed', `cannot open ${this.url}: ${err.message}`));
       throw err;
     }
     this.ws = ws;
+    this.transport = transport;
+    this._opened = false;
     this._connectedFrame = null;
     ws.onopen = () => this._onOpen(ws);
     ws.onmessage = (event) => this._onMessage(ws, event);
     ws.onclose = (event) => this._onClose(ws, event.code, event.reason);
+    if (transport === 'sse') ws.onactivity = () => ws === this.ws && this._touch();
     ws.onerror = (event) => {
       if (ws !== this.ws) return;
       // Browsers give no detail. A close event should follow, but some
@@ -426,8 +602,20 @@ export class RealtimeClient extends Emitter {
     }
   }
 
+  // An SseSocket class bound to the fetch to use.
+  _sseSocketClass() {
+    const fetchImpl = this.options.fetch || globalThis.fetch?.bind(globalThis);
+    if (typeof fetchImpl !== 'function') return undefined;
+    return class extends SseSocket {
+      constructor(url) {
+        super(url, fetchImpl);
+      }
+    };
+  }
+
   _onOpen(ws) {
     if (ws !== this.ws) return;
+    this._opened = true;
     this._clearConnectTimer();
     this._retryHint = null;
     this._touch();
@@ -565,6 +753,21 @@ export class RealtimeClient extends Emitter {
     }
     const hint = parseRetryHint(reason);
     if (hint !== null) this._retryHint = hint;
+    // A transport that could not open: the next one in `transports` at
+    // once. Otherwise the next attempt starts over with the first (so a
+    // client on SSE goes back to WebSocket when it can).
+    const { transports } = this.options;
+    if (!this._opened && this._transportIndex + 1 < transports.length) {
+      this._transportIndex++;
+      this._setState('reconnecting', { attempt: this.reconnectAttempts, delay: 0, code, reason, transport: transports[this._transportIndex] });
+      this._reconnectTimer = setTimeout(() => {
+        this._reconnectTimer = null;
+        if (this._closedByUser) return;
+        this._open('reconnecting');
+      }, 0);
+      return;
+    }
+    this._transportIndex = 0;
     this._scheduleReconnect(code, reason);
   }
 

@@ -136,6 +136,20 @@ pub struct Direct {
     /// direct message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disconnect: Option<DisconnectOrder>,
+    /// Set when this is not a message but frames a client posted to
+    /// `POST /sse/send` for its SSE connection (the target); `data` is
+    /// then ignored. Routed like a direct message, so the POST may land
+    /// on any instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sse: Option<SseFrames>,
+}
+
+/// Client frames for an SSE connection, and the secret half of its
+/// session id, which the holding instance checks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SseFrames {
+    pub secret: String,
+    pub frames: Vec<Box<RawValue>>,
 }
 
 /// Close a client's connection with this code and reason.

@@ -393,6 +393,14 @@ pub const COUNTERS: &[Counter] = &[
         feed: Feed::Now("connections"),
     },
     Counter {
+        json: Some("sseConnections"),
+        prometheus: Some("switchboard_sse_connections"),
+        kind: Kind::Gauge,
+        help: "Of the connections open now, those over Server-Sent Events.",
+        source: Source::Derived(|s| s.node().sse_inboxes().len() as u64),
+        feed: Feed::No,
+    },
+    Counter {
         json: Some("ready"),
         prometheus: Some("switchboard_ready"),
         kind: Kind::Gauge,

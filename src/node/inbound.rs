@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use crate::broker::{BrokerHandler, Control, Direct};
 use crate::config::Config;
+use crate::error::{ClientError, ErrorCode};
 use crate::hub::Hub;
+use crate::inbox::Delivered;
 use crate::protocol::{self, Publication, StreamPosition, is_internal_channel};
 
 /// Delivers what the broker hands over to the local clients. Separate from
@@ -18,6 +20,8 @@ pub(super) struct Inbound {
     pub(super) channel_echo: bool,
     /// For each channel's namespace options (slow-consumer policy).
     pub(super) config: Config,
+    /// The inboxes of the SSE connections here (`POST /sse/send`).
+    pub(super) sse: Arc<crate::inbox::Inboxes>,
 }
 
 impl BrokerHandler for Inbound {
@@ -106,6 +110,9 @@ impl BrokerHandler for Inbound {
             let reason = crate::queue::CloseReason::new(order.code, order.reason.clone());
             return self.hub.close_client(&direct.target_id, reason);
         }
+        if let Some(post) = &direct.sse {
+            return self.on_sse_frames(&direct.target_id, post);
+        }
         let frame = protocol::direct(direct.sender_id.as_deref(), &direct.data, direct.timestamp);
         let Some(sender) = &direct.sender_id else {
             return self.hub.direct(&direct.target_id, frame);
@@ -121,6 +128,32 @@ impl BrokerHandler for Inbound {
 }
 
 impl Inbound {
+    /// Frames posted on another instance for an SSE connection here.
+    /// That instance has answered the POST already, so a full inbox is
+    /// told on the stream, as an `error` frame.
+    fn on_sse_frames(&self, client_id: &str, post: &crate::broker::SseFrames) -> bool {
+        let frames: Vec<protocol::Text> = post
+            .frames
+            .iter()
+            .map(|f| String::from(f.get()).into())
+            .collect();
+        match self.sse.deliver(client_id, &post.secret, &frames) {
+            Delivered::Queued => true,
+            Delivered::Unknown => false,
+            Delivered::Full => {
+                let err = ClientError::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "{} posted frames dropped: the SSE inbox is full",
+                        frames.len()
+                    ),
+                );
+                self.hub.direct(client_id, protocol::error(&err, None));
+                true
+            }
+        }
+    }
+
     fn tell_sender(&self, sender: &str, dropped: usize, what: &str) {
         self.hub.tell_sender(sender, dropped, what);
     }

@@ -19,6 +19,7 @@ use crate::error::{ClientError, Error, ErrorCode, Result};
 use crate::events::{Change, Events, Op};
 use crate::hub::{ClientHandle, Hub};
 use crate::ids::random_base36;
+use crate::inbox::{Delivered, Inboxes};
 use crate::metrics::Metrics;
 use crate::protocol::{self, ClientInfo, Publication, StreamPosition};
 use crate::queue::Limits;
@@ -75,6 +76,8 @@ struct Shared {
     proxy: crate::proxy::Proxy,
     /// Lifecycle events; `None` unless `events_url` is set.
     events: Option<Events>,
+    /// The inboxes of this instance's SSE connections.
+    sse: Arc<Inboxes>,
 }
 
 impl Node {
@@ -98,11 +101,13 @@ impl Node {
             max_messages: config.queue_max_messages,
             max_bytes: config.queue_max_bytes,
         }));
+        let sse = Arc::new(Inboxes::default());
         broker
             .start(Arc::new(Inbound {
                 hub: hub.clone(),
                 channel_echo: config.channel_echo,
                 config: config.clone(),
+                sse: sse.clone(),
             }))
             .await?;
         Ok(Node {
@@ -117,7 +122,50 @@ impl Node {
                 auth,
                 proxy,
                 events,
+                sse,
             }),
+        })
+    }
+
+    /// The inboxes of this instance's SSE connections.
+    pub fn sse_inboxes(&self) -> &Arc<Inboxes> {
+        &self.shared.sse
+    }
+
+    /// Frames posted to `POST /sse/send` for the SSE connection whose
+    /// session id is `session` (`<clientId>.<secret>`): queued here when
+    /// this instance holds it, else sent over the bus to the one that
+    /// does. Across the bus the holder cannot answer the POST: a full
+    /// inbox there is reported on the stream (`rate_limited`).
+    pub async fn sse_send(&self, session: &str, frames: Vec<Box<RawValue>>) -> Result<Delivered> {
+        let Some((client_id, secret)) = crate::inbox::split_session(session) else {
+            return Ok(Delivered::Unknown);
+        };
+        if self.shared.sse.holds(client_id) {
+            let texts: Vec<protocol::Text> = frames
+                .iter()
+                .map(|f| String::from(f.get()).into())
+                .collect();
+            return Ok(self.shared.sse.deliver(client_id, secret, &texts));
+        }
+        let r = self
+            .shared
+            .broker
+            .direct(Direct {
+                target_id: client_id.into(),
+                sender_id: None,
+                data: Arc::from(RawValue::NULL.to_owned()),
+                timestamp: protocol::now_ms(),
+                disconnect: None,
+                sse: Some(crate::broker::SseFrames {
+                    secret: secret.to_owned(),
+                    frames,
+                }),
+            })
+            .await;
+        Ok(match self.count_bus_error(r)? {
+            true => Delivered::Queued,
+            false => Delivered::Unknown,
         })
     }
 
@@ -380,6 +428,7 @@ impl Node {
                 data,
                 timestamp: protocol::now_ms(),
                 disconnect: None,
+                sse: None,
             })
             .await;
         let delivered = self.count_bus_error(r)?;
@@ -409,6 +458,7 @@ impl Node {
                 data: Arc::from(RawValue::NULL.to_owned()),
                 timestamp: protocol::now_ms(),
                 disconnect: Some(crate::broker::DisconnectOrder { code, reason }),
+                sse: None,
             })
             .await
     }

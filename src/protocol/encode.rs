@@ -31,21 +31,31 @@ struct Connected<'a> {
     /// The connect proxy's `data`, when it gave some.
     #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<&'a RawValue>,
+    /// SSE connections only: the id to post frames with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session: Option<&'a str>,
 }
 
 /// `{"type":"connected",…}`: the welcome, as the tutorial sends it.
 pub fn connected(client_id: &str, instance_id: &str) -> Text {
-    connected_with(client_id, instance_id, None)
+    connected_with(client_id, instance_id, None, None)
 }
 
-/// The welcome with the connect proxy's `data`, if any.
-pub fn connected_with(client_id: &str, instance_id: &str, data: Option<&RawValue>) -> Text {
+/// The welcome with `session` on an SSE connection and the connect proxy's
+/// `data`, if any.
+pub fn connected_with(
+    client_id: &str,
+    instance_id: &str,
+    session: Option<&str>,
+    data: Option<&RawValue>,
+) -> Text {
     encode(&Connected {
         ty: "connected",
         client_id,
         message: "Welcome to the real-time server",
         instance_id,
         data,
+        session,
     })
 }
 

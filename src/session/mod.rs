@@ -58,10 +58,6 @@ pub use live::Live;
 pub use open::{UrlParams, open, open_with};
 pub use proxied::Hello;
 
-/// The `transport` the backend proxies are told, in one place: this
-/// session serves WebSocket connections.
-pub(crate) const TRANSPORT: &str = "websocket";
-
 /// What the connection is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {

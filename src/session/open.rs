@@ -158,7 +158,9 @@ where
             }
             let id = Node::new_client_id();
             if connect_proxy && (identity.is_none() || node.config().proxy.connect_always) {
-                match proxied::connect(&node, &id, identity.as_deref(), &hello).await {
+                match proxied::connect(&node, &id, identity.as_deref(), &hello, ws.transport())
+                    .await
+                {
                     Ok(a) => {
                         identity = a.identity;
                         admitted = Some((a.data, a.channels));
@@ -230,7 +232,13 @@ where
         auth_reply: Option<Text>,
         data: Option<&serde_json::value::RawValue>,
     ) -> ControlFlow<()> {
-        let welcome = protocol::connected_with(self.client.id(), self.node.instance_id(), data);
+        let session = self.ws.open_session(self.client.id());
+        let welcome = protocol::connected_with(
+            self.client.id(),
+            self.node.instance_id(),
+            session.as_deref(),
+            data,
+        );
         self.send(welcome).await?;
         if let Some(reply) = auth_reply {
             self.send(reply).await?;

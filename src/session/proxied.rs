@@ -14,7 +14,7 @@ use std::sync::Arc;
 use futures_util::{Sink, Stream};
 use serde_json::value::RawValue;
 
-use super::{Session, TRANSPORT};
+use super::Session;
 use crate::auth::{Grants, Identity};
 use crate::error::{ClientError, ErrorCode, close};
 use crate::node::Node;
@@ -90,12 +90,13 @@ pub(super) async fn connect(
     client_id: &str,
     identity: Option<&Identity>,
     hello: &Hello,
+    transport: &'static str,
 ) -> Result<Admitted, (u16, String)> {
     let mut body = Request::new(
         Kind::Connect,
         client_id,
         node.instance_id(),
-        TRANSPORT,
+        transport,
         identity.map(|i| &*i.user_id),
     );
     body.remote_addr = hello.remote_addr.as_deref();
@@ -182,7 +183,7 @@ where
             kind,
             self.client.id(),
             self.node.instance_id(),
-            TRANSPORT,
+            self.ws.transport(),
             self.identity.as_deref().map(|i| &*i.user_id),
         )
     }

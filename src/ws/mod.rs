@@ -28,7 +28,7 @@ pub mod upgrade;
 
 use std::borrow::Cow;
 use std::pin::Pin;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 pub use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use bytes::Bytes;
@@ -76,5 +76,20 @@ pub trait SendShared: Sink<Message> + Unpin {
     ) -> Result<(), Self::Error> {
         let _ = deflated;
         Pin::new(self).start_send(Message::Text(text.clone()))
+    }
+
+    /// Called once the connection is registered as `client_id`, before
+    /// the welcome: a transport that needs an id of its own to be reached
+    /// by (SSE: the frames the client posts) opens it here and returns it
+    /// for the welcome's `session` field.
+    fn open_session(&mut self, client_id: &Arc<str>) -> Option<String> {
+        let _ = client_id;
+        None
+    }
+
+    /// The `transport` the backend proxies are told: `websocket`, or
+    /// `sse` for the Server-Sent Events fallback.
+    fn transport(&self) -> &'static str {
+        "websocket"
     }
 }

@@ -8,6 +8,7 @@ pub mod event_sink;
 pub mod frames;
 pub mod raw_ws;
 pub mod services;
+pub mod sse;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -12,6 +12,7 @@ import RealtimeClientDefault, {
   Subscription,
   SwitchboardError,
   parseRetryHint,
+  sseUrlFor,
   type AckFrame,
   type AnyFrame,
   type AuthenticatedFrame,
@@ -20,6 +21,7 @@ import RealtimeClientDefault, {
   type ClientEventMap,
   type ConnectedFrame,
   type ConnectionState,
+  type Transport,
   type DirectFrame,
   type ErrorFrame,
   type FrameMap,
@@ -67,6 +69,9 @@ const options: RealtimeClientOptions = {
   connectTimeout: 10_000,
   queueWhileDisconnected: 100,
   random: Math.random,
+  transports: ['websocket', 'sse'],
+  sseUrl: 'https://example.test/sse',
+  fetch: globalThis.fetch,
 };
 
 /** A WebSocket of one's own (e.g. the `ws` package in old Node). */
@@ -95,6 +100,10 @@ new RealtimeClient('ws://x/ws', { requestTimeout: '10s' });
 expectType(client.url)<string>();
 expectType(client.options.requestTimeout)<number>();
 expectType(client.options.random)<() => number>();
+expectType(client.transport)<Transport | null>();
+expectType(sseUrlFor('ws://x/ws'))<string>();
+// @ts-expect-error an unknown transport
+new RealtimeClient('ws://x/ws', { transports: ['long-polling'] });
 expectType(client.options.WebSocket)<WebSocketConstructor | undefined>();
 expectType(client.ws)<WebSocketLike | null>();
 if (client.ws) {

@@ -10,16 +10,17 @@
 //!    frames already queued written first ([`drain_clients`]),
 //! 4. waits for every connection task, at most `drain_timeout`,
 //! 5. closes the bus and returns.
+//!
+//! `admit`: the checks every new connection passes, WebSocket or SSE.
 
 use std::future::Future;
 
-use std::net::IpAddr;
-
+use axum::body::Body;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -29,16 +30,18 @@ use tower::ServiceExt;
 
 use std::sync::{Arc, Mutex};
 
-use crate::admission::{self, Acceptor, AddrTable, ConnInfo, Counted, Refusal, RefusalLog};
+mod admit;
+
+use crate::admission::{Acceptor, AddrTable, ConnInfo, Counted, RefusalLog};
 use crate::error::Result;
 use crate::figures::Sources;
 use crate::limits::TokenBucket;
 use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::session::{self, Mode, UrlParams};
-use crate::sync::MutexExt;
 use crate::ws::WebSocketUpgrade;
 use crate::ws::upgrade::UpgradeRejection;
+use admit::{admit, bearer, origin_allowed, refuse};
 
 /// What every request handler needs.
 #[derive(Clone)]
@@ -64,6 +67,8 @@ fn router(state: AppState) -> Router {
     let mut app = Router::new()
         .route("/", get(root))
         .route("/ws", get(ws_only))
+        .route("/sse", get(sse_stream))
+        .route("/sse/send", post(sse_send))
         .route("/_ah/health", get(|| async { "OK" }))
         // Browsers ask for it on every page; no 404 in their consoles.
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
@@ -97,43 +102,8 @@ fn metrics_routes(state: &AppState) -> Router<AppState> {
     ))
 }
 
-/// Whether a browser `Origin` may connect: any when the allow-list is
-/// empty; non-browser clients (no `Origin`) always.
-fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
-    let Some(origin) = headers.get(header::ORIGIN) else {
-        return true;
-    };
-    allowed.is_empty()
-        || origin.to_str().is_ok_and(|o| {
-            allowed
-                .iter()
-                .any(|a| a.eq_ignore_ascii_case(o.trim_end_matches('/')))
-        })
-}
-
-/// A refused handshake: logged (at most once per few seconds), answered
-/// `status` with `why`, and `Retry-After` when given.
-fn refuse(
-    state: &AppState,
-    client: IpAddr,
-    status: StatusCode,
-    why: &'static str,
-    retry_after: Option<u64>,
-) -> Response {
-    state.refusals.refused(status.as_u16(), why, client);
-    let mut resp = (status, why).into_response();
-    if let Some(secs) = retry_after {
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    }
-    resp
-}
-
-/// Admit (or refuse) an upgrade on `/`, `/ws` or the echo path: the same
-/// checks on all three, cheapest and most specific first: draining,
-/// origin, the instance's connection count, the client address's
-/// connection count (counted at accept, or here behind a trusted proxy),
-/// its handshake bucket (429), the instance's (503).
+/// Admit (or refuse, see [`admit`]) an upgrade on `/`, `/ws` or the echo
+/// path, and start its session.
 fn upgrade(
     state: AppState,
     ws: std::result::Result<WebSocketUpgrade, UpgradeRejection>,
@@ -153,59 +123,10 @@ fn upgrade(
             return resp;
         }
     };
-    if state.shutdown.is_cancelled() {
-        return refuse(
-            &state,
-            client,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "draining",
-            None,
-        );
-    }
-    if !origin_allowed(&cfg.allowed_origins, headers) {
-        Metrics::inc(&state.node.metrics().origin_refused);
-        return refuse(
-            &state,
-            client,
-            StatusCode::FORBIDDEN,
-            "origin not allowed",
-            None,
-        );
-    }
-    if state.node.hub().len() >= cfg.max_connections {
-        Metrics::inc(&state.node.metrics().connections_refused);
-        let why = "too many connections";
-        return refuse(&state, client, StatusCode::SERVICE_UNAVAILABLE, why, None);
-    }
-    // The connection's own permit (taken at accept), or one for the
-    // forwarded client behind a trusted proxy.
-    let fresh = match conn.as_ref().is_some_and(|c| c.has_permit()) {
-        true => None,
-        false => match state.addrs.acquire(client) {
-            Ok(p) => Some(p),
-            Err(_) => {
-                let why = "too many connections from this address";
-                return refuse(&state, client, StatusCode::TOO_MANY_REQUESTS, why, Some(1));
-            }
-        },
+    let fresh = match admit(&state, client, conn.as_deref(), headers) {
+        Ok(fresh) => fresh,
+        Err(resp) => return *resp,
     };
-    if let Err(Refusal::Throttled(wait)) = state.addrs.admit(client) {
-        let why = "too many new connections from this address; retry later";
-        let retry = Some(admission::retry_secs(wait));
-        return refuse(&state, client, StatusCode::TOO_MANY_REQUESTS, why, retry);
-    }
-    if cfg.handshake_rate > 0.0 {
-        let mut bucket = state.admission.lock_unpoisoned();
-        let now = state.node.hub().clock_ms();
-        if !bucket.take(now, cfg.handshake_rate, cfg.handshake_burst) {
-            let wait = bucket.wait(cfg.handshake_rate);
-            drop(bucket);
-            Metrics::inc(&state.node.metrics().handshakes_throttled);
-            let why = "too many new connections; retry later";
-            let retry = Some(admission::retry_secs(wait));
-            return refuse(&state, client, StatusCode::SERVICE_UNAVAILABLE, why, retry);
-        }
-    }
     let Some(permit) = fresh.or_else(|| conn.and_then(|c| c.take_permit())) else {
         let why = "connection already upgraded";
         return refuse(&state, client, StatusCode::BAD_REQUEST, why, None);
@@ -280,6 +201,48 @@ async fn echo(
 ) -> Response {
     let conn = conn.map(|Extension(c)| c);
     upgrade(state, ws, conn, &headers, UrlParams::default(), Mode::Echo)
+}
+
+/// `GET /sse`: an event stream for clients whose WebSocket upgrade is
+/// broken, admitted like an upgrade ([`admit`]); the token as `?token=`
+/// or `Authorization: Bearer`.
+async fn sse_stream(
+    State(state): State<AppState>,
+    conn: Conn,
+    headers: HeaderMap,
+    Query(query): Query<UrlParams>,
+) -> Response {
+    let conn = conn.map(|Extension(c)| c);
+    let client = ConnInfo::client(
+        conn.as_deref(),
+        &state.node.config().trusted_proxies,
+        &headers,
+    );
+    let fresh = match admit(&state, client, conn.as_deref(), &headers) {
+        Ok(fresh) => fresh,
+        Err(resp) => return *resp,
+    };
+    let params = UrlParams {
+        token: query.token.or_else(|| bearer(&headers)),
+        name: query.name,
+    };
+    let AppState {
+        node,
+        shutdown,
+        tracker,
+        ..
+    } = state;
+    crate::sse::open_stream(node, params, shutdown, &tracker, fresh)
+}
+
+/// `POST /sse/send`: frames for an SSE connection (on any instance); a
+/// browser's `Origin` is checked as for the stream.
+async fn sse_send(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    if !origin_allowed(&state.node.config().allowed_origins, &headers) {
+        Metrics::inc(&state.node.metrics().origin_refused);
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
+    crate::sse::send(state.node, &headers, body).await
 }
 
 /// Readiness of this instance alone: 503 while draining (and, only with
