@@ -162,6 +162,9 @@ export type ServerErrorCode =
   | 'invalid_idempotency_key'
   | 'duplicate'
   | 'unsupported'
+  | 'proxy_unavailable'
+  | 'proxy_busy'
+  | 'rpc_not_available'
   | 'internal';
 
 /**

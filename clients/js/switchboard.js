@@ -193,6 +193,17 @@ export class Subscription extends Emitter {
     return { since, timeout };
   }
 
+  // Whether the subscription is being renewed after a live message of
+  // another epoch (live messages are then dropped until `subscribed`).
+  _renewing() {
+    return this._resyncing;
+  }
+
+  // The client renews the subscription (see RealtimeClient#_resync).
+  _beginRenewal() {
+    this._resyncing = true;
+  }
+
   // Whether `msg` (a live `message` of this channel) belongs to another
   // stream than the one the position is in.
   _epochChanged(msg) {
@@ -702,7 +713,7 @@ export class RealtimeClient extends Emitter {
   _acceptMessage(msg) {
     const sub = this.subscriptions.get(msg.channel);
     if (!sub) return true; // not ours to track (e.g. subscribed via raw send())
-    if (sub._resyncing) return false; // the renewed subscription covers it
+    if (sub._renewing()) return false; // the renewed subscription covers it
     if (sub._epochChanged(msg)) {
       this._resync(sub);
       return false;
@@ -717,7 +728,7 @@ export class RealtimeClient extends Emitter {
   // position, and the server's answer tells the app (`recovery-failed`
   // when it cannot recover, which is the case for a replaced stream).
   _resync(sub) {
-    sub._resyncing = true;
+    sub._beginRenewal();
     const id = this._nextId++;
     const ignore = () => {};
     this._transmit({
