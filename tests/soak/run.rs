@@ -213,9 +213,17 @@ pub async fn run(mut bus: BusServer, plan: Plan) -> Report {
     let mut next_kill = start + plan.kill_every;
     let mut bus_restarts = plan.bus_restarts.iter().map(|d| start + *d).peekable();
     let mut partitions = plan.partitions.iter().map(|d| start + *d).peekable();
-    while Instant::now() < end {
+    // Publishing goes on until the time is over and every scheduled bus
+    // restart and partition has happened (a slow restart of an instance can
+    // push them past the end on a loaded machine), within a bounded extra.
+    let hard_end = end + Duration::from_secs(60);
+    loop {
         let now = Instant::now();
-        if now >= next_kill {
+        let scheduled_left = bus_restarts.peek().is_some() || partitions.peek().is_some();
+        if now >= hard_end || (now >= end && !scheduled_left) {
+            break;
+        }
+        if now >= next_kill && now < end {
             let i = fastrand::usize(..instances.len());
             live[i].store(false, Ordering::Relaxed);
             instances[i].kill();
