@@ -250,10 +250,9 @@ impl NatsBroker {
         }
     }
 
-    /// Stop every task, forget the local clients and channels, flush.
+    /// Stop every task, forget the local channels, flush.
     pub(super) async fn shut_down(&self) {
         self.shutdown.cancel();
-        self.clients.lock_unpoisoned().clear();
         self.channels.lock_unpoisoned().clear();
         let timeout = self.bus.opts.request_timeout;
         let _ = tokio::time::timeout(timeout, self.bus.client.flush()).await;

@@ -1,6 +1,7 @@
 //! The Redis bus (`--bus redis://host:port[/db]`): channel history in
-//! streams, fan-out over Redis pub/sub, presence and the client directory
-//! in keys that expire when their instance stops refreshing them.
+//! streams, fan-out over Redis pub/sub, presence in keys that expire when
+//! their instance stops refreshing them, direct messages routed by the
+//! instance tag in client ids.
 //!
 //! # Key and topic layout
 //!
@@ -15,10 +16,9 @@
 //! | `P:gen` | string, no expiry | the epoch the next new stream takes (one key per deployment, rewritten by each stream creation, restored by the heartbeat) |
 //! | `P:pr:{ch}:members` | hash client id → info JSON | presence |
 //! | `P:pr:{ch}:expiry` | zset client id → expiry (Redis ms) | per-member expiry, refreshed by the heartbeat |
-//! | `P:client:<client id>` | string → instance id, `PX presence_ttl` | the direct-message directory |
 //! | topic `P:ch:{ch}` | pub/sub | `p <epoch> <offset> <body>` publications and `c <control>` join/leave of the channel; for a user channel `#user:<sub>`, `p - 0 <body>` (no key behind it) |
 //! | topic `P:all` | pub/sub | `b <body>` broadcasts |
-//! | topic `P:inst:<instance id>` | pub/sub | `d <direct>` messages for clients of that instance |
+//! | topic `P:inst:<tag>` | pub/sub | `d <reply tag> <n> <direct>` messages for clients of the instance tagged `<tag>`, and `a <n> 1\|0` the answers to its own |
 //!
 //! # Guarantees
 //!
@@ -67,7 +67,7 @@
 //!   there is the operator's `maxmemory` with a `volatile-ttl` or
 //!   `volatile-lru` policy. Every history key carries a TTL, so these
 //!   policies can evict them (a channel whose keys are evicted restarts in
-//!   a new epoch, as above); presence and directory keys carry TTLs too,
+//!   a new epoch, as above); presence keys carry TTLs too,
 //!   and only `P:gen` has none (one small key).
 //! * **Presence**: each member has an expiry `presence_ttl` ahead,
 //!   refreshed every `presence_ttl / 3` by the instance's heartbeat (which
@@ -79,12 +79,21 @@
 //!   channels this instance serves. A member reaped while its instance was
 //!   only cut off is announced again (`join`) by that instance's next
 //!   heartbeat.
-//! * **Direct**: a target on this instance is delivered locally; otherwise
-//!   `P:client:<id>` names its instance and the message is published on that
-//!   instance's topic. No entry, or no listener on the topic (`PUBLISH`
-//!   answers 0 receivers: the instance is gone) → unknown target. A crashed
-//!   instance's clients stop resolving at once (no listener) and their
-//!   entries expire within `presence_ttl`.
+//! * **Direct**: nothing is written per client. Each instance draws at
+//!   start a random four-character tag whose topic `P:inst:<tag>` has no
+//!   subscriber (`PUBSUB NUMSUB`), subscribes it, and starts the random
+//!   part of every client id it gives with the tag
+//!   ([`crate::ids::client_id`]). A target on this instance is delivered
+//!   locally; otherwise the message is published on the topic of the
+//!   target id's tag, numbered, with this instance's tag to answer to; the
+//!   instance there answers `a <n> 1` (queued) or `a <n> 0` (not here, or
+//!   gone). No subscriber on the topic (`PUBLISH` answers 0: the instance
+//!   is gone, or the id was made up) → unknown target at once. No answer
+//!   within [`RESPONSE_TIMEOUT`] → `bus_unavailable`. A crashed instance's
+//!   clients stop resolving at once (no subscriber). Two instances drawing
+//!   the same tag in the same instant is the one race (a chance in ~1.7 M
+//!   per pair of simultaneous starts); the cost would be directs to one of
+//!   them answered `0` by the other.
 //!
 //! # Outage
 //!
@@ -96,7 +105,7 @@
 //! instance, presence, history, subscribing a new channel) fail with
 //! `Error::Bus`, which the client sees as `bus_unavailable`, and the node
 //! counts failed publishes. Once back, the supervisor resubscribes every
-//! channel, rewrites the directory and presence entries, then for each
+//! channel, rewrites the presence entries, then for each
 //! locally subscribed channel replays the history after the last delivered
 //! position through the handler (sessions drop what they already have by
 //! offset), or calls `resync_failed` when the epoch changed or history no
@@ -114,7 +123,7 @@
 //! * `publish.rs`: publish, control messages, history reads, and decoding
 //!   what arrives on the bus.
 //! * `presence.rs`: the presence store.
-//! * `direct.rs`: direct messages and the client directory.
+//! * `direct.rs`: direct messages, routed by instance tag, and their answers.
 //! * `scripts/*.lua`: the Lua scripts, one a file, each headed by its
 //!   `KEYS` and `ARGV`.
 
@@ -126,13 +135,14 @@ mod supervise;
 mod tests;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Script};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use self::supervise::{Connected, Subscriptions};
@@ -151,7 +161,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest one connection attempt may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest one command may take before the connection counts as broken.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
+pub(super) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The error of an operation attempted while Redis is unreachable.
 #[derive(Debug, thiserror::Error)]
@@ -167,20 +177,17 @@ struct Keys {
     channel_topic_start: String,
     /// `P:all`, the broadcast topic.
     all: String,
-    /// `P:inst:<this instance>`, this instance's direct topic.
-    own: String,
     /// `P:gen`, the epoch the next new stream takes (one key per
     /// deployment, no expiry).
     generation: String,
 }
 
 impl Keys {
-    fn new(prefix: &str, instance_id: &str) -> Keys {
+    fn new(prefix: &str) -> Keys {
         Keys {
             prefix: prefix.to_string(),
             channel_topic_start: format!("{prefix}:ch:{{"),
             all: format!("{prefix}:all"),
-            own: format!("{prefix}:inst:{instance_id}"),
             generation: format!("{prefix}:gen"),
         }
     }
@@ -208,11 +215,9 @@ impl Keys {
     fn expiry(&self, channel: &str) -> String {
         format!("{}:pr:{{{channel}}}:expiry", self.prefix)
     }
-    fn client(&self, client_id: &str) -> String {
-        format!("{}:client:{client_id}", self.prefix)
-    }
-    fn instance(&self, instance_id: &str) -> String {
-        format!("{}:inst:{instance_id}", self.prefix)
+    /// The direct topic of the instance tagged `tag`.
+    fn instance(&self, tag: &str) -> String {
+        format!("{}:inst:{tag}", self.prefix)
     }
 }
 
@@ -250,11 +255,17 @@ struct Inner {
     conn_config: AsyncConnectionConfig,
     /// Key and topic names.
     keys: Keys,
-    /// This instance, as written in the client directory.
-    instance_id: String,
+    /// This instance's tag (chosen by `connect`): its direct topic
+    /// `P:inst:<tag>` and the start of every client id given here.
+    tag: OnceLock<String>,
+    /// Directs sent from here awaiting their answer: request number →
+    /// whether the target was there.
+    pending_directs: Mutex<HashMap<u64, oneshot::Sender<bool>>>,
+    /// Numbers the directs sent from here.
+    next_direct: AtomicU64,
     /// Namespace options, for replaying history after an outage.
     config: Config,
-    /// Expiry of presence and directory entries; refreshed every third.
+    /// Expiry of presence entries; refreshed every third.
     presence_ttl: Duration,
     /// Set by `start`; every delivery goes through it.
     handler: OnceLock<Arc<dyn BrokerHandler>>,
@@ -266,8 +277,6 @@ struct Inner {
     subs: tokio::sync::Mutex<Subscriptions>,
     /// Reachable and resubscribed (`Broker::is_ready`).
     ready: AtomicBool,
-    /// Clients connected here, rewritten into the directory by the heartbeat.
-    local_clients: Mutex<HashMap<Arc<str>, ()>>,
     /// Channel → local members, rewritten into presence by the heartbeat.
     local_presence: Mutex<HashMap<String, HashMap<Arc<str>, ClientInfo>>>,
     /// Cancelled by `close` (or drop): the supervisor stops.
@@ -323,15 +332,16 @@ pub async fn connect(
         conn_config: AsyncConnectionConfig::new()
             .set_connection_timeout(Some(DIAL_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT)),
-        keys: Keys::new(&config.bus_prefix, &config.instance_id),
-        instance_id: config.instance_id.clone(),
+        keys: Keys::new(&config.bus_prefix),
+        tag: OnceLock::new(),
+        pending_directs: Mutex::new(HashMap::new()),
+        next_direct: AtomicU64::new(0),
         config: config.clone(),
         presence_ttl: config.presence_ttl,
         handler: OnceLock::new(),
         cmd: RwLock::new(None),
         subs: tokio::sync::Mutex::new(Subscriptions::default()),
         ready: AtomicBool::new(false),
-        local_clients: Mutex::new(HashMap::new()),
         local_presence: Mutex::new(HashMap::new()),
         shutdown: CancellationToken::new(),
         scripts: Scripts::load(),
@@ -350,6 +360,7 @@ pub async fn connect(
             ));
         }
     };
+    inner.choose_tag(&first.cmd).await?;
     let broker = RedisBroker {
         inner: inner.clone(),
         first: Mutex::new(Some(first)),
@@ -419,12 +430,8 @@ impl Broker for RedisBroker {
             .await
     }
 
-    async fn register_client(&self, info: &ClientInfo) -> Result<()> {
-        self.inner.register_client(info).await
-    }
-
-    async fn unregister_client(&self, client_id: &str) -> Result<()> {
-        self.inner.unregister_client(client_id).await
+    fn instance_tag(&self) -> Option<String> {
+        self.inner.tag.get().cloned()
     }
 
     fn is_ready(&self) -> bool {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{Control, Direct, HistoryOptions, HistoryResult, Inner, NewPublication, bus_error};
+use super::{Control, HistoryOptions, HistoryResult, Inner, NewPublication, bus_error};
 use crate::error::{ClientError, Result};
 use crate::ids::random_base36;
 use crate::protocol::is_internal_channel;
@@ -238,12 +238,8 @@ impl Inner {
                 Ok(control) => handler.on_control(&control),
                 Err(e) => tracing::warn!(%topic, error = %e, "malformed control ignored"),
             },
-            "d" => match serde_json::from_str::<Direct>(rest) {
-                Ok(direct) => {
-                    handler.on_direct(&direct);
-                }
-                Err(e) => tracing::warn!(%topic, error = %e, "malformed direct ignored"),
-            },
+            "d" => self.on_direct_message(rest),
+            "a" => self.on_direct_answer(rest),
             _ => tracing::warn!(%topic, "unknown message kind on the bus ignored"),
         }
     }

@@ -1,6 +1,6 @@
 //! Connection and supervision of the Redis bus: opening both connections,
 //! the supervisor that reconnects with backoff and drives readiness, the
-//! heartbeat that rewrites this instance's directory and presence entries,
+//! heartbeat that rewrites this instance's presence entries,
 //! the channel topics the pub/sub connection is subscribed to, and the
 //! replay of what was missed during an outage.
 
@@ -47,7 +47,7 @@ fn json_string(s: &str) -> Result<String> {
 /// Both connections of one attempt.
 pub(super) struct Connected {
     /// Commands and scripts (multiplexed, cloned per call).
-    cmd: MultiplexedConnection,
+    pub(super) cmd: MultiplexedConnection,
     /// SUBSCRIBE / UNSUBSCRIBE on the pub/sub connection.
     sink: PubSubSink,
     /// What the pub/sub connection receives; ends when it breaks.
@@ -160,17 +160,11 @@ impl Inner {
         Ok(())
     }
 
-    /// Rewrite this instance's directory and presence entries with a fresh
-    /// expiry. Also what restores them after Redis lost its data.
+    /// Rewrite this instance's presence entries with a fresh expiry. Also
+    /// what restores them after Redis lost its data.
     async fn heartbeat(&self) -> Result<()> {
         let mut conn = self.conn()?;
         let ttl = self.ttl_ms();
-        let clients: Vec<Arc<str>> = self
-            .local_clients
-            .lock_unpoisoned()
-            .keys()
-            .cloned()
-            .collect();
         let presence: Vec<(String, Vec<ClientInfo>)> = self
             .local_presence
             .lock_unpoisoned()
@@ -187,20 +181,6 @@ impl Inner {
             .arg(random_base36(8))
             .arg("NX")
             .ignore();
-        for id in &clients {
-            pipe.cmd("SET")
-                .arg(self.keys.client(id))
-                .arg(&self.instance_id)
-                .arg("PX")
-                .arg(ttl)
-                .ignore();
-            queued += 1;
-            if queued >= 512 {
-                pipe.exec_async(&mut conn).await.map_err(bus_error)?;
-                pipe = redis::pipe();
-                queued = 0;
-            }
-        }
         // Members are refreshed through the add script, which announces a
         // `join` for one that is gone from the hash (reaped while this
         // instance was cut off, or lost with Redis's data).
@@ -319,7 +299,7 @@ impl Inner {
         *self.cmd.write_unpoisoned() = Some(cmd);
         {
             let mut subs = self.subs.lock().await;
-            let mut topics = vec![self.keys.all.clone(), self.keys.own.clone()];
+            let mut topics = vec![self.keys.all.clone(), self.own_topic()];
             topics.extend(subs.channels.keys().map(|c| self.keys.topic(c)));
             tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(&topics))
                 .await

@@ -6,7 +6,7 @@ use super::*;
 
 #[test]
 fn topics_round_trip_channel_names() {
-    let k = Keys::new("p", "i1");
+    let k = Keys::new("p");
     let t = k.topic("chat:room/1");
     assert_eq!(t, "p:ch:{chat:room/1}");
     assert_eq!(k.channel_of(&t), Some("chat:room/1"));
