@@ -80,6 +80,19 @@ fn field(s: &str, key: &str) -> Option<u64> {
     s[at..at + digits].parse().ok()
 }
 
+/// The `code` of an `error` frame (without parsing the JSON).
+fn error_code(frame: &str) -> String {
+    let key = r#""code":""#;
+    match frame.find(key) {
+        Some(at) => frame[at + key.len()..]
+            .split('"')
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+        None => "error without code".into(),
+    }
+}
+
 /// What a receiving connection is, to know what it should have received.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Role {
@@ -143,6 +156,12 @@ where
                     field(&t, "\"bp\":"),
                 ) else {
                     shared.other.fetch_add(1, Ordering::Relaxed);
+                    // An `error` frame (e.g. `recipient_busy`: a broadcast
+                    // was dropped for a recipient that is behind) explains
+                    // a loss: keep its code.
+                    if t.contains(r#""type":"error""#) {
+                        st.errors.push(error_code(&t));
+                    }
                     continue;
                 };
                 hist.saturating_record(now.saturating_sub(bt));
