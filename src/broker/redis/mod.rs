@@ -95,6 +95,13 @@
 //!   per pair of simultaneous starts); the cost would be directs to one of
 //!   them answered `0` by the other.
 //!
+//! * **Broadcast** (the tutorial's `broadcast`, to every client of every
+//!   instance) is accepted once queued in the outbox, in order, and written
+//!   with the broadcasts queued meanwhile as one pipeline (`outbox.rs`): a
+//!   publisher does not wait a round trip per broadcast. At most once, like
+//!   a NATS core publish: refused at once while Redis is known down, and a
+//!   batch lost with a failing connection is logged with its size.
+//!
 //! # Outage
 //!
 //! A supervisor task owns the pub/sub connection. When it breaks (or a
@@ -124,10 +131,12 @@
 //!   what arrives on the bus.
 //! * `presence.rs`: the presence store.
 //! * `direct.rs`: direct messages, routed by instance tag, and their answers.
+//! * `outbox.rs`: broadcasts, queued in order and written in pipelined batches.
 //! * `scripts/*.lua`: the Lua scripts, one a file, each headed by its
 //!   `KEYS` and `ARGV`.
 
 mod direct;
+mod outbox;
 mod presence;
 mod publish;
 mod supervise;
@@ -142,7 +151,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Script};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use self::supervise::{Connected, Subscriptions};
@@ -263,6 +272,8 @@ struct Inner {
     pending_directs: Mutex<HashMap<u64, oneshot::Sender<bool>>>,
     /// Numbers the directs sent from here.
     next_direct: AtomicU64,
+    /// Broadcasts waiting for the wire (`outbox.rs`).
+    outbox: mpsc::Sender<String>,
     /// Namespace options, for replaying history after an outage.
     config: Config,
     /// Expiry of presence entries; refreshed every third.
@@ -307,8 +318,9 @@ impl Inner {
 pub struct RedisBroker {
     /// Shared with the presence store and the supervisor.
     inner: Arc<Inner>,
-    /// The connections made by `connect`, taken over by `start`.
-    first: Mutex<Option<Connected>>,
+    /// The connections made by `connect` and the outbox's receiving end,
+    /// taken over by `start`.
+    first: Mutex<Option<(Connected, mpsc::Receiver<String>)>>,
     /// The supervisor, awaited by `close`.
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -327,6 +339,7 @@ pub async fn connect(
 ) -> Result<(Arc<dyn Broker>, Arc<dyn PresenceStore>)> {
     let client = redis::Client::open(url)
         .map_err(|e| Error::Config(format!("bus: invalid redis URL {url:?}: {e}")))?;
+    let (outbox, outbox_rx) = outbox::channel();
     let inner = Arc::new(Inner {
         client,
         conn_config: AsyncConnectionConfig::new()
@@ -336,6 +349,7 @@ pub async fn connect(
         tag: OnceLock::new(),
         pending_directs: Mutex::new(HashMap::new()),
         next_direct: AtomicU64::new(0),
+        outbox,
         config: config.clone(),
         presence_ttl: config.presence_ttl,
         handler: OnceLock::new(),
@@ -363,7 +377,7 @@ pub async fn connect(
     inner.choose_tag(&first.cmd).await?;
     let broker = RedisBroker {
         inner: inner.clone(),
-        first: Mutex::new(Some(first)),
+        first: Mutex::new(Some((first, outbox_rx))),
         task: Mutex::new(None),
     };
     Ok((Arc::new(broker), Arc::new(RedisPresence { inner })))

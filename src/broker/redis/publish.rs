@@ -104,8 +104,9 @@ impl Inner {
         }
     }
 
-    /// `Broker::publish_control`: a broadcast on the broadcast topic, a
-    /// join or leave on its channel's topic.
+    /// `Broker::publish_control`: a broadcast on the broadcast topic
+    /// (through the outbox, `outbox.rs`), a join or leave on its channel's
+    /// topic (answered by Redis before this returns).
     pub(super) async fn publish_control(&self, control: Control) -> Result<()> {
         // A broadcast travels as a plain struct: serde cannot buffer the
         // raw JSON `data` through the internally tagged `Control`.
@@ -121,7 +122,7 @@ impl Inner {
                     timestamp,
                 };
                 let json = serde_json::to_string(&body).map_err(bus_error)?;
-                (self.keys.all.clone(), format!("b {json}"))
+                return self.queue_broadcast(format!("b {json}")).await;
             }
             Control::Join { ref channel, .. } | Control::Leave { ref channel, .. } => {
                 let json = serde_json::to_string(&control).map_err(bus_error)?;

@@ -59,9 +59,10 @@ impl RedisBroker {
     /// wait (within [`CONNECT_TIMEOUT`]) until it is ready.
     pub(super) async fn start_supervisor(&self, handler: Arc<dyn BrokerHandler>) -> Result<()> {
         let _ = self.inner.handler.set(handler);
-        let Some(first) = self.first.lock_unpoisoned().take() else {
+        let Some((first, outbox)) = self.first.lock_unpoisoned().take() else {
             return Ok(()); // started already
         };
+        tokio::spawn(self.inner.clone().write_broadcasts(outbox));
         // The supervisor subscribes the broadcast and own topics, then
         // turns ready.
         let task = tokio::spawn(self.inner.clone().supervise(first));
