@@ -28,7 +28,8 @@
 //!   a clean leave, published just after its key is rewritten, arrive.
 //! * the live `join` / `leave` events of the channel (seen by the channel
 //!   task, [`Ghosts::saw`]) keep the picture current between passes: a
-//!   member that left cleanly is not mourned again, one that joined again
+//!   member that left cleanly is not mourned again (nor brought back by
+//!   a read that started before its leave), one that joined again
 //!   elsewhere is not re-joined.
 //! * the keys a `members` read finds are tracked at once
 //!   ([`Ghosts::noticed`]), so a member a client saw in a `presence`
@@ -40,7 +41,8 @@
 //! subscriber here could have seen is read by a pass before its key can
 //! expire. When the bucket itself is new (the server lost it and it was
 //! re-created), everything read before is forgotten without events:
-//! those keys vanished with the server's data, not with their instances.
+//! those keys vanished with the server's data, not with their instances
+//! (so a member whose instance crashed during such a loss gets no leave).
 //! Cost: one stream-info request per pass, one short-lived consumer per
 //! watched channel per pass (as one `presence` request); the subscribe
 //! and presence-write paths do nothing more.
@@ -98,6 +100,10 @@ struct Watched {
     /// (its instance restarted under the same id, or its leave was lost):
     /// still gone and unannounced at the next pass, they are told `leave`.
     vanished: HashMap<Arc<str>, ClientInfo>,
+    /// Members whose live `leave` arrived since the last pass: a read
+    /// that started before it may still show them, and must not bring
+    /// them back.
+    left: HashSet<Arc<str>>,
 }
 
 impl Ghosts {
@@ -124,6 +130,9 @@ impl Ghosts {
             for members in w.seen.values_mut() {
                 members.retain(|m| m.client_id != *id);
             }
+            w.left.insert(id.clone());
+        } else {
+            w.left.remove(id);
         }
         for (_, members) in w.mourned.values_mut() {
             members.retain(|m| m.client_id != *id);
@@ -146,7 +155,12 @@ impl Ghosts {
                     && !w.seen.contains_key(instance)
                     && !w.mourned.contains_key(instance)
                 {
-                    w.seen.insert(instance.clone(), members.clone());
+                    let members = members
+                        .iter()
+                        .filter(|m| !w.left.contains(&m.client_id))
+                        .cloned()
+                        .collect();
+                    w.seen.insert(instance.clone(), members);
                 }
             }
         }
@@ -220,7 +234,12 @@ impl Ghosts {
                             }
                         }
                     }
-                    let before = w.seen.insert(instance.clone(), members.clone());
+                    let current = members
+                        .iter()
+                        .filter(|m| !w.left.contains(&m.client_id))
+                        .cloned()
+                        .collect();
+                    let before = w.seen.insert(instance.clone(), current);
                     for m in before.into_iter().flatten() {
                         if !present.contains(&m.client_id) {
                             w.vanished.insert(m.client_id.clone(), m);
@@ -241,6 +260,7 @@ impl Ghosts {
         }
         w.mourned
             .retain(|_, (at, _)| now.duration_since(*at) < mourn_for);
+        w.left.clear();
         out
     }
 }
@@ -302,5 +322,107 @@ impl NatsPresence {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: &str) -> ClientInfo {
+        ClientInfo {
+            client_id: Arc::from(id),
+            user_id: None,
+            name: None,
+        }
+    }
+
+    fn keys(entries: &[(&str, Option<&[&str]>)]) -> Keys {
+        entries
+            .iter()
+            .map(|(instance, members)| {
+                let state = match members {
+                    Some(m) => KeyState::Live(m.iter().map(|id| info(id)).collect()),
+                    None => KeyState::Deleted,
+                };
+                (Arc::from(*instance), state)
+            })
+            .collect()
+    }
+
+    /// `(kind, client id)` of each event.
+    fn diff(g: &Ghosts, k: &Keys) -> Vec<(&'static str, String)> {
+        let ch: Arc<str> = Arc::from("room");
+        g.diff(&ch, k, "me", Duration::from_secs(60))
+            .into_iter()
+            .map(|c| match c {
+                Control::Join { info, .. } => ("join", info.client_id.to_string()),
+                Control::Leave { info, .. } => ("leave", info.client_id.to_string()),
+                Control::Broadcast { .. } => ("broadcast", String::new()),
+            })
+            .collect()
+    }
+
+    fn leave(id: &str) -> Control {
+        Control::Leave {
+            channel: Arc::from("room"),
+            info: info(id),
+        }
+    }
+
+    #[test]
+    fn an_expired_key_leaves_once_except_members_held_elsewhere() {
+        let g = Ghosts::default();
+        let before = keys(&[("me", Some(&["m"])), ("b", Some(&["x", "y"]))]);
+        assert!(diff(&g, &before).is_empty(), "the first pass only learns");
+        // B expired; y is on C now (moved).
+        let after = keys(&[("me", Some(&["m"])), ("c", Some(&["y"]))]);
+        assert_eq!(diff(&g, &after), vec![("leave", "x".to_string())]);
+        assert!(diff(&g, &after).is_empty(), "once");
+    }
+
+    #[test]
+    fn a_key_back_after_expiring_joins_the_members_told_leave() {
+        let g = Ghosts::default();
+        diff(&g, &keys(&[("b", Some(&["x", "z"]))]));
+        assert_eq!(diff(&g, &keys(&[])).len(), 2);
+        // z joined again elsewhere meanwhile (its own join was live).
+        g.saw(&Control::Join {
+            channel: Arc::from("room"),
+            info: info("z"),
+        });
+        let back = keys(&[("b", Some(&["x", "z", "new"])), ("c", Some(&["z"]))]);
+        assert_eq!(diff(&g, &back), vec![("join", "x".to_string())]);
+        assert!(diff(&g, &back).is_empty());
+    }
+
+    #[test]
+    fn a_clean_removal_is_left_to_its_live_leave() {
+        let g = Ghosts::default();
+        diff(&g, &keys(&[("b", Some(&["x", "y"]))]));
+        // x left cleanly; a read that started before its leave still
+        // shows it.
+        g.saw(&leave("x"));
+        assert!(diff(&g, &keys(&[("b", Some(&["x", "y"]))])).is_empty());
+        // y's key is deleted; its leave arrives before the next pass.
+        assert!(diff(&g, &keys(&[("b", None)])).is_empty());
+        g.saw(&leave("y"));
+        assert!(diff(&g, &keys(&[("b", None)])).is_empty());
+        assert!(
+            diff(&g, &keys(&[])).is_empty(),
+            "a marker expiring is nothing"
+        );
+    }
+
+    #[test]
+    fn a_member_gone_from_a_live_key_without_a_leave_leaves_a_pass_later() {
+        let g = Ghosts::default();
+        diff(&g, &keys(&[("b", Some(&["x"]))]));
+        // B restarted under the same id: its key now holds someone else.
+        assert!(diff(&g, &keys(&[("b", Some(&["n"]))])).is_empty());
+        assert_eq!(
+            diff(&g, &keys(&[("b", Some(&["n"]))])),
+            vec![("leave", "x".to_string())]
+        );
     }
 }
