@@ -15,6 +15,7 @@
 //! * `publish.rs`: the stored message format, the conditional publish,
 //!   the epoch generation stream, history reads, control messages;
 //! * `presence.rs`: the presence bucket and this instance's keys;
+//! * `ghosts.rs`: leaves for the members of a crashed instance;
 //! * `direct.rs`: requests to one client, user-addressed messages.
 //!
 //! # Layout (`P` = `bus_prefix`, `T(x)` = [`token`] of `x`)
@@ -135,6 +136,16 @@
 //! its keys every third of it, so the members of a crashed instance vanish
 //! within `presence_ttl`; a clean [`Broker::close`] deletes them at once.
 //!
+//! An expired key leaves no trace on NATS 2.9 (no delete marker, no watch
+//! event), so each instance finds them itself (`ghosts.rs`): after each
+//! refresh pass it reads the keys of the `join_leave` channels it has
+//! local members in, and a key read before and absent now (expired; a
+//! deleted key leaves a marker) gets a `leave` for each of its members
+//! that no other key holds, told to this instance's own subscribers only:
+//! every subscriber hears it once, within about `presence_ttl` plus a
+//! third of it. If the key comes back (its instance was cut off, not
+//! crashed; remembered `4 × presence_ttl`) those members get a `join`.
+//!
 //! # Direct
 //!
 //! Nothing is registered per client. Each instance draws a random
@@ -169,6 +180,7 @@
 //! (5 s).
 
 mod direct;
+mod ghosts;
 mod presence;
 mod publish;
 mod supervise;
@@ -195,6 +207,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::protocol::is_internal_channel;
 use crate::protocol::{ClientInfo, StreamPosition};
+use ghosts::Ghosts;
 use presence::LocalChannel;
 use publish::Writer;
 use supervise::Channels;
@@ -287,6 +300,7 @@ pub async fn connect_with(
         opts,
         failed_publishes: AtomicU64::new(0),
         presence_dirty: Notify::new(),
+        ghosts: Ghosts::default(),
     });
     bus.ensure_stream().await?;
     bus.ensure_gen_stream().await?;
@@ -359,6 +373,9 @@ struct Bus {
     failed_publishes: AtomicU64,
     /// Asks the presence task to rewrite every key now (after reconnect).
     presence_dirty: Notify,
+    /// Other instances' presence keys as last read, to tell the local
+    /// subscribers the members of a crashed instance left.
+    ghosts: Ghosts,
 }
 
 impl Bus {
@@ -458,6 +475,7 @@ impl Broker for NatsBroker {
         if self.handler.set(handler.clone()).is_err() {
             return Ok(());
         }
+        self.bus.ghosts.set_handler(handler.clone());
         self.listen_broadcasts(&handler).await?;
         self.listen_direct(&handler).await?;
         self.watch_connection();

@@ -290,7 +290,10 @@ async fn channel_task(
                 }
                 if m.subject.as_str().ends_with(".e") {
                     match serde_json::from_slice::<Control>(&m.payload) {
-                        Ok(c) => handler.on_control(&c),
+                        Ok(c) => {
+                            bus.ghosts.saw(&c);
+                            handler.on_control(&c)
+                        }
                         Err(e) => tracing::warn!(error = %e, "undecodable event on the NATS bus"),
                     }
                     continue;
