@@ -12,7 +12,8 @@
 # Per configuration: idle memory per connection (N connections on the
 # first instance only), saturation (1,000 subscribers spread over the
 # instances, 1 publisher, window 16) and a fixed rate (100 subscribers x
-# 1,000 msg/s). Then the scaling series: 1, 2, 3 Switchboard instances on
+# 1,000 msg/s), and for Switchboard the channel path at saturation (1,000
+# subscribers, 4 publishers, window 16). Then the scaling series: 1, 2, 3 Switchboard instances on
 # Redis and on NATS at the same subscribers and rate. Every run starts
 # fresh instances with their own bus prefix.
 
@@ -21,7 +22,7 @@ if [ "$QUICK" = 1 ]; then
 else
   C_REPS=3; C_IDLE_NS="10000 19000"; C_DURATION=10
 fi
-C_SAT_SUBS=1000; C_SAT_WINDOW=16
+C_SAT_SUBS=1000; C_SAT_WINDOW=16; C_CH_PUBLISHERS=4
 C_RATE_SUBS=100; C_RATE=1000
 C_SCALE_SUBS=1000; C_SCALE_RATE=100; C_SCALE_NS="1 2 3"
 C_SIZE=64
@@ -178,6 +179,7 @@ cat >"$OUT/meta.json" <<JSON
   "idle_ns": [$(echo "$C_IDLE_NS" | sed 's/ /, /g')],
   "duration": $C_DURATION,
   "sat_subs": $C_SAT_SUBS, "sat_publishers": 1, "sat_window": $C_SAT_WINDOW,
+  "ch_publishers": $C_CH_PUBLISHERS,
   "rate_subs": $C_RATE_SUBS, "rate": $C_RATE, "size": $C_SIZE,
   "scale_subs": $C_SCALE_SUBS, "scale_rate": $C_SCALE_RATE, "scale_ns": [$(echo "$C_SCALE_NS" | sed 's/ /, /g')],
   "git": "$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$ROOT" && git diff --quiet -- src 2>/dev/null || echo '+dirty-src')",
@@ -199,6 +201,13 @@ for rep in $(seq 1 "$C_REPS"); do
     cbench "$kind" "$bus" "$n" "sat-$C_SAT_SUBS-$cfg-r$rep" fanout --mode broadcast \
       --subscribers "$C_SAT_SUBS" --publishers 1 --saturate --window "$C_SAT_WINDOW" \
       --duration "$C_DURATION" --size "$C_SIZE"
+    # Switchboard's channel path (subscribe / publish with an ack that
+    # carries the offset the bus assigned); the tutorial has none.
+    if [ "$kind" = switchboard ]; then
+      cbench "$kind" "$bus" "$n" "chsat-$C_SAT_SUBS-$cfg-r$rep" fanout --mode channel \
+        --subscribers "$C_SAT_SUBS" --publishers "$C_CH_PUBLISHERS" --saturate \
+        --window "$C_SAT_WINDOW" --duration "$C_DURATION" --size "$C_SIZE"
+    fi
     cbench "$kind" "$bus" "$n" "rate-$C_RATE_SUBS-$cfg-r$rep" fanout --mode broadcast \
       --subscribers "$C_RATE_SUBS" --publishers 1 --rate "$C_RATE" \
       --duration "$C_DURATION" --size "$C_SIZE"

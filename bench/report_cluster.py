@@ -37,7 +37,7 @@ def load(run_dir):
     runs = {}
     for path in sorted(glob.glob(os.path.join(run_dir, "*.json"))):
         base = os.path.basename(path)[:-5]
-        m = (re.match(r"(idle-\d+|sat-\d+|rate-\d+)-(.+)-r(\d+)$", base)
+        m = (re.match(r"(idle-\d+|chsat-\d+|sat-\d+|rate-\d+)-(.+)-r(\d+)$", base)
              or re.match(r"(scale-[a-z]+)-(\d+)-r(\d+)$", base))
         if not m:
             continue
@@ -75,7 +75,7 @@ def fan(runs, scenario, key):
 
 
 def summarize(runs, meta):
-    s = {"meta": meta, "idle": {}, "sat": {}, "rate": {}, "scale": {}}
+    s = {"meta": meta, "idle": {}, "sat": {}, "chsat": {}, "rate": {}, "scale": {}}
     for cfg in meta["configs"]:
         for n in meta["idle_ns"]:
             rs = runs.get((f"idle-{n}", cfg), [])
@@ -87,6 +87,7 @@ def summarize(runs, meta):
             }
         s["sat"][cfg] = fan(runs, f"sat-{meta['sat_subs']}", cfg)
         s["rate"][cfg] = fan(runs, f"rate-{meta['rate_subs']}", cfg)
+        s["chsat"][cfg] = fan(runs, f"chsat-{meta['sat_subs']}", cfg)
     for bus in ("redis", "nats"):
         for n in meta["scale_ns"]:
             s["scale"].setdefault(bus, {})[str(n)] = fan(runs, f"scale-{bus}", str(n))
@@ -131,6 +132,14 @@ def markdown(s, meta, machine):
         [f"{R.fmt(sat[c]['p50_us'])} / {R.fmt(sat[c]['p99_us'])} / {R.fmt(sat[c]['p999_us'])}" for c in cfgs])
     row("saturation lost / expected (all reps)", [lost(sat[c]) for c in cfgs])
     row("saturation reorders / duplicates", [f"{sat[c]['out_of_order']:,} / {sat[c]['duplicates']:,}" for c in cfgs])
+    ch = s["chsat"]
+    chp = meta.get("ch_publishers", 4)
+    row(f"channel saturation ({chp} publishers) deliveries/s", [R.fmt(ch[c]["deliveries_per_sec"]) for c in cfgs])
+    row("channel saturation CPU per delivery, instances / bus server (µs)",
+        [f"{R.fmt(ch[c]['server_cpu_us'], 2)} / {R.fmt(ch[c]['bus_cpu_us'], 2)}" for c in cfgs])
+    row("channel saturation p50 / p99 (µs)",
+        [f"{R.fmt(ch[c]['p50_us'])} / {R.fmt(ch[c]['p99_us'])}" for c in cfgs])
+    row("channel saturation lost / reorders", [f"{lost(ch[c])}; {ch[c]['out_of_order']:,}" for c in cfgs])
     row("rate latency p50 / p99 / p99.9 (µs)",
         [f"{R.fmt(rate[c]['p50_us'])} / {R.fmt(rate[c]['p99_us'])} / {R.fmt(rate[c]['p999_us'])}" for c in cfgs])
     row("rate CPU per delivery, instances / bus server (µs)",
