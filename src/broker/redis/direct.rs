@@ -29,7 +29,7 @@ impl Inner {
             return Ok(false); // it was here, and is gone
         }
         let payload = format!("d {}", serde_json::to_string(&direct).map_err(bus_error)?);
-        let receivers: u64 = redis::cmd("PUBLISH")
+        let receivers: u64 = redis::cmd(self.keys.publish_cmd())
             .arg(self.keys.instance(&instance))
             .arg(payload)
             .query_async(&mut conn)

@@ -50,7 +50,7 @@ impl Inner {
             // A user-addressed direct message: at most once, no history,
             // no offset, no key; only the instances holding the user's
             // connections listen on the topic.
-            let _: u64 = redis::cmd("PUBLISH")
+            let _: u64 = redis::cmd(self.keys.publish_cmd())
                 .arg(self.keys.topic(channel))
                 .arg(format!("p {NO_EPOCH} 0 {body}"))
                 .query_async(&mut conn)
@@ -80,7 +80,7 @@ impl Inner {
             .publish
             .key(self.keys.meta(channel))
             .key(self.keys.stream(channel))
-            .key(&self.keys.generation)
+            .key(self.keys.generation(channel))
             .key(idempotency_key)
             .arg(self.keys.topic(channel))
             .arg(body)
@@ -91,6 +91,7 @@ impl Inner {
             .arg(keyed)
             .arg(window_ms)
             .arg(expected)
+            .arg(self.keys.publish_cmd())
             .invoke_async(&mut conn)
             .await
             .map_err(bus_error)?;
@@ -129,7 +130,7 @@ impl Inner {
             }
         };
         let mut conn = self.conn()?;
-        let _: u64 = redis::cmd("PUBLISH")
+        let _: u64 = redis::cmd(self.keys.publish_cmd())
             .arg(topic)
             .arg(payload)
             .query_async(&mut conn)
@@ -158,13 +159,14 @@ impl Inner {
             .history
             .key(self.keys.meta(channel))
             .key(self.keys.stream(channel))
-            .key(&self.keys.generation)
+            .key(self.keys.generation(channel))
             .arg(since.map_or("", |s| &*s.epoch))
             .arg(since.map_or(0, |s| s.offset))
             .arg(limit)
             .arg(random_base36(8))
             .arg(history.size)
             .arg(if newest_first { "1" } else { "" })
+            .arg(if self.keys.cluster { "1" } else { "" })
             .invoke_async(&mut conn)
             .await
             .map_err(bus_error)?;
