@@ -12,7 +12,15 @@
 //! (`Inner::replay`, the same as after a single-node reconnection). Only
 //! then is the bus ready again. Messages of the other shards keep being
 //! dispatched while a recovery runs.
+//!
+//! The cluster client also re-makes subscriptions by itself after it
+//! refreshed its slot map, possibly before this instance has replayed what
+//! was published meanwhile; a live publication that skips offsets of the
+//! epoch delivered here is therefore not delivered but replayed from
+//! history with the gap before it (`Inner::dispatch`, `fill_gaps`), so
+//! subscribers always get a channel in offset order without a hole.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -56,55 +64,88 @@ impl Inner {
         Ok(Connected::Cluster { conn, pushes })
     }
 
-    /// The cluster supervisor: dispatch pushes, beat, recover.
+    /// The cluster supervisor: dispatch pushes, beat, recover, fill gaps.
+    /// One piece of work runs at a time (a full recovery, or a replay of
+    /// the channels whose live delivery skipped offsets) while pushes keep
+    /// being dispatched; what is found meanwhile is done after it.
     pub(super) async fn supervise_cluster(
         self: Arc<Self>,
         conn: ClusterConnection,
         mut pushes: UnboundedReceiver<PushInfo>,
     ) {
+        let this: &Inner = &self;
         let beat = (self.presence_ttl / 3).max(Duration::from_millis(100));
         let mut tick = tokio::time::interval(beat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The running work; it answers whether a full recovery is due.
         // The first install runs as a recovery that is not after an outage.
-        let mut recovering: Option<Pin<Box<dyn Future<Output = ()> + Send + '_>>> =
-            Some(Box::pin(self.recover(conn.clone(), false)));
-        // Another loss was seen while recovering: recover once more after.
-        let mut again = false;
+        let mut work: Option<Pin<Box<dyn Future<Output = bool> + Send + '_>>> =
+            Some(Box::pin(this.recover(conn.clone(), false)));
+        // A full recovery is due (a loss was seen).
+        let mut full = false;
+        // Channels whose live delivery skipped offsets (bounded by the
+        // channels subscribed here).
+        let mut gaps: HashSet<Arc<str>> = HashSet::new();
         loop {
-            let lost = tokio::select! {
+            tokio::select! {
                 push = pushes.recv() => {
                     let Some(push) = push else { return };
                     match self.classify(&push) {
                         Push::Message(topic, payload) => {
-                            self.dispatch(topic, payload);
-                            None
+                            if let Some(channel) = self.dispatch(topic, payload) {
+                                gaps.insert(channel);
+                            }
                         }
-                        Push::Lost(why) => Some(why),
-                        Push::Ignore => None,
+                        Push::Lost(why) => {
+                            if !full {
+                                tracing::warn!(reason = %why, "redis cluster subscriptions may be lost; resubscribing");
+                            }
+                            self.ready.store(false, Ordering::Relaxed);
+                            full = true;
+                        }
+                        Push::Ignore => {}
                     }
                 }
-                () = async { recovering.as_mut().expect("guarded").await }, if recovering.is_some() => {
-                    recovering = None;
-                    if std::mem::take(&mut again) {
-                        recovering = Some(Box::pin(self.recover(conn.clone(), true)));
-                    }
-                    None
+                again = async { work.as_mut().expect("guarded").await }, if work.is_some() => {
+                    work = None;
+                    full |= again;
                 }
-                _ = tick.tick(), if recovering.is_none() => {
-                    self.heartbeat().await.err().map(|e| format!("heartbeat failed: {e}"))
+                _ = tick.tick(), if work.is_none() => {
+                    if let Err(e) = self.heartbeat().await {
+                        tracing::warn!(error = %e, "redis cluster heartbeat failed; resubscribing");
+                        self.ready.store(false, Ordering::Relaxed);
+                        full = true;
+                    }
                 }
                 () = self.shutdown.cancelled() => return,
-            };
-            if let Some(why) = lost {
-                if recovering.is_some() {
-                    again = true;
-                } else {
-                    tracing::warn!(reason = %why, "redis cluster subscriptions may be lost; resubscribing");
-                    self.ready.store(false, Ordering::Relaxed);
-                    recovering = Some(Box::pin(self.recover(conn.clone(), true)));
+            }
+            if work.is_none() {
+                if std::mem::take(&mut full) {
+                    // The full recovery replays every channel.
+                    gaps.clear();
+                    work = Some(Box::pin(this.recover(conn.clone(), true)));
+                } else if !gaps.is_empty() {
+                    let channels: Vec<Arc<str>> = gaps.drain().collect();
+                    work = Some(Box::pin(this.fill_gaps(channels)));
                 }
             }
         }
+    }
+
+    /// Replay `channels` from history after the position delivered here;
+    /// `true` when that failed (a full recovery is then due).
+    async fn fill_gaps(&self, channels: Vec<Arc<str>>) -> bool {
+        let Some(handler) = self.handler().cloned() else {
+            return false;
+        };
+        for channel in channels {
+            let last = handler.position(&channel);
+            if let Err(e) = self.replay_channel(&*handler, &channel, last).await {
+                tracing::warn!(%channel, error = %e, "redis cluster gap replay failed; resubscribing");
+                return true;
+            }
+        }
+        false
     }
 
     /// What `push` means: a message, a possible loss, or nothing.
@@ -158,7 +199,7 @@ impl Inner {
     /// Subscribe every topic again, rewrite the entries, replay the gaps
     /// (after an outage) and turn ready; retried with backoff until it
     /// succeeds or the bus closes.
-    async fn recover(&self, conn: ClusterConnection, after_outage: bool) {
+    async fn recover(&self, conn: ClusterConnection, after_outage: bool) -> bool {
         let mut attempt: u32 = 0;
         loop {
             let installed = self
@@ -173,7 +214,7 @@ impl Inner {
                     if after_outage {
                         tracing::info!("redis cluster bus resubscribed and replayed");
                     }
-                    return;
+                    return false;
                 }
                 Err(e) => {
                     self.ready.store(false, Ordering::Relaxed);
@@ -182,7 +223,7 @@ impl Inner {
                     tracing::warn!(error = %e, retry_in = ?delay, "redis cluster bus unreachable");
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
-                        () = self.shutdown.cancelled() => return,
+                        () = self.shutdown.cancelled() => return false,
                     }
                 }
             }

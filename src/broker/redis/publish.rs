@@ -189,37 +189,53 @@ impl Inner {
         })
     }
 
-    /// Hand one pub/sub message to the handler.
-    pub(super) fn dispatch(&self, topic: &str, payload: &[u8]) {
-        let Some(handler) = self.handler() else {
-            return;
-        };
+    /// Hand one pub/sub message to the handler. On a cluster, a
+    /// publication that skips offsets of the epoch delivered here is not
+    /// handed over: its channel is returned, for a replay from history
+    /// (which holds it) to fill the gap in order. (A subscription the
+    /// cluster client re-made by itself after a failover can deliver again
+    /// before this instance has replayed what was missed meanwhile.)
+    pub(super) fn dispatch(&self, topic: &str, payload: &[u8]) -> Option<Arc<str>> {
+        let handler = self.handler()?;
         let Ok(text) = std::str::from_utf8(payload) else {
             tracing::warn!(%topic, "non-UTF-8 message on the bus ignored");
-            return;
+            return None;
         };
         let Some((kind, rest)) = text.split_once(' ') else {
             tracing::warn!(%topic, "malformed message on the bus ignored");
-            return;
+            return None;
         };
         match kind {
             "p" => {
-                let Some(channel) = self.keys.channel_of(topic) else {
-                    return;
-                };
+                let channel = self.keys.channel_of(topic)?;
                 let mut parts = rest.splitn(3, ' ');
                 let (Some(epoch), Some(offset), Some(body)) =
                     (parts.next(), parts.next(), parts.next())
                 else {
                     tracing::warn!(%topic, "malformed publication ignored");
-                    return;
+                    return None;
                 };
                 let (Ok(offset), Ok(body)) =
                     (offset.parse::<u64>(), serde_json::from_str::<Body>(body))
                 else {
                     tracing::warn!(%topic, "malformed publication ignored");
-                    return;
+                    return None;
                 };
+                // Only where history can fill the gap (a namespace without
+                // history is told by the full recovery's resync instead).
+                let has_history = || {
+                    self.config
+                        .namespace_of(channel)
+                        .is_some_and(|n| n.history_size > 0)
+                };
+                if self.keys.cluster && has_history() {
+                    let skips = handler
+                        .position(channel)
+                        .is_some_and(|last| *last.epoch == *epoch && offset > last.offset + 1);
+                    if skips {
+                        return Some(Arc::from(channel));
+                    }
+                }
                 let publication = Publication {
                     offset,
                     data: body.data,
@@ -248,5 +264,6 @@ impl Inner {
             },
             _ => tracing::warn!(%topic, "unknown message kind on the bus ignored"),
         }
+        None
     }
 }

@@ -390,36 +390,48 @@ impl Inner {
             return Ok(());
         };
         for (channel, last) in handler.positions() {
-            let Some(opts) = self.config.namespace_of(&channel) else {
-                continue;
-            };
-            let opts = HistoryOptions {
-                size: opts.history_size,
-                ttl: opts.history_ttl,
-            };
-            let h = self
-                .read_history(&channel, last.as_ref(), usize::MAX, false, opts)
-                .await?;
-            match &last {
-                // Nothing delivered since the subscription: hand over what
-                // is retained; sessions drop what they already have.
-                None => {
-                    for p in &h.publications {
-                        handler.on_publication(&channel, &h.top.epoch, p);
-                    }
+            self.replay_channel(&*handler, &channel, last).await?;
+        }
+        Ok(())
+    }
+
+    /// Fill one channel's gap after `last` from history, or ask its
+    /// subscribers to resync.
+    pub(super) async fn replay_channel(
+        &self,
+        handler: &dyn BrokerHandler,
+        channel: &Arc<str>,
+        last: Option<crate::protocol::StreamPosition>,
+    ) -> Result<()> {
+        let Some(opts) = self.config.namespace_of(channel) else {
+            return Ok(());
+        };
+        let opts = HistoryOptions {
+            size: opts.history_size,
+            ttl: opts.history_ttl,
+        };
+        let h = self
+            .read_history(channel, last.as_ref(), usize::MAX, false, opts)
+            .await?;
+        match &last {
+            // Nothing delivered since the subscription: hand over what
+            // is retained; sessions drop what they already have.
+            None => {
+                for p in &h.publications {
+                    handler.on_publication(channel, &h.top.epoch, p);
                 }
-                Some(last) => {
-                    let missed = h.top.offset.saturating_sub(last.offset);
-                    if h.covers(last, None) {
-                        if missed > 0 {
-                            tracing::info!(%channel, missed, "replaying publications missed during a bus outage");
-                        }
-                        for p in &h.publications {
-                            handler.on_publication(&channel, &h.top.epoch, p);
-                        }
-                    } else {
-                        handler.resync_failed(&channel);
+            }
+            Some(last) => {
+                let missed = h.top.offset.saturating_sub(last.offset);
+                if h.covers(last, None) {
+                    if missed > 0 {
+                        tracing::info!(%channel, missed, "replaying publications missed during a bus outage");
                     }
+                    for p in &h.publications {
+                        handler.on_publication(channel, &h.top.epoch, p);
+                    }
+                } else {
+                    handler.resync_failed(channel);
                 }
             }
         }
@@ -512,7 +524,10 @@ impl Inner {
             let lost = loop {
                 tokio::select! {
                     msg = stream.next() => match msg {
-                        Some(msg) => self.dispatch(msg.get_channel_name(), msg.get_payload_bytes()),
+                        Some(msg) => {
+                            // One Redis never skips offsets (`dispatch` checks on a cluster only).
+                            let _ = self.dispatch(msg.get_channel_name(), msg.get_payload_bytes());
+                        }
                         None => break "the pub/sub connection closed".to_string(),
                     },
                     _ = tick.tick() => {
