@@ -4,9 +4,9 @@
 //! persistence, `cluster-node-timeout` 1 s so a failover takes seconds.
 //!
 //! Every server runs under a small shell watchdog that kills it (SIGKILL)
-//! once the test process is gone, so a cluster kept in a `static` for a
-//! whole test file never outlives it; [`RedisCluster`] also kills every
-//! server on drop. [`RedisCluster::kill`] is a `kill -9` of one server.
+//! once the test process is gone, and removes the nodes' directory, so a
+//! cluster kept in a `static` for a whole test file never outlives it;
+//! [`RedisCluster`] also kills every server on drop. [`RedisCluster::kill`] is a `kill -9` of one server.
 #![cfg(feature = "redis")]
 #![allow(dead_code)]
 
@@ -77,7 +77,8 @@ impl RedisCluster {
             let script = format!(
                 "{server} >/dev/null 2>&1 & r=$!; \
                  while kill -0 {me} 2>/dev/null && kill -0 $r 2>/dev/null; do sleep 0.5; done; \
-                 kill -9 $r 2>/dev/null"
+                 kill -9 $r 2>/dev/null; kill -0 {me} 2>/dev/null || rm -rf {dir}",
+                dir = dir.display()
             );
             let watchdog = Command::new("sh")
                 .args(["-c", &script])
