@@ -42,8 +42,10 @@
 //!   most the newest `history_size`, should a namespace have shrunk). A
 //!   client can recover on any instance.
 //! * **Epochs, and nothing written by reads.** A history or position read
-//!   (every subscribe makes one) writes nothing: for a channel without a
-//!   stream it reports `(G, 0)`, `G` being the current value of `P:gen`.
+//!   (every subscribe makes one) writes nothing (on a cluster, but the
+//!   slot's generator when it is absent: see "Redis Cluster"): for a
+//!   channel without a stream it reports `(G, 0)`, `G` being the current
+//!   value of `P:gen`.
 //!   The publish that creates a stream takes `G` as its epoch and replaces
 //!   `P:gen` with a fresh random value in the same script, so every stream
 //!   ever created has an epoch of its own, and a reader that saw `(G, 0)`
@@ -418,6 +420,8 @@ pub async fn connect(
     }
     let (client, cluster_client, pushes) = if cluster {
         let nodes = cluster::seed_nodes(url)?;
+        // Built once here rather than by the first read.
+        let _ = cluster::slot_tags();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let client = redis::cluster::ClusterClient::builder(nodes)
             .use_protocol(redis::ProtocolVersion::RESP3)
