@@ -8,6 +8,7 @@ meta.json, takes the median over repetitions, and
   * writes <run>/summary.json,
   * replaces the part of BENCHMARKS.md between the GENERATED markers,
   * writes docs/bench/latency-cdf.svg and docs/bench/memory-per-connection.svg.
+A cluster run (bench/run.sh --cluster) is handed to bench/report_cluster.py.
 Standard library only.
 """
 
@@ -473,6 +474,14 @@ def main():
     ap.add_argument("--benchmarks", help="BENCHMARKS.md to update between the GENERATED markers")
     ap.add_argument("--plots", help="directory for the SVG plots")
     args = ap.parse_args()
+    with open(os.path.join(args.run_dir, "meta.json")) as f:
+        meta = json.load(f)
+    if meta.get("mode", "").startswith("cluster"):
+        # bench/run.sh --cluster: its own tables and plot.
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import report_cluster
+        report_cluster.run(args.run_dir, meta, args.benchmarks, args.plots)
+        return
     runs, meta = load(args.run_dir)
     if not runs:
         sys.exit(f"report.py: no results in {args.run_dir}")

@@ -6,6 +6,20 @@
 #   bench/run.sh --quick    1 repetition, idle N = 1k 5k, 3 s fan-out runs
 #                           (about 2 minutes)
 #   bench/run.sh --no-build skip cargo build / npm ci (binaries must exist)
+#   bench/run.sh --cluster  cluster mode instead (see bench/cluster.sh): a
+#                           private redis-server and nats-server; Switchboard
+#                           on the memory bus (1 instance), on Redis and on
+#                           NATS (2 instances), and the tutorial's
+#                           server-redis.js (2 instances): idle memory per
+#                           connection (10k, 19k on one instance), saturation
+#                           (1,000 subscribers over the instances, 1
+#                           publisher, window 16), rate (100 subscribers x
+#                           1,000 msg/s), then 1, 2, 3 instances on Redis and
+#                           NATS at 1,000 subscribers x 100 msg/s; 3
+#                           repetitions, 10 s runs (about 25 minutes).
+#                           With --quick: 1 repetition, idle 2k, 3 s runs
+#                           (about 5 minutes). Results in
+#                           bench/results/<date>-cluster[-quick]/.
 #
 # Every scenario gets a fresh server, Switchboard and Node back to back.
 # Results (one JSON file per run) go to bench/results/<date>/; then
@@ -19,11 +33,13 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 QUICK=0
 BUILD=1
+CLUSTER=0
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=1 ;;
     --no-build) BUILD=0 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --cluster) CLUSTER=1 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "run.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
@@ -37,6 +53,10 @@ if [ "$QUICK" = 1 ]; then
   REPS=1; IDLE_NS="1000 5000"; DURATION=3; MODE_LABEL=quick
 else
   REPS=3; IDLE_NS="1000 5000 10000 19000"; DURATION=10; MODE_LABEL=full
+fi
+if [ "$CLUSTER" = 1 ]; then
+  MODE_LABEL=cluster
+  [ "$QUICK" = 1 ] && MODE_LABEL=cluster-quick
 fi
 SAT_SUBS="100 1000"
 SAT_PUBLISHERS=4
@@ -61,7 +81,8 @@ if [ "$BUILD" = 1 ]; then
   (cd "$ROOT" && cargo build --release --quiet -p switchboard-bench)
   (cd "$NODE_DIR" && npm ci --no-audit --no-fund --silent)
 fi
-for f in "$SB_BIN" "$BENCH_BIN" "$NODE_DIR/node_modules/ws/package.json"; do
+for f in "$SB_BIN" "$BENCH_BIN" "$NODE_DIR/node_modules/ws/package.json" \
+    "$NODE_DIR/node_modules/redis/package.json"; do
   [ -e "$f" ] || { echo "run.sh: missing $f (run without --no-build)" >&2; exit 1; }
 done
 
@@ -109,6 +130,15 @@ trap stop_server EXIT
 
 COMMANDS=$OUT/commands.txt
 : >"$COMMANDS"
+
+if [ "$CLUSTER" = 1 ]; then
+  for tool in redis-server redis-cli nats-server; do
+    command -v "$tool" >/dev/null || { echo "run.sh: --cluster needs $tool on PATH" >&2; exit 1; }
+  done
+  # shellcheck source=bench/cluster.sh
+  . "$ROOT/bench/cluster.sh"
+  exit 0
+fi
 
 # bench SERVER NAME ARGS...: fresh server, one tool run, server stopped.
 bench() {

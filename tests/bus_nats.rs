@@ -52,6 +52,14 @@ mod nats_bus {
     bus_suite!(super::NatsBus);
 }
 
+/// NATS announces the members of a crashed instance: each instance tells
+/// its own subscribers when another instance's presence key expires (see
+/// `broker::nats::ghosts`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_members_leave_once() {
+    bus_suite::crashed_members_leave_once(&NatsBus).await;
+}
+
 // ---------------------------------------------------------------------
 // Broker-level checks.
 
@@ -702,6 +710,62 @@ async fn nats_killed_and_restarted_mid_stream() {
         drop((sub, publisher, late));
         a.shutdown().await;
         b.shutdown().await;
+    })
+    .await;
+}
+
+/// A partition, not a crash: the member of an instance cut off the bus
+/// for longer than `presence_ttl` leaves, once, for the subscriber on the
+/// other instance (its key expired), and joins again when its instance is
+/// back (its key is rewritten).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cut_off_leaves_and_joins_again() {
+    bus_suite::bounded("a_member_cut_off_leaves_and_joins_again", async {
+        let server = PrivateNats::start().await;
+        let upstream: SocketAddr = format!("127.0.0.1:{}", server.port).parse().unwrap();
+        let proxy = Proxy::start(upstream).await;
+        let prefix = unique_prefix("cutpres");
+        let via_proxy = format!("nats://127.0.0.1:{}", proxy.port);
+        let a = Instance::start(settings_for(&via_proxy, &prefix, 0)).await;
+        let b = Instance::start(settings_for(&server.url(), &prefix, 1)).await;
+        let channel = "cutpres:room";
+        let mut x = a.client().await;
+        let mut y = b.client().await;
+        subscribe(&mut x, channel, 1).await;
+        subscribe(&mut y, channel, 1).await;
+        let both: HashSet<String> = [x.id.clone(), y.id.clone()].into();
+        assert!(
+            bus_suite::until_members(&mut y, channel, &both, Duration::from_secs(10)).await,
+            "both members seen from B"
+        );
+        // The next presence event Y gets (within `within`).
+        async fn event(y: &mut support::Client, within: Duration) -> Value {
+            let deadline = tokio::time::Instant::now() + within;
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let v = tokio::time::timeout(left, y.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("no join/leave within {within:?}"));
+                if v["type"] == "join" || v["type"] == "leave" {
+                    return v;
+                }
+            }
+        }
+        proxy.cut();
+        // presence_ttl is 3 s (settings_for).
+        let l = event(&mut y, Duration::from_secs(10)).await;
+        assert_eq!(l["type"], "leave", "{l}");
+        assert_eq!(l["clientId"], x.id.as_str(), "{l}");
+        proxy.restore().await;
+        let j = event(&mut y, Duration::from_secs(20)).await;
+        assert_eq!(j["type"], "join", "{j}");
+        assert_eq!(j["clientId"], x.id.as_str(), "{j}");
+        // Once each: nothing more about it.
+        y.expect_silence(Duration::from_secs(4)).await;
+        drop((x, y));
+        a.shutdown().await;
+        b.shutdown().await;
+        drop(proxy);
     })
     .await;
 }

@@ -488,3 +488,70 @@ async fn data_loss_before_any_live_delivery_is_not_a_silent_gap() {
     })
     .await;
 }
+
+/// Issue 15: a connection registers nothing on the bus. Connecting and
+/// disconnecting clients leaves Redis's keys as they were (no directory
+/// entry per client); a direct still reaches a client of the other
+/// instance through the instance topic named by the tag in its id, which
+/// has exactly one subscriber, and a made-up id under a live tag is an
+/// `unknown_target`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_per_client_on_redis() {
+    bus_suite::bounded("nothing_per_client_on_redis", async {
+        let prefix = unique_prefix("perclient");
+        let a = Instance::start(redis_settings(REDIS, &prefix, 0)).await;
+        let b = Instance::start(redis_settings(REDIS, &prefix, 1)).await;
+        let mut conn = redis::Client::open(REDIS)
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        let keys = |mut conn: redis::aio::MultiplexedConnection| {
+            let pattern = format!("{prefix}:*");
+            async move {
+                let mut k: Vec<String> = redis::cmd("KEYS")
+                    .arg(pattern)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("KEYS");
+                k.sort();
+                k
+            }
+        };
+        let before = keys(conn.clone()).await;
+        let mut clients = Vec::new();
+        for _ in 0..20 {
+            clients.push(a.client().await);
+        }
+        let mut sender = b.client().await;
+        assert_eq!(keys(conn.clone()).await, before, "no key per client");
+        let target = clients[7].id.clone();
+        let tag = &target[target.len() - 9..target.len() - 5];
+        let (_, subscribers): (String, u64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(format!("{prefix}:inst:{tag}"))
+            .query_async(&mut conn)
+            .await
+            .expect("PUBSUB NUMSUB");
+        assert_eq!(subscribers, 1, "one instance holds the tag {tag}");
+        let r = sender
+            .request(
+                json!({"type": "direct", "targetId": target, "data": "hi"}),
+                1,
+            )
+            .await;
+        assert_ne!(r["type"], "error", "{r}");
+        let got = clients[7].recv_type("direct").await;
+        assert_eq!(got["data"], "hi", "{got}");
+        let made_up = format!("{}zzzzz", &target[..target.len() - 5]);
+        let r = sender
+            .request(json!({"type": "direct", "targetId": made_up, "data": 1}), 2)
+            .await;
+        assert_eq!(r["code"], "unknown_target", "{r}");
+        drop(clients);
+        drop(sender);
+        a.shutdown().await;
+        b.shutdown().await;
+    })
+    .await;
+}

@@ -236,11 +236,22 @@ pub async fn open_many(
     indices: std::ops::Range<usize>,
     concurrency: usize,
 ) -> Opened {
+    open_spread(std::slice::from_ref(target), indices, |_| 0, concurrency).await
+}
+
+/// Open connections `indices`, connection `i` to `targets[pick(i)]`, with
+/// at most `concurrency` in flight (a cluster: several instances).
+pub async fn open_spread(
+    targets: &[Target],
+    indices: std::ops::Range<usize>,
+    pick: impl Fn(usize) -> usize,
+    concurrency: usize,
+) -> Opened {
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let start = tokio::time::Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for i in indices {
-        let target = target.clone();
+        let target = targets[pick(i) % targets.len()].clone();
         let sem = sem.clone();
         set.spawn(async move {
             let _permit = sem.acquire_owned().await.expect("semaphore closed");

@@ -90,8 +90,9 @@ async fn run(cmd: Cmd) -> Result<(), String> {
                 return Err("smoke: could not open any connection".into());
             }
             let fan = fanout::run(&fanout::FanoutArgs {
-                url: args.url.clone(),
-                pid: args.pid,
+                urls: vec![args.url.clone()],
+                pids: args.pid.into_iter().collect(),
+                bus_pid: None,
                 subscribers: 10,
                 publishers: 1,
                 rate: Some(1000.0),

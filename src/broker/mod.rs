@@ -274,6 +274,15 @@ pub trait Broker: Send + Sync + 'static {
         Ok(h)
     }
 
+    /// This instance's tag: the start of the random part of every client id
+    /// it gives ([`crate::ids::client_id`]), by which the other instances
+    /// route a direct message here without any per-client record on the
+    /// bus. A bus that routes by tag picks one no live instance holds;
+    /// `None` (the default) lets the node draw a random one.
+    fn instance_tag(&self) -> Option<String> {
+        None
+    }
+
     /// A client connected to this instance; direct messages must be able to
     /// find it from any instance from now on.
     async fn register_client(&self, _info: &ClientInfo) -> Result<()> {

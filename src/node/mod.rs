@@ -78,6 +78,9 @@ struct Shared {
     events: Option<Events>,
     /// The inboxes of this instance's SSE connections.
     sse: Arc<Inboxes>,
+    /// Starts the random part of every client id given here
+    /// ([`Broker::instance_tag`]): how other instances route to them.
+    tag: String,
 }
 
 impl Node {
@@ -110,8 +113,12 @@ impl Node {
                 sse: sse.clone(),
             }))
             .await?;
+        let tag = broker
+            .instance_tag()
+            .unwrap_or_else(|| random_base36(crate::ids::TAG_LEN));
         Ok(Node {
             shared: Arc::new(Shared {
+                tag,
                 config,
                 hub,
                 broker,
@@ -261,8 +268,8 @@ impl Node {
     }
 
     /// A new client id (before registration, for the connect proxy).
-    pub fn new_client_id() -> Arc<str> {
-        format!("client-{}-{}", protocol::now_ms(), random_base36(9)).into()
+    pub fn new_client_id(&self) -> Arc<str> {
+        crate::ids::client_id(protocol::now_ms(), &self.shared.tag)
     }
 
     /// Register a new connection (of `identity`'s user, if any) and give it
@@ -276,8 +283,7 @@ impl Node {
         identity: Option<&crate::auth::Identity>,
         name: Option<&str>,
     ) -> Result<Arc<ClientHandle>> {
-        self.register_as(Node::new_client_id(), identity, name)
-            .await
+        self.register_as(self.new_client_id(), identity, name).await
     }
 
     /// [`register`](Self::register) under an id from

@@ -156,7 +156,7 @@ where
                     return None;
                 }
             }
-            let id = Node::new_client_id();
+            let id = node.new_client_id();
             if connect_proxy && (identity.is_none() || node.config().proxy.connect_always) {
                 match proxied::connect(&node, &id, identity.as_deref(), &hello, ws.transport())
                     .await

@@ -805,8 +805,8 @@ pub async fn presence_of_a_crashed_instance_expires(f: &dyn BusFactory) {
 
 /// An instance dies without cleaning up: the subscribers on the two
 /// surviving instances each get exactly one `leave` for its member, and
-/// nothing else about it. Not in `bus_suite!`: run by the buses that
-/// announce crashed members (Redis, Pub/Sub); NATS does not yet.
+/// nothing else about it. Not in `bus_suite!` (the memory bus has one
+/// instance, which a crash takes whole): run by Redis, Pub/Sub and NATS.
 pub async fn crashed_members_leave_once(f: &dyn BusFactory) {
     bounded("crashed_members_leave_once", async {
         let mut cluster = Cluster::start(f, "ghost", 3).await;

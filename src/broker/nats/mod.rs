@@ -15,6 +15,7 @@
 //! * `publish.rs`: the stored message format, the conditional publish,
 //!   the epoch generation stream, history reads, control messages;
 //! * `presence.rs`: the presence bucket and this instance's keys;
+//! * `ghosts.rs`: leaves for the members of a crashed instance;
 //! * `direct.rs`: requests to one client, user-addressed messages.
 //!
 //! # Layout (`P` = `bus_prefix`, `T(x)` = [`token`] of `x`)
@@ -27,7 +28,7 @@
 //! | user-addressed direct (`#user:<sub>`) | `P.chl.T(#user:<sub>).u` (core; outside the stream) | no |
 //! | epoch generation | stream `P-gen`, subject `P.gen` | one message, no expiry |
 //! | broadcast | `P.bcast` (core) | no |
-//! | direct to a client | request to `P.cl.T(client id)` (core request/reply) | no |
+//! | direct to a client | request to `P.inst.<tag>`, the tag starting the client id (core request/reply) | no |
 //! | presence | KV bucket `P-presence`, key `T(channel).T(instance)` | `presence_ttl` |
 //!
 //! [`token`] keeps `[A-Za-z0-9_-]` and writes every other byte as `=XX`, so
@@ -135,16 +136,31 @@
 //! its keys every third of it, so the members of a crashed instance vanish
 //! within `presence_ttl`; a clean [`Broker::close`] deletes them at once.
 //!
+//! An expired key leaves no trace on NATS 2.9 (no delete marker, no watch
+//! event), so each instance finds them itself (`ghosts.rs`): after each
+//! refresh pass it reads the keys of the `join_leave` channels it has
+//! local members in, and a key read before and absent now (expired; a
+//! deleted key leaves a marker) gets a `leave` for each of its members
+//! that no other key holds, told to this instance's own subscribers only:
+//! every subscriber hears it once, within about `presence_ttl` plus a
+//! third of it. If the key comes back (its instance was cut off, not
+//! crashed; remembered `4 × presence_ttl`) those members get a `join`.
+//!
 //! # Direct
 //!
-//! Each local client has a core subscription `P.cl.T(id)` (taken in
-//! [`Broker::register_client`], which returns only after a round trip
-//! proves the server has it; all of them are polled by one task; on
-//! unregister it is drained, so requests already in flight get `0`). `direct` is a NATS request to that subject; the instance holding
-//! the client answers `1` (queued) or `0` (gone meanwhile). NATS answers
-//! "no responders" at once when nobody holds the id: `Ok(false)`, the
-//! client gets `unknown_target`. A crashed instance's subscriptions die
-//! with its connection, so nothing stale is left behind.
+//! Nothing is registered per client. Each instance draws a random
+//! four-character tag at start that no live instance answers for, and
+//! holds one core subscription, `P.inst.<tag>`; every client id it gives
+//! starts its random part with that tag ([`crate::ids::client_id`]). A
+//! `direct` is a NATS request to the subject of the target id's tag; the
+//! instance holding the client answers `1` (queued) or `0` (not here, or
+//! gone meanwhile). NATS answers "no responders" at once when no instance
+//! has the tag (the instance is gone, or the id was made up): `Ok(false)`,
+//! the client gets `unknown_target`. A crashed instance's subscription dies
+//! with its connection, so nothing stale is left behind. Two instances
+//! drawing the same tag in the same instant is the one race (a chance in
+//! ~1.7 M per pair of simultaneous starts); the cost would be directs to
+//! one of them answered `0` by the other.
 //!
 //! # Outage
 //!
@@ -164,6 +180,7 @@
 //! (5 s).
 
 mod direct;
+mod ghosts;
 mod presence;
 mod publish;
 mod supervise;
@@ -178,8 +195,7 @@ use async_nats::connection::State;
 use async_nats::jetstream;
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::stream::BoxStream;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::bus_error;
@@ -191,6 +207,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::protocol::is_internal_channel;
 use crate::protocol::{ClientInfo, StreamPosition};
+use ghosts::Ghosts;
 use presence::LocalChannel;
 use publish::Writer;
 use supervise::Channels;
@@ -283,6 +300,7 @@ pub async fn connect_with(
         opts,
         failed_publishes: AtomicU64::new(0),
         presence_dirty: Notify::new(),
+        ghosts: Ghosts::default(),
     });
     bus.ensure_stream().await?;
     bus.ensure_gen_stream().await?;
@@ -292,8 +310,7 @@ pub async fn connect_with(
         handler: OnceLock::new(),
         channels: Arc::default(),
         writers: Mutex::default(),
-        clients: Mutex::default(),
-        direct_tx: OnceLock::new(),
+        tag: OnceLock::new(),
         events: Mutex::new(Some(events_rx)),
         shutdown: CancellationToken::new(),
     });
@@ -356,6 +373,9 @@ struct Bus {
     failed_publishes: AtomicU64,
     /// Asks the presence task to rewrite every key now (after reconnect).
     presence_dirty: Notify,
+    /// Other instances' presence keys as last read, to tell the local
+    /// subscribers the members of a crashed instance left.
+    ghosts: Ghosts,
 }
 
 impl Bus {
@@ -406,8 +426,10 @@ impl Bus {
         format!("{}.bcast", self.prefix)
     }
 
-    fn client_subject(&self, client_id: &str) -> String {
-        format!("{}.cl.{}", self.prefix, token(client_id))
+    /// The direct subject of the instance tagged `tag` (base36, a valid
+    /// subject token as it is).
+    fn instance_subject(&self, tag: &str) -> String {
+        format!("{}.inst.{tag}", self.prefix)
     }
 }
 
@@ -423,11 +445,10 @@ pub struct NatsBroker {
     /// Channel → publish lock and cached head (see [`Writer`]); idle
     /// entries are swept.
     writers: Mutex<HashMap<Arc<str>, Writer>>,
-    /// Local client id → the handle whose drop ends its direct
-    /// subscription.
-    clients: Mutex<HashMap<Arc<str>, oneshot::Sender<()>>>,
-    /// Hands new direct subscriptions to the direct task.
-    direct_tx: OnceLock<mpsc::UnboundedSender<BoxStream<'static, async_nats::Message>>>,
+    /// This instance's tag, chosen by `start` (`listen_direct`): the
+    /// direct subject `P.inst.<tag>`, and the start of every client id
+    /// given here.
+    tag: OnceLock<String>,
     /// Connection events, taken by `start`.
     events: Mutex<Option<mpsc::Receiver<Event>>>,
     /// Stops every task of this broker and its presence store.
@@ -454,8 +475,9 @@ impl Broker for NatsBroker {
         if self.handler.set(handler.clone()).is_err() {
             return Ok(());
         }
+        self.bus.ghosts.set_handler(handler.clone());
         self.listen_broadcasts(&handler).await?;
-        self.listen_direct(&handler);
+        self.listen_direct(&handler).await?;
         self.watch_connection();
         Ok(())
     }
@@ -519,13 +541,8 @@ impl Broker for NatsBroker {
         self.bus.history(channel, since, limit, true, history).await
     }
 
-    async fn register_client(&self, info: &ClientInfo) -> Result<()> {
-        self.register_direct(info).await
-    }
-
-    async fn unregister_client(&self, client_id: &str) -> Result<()> {
-        self.unregister_direct(client_id);
-        Ok(())
+    fn instance_tag(&self) -> Option<String> {
+        self.tag.get().cloned()
     }
 
     fn is_ready(&self) -> bool {

@@ -2,6 +2,8 @@
 //! holding, per channel and instance, the JSON list of that instance's
 //! local members; writes grouped per channel, a refresh task rewriting
 //! every key within `presence_ttl`, reads merging every instance's key.
+//! After each refresh pass, the watch for expired keys of other instances
+//! (`ghosts.rs`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,6 +11,7 @@ use std::sync::Arc;
 use async_nats::jetstream::{consumer, kv, stream};
 use bytes::Bytes;
 
+use super::ghosts::{KeyState, Keys};
 use super::{Bus, NatsPresence, bus_error, token};
 use crate::error::Result;
 use crate::protocol::ClientInfo;
@@ -152,10 +155,19 @@ impl NatsPresence {
                 };
                 let Some(me) = weak.upgrade() else { break };
                 let channels: Vec<Arc<str>> = me.local.lock_unpoisoned().keys().cloned().collect();
+                let mut refreshed = true;
                 for channel in channels {
                     if let Err(e) = me.sync(&channel, None).await {
                         tracing::warn!(%channel, error = %e, dirty, "refreshing presence failed");
+                        refreshed = false;
                         break;
+                    }
+                }
+                // Then look for expired keys of other instances (see
+                // `ghosts.rs`).
+                if refreshed {
+                    if let Err(e) = me.watch_ghosts().await {
+                        tracing::warn!(error = %e, "watching for crashed instances' members failed");
                     }
                 }
             }
@@ -181,6 +193,27 @@ impl NatsPresence {
     /// Every instance's members of `channel`, merged (the body of
     /// [`PresenceStore::members`](crate::broker::PresenceStore::members)).
     pub(super) async fn read_members(&self, channel: &str) -> Result<Vec<ClientInfo>> {
+        let keys = self.read_keys(channel).await?;
+        if self.local.lock_unpoisoned().contains_key(channel) {
+            // Served here: a member a client sees now gets its leave.
+            self.bus
+                .ghosts
+                .noticed(channel, &keys, &self.bus.instance_token);
+        }
+        let mut members: BTreeMap<Arc<str>, ClientInfo> = BTreeMap::new();
+        for state in keys.into_values() {
+            if let KeyState::Live(list) = state {
+                for info in list {
+                    members.insert(info.client_id.clone(), info);
+                }
+            }
+        }
+        Ok(members.into_values().collect())
+    }
+
+    /// Every instance's key of `channel`, by instance token: the newest
+    /// value of each subject `T(channel).*` (an expired key is absent).
+    pub(super) async fn read_keys(&self, channel: &str) -> Result<Keys> {
         self.bus.connected()?;
         let filter = format!("$KV.{}.{}.*", self.bus.bucket_name, token(channel));
         let entries = self
@@ -191,21 +224,30 @@ impl NatsPresence {
                 consumer::DeliverPolicy::LastPerSubject,
             )
             .await?;
-        let mut members: BTreeMap<Arc<str>, ClientInfo> = BTreeMap::new();
-        for (headers, payload) in entries {
-            let deleted = headers
+        let mut keys = Keys::new();
+        for m in entries {
+            // Tokens hold no dot: the last one is the instance's.
+            let Some((_, instance)) = m.subject.as_str().rsplit_once('.') else {
+                continue;
+            };
+            let deleted = m
+                .headers
                 .as_ref()
                 .and_then(|h| h.get("KV-Operation"))
                 .is_some_and(|op| op.as_str() != "PUT");
-            if deleted || payload.is_empty() {
-                continue;
-            }
-            if let Ok(list) = serde_json::from_slice::<Vec<ClientInfo>>(&payload) {
-                for info in list {
-                    members.insert(info.client_id.clone(), info);
+            let state = if deleted || m.payload.is_empty() {
+                KeyState::Deleted
+            } else {
+                match serde_json::from_slice::<Vec<ClientInfo>>(&m.payload) {
+                    Ok(list) => KeyState::Live(list),
+                    Err(e) => {
+                        tracing::warn!(%channel, error = %e, "undecodable presence key on the NATS bus");
+                        continue;
+                    }
                 }
-            }
+            };
+            keys.insert(Arc::from(instance), state);
         }
-        Ok(members.into_values().collect())
+        Ok(keys)
     }
 }

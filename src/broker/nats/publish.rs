@@ -338,20 +338,20 @@ impl Bus {
             .await?;
         Ok(messages
             .into_iter()
-            .filter_map(|(_, payload)| WireIn::parse(&payload))
+            .filter_map(|m| WireIn::parse(&m.payload))
             .filter(|w| w.epoch == head.epoch && w.offset > lower && w.offset <= head.offset)
             .filter_map(WireIn::publication)
             .collect())
     }
 
     /// Everything a fresh consumer on `stream_name` filtered by `filter`
-    /// delivers now: `(headers, payload)` in stream order.
+    /// delivers now, in stream order.
     pub(super) async fn consume(
         &self,
         stream_name: &str,
         filter: &str,
         deliver_policy: consumer::DeliverPolicy,
-    ) -> Result<Vec<(Option<HeaderMap>, Bytes)>> {
+    ) -> Result<Vec<async_nats::Message>> {
         let err = |e: &dyn std::fmt::Display| bus_error(format!("reading {filter}: {e}"));
         let stream = self.stream_named(stream_name).await?;
         let consumer = stream
@@ -378,7 +378,7 @@ impl Bus {
                 .map_err(|e| err(&e))?;
             while let Some(m) = batch.next().await {
                 let m = m.map_err(|e| err(&e))?;
-                out.push((m.message.headers.clone(), m.message.payload.clone()));
+                out.push(m.message);
                 if out.len() >= pending {
                     break;
                 }

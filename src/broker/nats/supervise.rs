@@ -250,10 +250,9 @@ impl NatsBroker {
         }
     }
 
-    /// Stop every task, forget the local clients and channels, flush.
+    /// Stop every task, forget the local channels, flush.
     pub(super) async fn shut_down(&self) {
         self.shutdown.cancel();
-        self.clients.lock_unpoisoned().clear();
         self.channels.lock_unpoisoned().clear();
         let timeout = self.bus.opts.request_timeout;
         let _ = tokio::time::timeout(timeout, self.bus.client.flush()).await;
@@ -291,7 +290,10 @@ async fn channel_task(
                 }
                 if m.subject.as_str().ends_with(".e") {
                     match serde_json::from_slice::<Control>(&m.payload) {
-                        Ok(c) => handler.on_control(&c),
+                        Ok(c) => {
+                            bus.ghosts.saw(&c);
+                            handler.on_control(&c)
+                        }
                         Err(e) => tracing::warn!(error = %e, "undecodable event on the NATS bus"),
                     }
                     continue;

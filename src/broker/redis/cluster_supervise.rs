@@ -7,7 +7,7 @@
 //! slot moved to another master), or a failed heartbeat starts a recovery:
 //! the bus turns unready, every topic is subscribed again (`SSUBSCRIBE`,
 //! routed to the master that owns its slot now; retried with the bus's
-//! backoff while the cluster fails over), the directory and presence are
+//! backoff while the cluster fails over), the presence entries are
 //! rewritten, and each local channel's gap is replayed from its stream
 //! (`Inner::replay`, the same as after a single-node reconnection). Only
 //! then is the bus ready again. Messages of the other shards keep being
@@ -184,7 +184,7 @@ impl Inner {
     /// Whether this instance still wants `topic` (when the subscription
     /// state is busy, assume so: a needless recovery only replays).
     fn still_wanted(&self, topic: &str) -> bool {
-        if topic == self.keys.all || topic == self.keys.own {
+        if topic == self.keys.all || topic == self.own_topic() {
             return true;
         }
         let Some(channel) = self.keys.channel_of(topic) else {

@@ -1,8 +1,8 @@
 //! The Redis bus (`--bus redis://host:port[/db]`, or a Redis Cluster with
 //! `--bus redis+cluster://host:port,host:port[,…]`): channel history in
 //! streams, fan-out over Redis pub/sub (sharded pub/sub on a cluster),
-//! presence and the client directory in keys that expire when their
-//! instance stops refreshing them.
+//! presence in keys that expire when their instance stops refreshing
+//! them, direct messages routed by the instance tag in client ids.
 //!
 //! # Key and topic layout
 //!
@@ -20,10 +20,9 @@
 //! | `P:gen:{<tag>}` (cluster) | string, no expiry | the same, one per hash slot (at most 16,384 keys): `<tag>` is the smallest decimal number hashing to the slot, so the generator of a channel is in the channel's slot; created by the first read of the slot, rewritten by each stream creation in it |
 //! | `P:pr:{ch}:members` | hash client id → info JSON | presence |
 //! | `P:pr:{ch}:expiry` | zset client id → expiry (Redis ms) | per-member expiry, refreshed by the heartbeat |
-//! | `P:client:<client id>` | string → instance id, `PX presence_ttl` | the direct-message directory |
 //! | topic `P:ch:{ch}` | pub/sub (cluster: sharded, in the channel's slot) | `p <epoch> <offset> <body>` publications and `c <control>` join/leave of the channel; for a user channel `#user:<sub>`, `p - 0 <body>` (no key behind it) |
 //! | topic `P:all` | pub/sub (cluster: sharded, in the slot of `P:all`) | `b <body>` broadcasts |
-//! | topic `P:inst:<instance id>` | pub/sub (cluster: sharded, in the slot of the name) | `d <direct>` messages for clients of that instance |
+//! | topic `P:inst:<tag>` | pub/sub (cluster: sharded, in the slot of the name) | `d <reply tag> <n> <direct>` messages for clients of the instance tagged `<tag>`, and `a <n> 1\|0` the answers to its own |
 //!
 //! # Guarantees
 //!
@@ -73,7 +72,7 @@
 //!   there is the operator's `maxmemory` with a `volatile-ttl` or
 //!   `volatile-lru` policy. Every history key carries a TTL, so these
 //!   policies can evict them (a channel whose keys are evicted restarts in
-//!   a new epoch, as above); presence and directory keys carry TTLs too,
+//!   a new epoch, as above); presence keys carry TTLs too,
 //!   and only `P:gen` has none (one small key; on a cluster one per slot,
 //!   at most 16,384).
 //! * **Presence**: each member has an expiry `presence_ttl` ahead,
@@ -86,12 +85,28 @@
 //!   channels this instance serves. A member reaped while its instance was
 //!   only cut off is announced again (`join`) by that instance's next
 //!   heartbeat.
-//! * **Direct**: a target on this instance is delivered locally; otherwise
-//!   `P:client:<id>` names its instance and the message is published on that
-//!   instance's topic. No entry, or no listener on the topic (`PUBLISH`
-//!   answers 0 receivers: the instance is gone) → unknown target. A crashed
-//!   instance's clients stop resolving at once (no listener) and their
-//!   entries expire within `presence_ttl`.
+//! * **Direct**: nothing is written per client. Each instance draws at
+//!   start a random four-character tag whose topic `P:inst:<tag>` has no
+//!   subscriber (`PUBSUB NUMSUB`), subscribes it, and starts the random
+//!   part of every client id it gives with the tag
+//!   ([`crate::ids::client_id`]). A target on this instance is delivered
+//!   locally; otherwise the message is published on the topic of the
+//!   target id's tag, numbered, with this instance's tag to answer to; the
+//!   instance there answers `a <n> 1` (queued) or `a <n> 0` (not here, or
+//!   gone). No subscriber on the topic (`PUBLISH` answers 0: the instance
+//!   is gone, or the id was made up) → unknown target at once. No answer
+//!   within [`RESPONSE_TIMEOUT`] → `bus_unavailable`. A crashed instance's
+//!   clients stop resolving at once (no subscriber). Two instances drawing
+//!   the same tag in the same instant is the one race (a chance in ~1.7 M
+//!   per pair of simultaneous starts); the cost would be directs to one of
+//!   them answered `0` by the other.
+//!
+//! * **Broadcast** (the tutorial's `broadcast`, to every client of every
+//!   instance) is accepted once queued in the outbox, in order, and written
+//!   with the broadcasts queued meanwhile as one pipeline (`outbox.rs`): a
+//!   publisher does not wait a round trip per broadcast. At most once, like
+//!   a NATS core publish: refused at once while Redis is known down, and a
+//!   batch lost with a failing connection is logged with its size.
 //!
 //! # Outage
 //!
@@ -103,7 +118,7 @@
 //! instance, presence, history, subscribing a new channel) fail with
 //! `Error::Bus`, which the client sees as `bus_unavailable`, and the node
 //! counts failed publishes. Once back, the supervisor resubscribes every
-//! channel, rewrites the directory and presence entries, then for each
+//! channel, rewrites the presence entries, then for each
 //! locally subscribed channel replays the history after the last delivered
 //! position through the handler (sessions drop what they already have by
 //! offset), or calls `resync_failed` when the epoch changed or history no
@@ -150,8 +165,8 @@
 //!   a server `sunsubscribe` of a topic still wanted (slot moved), or a
 //!   failed heartbeat turns the bus unready and starts a recovery: every
 //!   topic is subscribed again (routed to the master owning its slot now,
-//!   retried with backoff while the cluster fails over), directory and
-//!   presence are rewritten, and each local channel's gap is replayed from
+//!   retried with backoff while the cluster fails over), presence is
+//!   rewritten, and each local channel's gap is replayed from
 //!   its stream as after a single-node reconnection (or `resync_failed`
 //!   when history cannot cover it). Other shards' messages keep flowing
 //!   meanwhile.
@@ -176,7 +191,8 @@
 //! * `publish.rs`: publish, control messages, history reads, and decoding
 //!   what arrives on the bus.
 //! * `presence.rs`: the presence store.
-//! * `direct.rs`: direct messages and the client directory.
+//! * `direct.rs`: direct messages, routed by instance tag, and their answers.
+//! * `outbox.rs`: broadcasts, queued in order and written in pipelined batches.
 //! * `cluster.rs`: cluster URLs, hash slots, the per-slot generator tags,
 //!   and the connection type both modes share.
 //! * `cluster_supervise.rs`: the cluster mode's supervisor (pushes,
@@ -187,6 +203,7 @@
 mod cluster;
 mod cluster_supervise;
 mod direct;
+mod outbox;
 mod presence;
 mod publish;
 mod supervise;
@@ -194,12 +211,13 @@ mod supervise;
 mod tests;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::{AsyncConnectionConfig, Script};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use self::cluster::Conn;
@@ -220,7 +238,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest one connection attempt may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest one command may take before the connection counts as broken.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
+pub(super) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The error of an operation attempted while Redis is unreachable.
 #[derive(Debug, thiserror::Error)]
@@ -236,8 +254,6 @@ struct Keys {
     channel_topic_start: String,
     /// `P:all`, the broadcast topic.
     all: String,
-    /// `P:inst:<this instance>`, this instance's direct topic.
-    own: String,
     /// `P:gen`, the epoch the next new stream takes (one key per
     /// deployment, no expiry); in cluster mode the prefix of the per-slot
     /// keys `P:gen:{<slot tag>}`.
@@ -248,12 +264,11 @@ struct Keys {
 }
 
 impl Keys {
-    fn new(prefix: &str, instance_id: &str, cluster: bool) -> Keys {
+    fn new(prefix: &str, cluster: bool) -> Keys {
         Keys {
             prefix: prefix.to_string(),
             channel_topic_start: format!("{prefix}:ch:{{"),
             all: format!("{prefix}:all"),
-            own: format!("{prefix}:inst:{instance_id}"),
             generation: format!("{prefix}:gen"),
             cluster,
         }
@@ -298,11 +313,9 @@ impl Keys {
     fn expiry(&self, channel: &str) -> String {
         format!("{}:pr:{{{channel}}}:expiry", self.prefix)
     }
-    fn client(&self, client_id: &str) -> String {
-        format!("{}:client:{client_id}", self.prefix)
-    }
-    fn instance(&self, instance_id: &str) -> String {
-        format!("{}:inst:{instance_id}", self.prefix)
+    /// The direct topic of the instance tagged `tag`.
+    fn instance(&self, tag: &str) -> String {
+        format!("{}:inst:{tag}", self.prefix)
     }
 }
 
@@ -341,11 +354,19 @@ struct Inner {
     conn_config: AsyncConnectionConfig,
     /// Key and topic names.
     keys: Keys,
-    /// This instance, as written in the client directory.
-    instance_id: String,
+    /// This instance's tag (chosen by `connect`): its direct topic
+    /// `P:inst:<tag>` and the start of every client id given here.
+    tag: OnceLock<String>,
+    /// Directs sent from here awaiting their answer: request number →
+    /// whether the target was there.
+    pending_directs: Mutex<HashMap<u64, oneshot::Sender<bool>>>,
+    /// Numbers the directs sent from here.
+    next_direct: AtomicU64,
+    /// Broadcasts waiting for the wire (`outbox.rs`).
+    outbox: mpsc::Sender<String>,
     /// Namespace options, for replaying history after an outage.
     config: Config,
-    /// Expiry of presence and directory entries; refreshed every third.
+    /// Expiry of presence entries; refreshed every third.
     presence_ttl: Duration,
     /// Set by `start`; every delivery goes through it.
     handler: OnceLock<Arc<dyn BrokerHandler>>,
@@ -358,8 +379,6 @@ struct Inner {
     subs: tokio::sync::Mutex<Subscriptions>,
     /// Reachable and resubscribed (`Broker::is_ready`).
     ready: AtomicBool,
-    /// Clients connected here, rewritten into the directory by the heartbeat.
-    local_clients: Mutex<HashMap<Arc<str>, ()>>,
     /// Channel → local members, rewritten into presence by the heartbeat.
     local_presence: Mutex<HashMap<String, HashMap<Arc<str>, ClientInfo>>>,
     /// Cancelled by `close` (or drop): the supervisor stops.
@@ -390,8 +409,9 @@ impl Inner {
 pub struct RedisBroker {
     /// Shared with the presence store and the supervisor.
     inner: Arc<Inner>,
-    /// The connections made by `connect`, taken over by `start`.
-    first: Mutex<Option<Connected>>,
+    /// The connections made by `connect` and the outbox's receiving end,
+    /// taken over by `start`.
+    first: Mutex<Option<(Connected, mpsc::Receiver<String>)>>,
     /// The supervisor, awaited by `close`.
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -436,20 +456,23 @@ pub async fn connect(
             .map_err(|e| Error::Config(format!("bus: invalid redis URL {url:?}: {e}")))?;
         (Some(client), None, None)
     };
+    let (outbox, outbox_rx) = outbox::channel();
     let inner = Arc::new(Inner {
         client,
         conn_config: AsyncConnectionConfig::new()
             .set_connection_timeout(Some(DIAL_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT)),
-        keys: Keys::new(&config.bus_prefix, &config.instance_id, cluster),
-        instance_id: config.instance_id.clone(),
+        keys: Keys::new(&config.bus_prefix, cluster),
+        tag: OnceLock::new(),
+        pending_directs: Mutex::new(HashMap::new()),
+        next_direct: AtomicU64::new(0),
+        outbox,
         config: config.clone(),
         presence_ttl: config.presence_ttl,
         handler: OnceLock::new(),
         cmd: RwLock::new(None),
         subs: tokio::sync::Mutex::new(Subscriptions::default()),
         ready: AtomicBool::new(false),
-        local_clients: Mutex::new(HashMap::new()),
         local_presence: Mutex::new(HashMap::new()),
         shutdown: CancellationToken::new(),
         scripts: Scripts::load(),
@@ -474,9 +497,10 @@ pub async fn connect(
             ));
         }
     };
+    inner.choose_tag(&first.cmd()).await?;
     let broker = RedisBroker {
         inner: inner.clone(),
-        first: Mutex::new(Some(first)),
+        first: Mutex::new(Some((first, outbox_rx))),
         task: Mutex::new(None),
     };
     Ok((Arc::new(broker), Arc::new(RedisPresence { inner })))
@@ -543,12 +567,8 @@ impl Broker for RedisBroker {
             .await
     }
 
-    async fn register_client(&self, info: &ClientInfo) -> Result<()> {
-        self.inner.register_client(info).await
-    }
-
-    async fn unregister_client(&self, client_id: &str) -> Result<()> {
-        self.inner.unregister_client(client_id).await
+    fn instance_tag(&self) -> Option<String> {
+        self.inner.tag.get().cloned()
     }
 
     fn is_ready(&self) -> bool {

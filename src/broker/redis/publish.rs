@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::{Control, Direct, HistoryOptions, HistoryResult, Inner, NewPublication, bus_error};
+use super::{Control, HistoryOptions, HistoryResult, Inner, NewPublication, bus_error};
 use crate::error::{ClientError, Result};
 use crate::ids::random_base36;
 use crate::protocol::is_internal_channel;
@@ -105,8 +105,9 @@ impl Inner {
         }
     }
 
-    /// `Broker::publish_control`: a broadcast on the broadcast topic, a
-    /// join or leave on its channel's topic.
+    /// `Broker::publish_control`: a broadcast on the broadcast topic
+    /// (through the outbox, `outbox.rs`), a join or leave on its channel's
+    /// topic (answered by Redis before this returns).
     pub(super) async fn publish_control(&self, control: Control) -> Result<()> {
         // A broadcast travels as a plain struct: serde cannot buffer the
         // raw JSON `data` through the internally tagged `Control`.
@@ -122,7 +123,7 @@ impl Inner {
                     timestamp,
                 };
                 let json = serde_json::to_string(&body).map_err(bus_error)?;
-                (self.keys.all.clone(), format!("b {json}"))
+                return self.queue_broadcast(format!("b {json}")).await;
             }
             Control::Join { ref channel, .. } | Control::Leave { ref channel, .. } => {
                 let json = serde_json::to_string(&control).map_err(bus_error)?;
@@ -256,12 +257,8 @@ impl Inner {
                 Ok(control) => handler.on_control(&control),
                 Err(e) => tracing::warn!(%topic, error = %e, "malformed control ignored"),
             },
-            "d" => match serde_json::from_str::<Direct>(rest) {
-                Ok(direct) => {
-                    handler.on_direct(&direct);
-                }
-                Err(e) => tracing::warn!(%topic, error = %e, "malformed direct ignored"),
-            },
+            "d" => self.on_direct_message(rest),
+            "a" => self.on_direct_answer(rest),
             _ => tracing::warn!(%topic, "unknown message kind on the bus ignored"),
         }
         None

@@ -1,6 +1,6 @@
 //! Connection and supervision of the Redis bus: opening both connections,
 //! the supervisor that reconnects with backoff and drives readiness, the
-//! heartbeat that rewrites this instance's directory and presence entries,
+//! heartbeat that rewrites this instance's presence entries,
 //! the channel topics the pub/sub connection is subscribed to, and the
 //! replay of what was missed during an outage.
 
@@ -122,14 +122,25 @@ pub(super) enum Connected {
     },
 }
 
+impl Connected {
+    /// The command connection (what `connect` draws the instance tag with).
+    pub(super) fn cmd(&self) -> Conn {
+        match self {
+            Connected::Single { cmd, .. } => cmd.clone(),
+            Connected::Cluster { conn, .. } => Conn::Cluster(conn.clone()),
+        }
+    }
+}
+
 impl RedisBroker {
     /// `Broker::start`: hand the first connections to the supervisor and
     /// wait (within [`CONNECT_TIMEOUT`]) until it is ready.
     pub(super) async fn start_supervisor(&self, handler: Arc<dyn BrokerHandler>) -> Result<()> {
         let _ = self.inner.handler.set(handler);
-        let Some(first) = self.first.lock_unpoisoned().take() else {
+        let Some((first, outbox)) = self.first.lock_unpoisoned().take() else {
             return Ok(()); // started already
         };
+        tokio::spawn(self.inner.clone().write_broadcasts(outbox));
         // The supervisor subscribes the broadcast and own topics, then
         // turns ready.
         let task = tokio::spawn(self.inner.clone().supervise(first));
@@ -232,24 +243,18 @@ impl Inner {
         Ok(())
     }
 
-    /// Rewrite this instance's directory and presence entries with a fresh
-    /// expiry. Also what restores them after Redis lost its data.
+    /// Rewrite this instance's presence entries with a fresh expiry. Also
+    /// what restores them after Redis lost its data.
     pub(super) async fn heartbeat(&self) -> Result<()> {
         let mut conn = self.conn()?;
         let ttl = self.ttl_ms();
-        let clients: Vec<Arc<str>> = self
-            .local_clients
-            .lock_unpoisoned()
-            .keys()
-            .cloned()
-            .collect();
         let presence: Vec<(String, Vec<ClientInfo>)> = self
             .local_presence
             .lock_unpoisoned()
             .iter()
             .map(|(ch, m)| (ch.clone(), m.values().cloned().collect()))
             .collect();
-        let mut cmds = Vec::with_capacity(clients.len() + 1);
+        let mut cmds = Vec::with_capacity(1);
         // The generation (the epoch reads report for absent streams) comes
         // back within a beat after Redis lost it. (A cluster has one per
         // slot, created by the first read of the slot: see `mod.rs`.)
@@ -258,14 +263,6 @@ impl Inner {
             set.arg(&self.keys.generation)
                 .arg(random_base36(8))
                 .arg("NX");
-            cmds.push(set);
-        }
-        for id in &clients {
-            let mut set = redis::cmd("SET");
-            set.arg(self.keys.client(id))
-                .arg(&self.instance_id)
-                .arg("PX")
-                .arg(ttl);
             cmds.push(set);
         }
         self.run_batch(&mut conn, cmds, None, &[]).await?;
@@ -449,7 +446,7 @@ impl Inner {
         *self.cmd.write_unpoisoned() = Some(cmd);
         {
             let mut subs = self.subs.lock().await;
-            let mut topics = vec![self.keys.all.clone(), self.keys.own.clone()];
+            let mut topics = vec![self.keys.all.clone(), self.own_topic()];
             topics.extend(subs.channels.keys().map(|c| self.keys.topic(c)));
             sink.subscribe(&topics).await?;
             subs.sink = Some(sink);

@@ -8,7 +8,7 @@ use super::*;
 
 #[test]
 fn topics_round_trip_channel_names() {
-    let k = Keys::new("p", "i1", false);
+    let k = Keys::new("p", false);
     let t = k.topic("chat:room/1");
     assert_eq!(t, "p:ch:{chat:room/1}");
     assert_eq!(k.channel_of(&t), Some("chat:room/1"));
@@ -24,7 +24,7 @@ fn key_slots_follow_redis_hash_tags() {
     assert_eq!(cluster::key_slot("{foo}.x"), 12182);
     assert_ne!(cluster::key_slot("{}foo"), cluster::key_slot("{}bar"));
     // A channel's keys, its topic and its generator share one slot.
-    let k = Keys::new("p", "i1", true);
+    let k = Keys::new("p", true);
     let slot = cluster::key_slot(&k.meta("chat:1"));
     for key in [
         k.stream("chat:1"),
@@ -38,7 +38,7 @@ fn key_slots_follow_redis_hash_tags() {
     }
     assert_eq!(k.publish_cmd(), "SPUBLISH");
     // One Redis keeps its single generator.
-    assert_eq!(Keys::new("p", "i1", false).generation("chat:1"), "p:gen");
+    assert_eq!(Keys::new("p", false).generation("chat:1"), "p:gen");
 }
 
 #[test]
