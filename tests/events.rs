@@ -312,6 +312,14 @@ fn events_need_a_secret_and_a_durable_bus() {
     let err = Config::from_settings(s).unwrap_err().to_string();
     assert!(err.contains("events_url") && err.contains("NATS"), "{err}");
     let mut s = base();
+    s.events_secret_file = Some(file("cfg", SECRET));
+    s.bus = Some("redis+cluster://127.0.0.1:7000,127.0.0.1:7001".into());
+    let err = Config::from_settings(s).unwrap_err().to_string();
+    assert!(
+        err.contains("events_url") && err.contains("Cluster"),
+        "{err}"
+    );
+    let mut s = base();
     s.events_url = Some("ftp://x".into());
     assert!(Config::from_settings(s).is_err());
     let mut s = base();

@@ -9,7 +9,9 @@ use crate::error::{Error, Result};
 pub enum BusConfig {
     /// In-process: one instance, nothing to connect to.
     Memory,
-    /// Redis (`redis://host:port[/db]`, `rediss://` for TLS).
+    /// Redis (`redis://host:port[/db]`, `rediss://` for TLS), or a Redis
+    /// Cluster (`redis+cluster://host:port,host:port[,…]`,
+    /// `rediss+cluster://` for TLS).
     Redis { url: String },
     /// NATS with JetStream (`nats://host:port`).
     Nats { url: String },
@@ -23,7 +25,7 @@ impl FromStr for BusConfig {
     fn from_str(s: &str) -> Result<Self> {
         let bad = |why: &str| {
             Err(Error::Config(format!(
-                "bus: {why} (got {s:?}); expected memory, redis://host:port[/db], nats://host:port or pubsub://PROJECT_ID"
+                "bus: {why} (got {s:?}); expected memory, redis://host:port[/db], redis+cluster://host:port,host:port, nats://host:port or pubsub://PROJECT_ID"
             )))
         };
         if s == "memory" || s.is_empty() {
@@ -36,7 +38,9 @@ impl FromStr for BusConfig {
             return bad("nothing after the scheme");
         }
         match scheme {
-            "redis" | "rediss" => Ok(BusConfig::Redis { url: s.to_string() }),
+            "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => {
+                Ok(BusConfig::Redis { url: s.to_string() })
+            }
             "nats" | "tls" => Ok(BusConfig::Nats { url: s.to_string() }),
             "pubsub" => Ok(BusConfig::PubSub {
                 project: rest.trim_end_matches('/').to_string(),

@@ -65,6 +65,11 @@ impl EventsConfig {
             )));
         }
         match bus {
+            BusConfig::Redis { url } if url.contains("+cluster://") => {
+                return Err(Error::Config(
+                    "events_url needs the memory or a single-node redis bus: lifecycle events are not yet kept on a Redis Cluster".into(),
+                ));
+            }
             BusConfig::Memory | BusConfig::Redis { .. } => {}
             BusConfig::Nats { .. } | BusConfig::PubSub { .. } => {
                 return Err(Error::Config(

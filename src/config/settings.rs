@@ -32,7 +32,8 @@ pub struct Settings {
     #[arg(long)]
     pub instance_id: Option<String>,
     /// Message bus between instances: `memory` (one instance),
-    /// `redis://host:port[/db]`, `nats://host:port` or `pubsub://PROJECT_ID`
+    /// `redis://host:port[/db]`, `redis+cluster://host:port,host:port[,…]`
+    /// (a Redis Cluster), `nats://host:port` or `pubsub://PROJECT_ID`
     /// [default: memory].
     #[arg(long, env = "SWITCHBOARD_BUS")]
     pub bus: Option<String>,

@@ -54,6 +54,14 @@ fn bad_values_are_refused_with_the_option_name() {
         }
     );
     assert!("redis://".parse::<BusConfig>().is_err());
+    assert_eq!(
+        "redis+cluster://a:7000,b:7001"
+            .parse::<BusConfig>()
+            .unwrap(),
+        BusConfig::Redis {
+            url: "redis+cluster://a:7000,b:7001".into()
+        }
+    );
     let err = Config::from_settings(s).unwrap_err().to_string();
     assert!(err.contains("bus"), "{err}");
     let s = Settings {

@@ -5,9 +5,10 @@
 
 use std::sync::atomic::Ordering;
 
-use redis::aio::MultiplexedConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use tokio::sync::oneshot;
 
+use super::cluster::{Conn, key_slot};
 use super::{Direct, Inner, RESPONSE_TIMEOUT, bus_error};
 use crate::error::Result;
 use crate::ids::{TAG_LEN, random_base36, tag_of};
@@ -31,17 +32,34 @@ impl Drop for Pending<'_> {
 
 impl Inner {
     /// Draw a tag whose topic nobody subscribes (`connect`); the supervisor
-    /// subscribes it with the others.
-    pub(super) async fn choose_tag(&self, cmd: &MultiplexedConnection) -> Result<()> {
-        let mut conn = cmd.clone();
+    /// subscribes it with the others. On a cluster the topic is a shard
+    /// channel: `PUBSUB SHARDNUMSUB` asked of the master of its slot.
+    pub(super) async fn choose_tag(&self, cmd: &Conn) -> Result<()> {
         for _ in 0..TAG_ATTEMPTS {
             let tag = random_base36(TAG_LEN);
-            let (_, subscribers): (String, u64) = redis::cmd("PUBSUB")
-                .arg("NUMSUB")
-                .arg(self.keys.instance(&tag))
-                .query_async(&mut conn)
-                .await
-                .map_err(bus_error)?;
+            let topic = self.keys.instance(&tag);
+            let subscribers: u64 = match cmd.clone() {
+                Conn::Single(mut conn) => {
+                    let (_, n): (String, u64) = redis::cmd("PUBSUB")
+                        .arg("NUMSUB")
+                        .arg(&topic)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(bus_error)?;
+                    n
+                }
+                Conn::Cluster(mut conn) => {
+                    let mut ask = redis::cmd("PUBSUB");
+                    ask.arg("SHARDNUMSUB").arg(&topic);
+                    let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                        Route::new(key_slot(&topic), SlotAddr::Master),
+                    ));
+                    let answer = conn.route_command(ask, route).await.map_err(bus_error)?;
+                    let (_, n): (String, u64) =
+                        redis::from_redis_value(answer).map_err(bus_error)?;
+                    n
+                }
+            };
             if subscribers == 0 {
                 let _ = self.tag.set(tag);
                 return Ok(());
@@ -81,7 +99,7 @@ impl Inner {
             "d {own} {n} {}",
             serde_json::to_string(&direct).map_err(bus_error)?
         );
-        let receivers: u64 = redis::cmd("PUBLISH")
+        let receivers: u64 = redis::cmd(self.keys.publish_cmd())
             .arg(self.keys.instance(tag))
             .arg(payload)
             .query_async(&mut conn)
@@ -120,8 +138,9 @@ impl Inner {
         };
         let topic = self.keys.instance(reply_tag);
         let answer = format!("a {n} {}", u8::from(found));
+        let publish = self.keys.publish_cmd();
         tokio::spawn(async move {
-            let r: redis::RedisResult<u64> = redis::cmd("PUBLISH")
+            let r: redis::RedisResult<u64> = redis::cmd(publish)
                 .arg(topic)
                 .arg(answer)
                 .query_async(&mut conn)

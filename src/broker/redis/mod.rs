@@ -1,12 +1,15 @@
-//! The Redis bus (`--bus redis://host:port[/db]`): channel history in
-//! streams, fan-out over Redis pub/sub, presence in keys that expire when
-//! their instance stops refreshing them, direct messages routed by the
-//! instance tag in client ids.
+//! The Redis bus (`--bus redis://host:port[/db]`, or a Redis Cluster with
+//! `--bus redis+cluster://host:port,host:port[,…]`): channel history in
+//! streams, fan-out over Redis pub/sub (sharded pub/sub on a cluster),
+//! presence in keys that expire when their instance stops refreshing
+//! them, direct messages routed by the instance tag in client ids.
 //!
 //! # Key and topic layout
 //!
 //! `P` is `bus_prefix`; `{ch}` is the channel name, in braces so that a
-//! channel's keys share a Redis Cluster hash slot.
+//! channel's keys, and its topic, share a Redis Cluster hash slot (channel
+//! names cannot contain braces, so the whole name is the hash tag; a
+//! cluster refuses a `bus_prefix` with braces).
 //!
 //! | key / topic | type | what |
 //! |---|---|---|
@@ -14,11 +17,12 @@
 //! | `P:ch:{ch}:stream` | stream, ids `0-<offset>` | retained publications: field `b` the JSON body, `x` the expiry (Redis ms); exact `MAXLEN` = the namespace's `history_size` (no key when it is 0); expires `history_ttl` after the last publish |
 //! | `P:ch:{ch}:idem:<key>` | string `<epoch> <offset>`, `PX idempotency_window` | a publish's idempotency key and the position it published (set by the publish script) |
 //! | `P:gen` | string, no expiry | the epoch the next new stream takes (one key per deployment, rewritten by each stream creation, restored by the heartbeat) |
+//! | `P:gen:{<tag>}` (cluster) | string, no expiry | the same, one per hash slot (at most 16,384 keys): `<tag>` is the smallest decimal number hashing to the slot, so the generator of a channel is in the channel's slot; created by the first read of the slot, rewritten by each stream creation in it |
 //! | `P:pr:{ch}:members` | hash client id → info JSON | presence |
 //! | `P:pr:{ch}:expiry` | zset client id → expiry (Redis ms) | per-member expiry, refreshed by the heartbeat |
-//! | topic `P:ch:{ch}` | pub/sub | `p <epoch> <offset> <body>` publications and `c <control>` join/leave of the channel; for a user channel `#user:<sub>`, `p - 0 <body>` (no key behind it) |
-//! | topic `P:all` | pub/sub | `b <body>` broadcasts |
-//! | topic `P:inst:<tag>` | pub/sub | `d <reply tag> <n> <direct>` messages for clients of the instance tagged `<tag>`, and `a <n> 1\|0` the answers to its own |
+//! | topic `P:ch:{ch}` | pub/sub (cluster: sharded, in the channel's slot) | `p <epoch> <offset> <body>` publications and `c <control>` join/leave of the channel; for a user channel `#user:<sub>`, `p - 0 <body>` (no key behind it) |
+//! | topic `P:all` | pub/sub (cluster: sharded, in the slot of `P:all`) | `b <body>` broadcasts |
+//! | topic `P:inst:<tag>` | pub/sub (cluster: sharded, in the slot of the name) | `d <reply tag> <n> <direct>` messages for clients of the instance tagged `<tag>`, and `a <n> 1\|0` the answers to its own |
 //!
 //! # Guarantees
 //!
@@ -37,8 +41,10 @@
 //!   most the newest `history_size`, should a namespace have shrunk). A
 //!   client can recover on any instance.
 //! * **Epochs, and nothing written by reads.** A history or position read
-//!   (every subscribe makes one) writes nothing: for a channel without a
-//!   stream it reports `(G, 0)`, `G` being the current value of `P:gen`.
+//!   (every subscribe makes one) writes nothing (on a cluster, but the
+//!   slot's generator when it is absent: see "Redis Cluster"): for a
+//!   channel without a stream it reports `(G, 0)`, `G` being the current
+//!   value of `P:gen`.
 //!   The publish that creates a stream takes `G` as its epoch and replaces
 //!   `P:gen` with a fresh random value in the same script, so every stream
 //!   ever created has an epoch of its own, and a reader that saw `(G, 0)`
@@ -48,9 +54,8 @@
 //!   the new epoch, a recovery from `(G, 0)` answers `recovered:false`.)
 //!   When Redis loses the keys (restart without persistence, `FLUSHALL`,
 //!   eviction, expiry) the next publish starts a new epoch, so a stale
-//!   position is never trusted. `P:gen` lives in its own hash slot: the
-//!   scripts are not Redis-Cluster-safe (the bus speaks to one Redis
-//!   endpoint, e.g. Memorystore Basic/Standard).
+//!   position is never trusted. On a cluster the generator is per hash
+//!   slot (`P:gen:{<tag>}`, see "Redis Cluster" below).
 //! * **What history keeps, and for how long.** A channel's keys expire
 //!   `history_ttl` after its last publication, the meta key included:
 //!   once every publication has expired, nothing of the channel is left.
@@ -68,7 +73,8 @@
 //!   `volatile-lru` policy. Every history key carries a TTL, so these
 //!   policies can evict them (a channel whose keys are evicted restarts in
 //!   a new epoch, as above); presence keys carry TTLs too,
-//!   and only `P:gen` has none (one small key).
+//!   and only `P:gen` has none (one small key; on a cluster one per slot,
+//!   at most 16,384).
 //! * **Presence**: each member has an expiry `presence_ttl` ahead,
 //!   refreshed every `presence_ttl / 3` by the instance's heartbeat (which
 //!   rewrites the entries, so they also come back after Redis lost them);
@@ -119,6 +125,61 @@
 //! longer holds the whole gap. Only then is the instance ready again. At
 //! start-up an unreachable Redis is an error within [`CONNECT_TIMEOUT`].
 //!
+//! # Redis Cluster
+//!
+//! `redis+cluster://[user:pass@]h1:p1,h2:p2[,…]` (`rediss+cluster://` for
+//! TLS) lists seed nodes; the bus uses the `redis` crate's cluster client
+//! over RESP3, which routes each command and script by the slot of its
+//! first key, follows `MOVED`/`ASK`, refreshes its slot map after a
+//! failover, and delivers sharded pub/sub (`SSUBSCRIBE`, Redis ≥ 7) of
+//! every node as pushes. What changes:
+//!
+//! * **Atomic publish, per slot.** Every key of a channel, its topic and
+//!   its epoch generator are in the channel's slot, so the publish script
+//!   runs on the one master owning it and fans out with `SPUBLISH` on the
+//!   channel's topic from inside the script: append and fan-out stay one
+//!   step, and publications enter every subscriber connection in offset
+//!   order, as on one Redis.
+//! * **Epochs.** One generator per slot instead of one per deployment.
+//!   The single-node argument holds slot by slot: every stream creation
+//!   takes its slot's current generator and replaces it with a fresh random
+//!   value in the same script, so every stream has an epoch of its own; a
+//!   reader that saw `(G, 0)` for a channel recovers from it exactly when
+//!   the stream it finds is the first one created *in that slot* after its
+//!   read, which implies it is the first stream of that channel since (a
+//!   creation of another channel of the slot in between only makes the
+//!   answer `recovered:false`, as a creation anywhere did on one Redis).
+//!   The generator of a slot is created by the first read that finds it
+//!   absent (`SET` of the reader's fallback value, only when absent: a
+//!   bounded write, at most one key per slot); the heartbeat does not
+//!   restore it (one Redis's does), the next read or creation does.
+//! * **Fan-out.** Every topic is a shard channel: channel topics,
+//!   `P:all` (so broadcasts go through one shard) and `P:inst:<id>` (so
+//!   `SPUBLISH` answers how many listeners the instance has: 0 means gone,
+//!   as `PUBLISH` does on one Redis). The presence scripts publish their
+//!   `join`/`leave` with `SPUBLISH` on the channel's topic, in its slot.
+//!   Each instance subscribes each topic it needs on the master owning its
+//!   slot (one `SSUBSCRIBE` per topic; topics of different slots cannot
+//!   share one).
+//! * **Failover** (`cluster_supervise.rs`): a node connection that drops,
+//!   a server `sunsubscribe` of a topic still wanted (slot moved), or a
+//!   failed heartbeat turns the bus unready and starts a recovery: every
+//!   topic is subscribed again (routed to the master owning its slot now,
+//!   retried with backoff while the cluster fails over), presence is
+//!   rewritten, and each local channel's gap is replayed from
+//!   its stream as after a single-node reconnection (or `resync_failed`
+//!   when history cannot cover it). Other shards' messages keep flowing
+//!   meanwhile.
+//! * **Limits.** Redis replicates asynchronously: a publication acked by a
+//!   master that dies before its replica received it is lost with the
+//!   master, and the promoted replica reuses its offset. No `WAIT` is made
+//!   (a master without a live replica would then refuse every publish);
+//!   Redis's own `min-replicas-to-write` is the operator's lever. The
+//!   heartbeat's writes go one command at a time (concurrently, 512 at a
+//!   time) instead of pipelined, since a pipeline must stay in one slot.
+//!   Lifecycle events (`--events-url`) are not kept on a cluster yet (a
+//!   start-up error).
+//!
 //! # Files
 //!
 //! * `mod.rs` (here): the key layout, [`connect`], the shared state, and the
@@ -132,9 +193,15 @@
 //! * `presence.rs`: the presence store.
 //! * `direct.rs`: direct messages, routed by instance tag, and their answers.
 //! * `outbox.rs`: broadcasts, queued in order and written in pipelined batches.
+//! * `cluster.rs`: cluster URLs, hash slots, the per-slot generator tags,
+//!   and the connection type both modes share.
+//! * `cluster_supervise.rs`: the cluster mode's supervisor (pushes,
+//!   recovery after a failover).
 //! * `scripts/*.lua`: the Lua scripts, one a file, each headed by its
 //!   `KEYS` and `ARGV`.
 
+mod cluster;
+mod cluster_supervise;
 mod direct;
 mod outbox;
 mod presence;
@@ -149,11 +216,12 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Script};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use self::cluster::Conn;
+pub(crate) use self::cluster::is_cluster_url;
 use self::supervise::{Connected, Subscriptions};
 use super::bus_error;
 use super::{
@@ -187,18 +255,39 @@ struct Keys {
     /// `P:all`, the broadcast topic.
     all: String,
     /// `P:gen`, the epoch the next new stream takes (one key per
-    /// deployment, no expiry).
+    /// deployment, no expiry); in cluster mode the prefix of the per-slot
+    /// keys `P:gen:{<slot tag>}`.
     generation: String,
+    /// Redis Cluster: sharded pub/sub (`SPUBLISH`) and per-slot epoch
+    /// generators.
+    cluster: bool,
 }
 
 impl Keys {
-    fn new(prefix: &str) -> Keys {
+    fn new(prefix: &str, cluster: bool) -> Keys {
         Keys {
             prefix: prefix.to_string(),
             channel_topic_start: format!("{prefix}:ch:{{"),
             all: format!("{prefix}:all"),
             generation: format!("{prefix}:gen"),
+            cluster,
         }
+    }
+    /// The epoch generator serving `channel`: `P:gen` on one Redis; in a
+    /// cluster the generator of the channel's hash slot, `P:gen:{<tag>}`
+    /// with a tag that hashes to that slot.
+    fn generation(&self, channel: &str) -> String {
+        if !self.cluster {
+            return self.generation.clone();
+        }
+        let slot = cluster::key_slot(&self.meta(channel));
+        let tag = &cluster::slot_tags()[usize::from(slot)];
+        format!("{}:{{{tag}}}", self.generation)
+    }
+    /// The publish command: `PUBLISH`, or `SPUBLISH` (sharded pub/sub, in
+    /// the topic's slot) in a cluster.
+    fn publish_cmd(&self) -> &'static str {
+        if self.cluster { "SPUBLISH" } else { "PUBLISH" }
     }
     fn topic(&self, channel: &str) -> String {
         format!("{}{channel}}}", self.channel_topic_start)
@@ -258,8 +347,9 @@ impl Scripts {
 
 /// State shared by the broker, the presence store and the supervisor.
 struct Inner {
-    /// Where connections are opened from (the URL).
-    client: redis::Client,
+    /// Where connections are opened from: the URL of one Redis (a
+    /// cluster's connection is made once by `connect` and heals itself).
+    client: Option<redis::Client>,
     /// Timeouts of every connection.
     conn_config: AsyncConnectionConfig,
     /// Key and topic names.
@@ -280,8 +370,9 @@ struct Inner {
     presence_ttl: Duration,
     /// Set by `start`; every delivery goes through it.
     handler: OnceLock<Arc<dyn BrokerHandler>>,
-    /// The command connection (multiplexed); `None` while disconnected.
-    cmd: RwLock<Option<MultiplexedConnection>>,
+    /// The command connection (multiplexed, or the cluster's); `None`
+    /// while disconnected.
+    cmd: RwLock<Option<Conn>>,
     /// The pub/sub connection's sink and the subscribed channels. A tokio
     /// lock: SUBSCRIBE round trips are made under it so resubscription
     /// and subscribe calls never interleave.
@@ -298,7 +389,7 @@ struct Inner {
 
 impl Inner {
     /// The command connection, or `Error::Bus` while disconnected.
-    fn conn(&self) -> Result<MultiplexedConnection> {
+    fn conn(&self) -> Result<Conn> {
         self.cmd
             .read_unpoisoned()
             .clone()
@@ -332,20 +423,46 @@ pub struct RedisPresence {
 }
 
 /// Connect the Redis bus: open and check both connections (within
-/// [`CONNECT_TIMEOUT`]); an unreachable Redis is an error.
+/// [`CONNECT_TIMEOUT`]); an unreachable Redis is an error. A
+/// `redis+cluster://h1:p1,h2:p2` URL connects to a Redis Cluster through
+/// its seed nodes (see `cluster.rs`).
 pub async fn connect(
     url: &str,
     config: &Config,
 ) -> Result<(Arc<dyn Broker>, Arc<dyn PresenceStore>)> {
-    let client = redis::Client::open(url)
-        .map_err(|e| Error::Config(format!("bus: invalid redis URL {url:?}: {e}")))?;
+    let cluster = is_cluster_url(url);
+    if cluster && config.bus_prefix.contains(['{', '}']) {
+        // Braces would make the prefix the keys' hash tag: every channel
+        // in one slot.
+        return Err(Error::Config(
+            "bus_prefix may not contain { or } on a Redis Cluster".into(),
+        ));
+    }
+    let (client, cluster_client, pushes) = if cluster {
+        let nodes = cluster::seed_nodes(url)?;
+        // Built once here rather than by the first read.
+        let _ = cluster::slot_tags();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let client = redis::cluster::ClusterClient::builder(nodes)
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(tx)
+            .connection_timeout(DIAL_TIMEOUT)
+            .response_timeout(RESPONSE_TIMEOUT)
+            .build()
+            .map_err(|e| Error::Config(format!("bus: invalid redis cluster URL {url:?}: {e}")))?;
+        (None, Some(client), Some(rx))
+    } else {
+        let client = redis::Client::open(url)
+            .map_err(|e| Error::Config(format!("bus: invalid redis URL {url:?}: {e}")))?;
+        (Some(client), None, None)
+    };
     let (outbox, outbox_rx) = outbox::channel();
     let inner = Arc::new(Inner {
         client,
         conn_config: AsyncConnectionConfig::new()
             .set_connection_timeout(Some(DIAL_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT)),
-        keys: Keys::new(&config.bus_prefix),
+        keys: Keys::new(&config.bus_prefix, cluster),
         tag: OnceLock::new(),
         pending_directs: Mutex::new(HashMap::new()),
         next_direct: AtomicU64::new(0),
@@ -360,7 +477,13 @@ pub async fn connect(
         shutdown: CancellationToken::new(),
         scripts: Scripts::load(),
     });
-    let first = match tokio::time::timeout(CONNECT_TIMEOUT, inner.dial()).await {
+    let dialled = match (cluster_client, pushes) {
+        (Some(client), Some(pushes)) => {
+            tokio::time::timeout(CONNECT_TIMEOUT, Inner::dial_cluster(client, pushes)).await
+        }
+        _ => tokio::time::timeout(CONNECT_TIMEOUT, inner.dial()).await,
+    };
+    let first = match dialled {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             return Err(Error::Bus(
@@ -374,7 +497,7 @@ pub async fn connect(
             ));
         }
     };
-    inner.choose_tag(&first.cmd).await?;
+    inner.choose_tag(&first.cmd()).await?;
     let broker = RedisBroker {
         inner: inner.clone(),
         first: Mutex::new(Some((first, outbox_rx))),

@@ -52,7 +52,7 @@ impl Inner {
             }
             let mut pipe = redis::pipe();
             for payload in batch.drain(..) {
-                pipe.cmd("PUBLISH")
+                pipe.cmd(self.keys.publish_cmd())
                     .arg(&self.keys.all)
                     .arg(payload)
                     .ignore();

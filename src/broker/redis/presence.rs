@@ -76,6 +76,8 @@ impl Inner {
             .key(self.keys.expiry(channel))
             .arg(self.keys.topic(channel))
             .arg(serde_json::to_string(channel).map_err(bus_error)?)
+            .arg("")
+            .arg(self.keys.publish_cmd())
             .invoke_async(&mut conn)
             .await
             .map_err(bus_error)?;

@@ -50,7 +50,7 @@ impl Inner {
             // A user-addressed direct message: at most once, no history,
             // no offset, no key; only the instances holding the user's
             // connections listen on the topic.
-            let _: u64 = redis::cmd("PUBLISH")
+            let _: u64 = redis::cmd(self.keys.publish_cmd())
                 .arg(self.keys.topic(channel))
                 .arg(format!("p {NO_EPOCH} 0 {body}"))
                 .query_async(&mut conn)
@@ -80,7 +80,7 @@ impl Inner {
             .publish
             .key(self.keys.meta(channel))
             .key(self.keys.stream(channel))
-            .key(&self.keys.generation)
+            .key(self.keys.generation(channel))
             .key(idempotency_key)
             .arg(self.keys.topic(channel))
             .arg(body)
@@ -91,6 +91,7 @@ impl Inner {
             .arg(keyed)
             .arg(window_ms)
             .arg(expected)
+            .arg(self.keys.publish_cmd())
             .invoke_async(&mut conn)
             .await
             .map_err(bus_error)?;
@@ -130,7 +131,7 @@ impl Inner {
             }
         };
         let mut conn = self.conn()?;
-        let _: u64 = redis::cmd("PUBLISH")
+        let _: u64 = redis::cmd(self.keys.publish_cmd())
             .arg(topic)
             .arg(payload)
             .query_async(&mut conn)
@@ -159,13 +160,14 @@ impl Inner {
             .history
             .key(self.keys.meta(channel))
             .key(self.keys.stream(channel))
-            .key(&self.keys.generation)
+            .key(self.keys.generation(channel))
             .arg(since.map_or("", |s| &*s.epoch))
             .arg(since.map_or(0, |s| s.offset))
             .arg(limit)
             .arg(random_base36(8))
             .arg(history.size)
             .arg(if newest_first { "1" } else { "" })
+            .arg(if self.keys.cluster { "1" } else { "" })
             .invoke_async(&mut conn)
             .await
             .map_err(bus_error)?;
@@ -188,37 +190,53 @@ impl Inner {
         })
     }
 
-    /// Hand one pub/sub message to the handler.
-    pub(super) fn dispatch(&self, topic: &str, payload: &[u8]) {
-        let Some(handler) = self.handler() else {
-            return;
-        };
+    /// Hand one pub/sub message to the handler. On a cluster, a
+    /// publication that skips offsets of the epoch delivered here is not
+    /// handed over: its channel is returned, for a replay from history
+    /// (which holds it) to fill the gap in order. (A subscription the
+    /// cluster client re-made by itself after a failover can deliver again
+    /// before this instance has replayed what was missed meanwhile.)
+    pub(super) fn dispatch(&self, topic: &str, payload: &[u8]) -> Option<Arc<str>> {
+        let handler = self.handler()?;
         let Ok(text) = std::str::from_utf8(payload) else {
             tracing::warn!(%topic, "non-UTF-8 message on the bus ignored");
-            return;
+            return None;
         };
         let Some((kind, rest)) = text.split_once(' ') else {
             tracing::warn!(%topic, "malformed message on the bus ignored");
-            return;
+            return None;
         };
         match kind {
             "p" => {
-                let Some(channel) = self.keys.channel_of(topic) else {
-                    return;
-                };
+                let channel = self.keys.channel_of(topic)?;
                 let mut parts = rest.splitn(3, ' ');
                 let (Some(epoch), Some(offset), Some(body)) =
                     (parts.next(), parts.next(), parts.next())
                 else {
                     tracing::warn!(%topic, "malformed publication ignored");
-                    return;
+                    return None;
                 };
                 let (Ok(offset), Ok(body)) =
                     (offset.parse::<u64>(), serde_json::from_str::<Body>(body))
                 else {
                     tracing::warn!(%topic, "malformed publication ignored");
-                    return;
+                    return None;
                 };
+                // Only where history can fill the gap (a namespace without
+                // history is told by the full recovery's resync instead).
+                let has_history = || {
+                    self.config
+                        .namespace_of(channel)
+                        .is_some_and(|n| n.history_size > 0)
+                };
+                if self.keys.cluster && has_history() {
+                    let skips = handler
+                        .position(channel)
+                        .is_some_and(|last| *last.epoch == *epoch && offset > last.offset + 1);
+                    if skips {
+                        return Some(Arc::from(channel));
+                    }
+                }
                 let publication = Publication {
                     offset,
                     data: body.data,
@@ -243,5 +261,6 @@ impl Inner {
             "a" => self.on_direct_answer(rest),
             _ => tracing::warn!(%topic, "unknown message kind on the bus ignored"),
         }
+        None
     }
 }

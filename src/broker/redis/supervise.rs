@@ -10,8 +10,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
+use redis::aio::{PubSubSink, PubSubStream};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, PushInfo};
+use tokio::sync::mpsc::UnboundedReceiver;
 
+use super::cluster::Conn;
 use super::{
     BrokerHandler, CONNECT_TIMEOUT, DIAL_TIMEOUT, Disconnected, HistoryOptions, Inner,
     RESPONSE_TIMEOUT, RedisBroker, bus_error,
@@ -24,18 +28,71 @@ use crate::sync::{MutexExt, RwLockExt};
 
 /// Reconnection delays: 100 ms doubling per failed attempt to 5 s, with
 /// ±50 % jitter.
-const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+pub(super) const BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+
+/// Commands per pipeline (or concurrent calls in a cluster) of the
+/// heartbeat: bounds what one round trip holds.
+const BATCH: usize = 512;
 
 /// The pub/sub side: the subscribing half of the connection and the
 /// channels to keep subscribed across reconnections.
 #[derive(Default)]
 pub(super) struct Subscriptions {
     /// The live connection's command half; `None` while disconnected.
-    sink: Option<PubSubSink>,
+    pub(super) sink: Option<Sink>,
     /// Channel → `subscribe` calls minus `unsubscribe` calls. Counting
     /// (instead of a set) makes an unsubscribe that overtakes the next
     /// subscribe of the same channel harmless.
-    channels: HashMap<String, usize>,
+    pub(super) channels: HashMap<String, usize>,
+}
+
+/// Where SUBSCRIBE / UNSUBSCRIBE go.
+pub(super) enum Sink {
+    /// One Redis: the pub/sub connection's command half.
+    Single(PubSubSink),
+    /// A cluster: `SSUBSCRIBE`, each topic routed to the master of its slot.
+    Cluster(ClusterConnection),
+}
+
+/// Topics subscribed at once in a cluster (one `SSUBSCRIBE` each: topics
+/// of different slots cannot share one).
+const SUBSCRIBE_BATCH: usize = 256;
+
+impl Sink {
+    /// Subscribe `topics` (bounded by [`RESPONSE_TIMEOUT`] per batch).
+    pub(super) async fn subscribe(&mut self, topics: &[String]) -> Result<()> {
+        match self {
+            Sink::Single(sink) => tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(topics))
+                .await
+                .map_err(bus_error)?
+                .map_err(bus_error),
+            Sink::Cluster(conn) => {
+                for batch in topics.chunks(SUBSCRIBE_BATCH) {
+                    let calls = batch.iter().map(|topic| {
+                        let mut c = conn.clone();
+                        async move { c.ssubscribe(topic).await }
+                    });
+                    tokio::time::timeout(
+                        RESPONSE_TIMEOUT,
+                        futures_util::future::try_join_all(calls),
+                    )
+                    .await
+                    .map_err(bus_error)?
+                    .map_err(bus_error)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Unsubscribe one topic.
+    async fn unsubscribe(&mut self, topic: &str) -> redis::RedisResult<()> {
+        match self {
+            Sink::Single(sink) => sink.unsubscribe(topic).await,
+            Sink::Cluster(conn) => conn.sunsubscribe(topic).await,
+        }
+    }
 }
 
 /// `s` as a JSON string (what the presence scripts splice into the
@@ -44,14 +101,35 @@ fn json_string(s: &str) -> Result<String> {
     serde_json::to_string(s).map_err(bus_error)
 }
 
-/// Both connections of one attempt.
-pub(super) struct Connected {
-    /// Commands and scripts (multiplexed, cloned per call).
-    pub(super) cmd: MultiplexedConnection,
-    /// SUBSCRIBE / UNSUBSCRIBE on the pub/sub connection.
-    sink: PubSubSink,
-    /// What the pub/sub connection receives; ends when it breaks.
-    stream: PubSubStream,
+/// The connections of one attempt.
+pub(super) enum Connected {
+    /// One Redis: a command and a pub/sub connection.
+    Single {
+        /// Commands and scripts (multiplexed, cloned per call).
+        cmd: Conn,
+        /// SUBSCRIBE / UNSUBSCRIBE on the pub/sub connection.
+        sink: PubSubSink,
+        /// What the pub/sub connection receives; ends when it breaks.
+        stream: PubSubStream,
+    },
+    /// A cluster: one self-healing connection for commands and sharded
+    /// pub/sub (see `cluster.rs`).
+    Cluster {
+        /// Commands, scripts and SSUBSCRIBE, routed per slot.
+        conn: ClusterConnection,
+        /// Every node's pushes: messages, and `Disconnection` notices.
+        pushes: UnboundedReceiver<PushInfo>,
+    },
+}
+
+impl Connected {
+    /// The command connection (what `connect` draws the instance tag with).
+    pub(super) fn cmd(&self) -> Conn {
+        match self {
+            Connected::Single { cmd, .. } => cmd.clone(),
+            Connected::Cluster { conn, .. } => Conn::Cluster(conn.clone()),
+        }
+    }
 }
 
 impl RedisBroker {
@@ -94,15 +172,18 @@ impl RedisBroker {
 impl Inner {
     /// Open both connections and check them, within [`DIAL_TIMEOUT`] each.
     pub(super) async fn dial(&self) -> Result<Connected> {
+        let client = self
+            .client
+            .as_ref()
+            .ok_or_else(|| bus_error("a cluster connection is made once"))?;
         let cmd = tokio::time::timeout(
             DIAL_TIMEOUT,
-            self.client
-                .get_multiplexed_async_connection_with_config(&self.conn_config),
+            client.get_multiplexed_async_connection_with_config(&self.conn_config),
         )
         .await
         .map_err(bus_error)?
         .map_err(bus_error)?;
-        let pubsub = tokio::time::timeout(DIAL_TIMEOUT, self.client.get_async_pubsub())
+        let pubsub = tokio::time::timeout(DIAL_TIMEOUT, client.get_async_pubsub())
             .await
             .map_err(bus_error)?
             .map_err(bus_error)?;
@@ -113,7 +194,11 @@ impl Inner {
                 .await
                 .map_err(bus_error)?
                 .map_err(bus_error)?;
-        Ok(Connected { cmd, sink, stream })
+        Ok(Connected::Single {
+            cmd: Conn::Single(cmd),
+            sink,
+            stream,
+        })
     }
 
     /// `Broker::subscribe`: subscribe the channel's topic on its first
@@ -126,10 +211,7 @@ impl Inner {
         }
         let topic = self.keys.topic(channel);
         let sink = subs.sink.as_mut().ok_or_else(|| bus_error(Disconnected))?;
-        tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(&topic))
-            .await
-            .map_err(bus_error)?
-            .map_err(bus_error)?;
+        sink.subscribe(&[topic]).await?;
         subs.channels.insert(channel.to_string(), 1);
         Ok(())
     }
@@ -163,7 +245,7 @@ impl Inner {
 
     /// Rewrite this instance's presence entries with a fresh expiry. Also
     /// what restores them after Redis lost its data.
-    async fn heartbeat(&self) -> Result<()> {
+    pub(super) async fn heartbeat(&self) -> Result<()> {
         let mut conn = self.conn()?;
         let ttl = self.ttl_ms();
         let presence: Vec<(String, Vec<ClientInfo>)> = self
@@ -172,52 +254,104 @@ impl Inner {
             .iter()
             .map(|(ch, m)| (ch.clone(), m.values().cloned().collect()))
             .collect();
-        // Chunks keep each pipeline (and the memory it needs) bounded.
-        let mut pipe = redis::pipe();
-        let mut queued = 0usize;
+        let mut cmds = Vec::with_capacity(1);
         // The generation (the epoch reads report for absent streams) comes
-        // back within a beat after Redis lost it.
-        pipe.cmd("SET")
-            .arg(&self.keys.generation)
-            .arg(random_base36(8))
-            .arg("NX")
-            .ignore();
+        // back within a beat after Redis lost it. (A cluster has one per
+        // slot, created by the first read of the slot: see `mod.rs`.)
+        if !self.keys.cluster {
+            let mut set = redis::cmd("SET");
+            set.arg(&self.keys.generation)
+                .arg(random_base36(8))
+                .arg("NX");
+            cmds.push(set);
+        }
+        self.run_batch(&mut conn, cmds, None, &[]).await?;
         // Members are refreshed through the add script, which announces a
         // `join` for one that is gone from the hash (reaped while this
         // instance was cut off, or lost with Redis's data).
-        pipe.load_script(&self.scripts.presence_add).ignore();
+        let mut calls = Vec::new();
         for (channel, members) in &presence {
             let (mkey, ekey) = (self.keys.members(channel), self.keys.expiry(channel));
             let (topic, name) = (self.keys.topic(channel), json_string(channel)?);
             for info in members {
                 let json = serde_json::to_string(info).map_err(bus_error)?;
-                pipe.invoke_script(
-                    self.scripts
-                        .presence_add
-                        .key(&mkey)
-                        .key(&ekey)
-                        .arg(&*info.client_id)
-                        .arg(json)
-                        .arg(ttl)
-                        .arg(&topic)
-                        .arg(&name),
-                )
-                .ignore();
-                queued += 1;
-                if queued >= 512 {
-                    pipe.exec_async(&mut conn).await.map_err(bus_error)?;
-                    pipe = redis::pipe();
-                    queued = 0;
-                }
+                let mut call = self.scripts.presence_add.prepare_invoke();
+                call.key(&mkey)
+                    .key(&ekey)
+                    .arg(&*info.client_id)
+                    .arg(json)
+                    .arg(ttl)
+                    .arg(&topic)
+                    .arg(&name)
+                    .arg(self.keys.publish_cmd());
+                calls.push(call);
             }
         }
-        pipe.exec_async(&mut conn).await.map_err(bus_error)?;
+        self.run_batch(
+            &mut conn,
+            Vec::new(),
+            Some(&self.scripts.presence_add),
+            &calls,
+        )
+        .await?;
         self.reap_presence(&mut conn).await
+    }
+
+    /// Run `cmds`, then the calls `calls` of `script`, ignoring answers:
+    /// on one Redis pipelined in chunks of [`BATCH`]; in a cluster each on
+    /// its own (commands of different slots cannot share a pipeline), a
+    /// chunk at a time concurrently.
+    async fn run_batch(
+        &self,
+        conn: &mut Conn,
+        cmds: Vec<Cmd>,
+        script: Option<&redis::Script>,
+        calls: &[redis::ScriptInvocation<'_>],
+    ) -> Result<()> {
+        if let Conn::Cluster(cluster) = conn {
+            for chunk in cmds.chunks(BATCH) {
+                let each = chunk.iter().map(|c| {
+                    let mut conn = cluster.clone();
+                    async move { c.exec_async(&mut conn).await }
+                });
+                futures_util::future::try_join_all(each)
+                    .await
+                    .map_err(bus_error)?;
+            }
+            for chunk in calls.chunks(BATCH) {
+                let each = chunk.iter().map(|call| {
+                    let mut conn = cluster.clone();
+                    async move { call.invoke_async::<redis::Value>(&mut conn).await }
+                });
+                futures_util::future::try_join_all(each)
+                    .await
+                    .map_err(bus_error)?;
+            }
+            return Ok(());
+        }
+        for chunk in cmds.chunks(BATCH) {
+            let mut pipe = redis::pipe();
+            for c in chunk {
+                pipe.add_command(c.clone()).ignore();
+            }
+            pipe.exec_async(&mut *conn).await.map_err(bus_error)?;
+        }
+        for chunk in calls.chunks(BATCH) {
+            let mut pipe = redis::pipe();
+            if let Some(script) = script {
+                pipe.load_script(script).ignore();
+            }
+            for call in chunk {
+                pipe.invoke_script(call).ignore();
+            }
+            pipe.exec_async(&mut *conn).await.map_err(bus_error)?;
+        }
+        Ok(())
     }
 
     /// Drop the expired members of every presence channel this instance
     /// serves, announcing each one's `leave` (see `presence.rs`).
-    async fn reap_presence(&self, conn: &mut MultiplexedConnection) -> Result<()> {
+    async fn reap_presence(&self, conn: &mut Conn) -> Result<()> {
         let channels: Vec<String> = {
             let subs = self.subs.lock().await;
             subs.channels
@@ -226,63 +360,75 @@ impl Inner {
                 .cloned()
                 .collect()
         };
-        for chunk in channels.chunks(512) {
-            let mut pipe = redis::pipe();
-            pipe.load_script(&self.scripts.presence_members).ignore();
-            for channel in chunk {
-                pipe.invoke_script(
-                    self.scripts
-                        .presence_members
-                        .key(self.keys.members(channel))
-                        .key(self.keys.expiry(channel))
-                        .arg(self.keys.topic(channel))
-                        .arg(json_string(channel)?)
-                        .arg("reap"),
-                )
-                .ignore();
-            }
-            pipe.exec_async(&mut *conn).await.map_err(bus_error)?;
+        let mut calls = Vec::with_capacity(channels.len());
+        for channel in &channels {
+            let mut call = self.scripts.presence_members.prepare_invoke();
+            call.key(self.keys.members(channel))
+                .key(self.keys.expiry(channel))
+                .arg(self.keys.topic(channel))
+                .arg(json_string(channel)?)
+                .arg("reap")
+                .arg(self.keys.publish_cmd());
+            calls.push(call);
         }
-        Ok(())
+        self.run_batch(
+            conn,
+            Vec::new(),
+            Some(&self.scripts.presence_members),
+            &calls,
+        )
+        .await
     }
 
     /// After a reconnection: fill each local channel's gap from history, or
     /// ask its subscribers to resync.
-    async fn replay(&self) -> Result<()> {
+    pub(super) async fn replay(&self) -> Result<()> {
         let Some(handler) = self.handler().cloned() else {
             return Ok(());
         };
         for (channel, last) in handler.positions() {
-            let Some(opts) = self.config.namespace_of(&channel) else {
-                continue;
-            };
-            let opts = HistoryOptions {
-                size: opts.history_size,
-                ttl: opts.history_ttl,
-            };
-            let h = self
-                .read_history(&channel, last.as_ref(), usize::MAX, false, opts)
-                .await?;
-            match &last {
-                // Nothing delivered since the subscription: hand over what
-                // is retained; sessions drop what they already have.
-                None => {
-                    for p in &h.publications {
-                        handler.on_publication(&channel, &h.top.epoch, p);
-                    }
+            self.replay_channel(&*handler, &channel, last).await?;
+        }
+        Ok(())
+    }
+
+    /// Fill one channel's gap after `last` from history, or ask its
+    /// subscribers to resync.
+    pub(super) async fn replay_channel(
+        &self,
+        handler: &dyn BrokerHandler,
+        channel: &Arc<str>,
+        last: Option<crate::protocol::StreamPosition>,
+    ) -> Result<()> {
+        let Some(opts) = self.config.namespace_of(channel) else {
+            return Ok(());
+        };
+        let opts = HistoryOptions {
+            size: opts.history_size,
+            ttl: opts.history_ttl,
+        };
+        let h = self
+            .read_history(channel, last.as_ref(), usize::MAX, false, opts)
+            .await?;
+        match &last {
+            // Nothing delivered since the subscription: hand over what
+            // is retained; sessions drop what they already have.
+            None => {
+                for p in &h.publications {
+                    handler.on_publication(channel, &h.top.epoch, p);
                 }
-                Some(last) => {
-                    let missed = h.top.offset.saturating_sub(last.offset);
-                    if h.covers(last, None) {
-                        if missed > 0 {
-                            tracing::info!(%channel, missed, "replaying publications missed during a bus outage");
-                        }
-                        for p in &h.publications {
-                            handler.on_publication(&channel, &h.top.epoch, p);
-                        }
-                    } else {
-                        handler.resync_failed(&channel);
+            }
+            Some(last) => {
+                let missed = h.top.offset.saturating_sub(last.offset);
+                if h.covers(last, None) {
+                    if missed > 0 {
+                        tracing::info!(%channel, missed, "replaying publications missed during a bus outage");
                     }
+                    for p in &h.publications {
+                        handler.on_publication(channel, &h.top.epoch, p);
+                    }
+                } else {
+                    handler.resync_failed(channel);
                 }
             }
         }
@@ -291,10 +437,10 @@ impl Inner {
 
     /// Make a fresh connection the current one: resubscribe, rewrite the
     /// entries, replay gaps (after an outage), turn ready.
-    async fn install(
+    pub(super) async fn install(
         &self,
-        cmd: MultiplexedConnection,
-        mut sink: PubSubSink,
+        cmd: Conn,
+        mut sink: Sink,
         after_outage: bool,
     ) -> Result<()> {
         *self.cmd.write_unpoisoned() = Some(cmd);
@@ -302,10 +448,7 @@ impl Inner {
             let mut subs = self.subs.lock().await;
             let mut topics = vec![self.keys.all.clone(), self.own_topic()];
             topics.extend(subs.channels.keys().map(|c| self.keys.topic(c)));
-            tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(&topics))
-                .await
-                .map_err(bus_error)?
-                .map_err(bus_error)?;
+            sink.subscribe(&topics).await?;
             subs.sink = Some(sink);
         }
         self.heartbeat().await?;
@@ -317,7 +460,7 @@ impl Inner {
     }
 
     /// Forget the broken connection: unready, nothing to send through.
-    async fn teardown(&self) {
+    pub(super) async fn teardown(&self) {
         self.ready.store(false, Ordering::Relaxed);
         *self.cmd.write_unpoisoned() = None;
         self.subs.lock().await.sink = None;
@@ -325,6 +468,12 @@ impl Inner {
 
     /// The supervisor: run the connection, and reconnect it when it breaks.
     async fn supervise(self: Arc<Self>, first: Connected) {
+        let first = match first {
+            Connected::Cluster { conn, pushes } => {
+                return self.supervise_cluster(conn, pushes).await;
+            }
+            single => single,
+        };
         let mut next = Some(first);
         let mut after_outage = false;
         let mut attempt: u32 = 0;
@@ -335,10 +484,15 @@ impl Inner {
                 None => self.dial().await,
             };
             let result = match connected {
-                Ok(c) => match self.install(c.cmd, c.sink, after_outage).await {
-                    Ok(()) => Ok(c.stream),
-                    Err(e) => Err(e),
-                },
+                Ok(Connected::Single { cmd, sink, stream }) => {
+                    match self.install(cmd, Sink::Single(sink), after_outage).await {
+                        Ok(()) => Ok(stream),
+                        Err(e) => Err(e),
+                    }
+                }
+                Ok(Connected::Cluster { .. }) => {
+                    Err(bus_error("a cluster connection is made once"))
+                }
                 Err(e) => Err(e),
             };
             let mut stream = match result {
@@ -367,7 +521,10 @@ impl Inner {
             let lost = loop {
                 tokio::select! {
                     msg = stream.next() => match msg {
-                        Some(msg) => self.dispatch(msg.get_channel_name(), msg.get_payload_bytes()),
+                        Some(msg) => {
+                            // One Redis never skips offsets (`dispatch` checks on a cluster only).
+                            let _ = self.dispatch(msg.get_channel_name(), msg.get_payload_bytes());
+                        }
                         None => break "the pub/sub connection closed".to_string(),
                     },
                     _ = tick.tick() => {

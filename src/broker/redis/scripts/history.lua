@@ -2,7 +2,9 @@
 --
 -- KEYS: meta, stream, generation.
 -- ARGV: since epoch or '', since offset, limit (-1: all), fallback epoch,
--- size, '1' for the newest first.
+-- size, '1' for the newest first, '1' to create the generation when it is
+-- absent (cluster mode: one generation per slot, created by the slot's
+-- first read; one Redis restores its one generation in the heartbeat).
 -- Returns {epoch, top, {{offset, body}…}} (oldest first, or newest first).
 --
 -- An absent stream reports the current generation (the epoch its first
@@ -10,7 +12,12 @@
 -- the generation key is gone too.
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
-  return {redis.call('GET', KEYS[3]) or ARGV[4], 0, {}}
+  local gen = redis.call('GET', KEYS[3])
+  if not gen and ARGV[7] == '1' then
+    redis.call('SET', KEYS[3], ARGV[4])
+    gen = ARGV[4]
+  end
+  return {gen or ARGV[4], 0, {}}
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -6,7 +6,8 @@
 --
 -- KEYS: members, expiry.
 -- ARGV: the channel's topic, the channel's name as a JSON string,
---       "reap" to return only the number dropped (else every live member).
+--       "reap" to return only the number dropped (else every live member),
+--       the publish command (PUBLISH, or SPUBLISH in a cluster).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local dead = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
@@ -14,7 +15,7 @@ for _, id in ipairs(dead) do
   local info = redis.call('HGET', KEYS[1], id)
   redis.call('HDEL', KEYS[1], id)
   if info then
-    redis.call('PUBLISH', ARGV[1],
+    redis.call(ARGV[4], ARGV[1],
       'c {"kind":"leave","channel":' .. ARGV[2] .. ',"info":' .. info .. '}')
   end
 end

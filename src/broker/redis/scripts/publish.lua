@@ -5,7 +5,11 @@
 -- in the channel's hash slot but the generation).
 -- ARGV: topic, body, size, ttl ms, next generation, fallback epoch,
 -- '1' when KEYS[4] is an idempotency key, its window ms, expected offset
--- ('' for none).
+-- ('' for none), the publish command (PUBLISH, or SPUBLISH in a cluster:
+-- the topic is in the channel's slot).
+--
+-- In a cluster the generation is the per-slot key of the channel's slot,
+-- so every key (and the shard channel) is in one slot.
 -- Returns {epoch, offset, outcome}: outcome 0 published, 1 duplicate (the
 -- first publication's position), 2 offset mismatch (the current top;
 -- nothing written).
@@ -51,5 +55,5 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 if ARGV[7] == '1' then
   redis.call('SET', KEYS[4], epoch .. ' ' .. top, 'PX', ARGV[8])
 end
-redis.call('PUBLISH', ARGV[1], 'p ' .. epoch .. ' ' .. top .. ' ' .. ARGV[2])
+redis.call(ARGV[10], ARGV[1], 'p ' .. epoch .. ' ' .. top .. ' ' .. ARGV[2])
 return {epoch, top, 0}
