@@ -127,6 +127,7 @@
 mod direct;
 mod presence;
 mod publish;
+mod sequencer;
 mod supervise;
 #[cfg(test)]
 mod tests;
@@ -158,6 +159,7 @@ use crate::error::{ClientError, Error, ErrorCode, Result};
 use crate::protocol::{ClientInfo, StreamPosition};
 use crate::sync::MutexExt;
 use presence::{Local, PendingAcks, Remote};
+use sequencer::Sequencer;
 use supervise::{Seen, connect_inner};
 
 /// Longest the start-up may take to reach Pub/Sub (connect, topic,
@@ -242,7 +244,9 @@ struct Wire {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 enum Body {
-    /// A channel publication, with the history options of its namespace.
+    /// A channel publication request, with the history options of its
+    /// namespace: numbered by the channel's sequencer (an internal
+    /// channel's is delivered as it is, at offset 0).
     Pub {
         channel: Arc<str>,
         data: Arc<RawValue>,
@@ -251,6 +255,23 @@ enum Body {
         size: usize,
         ttl_ms: u64,
     },
+    /// The sequencer's numbered copy of the request `(req_boot, req_id)`.
+    Seq {
+        channel: Arc<str>,
+        epoch: Arc<str>,
+        offset: u64,
+        req_boot: Arc<str>,
+        req_id: u64,
+        data: Arc<RawValue>,
+        sender_id: Option<Arc<str>>,
+        timestamp: u64,
+        size: usize,
+        ttl_ms: u64,
+    },
+    /// The source sequences `channel` from here on, in `epoch`.
+    Claim { channel: Arc<str>, epoch: Arc<str> },
+    /// The source no longer sequences `channel`.
+    Release { channel: Arc<str> },
     /// The tutorial's broadcast.
     Broadcast {
         sender_id: Option<Arc<str>>,
@@ -315,6 +336,14 @@ struct Inner {
     handler: OnceLock<Arc<dyn BrokerHandler>>,
     /// Per-boot message counter.
     seq: AtomicU64,
+    /// When this process started (the rendezvous prefers settled
+    /// instances).
+    started: tokio::time::Instant,
+    /// The per-channel logs and, for the channels this instance numbers,
+    /// the copies to send (see [`sequencer`]).
+    sequencer: Mutex<Sequencer>,
+    /// Channel logs kept at most (`history_max_channels`).
+    max_logs: usize,
     /// Channel → this instance's stream: the memory bus's bounded store
     /// (expiry, `history_max_bytes`, `history_max_channels`), its epochs
     /// `<instance id>.<hash>` so that another instance's offsets are never
