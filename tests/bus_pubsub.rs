@@ -1,6 +1,7 @@
 //! The Pub/Sub bus against the real emulator: the shared cross-instance
 //! suite (the cases that apply; cross-instance recovery through the
-//! channel sequencer), its own offsets/order case, same-instance recovery,
+//! channel sequencer, and its own cases in `bus_pubsub_recovery.rs`),
+//! same-instance recovery,
 //! the subscription's life cycle, an emulator killed and restarted
 //! mid-stream, start-up with the bus unreachable, and a latency figure.
 //!
@@ -17,10 +18,9 @@ mod bus_suite;
 #[path = "support/pubsub_emulator.rs"]
 mod pubsub_emulator;
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use bus_suite::{BusFactory, Cluster, QUIET, base_settings, subscribe};
+use bus_suite::{BusFactory, Cluster, base_settings, subscribe};
 use pubsub_emulator::Emulator;
 use serde_json::{Value, json};
 use support::{Client, WAIT};
@@ -73,8 +73,8 @@ mod suite {
     //! channel's first publication and expects the same epoch everywhere
     //! then; on Pub/Sub the epoch is the sequencer's, known from the first
     //! publication on, so its counterpart
-    //! `channel_order_and_offsets_are_shared` below starts the channel
-    //! first.
+    //! `channel_order_and_offsets_are_shared` (in `bus_pubsub_recovery.rs`)
+    //! starts the channel first.
     use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,125 +136,6 @@ async fn recv_no_presence(c: &mut Client) -> Value {
             return v;
         }
     }
-}
-
-/// Concurrent publishers on three instances: every instance sees the same
-/// interleaving under the same `(epoch, offset)` (the channel's
-/// sequencer numbers them; the epoch names it), contiguous, each
-/// publisher's order kept, and the acks carry the delivered offsets.
-/// A subscriber that came before the channel's first publication sees its
-/// instance's placeholder epoch until then, so the channel is started
-/// first.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn channel_order_and_offsets_are_shared() {
-    const PER_PUBLISHER: u64 = 20;
-    let f = PubSub::shared().await;
-    bus_suite::bounded("order", async {
-        let cluster = Cluster::start(&f, "porder", 3).await;
-        let channel = "ordered:room";
-        let mut first = cluster.client(0).await;
-        let ack = first
-            .request(
-                json!({"type": "publish", "channel": channel, "data": "first"}),
-                1,
-            )
-            .await;
-        assert_eq!(ack["type"], "ack", "{ack}");
-        assert_eq!(ack["offset"], 1, "{ack}");
-        let mut subs = Vec::new();
-        let mut epochs = HashSet::new();
-        for i in 0..3 {
-            let mut s = cluster.client(i).await;
-            // Every instance stores the sequenced copy: wait until it has.
-            let node = cluster.get(i).node.clone();
-            assert!(
-                support::eventually(|| {
-                    let node = node.clone();
-                    async move {
-                        let Ok(ch) = node.channel(channel) else {
-                            return false;
-                        };
-                        node.position(ch).await.is_ok_and(|p| p.offset == 1)
-                    }
-                })
-                .await
-            );
-            let r = subscribe(&mut s, channel, 1).await;
-            assert_eq!(r["offset"], 1, "{r}");
-            let epoch = r["epoch"].as_str().unwrap().to_string();
-            let sequencer = epoch.rsplit_once('.').unwrap().0;
-            assert!(
-                (0..3).any(|j| cluster.get(j).node.instance_id() == sequencer),
-                "the epoch names the sequencer: {epoch}"
-            );
-            epochs.insert(epoch);
-            subs.push(s);
-        }
-        assert_eq!(epochs.len(), 1, "one epoch everywhere: {epochs:?}");
-        let epoch = epochs.into_iter().next().unwrap();
-
-        let mut publishers = Vec::new();
-        for i in 0..3 {
-            let mut p = cluster.client(i).await;
-            publishers.push(tokio::spawn(async move {
-                for n in 0..PER_PUBLISHER {
-                    p.send(json!({"type": "publish", "channel": channel,
-                        "data": {"p": i, "n": n}, "id": n}))
-                        .await;
-                }
-                let mut offsets = Vec::new();
-                while offsets.len() < PER_PUBLISHER as usize {
-                    let r = p.recv().await;
-                    assert_eq!(r["type"], "ack", "{r}");
-                    offsets.push(r["offset"].as_u64().expect("ack offset"));
-                }
-                (p, offsets)
-            }));
-        }
-        let mut acked = Vec::new();
-        let mut keep = Vec::new();
-        for p in publishers {
-            let (p, offsets) = p.await.expect("publisher task");
-            assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
-            acked.push(offsets);
-            keep.push(p);
-        }
-        let total = 3 * PER_PUBLISHER;
-        let mut streams = Vec::new();
-        for (i, s) in subs.iter_mut().enumerate() {
-            let mut seen = Vec::new();
-            let mut last_n = [None::<u64>; 3];
-            let mut offset_of = std::collections::HashMap::new();
-            for k in 2..=total + 1 {
-                let m = recv_no_presence(s).await;
-                assert_eq!(m["type"], "message", "{m}");
-                assert_eq!(m["offset"], k, "contiguous on instance {i}: {m}");
-                assert_eq!(m["epoch"], epoch.as_str(), "{m}");
-                let p = m["data"]["p"].as_u64().unwrap() as usize;
-                let n = m["data"]["n"].as_u64().unwrap();
-                assert!(last_n[p].is_none_or(|l| l < n), "publisher order: {m}");
-                last_n[p] = Some(n);
-                offset_of.insert((p, n), k);
-                seen.push((p, n));
-            }
-            // The acks of every publisher are the offsets delivered.
-            for (j, acks) in acked.iter().enumerate() {
-                let theirs: Vec<u64> = (0..PER_PUBLISHER).map(|n| offset_of[&(j, n)]).collect();
-                assert_eq!(&theirs, acks, "acks are the delivered offsets");
-            }
-            streams.push(seen);
-        }
-        assert!(
-            streams.windows(2).all(|w| w[0] == w[1]),
-            "every instance sees the same order"
-        );
-        for s in &mut subs {
-            s.expect_silence(QUIET).await;
-        }
-        drop((subs, keep));
-        cluster.shutdown().await;
-    })
-    .await;
 }
 
 /// Recovery works on the same instance, whoever published: subscribe on
