@@ -18,10 +18,14 @@
 //! only, so instances that saw the same log agree on who sequences and
 //! which numbered copies count: a `Seq` is accepted only in the epoch of
 //! the last claim (a sequencer superseded while its copies travel has them
-//! refused everywhere, so its publishers get an error, never a false ack),
-//! and an epoch once superseded is never accepted again. An instance that
-//! has not seen the channel's claim (it started later) adopts the epoch of
-//! the copies it sees until it sees a claim.
+//! refused everywhere, so its publishers get an error, never a false ack).
+//! An instance that has not seen the channel's claim (it started later,
+//! or its subscription was recreated) follows the epoch of every copy it
+//! sees until it sees a claim: it refuses nothing, so it may also deliver
+//! a superseded sequencer's late copy (a publication whose publisher got
+//! an error), and each switch of epoch restarts its stored stream (no
+//! recovery spans it). Its own requests come after the claim it missed,
+//! so only the current sequencer answers them.
 //!
 //! Who claims: on a request for a channel whose sequencer (per the log) is
 //! unknown, dead (not heard from for `presence_ttl`, or restarted) or
@@ -52,8 +56,6 @@ pub const MAX_BUFFERED: usize = 1000;
 /// Numbered copies waiting to be sent, per channel; beyond, the sequencer
 /// gives up its epoch (the publishers time out, the next request claims).
 pub const MAX_OUTBOX: usize = 10_000;
-/// Superseded epochs remembered per channel.
-const RETIRED_MAX: usize = 8;
 /// Numbered copies per publish RPC.
 const BATCH: usize = 100;
 /// How long a publisher's instance waits for someone to claim the channel
@@ -81,8 +83,6 @@ pub(super) struct ChanLog {
     owner: Option<(Arc<str>, Arc<str>)>,
     /// Learned from a claim; otherwise adopted from numbered copies.
     claimed: bool,
-    /// Superseded epochs: their copies are refused.
-    retired: VecDeque<Arc<str>>,
     /// As the sequencer: the last offset assigned.
     assigned: u64,
     /// As the sequencer: a send failed (copies may be lost), so this epoch
@@ -102,21 +102,11 @@ impl ChanLog {
             epoch: None,
             owner: None,
             claimed: false,
-            retired: VecDeque::new(),
             assigned: 0,
             broken: false,
             buffer: VecDeque::new(),
             claiming: None,
             touched: now,
-        }
-    }
-
-    fn retire(&mut self, old: Option<Arc<str>>, new: &Arc<str>) {
-        if let Some(old) = old.filter(|o| o != new) {
-            if self.retired.len() >= RETIRED_MAX {
-                self.retired.pop_front();
-            }
-            self.retired.push_back(old);
         }
     }
 }
@@ -211,9 +201,37 @@ impl Inner {
     }
 
     /// The idle expiry, from the heartbeat.
+    /// Also claims the channels whose sequencer died with requests
+    /// unanswered, when this instance is their rendezvous choice.
     pub(super) fn sweep_sequencer(self: &Arc<Self>, now: Instant) {
-        let mut st = self.sequencer.lock_unpoisoned();
-        self.evict(&mut st, now, false);
+        let live = self.live(now);
+        let young = now.duration_since(self.started) < self.presence_ttl;
+        let orphans: Vec<Arc<str>> = {
+            let mut st = self.sequencer.lock_unpoisoned();
+            self.evict(&mut st, now, false);
+            st.logs
+                .iter()
+                .filter(|(channel, log)| {
+                    let waiting = log
+                        .buffer
+                        .iter()
+                        .any(|(t, _)| now.duration_since(*t) <= ROUND_TRIP_TIMEOUT);
+                    let owner_live = log
+                        .owner
+                        .as_ref()
+                        .is_some_and(|(id, boot)| live.iter().any(|(i, b)| i == id && b == boot));
+                    waiting
+                        && log.claiming.is_none()
+                        && !owner_live
+                        && !young
+                        && choose(channel, &live) == Some(&self.me)
+                })
+                .map(|(c, _)| c.clone())
+                .collect()
+        };
+        for channel in orphans {
+            self.claim(&channel);
+        }
     }
 
     fn owns(&self, log: &ChanLog) -> bool {
@@ -298,10 +316,14 @@ impl Inner {
     }
 
     /// A publication request from the log (every instance sees it): the
-    /// sequencer numbers it. With no live sequencer every instance keeps
-    /// it (until a numbered copy answers it), and the rendezvous choice
-    /// claims the channel; the publisher's instance claims after
-    /// [`CLAIM_WAIT`] if nobody did (views of the membership may differ).
+    /// sequencer numbers it; every other instance keeps it until a
+    /// numbered copy answers it (at most [`MAX_BUFFERED`] per channel, for
+    /// [`ROUND_TRIP_TIMEOUT`]), so that whoever claims the channel next
+    /// numbers what a dead sequencer left. With no live sequencer the
+    /// rendezvous choice claims the channel (at once, or from the heartbeat
+    /// once a silent sequencer is given up); the publisher's instance
+    /// claims after [`CLAIM_WAIT`] if nobody did (views of the membership
+    /// may differ).
     pub(super) fn on_request(self: &Arc<Self>, channel: &Arc<str>, req: Request) {
         let now = Instant::now();
         let live = self.live(now);
@@ -319,9 +341,9 @@ impl Inner {
             let mine = self.owns(log);
             if mine && !log.broken && log.claimed {
                 self.assign(&mut st, channel, req);
-            } else if owner_live && !mine {
-                // The sequencer's job.
             } else {
+                // Kept until a numbered copy answers it: if the sequencer
+                // dies with it, the next claimer numbers it.
                 while log
                     .buffer
                     .front()
@@ -332,13 +354,15 @@ impl Inner {
                 if log.buffer.len() < MAX_BUFFERED {
                     log.buffer.push_back((now, req));
                 }
-                // A young instance may not know the channel's sequencer yet.
-                let young = now.duration_since(self.started) < self.presence_ttl;
-                let chosen = !young && choose(channel, &live) == Some(&self.me);
-                if (mine && log.broken) || chosen {
-                    claim = true;
-                } else if own {
-                    wait = true;
+                if !owner_live || mine {
+                    // A young instance may not know the channel's sequencer yet.
+                    let young = now.duration_since(self.started) < self.presence_ttl;
+                    let chosen = !young && choose(channel, &live) == Some(&self.me);
+                    if (mine && log.broken) || chosen {
+                        claim = true;
+                    } else if own {
+                        wait = true;
+                    }
                 }
             }
         }
@@ -410,8 +434,7 @@ impl Inner {
         let now = Instant::now();
         let mut st = self.sequencer.lock_unpoisoned();
         let log = self.log(&mut st, channel, now);
-        let old = log.epoch.replace(epoch.clone());
-        log.retire(old, &epoch);
+        log.epoch = Some(epoch.clone());
         let own = src == self.me && boot == self.boot;
         log.owner = Some((src, boot));
         log.claimed = true;
@@ -469,14 +492,14 @@ impl Inner {
         let accept = {
             let mut st = self.sequencer.lock_unpoisoned();
             let log = self.log(&mut st, channel, now);
-            let accept = if log.retired.contains(&epoch) {
-                false
-            } else if log.claimed {
+            let accept = if log.claimed {
                 log.epoch.as_ref() == Some(&epoch)
             } else {
+                // Not knowing the claims, follow every copy: a late copy of
+                // a superseded sequencer may be delivered here too (its
+                // publisher got an error), nothing is refused.
                 if log.epoch.as_ref() != Some(&epoch) {
-                    let old = log.epoch.replace(epoch.clone());
-                    log.retire(old, &epoch);
+                    log.epoch = Some(epoch.clone());
                     log.owner = Some((src, boot));
                 }
                 true
