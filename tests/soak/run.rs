@@ -117,6 +117,7 @@ pub(crate) fn pick(live: &Live, ports: &[u16]) -> Option<u16> {
 
 pub async fn run(mut bus: BusServer, plan: Plan) -> Report {
     let prefix = format!("soak-{}", switchboard::ids::random_base36(6));
+    let is_pubsub = matches!(bus, BusServer::PubSub(_));
     let key_file = std::env::temp_dir().join(format!("{prefix}.key"));
     std::fs::write(&key_file, API_KEY).expect("key file");
     let proxy = Proxy::start(format!("127.0.0.1:{}", bus.port()).parse().unwrap()).await;
@@ -150,7 +151,7 @@ pub async fn run(mut bus: BusServer, plan: Plan) -> Report {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        if matches!(bus, BusServer::PubSub(_)) {
+        if is_pubsub {
             args.extend([
                 "--pubsub-topic".into(),
                 format!("{prefix}-topic"),
@@ -250,8 +251,12 @@ pub async fn run(mut bus: BusServer, plan: Plan) -> Report {
     for p in publishers {
         p.await.expect("publisher");
     }
-    // Let every subscriber catch up (reconnects, recovery, bus repair).
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Let every subscriber catch up (reconnects, recovery, bus repair). On
+    // Pub/Sub longer: a killed instance's restart often fails at first (the
+    // emulator is slow to answer) and a dead sequencer is given up only
+    // after `presence_ttl`, so the last moves take longer.
+    let settle = if is_pubsub { 16 } else { 6 };
+    tokio::time::sleep(Duration::from_secs(settle)).await;
     stop_all.store(true, Ordering::Relaxed);
     let acked = acked.lock().unwrap().clone();
     report.acked = acked.len() as u64;

@@ -69,7 +69,11 @@ use crate::error::{ClientError, Result};
 use crate::protocol::{Publication, StreamPosition};
 use crate::sync::MutexExt;
 
+#[cfg(feature = "pubsub")]
+mod sequenced;
 mod stream;
+#[cfg(feature = "pubsub")]
+pub(crate) use sequenced::Appended;
 pub use stream::KEY_OVERHEAD;
 use stream::{Stream, cost};
 

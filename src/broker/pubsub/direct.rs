@@ -98,6 +98,9 @@ impl Inner {
             }
             // Handled by publish and presence.
             Body::Pub { .. }
+            | Body::Seq { .. }
+            | Body::Claim { .. }
+            | Body::Release { .. }
             | Body::Broadcast { .. }
             | Body::JoinLeave { .. }
             | Body::Member { .. }

@@ -17,8 +17,9 @@
 //! * Every message is one JSON [`Wire`] envelope in `data`: the source
 //!   instance id, a boot id (random per process start) and a per-boot
 //!   counter, which together name the message for de-duplication, and the
-//!   body. Ordering keys: `c:<channel>` for channel publications and their
-//!   join/leave, `s:<sender>` for broadcast and direct (per-sender order),
+//!   body. Ordering keys: `c:<channel>` for everything about a channel
+//!   (publication requests, the sequencer's claims and numbered copies,
+//!   join/leave), `s:<sender>` for broadcast and direct (per-sender order),
 //!   `m:<instance>` for membership announcements.
 //! * `PUBSUB_EMULATOR_HOST` is honoured; `pubsub://PROJECT?emulator=HOST:PORT`
 //!   overrides it (several emulators in one test process). Without an
@@ -27,42 +28,56 @@
 //!
 //! # What this bus guarantees
 //!
+//! * **A sequencer per channel: one numbering everywhere.** Pub/Sub has no
+//!   global sequencer, so one instance numbers each channel (see
+//!   [`sequencer`]): a publish goes on the topic as a request; the
+//!   channel's sequencer assigns `(epoch, offset)` in its stream and
+//!   publishes the numbered copy (same ordering key); every instance
+//!   stores the numbered copies of every channel in its history (the
+//!   bounded `broker::history` store, under the sequencer's positions) and
+//!   hands them to its subscribers. Epochs are `<sequencer id>.<random>`.
+//!   The sequencer is chosen by rendezvous hashing of the channel over the
+//!   live instances when the channel has none, claims it on the channel's
+//!   log, and keeps it while it lives (a joining instance takes nothing);
+//!   when it dies (silent for `presence_ttl`, restarted) or cannot continue
+//!   (a send failed), the next request makes a live instance claim the
+//!   channel in a new epoch. The cost: one more bus hop per publish (the
+//!   request, then the copy), and every instance still receives every
+//!   channel's traffic (one topic).
 //! * **Own messages: the round trip, exactly once.** An instance does not
 //!   deliver its own messages at publish time: everything (publications,
 //!   broadcast, join/leave) reaches the local clients through the
 //!   instance's own subscription, like everyone else's. Pub/Sub delivers at
 //!   least once; each instance drops repeats by message name (a window of
-//!   the last [`DEDUPE_WINDOW`] / [`DEDUPE_MAX`] messages), so every
-//!   instance, the publisher's included, handles each message once.
-//!   [`publish`](Broker::publish) returns when the publication has come back
-//!   (or fails after [`ROUND_TRIP_TIMEOUT`]): the cost is one bus round trip
-//!   per publish, the gain is that every instance sees a channel in the
-//!   same order. Since a session handles one request at a time, one client
-//!   publishes at most one message per round trip (about 20/s on the
-//!   emulator, whose streaming pull delivers on a ~50 ms cadence); many
-//!   clients publish concurrently.
-//! * **Per-channel order: the same on every instance.** Channel messages
-//!   carry the ordering key `c:<channel>`, so Pub/Sub delivers them to every
-//!   subscription in the order it received them: concurrent publishers on
-//!   different instances are interleaved identically everywhere, and each
-//!   publisher's own order is kept (a session waits for each publish).
-//! * **Offsets are per instance; epochs name the instance.** There is no
-//!   global sequencer, so offsets cannot be both contiguous and identical
-//!   everywhere (an instance that starts later has not seen the beginning).
-//!   Each instance numbers a channel's publications 1, 2, 3, … in the order
-//!   it receives them, in a stream whose epoch is `<instance id>.<random>`.
-//!   Within that epoch offsets are contiguous and are the ones this
-//!   instance's clients see (and the publisher's ack carries). Every
-//!   instance records every channel (every subscription receives the whole
-//!   topic), not only those with local subscribers; only subscribed
-//!   channels are encoded and handed to the node. Two instances that have
-//!   both seen a channel from its first publication have equal offsets but
-//!   never equal epochs.
-//! * **History and recovery are local to each instance.** A client that
-//!   reconnects to the *same* instance recovers what it missed (if the
-//!   history still holds it, as on the memory bus). On a *different*
-//!   instance its epoch is unknown: `recovered:false`, never a partial or
-//!   foreign replay; the client continues with that instance's numbering.
+//!   the last [`DEDUPE_WINDOW`] / [`DEDUPE_MAX`] messages), and a numbered
+//!   copy at or below the stream's top is a repeat, so every instance
+//!   handles each publication once. [`publish`](Broker::publish) returns
+//!   when the numbered copy of its request has come back and been accepted
+//!   (or fails after [`ROUND_TRIP_TIMEOUT`]: a sequencer that died with the
+//!   request, or one superseded while its copy travelled, whose copy every
+//!   instance refuses — an error, never a false ack; a retry reaches the
+//!   new sequencer). Since a session handles one request at a time, one
+//!   client publishes at most one message per round trip; many clients
+//!   publish concurrently.
+//! * **Per-channel order and offsets: the same on every instance.** The
+//!   sequencer numbers requests in the order of the channel's log, which
+//!   Pub/Sub delivers identically to every subscription, and sends its
+//!   copies in order; each publisher's own order is kept (a session waits
+//!   for each publish). A subscriber that subscribed before a channel's
+//!   first publication holds a placeholder epoch of its instance, which
+//!   the sequencer's stream does not continue (`recovered:false` if it
+//!   leaves before the first publication and comes back).
+//! * **Recovery on any instance, while history holds.** Every instance
+//!   holds every channel's numbered copies since it started, so a client
+//!   that moves to another instance resumes exactly (`recovered:true`,
+//!   nothing missing, nothing twice). Where the instance cannot prove the
+//!   range complete it answers `recovered:false`, never a partial replay:
+//!   the position is in an epoch ended by a change of sequencer, or
+//!   before what this instance holds (it started, or restarted, later than
+//!   the position, or its subscription was recreated), or trimmed.
+//!   Instances do not fetch missing ranges from each other (yet).
+//! * **Idempotency keys and expected offsets** are not checked by the
+//!   sequencer: both are refused (`unsupported`).
 //! * **Direct.** A local target is served without the bus. Otherwise the
 //!   client directory (below) names the instance holding the target: the
 //!   message goes over the topic addressed to it and `direct` returns
@@ -101,10 +116,14 @@
 //! * If the subscription survived (a network partition), Pub/Sub kept the
 //!   messages: they arrive after the reconnection, in order, no gap.
 //! * If it had to be recreated (an emulator restart, expiry), messages may
-//!   have been lost: every local stream starts a new epoch and the
-//!   subscribers of every local channel are asked to reconnect
+//!   have been lost: the local history and channel logs are forgotten (the
+//!   next copies start the streams again where they are, so no recovery
+//!   spans the hole), the channels this instance sequenced are claimed
+//!   again in a new epoch by their next request, and the subscribers of
+//!   every local channel are asked to reconnect
 //!   ([`BrokerHandler::resync_failed`]); they get `recovered:false` rather
-//!   than a silent gap.
+//!   than a silent gap. A numbered copy that skips offsets of its epoch
+//!   (publications lost on the way here) does the same for its channel.
 //! * In both cases the local history after each subscribed channel's last
 //!   delivered position ([`BrokerHandler::positions`]) is replayed (sessions
 //!   drop what they already have).
@@ -118,8 +137,11 @@
 //!   the receive loop (de-duplication, dispatch), acknowledgements,
 //!   reconnection with backoff, readiness and shutdown;
 //! * `publish.rs`: sending on the topic (ordering keys, failure counting),
-//!   publications and their round trip, control messages, and this
-//!   instance's history of every channel;
+//!   publication requests and their round trip, control messages, and the
+//!   dispatch of channel messages;
+//! * `sequencer.rs`: the per-channel logs (claims, numbered copies, which
+//!   are accepted), numbering as a sequencer, claiming a channel without
+//!   one;
 //! * `presence.rs`: the gossip of memberships and of the client directory,
 //!   its acknowledgements, the heartbeat and the expiry of silent instances;
 //! * `direct.rs`: direct messages (the directory lookup and the ask).
@@ -127,6 +149,7 @@
 mod direct;
 mod presence;
 mod publish;
+mod sequencer;
 mod supervise;
 #[cfg(test)]
 mod tests;
@@ -158,6 +181,7 @@ use crate::error::{ClientError, Error, ErrorCode, Result};
 use crate::protocol::{ClientInfo, StreamPosition};
 use crate::sync::MutexExt;
 use presence::{Local, PendingAcks, Remote};
+use sequencer::Sequencer;
 use supervise::{Seen, connect_inner};
 
 /// Longest the start-up may take to reach Pub/Sub (connect, topic,
@@ -242,7 +266,9 @@ struct Wire {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 enum Body {
-    /// A channel publication, with the history options of its namespace.
+    /// A channel publication request, with the history options of its
+    /// namespace: numbered by the channel's sequencer (an internal
+    /// channel's is delivered as it is, at offset 0).
     Pub {
         channel: Arc<str>,
         data: Arc<RawValue>,
@@ -251,6 +277,23 @@ enum Body {
         size: usize,
         ttl_ms: u64,
     },
+    /// The sequencer's numbered copy of the request `(req_boot, req_id)`.
+    Seq {
+        channel: Arc<str>,
+        epoch: Arc<str>,
+        offset: u64,
+        req_boot: Arc<str>,
+        req_id: u64,
+        data: Arc<RawValue>,
+        sender_id: Option<Arc<str>>,
+        timestamp: u64,
+        size: usize,
+        ttl_ms: u64,
+    },
+    /// The source sequences `channel` from here on, in `epoch`.
+    Claim { channel: Arc<str>, epoch: Arc<str> },
+    /// The source no longer sequences `channel`.
+    Release { channel: Arc<str> },
     /// The tutorial's broadcast.
     Broadcast {
         sender_id: Option<Arc<str>>,
@@ -315,10 +358,18 @@ struct Inner {
     handler: OnceLock<Arc<dyn BrokerHandler>>,
     /// Per-boot message counter.
     seq: AtomicU64,
-    /// Channel → this instance's stream: the memory bus's bounded store
-    /// (expiry, `history_max_bytes`, `history_max_channels`), its epochs
-    /// `<instance id>.<hash>` so that another instance's offsets are never
-    /// mistaken for this one's.
+    /// When this process started (the rendezvous prefers settled
+    /// instances).
+    started: tokio::time::Instant,
+    /// The per-channel logs and, for the channels this instance numbers,
+    /// the copies to send (see [`sequencer`]).
+    sequencer: Mutex<Sequencer>,
+    /// Channel logs kept at most (`history_max_channels`).
+    max_logs: usize,
+    /// Channel → the numbered copies received: the memory bus's bounded
+    /// store (expiry, `history_max_bytes`, `history_max_channels`) under
+    /// the sequencers' positions; its own epochs `<instance id>.<hash>` are
+    /// only the placeholders answered for channels it holds nothing of.
     streams: Arc<Store>,
     /// Channels with local subscribers (the only ones handed to the node).
     subscribed: Mutex<HashSet<Arc<str>>>,
@@ -443,8 +494,7 @@ impl Broker for PubSubBroker {
         publication: NewPublication,
         history: HistoryOptions,
     ) -> Result<StreamPosition> {
-        // Positions are assigned by each instance on receipt: no instance
-        // can check a key or an offset atomically with the append.
+        // The sequencer does not check keys or expected offsets (yet).
         if publication.conditions.idempotency_key.is_some()
             || publication.conditions.expected_offset.is_some()
         {

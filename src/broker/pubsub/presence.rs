@@ -372,6 +372,9 @@ impl Inner {
             Body::Pub { .. }
             | Body::Broadcast { .. }
             | Body::JoinLeave { .. }
+            | Body::Seq { .. }
+            | Body::Claim { .. }
+            | Body::Release { .. }
             | Body::Direct { .. }
             | Body::DirectAck { .. } => {}
         }
@@ -406,6 +409,7 @@ impl Inner {
                 remotes.retain(|_, r| now.duration_since(r.heard) < self.presence_ttl * 4);
             }
             self.tell_local(&gone);
+            self.sweep_sequencer(now);
         }
     }
 }

@@ -15,10 +15,11 @@ use gcloud_gax::grpc::Code;
 use gcloud_googleapis::pubsub::v1::PubsubMessage;
 use tokio::sync::oneshot;
 
+use super::sequencer::Request;
 use super::{Body, Inner, PubSubError, ROUND_TRIP_TIMEOUT, RPC_TIMEOUT, Wire, bus_error, retry};
 use crate::broker::{BrokerHandler, Control, HistoryOptions, NewPublication};
 use crate::error::Result;
-use crate::protocol::StreamPosition;
+use crate::protocol::{Publication, StreamPosition};
 use crate::sync::MutexExt;
 
 impl Inner {
@@ -43,12 +44,38 @@ impl Inner {
             ordering_key: key,
             ..Default::default()
         };
-        let mut result = self.publish_once(msg.clone()).await;
+        self.publish_counted(vec![msg]).await
+    }
+
+    /// Publish several messages under `key` in one RPC, in order (the
+    /// sequencer's numbered copies). Failures are counted and mark the bus
+    /// down.
+    pub(super) async fn send_batch(&self, key: &str, batch: Vec<(u64, Body)>) -> Result<()> {
+        let mut msgs = Vec::with_capacity(batch.len());
+        for (id, body) in batch {
+            let wire = Wire {
+                src: self.me.clone(),
+                boot: self.boot.clone(),
+                id,
+                body,
+            };
+            let data = serde_json::to_vec(&wire).map_err(|e| bus_error(PubSubError::from(e)))?;
+            msgs.push(PubsubMessage {
+                data,
+                ordering_key: key.to_string(),
+                ..Default::default()
+            });
+        }
+        self.publish_counted(msgs).await
+    }
+
+    async fn publish_counted(&self, msgs: Vec<PubsubMessage>) -> Result<()> {
+        let mut result = self.publish_once(msgs.clone()).await;
         if let Err(PubSubError::Rpc { status, .. }) = &result {
             if status.code() == Code::NotFound {
                 // The topic is gone (emulator restart): recreate, retry once.
                 let _ = self.ensure_topic().await;
-                result = self.publish_once(msg).await;
+                result = self.publish_once(msgs).await;
             }
         }
         match result {
@@ -64,10 +91,10 @@ impl Inner {
         }
     }
 
-    async fn publish_once(&self, msg: PubsubMessage) -> std::result::Result<(), PubSubError> {
+    async fn publish_once(&self, msgs: Vec<PubsubMessage>) -> std::result::Result<(), PubSubError> {
         match tokio::time::timeout(
             RPC_TIMEOUT,
-            self.publisher.publish_immediately(vec![msg], Some(retry())),
+            self.publisher.publish_immediately(msgs, Some(retry())),
         )
         .await
         {
@@ -178,7 +205,7 @@ impl Inner {
     /// this instance's history, and what local clients subscribe to is
     /// handed to the node.
     pub(super) fn receive_published(
-        &self,
+        self: &Arc<Self>,
         wire: Wire,
         own: bool,
         handler: &Arc<dyn BrokerHandler>,
@@ -191,7 +218,9 @@ impl Inner {
                 timestamp,
                 size,
                 ttl_ms,
-            } => {
+            } if crate::protocol::is_internal_channel(&channel) => {
+                // Internal channels (`#user:…`) have no offsets: delivered
+                // by every instance as received.
                 let subscribed = self.subscribed.lock_unpoisoned().contains(&channel);
                 let new = NewPublication {
                     data,
@@ -203,9 +232,6 @@ impl Inner {
                     size,
                     ttl: Duration::from_millis(ttl_ms),
                 };
-                // Delivered under the stream's lock: the local order is
-                // the stream's order even against a concurrent replay.
-                // Without conditions the store refuses nothing.
                 let Ok(position) = self
                     .streams
                     .publish(&channel, new, history, |ch, epoch, p| {
@@ -222,6 +248,60 @@ impl Inner {
                     }
                 }
             }
+            Body::Pub {
+                channel,
+                data,
+                sender_id,
+                timestamp,
+                size,
+                ttl_ms,
+            } => self.on_request(
+                &channel,
+                Request {
+                    boot: wire.boot,
+                    id: wire.id,
+                    data,
+                    sender_id,
+                    timestamp,
+                    size,
+                    ttl_ms,
+                },
+            ),
+            Body::Seq {
+                channel,
+                epoch,
+                offset,
+                req_boot,
+                req_id,
+                data,
+                sender_id,
+                timestamp,
+                size,
+                ttl_ms,
+            } => {
+                let publication = Publication {
+                    offset,
+                    data,
+                    sender_id,
+                    timestamp,
+                };
+                let history = HistoryOptions {
+                    size,
+                    ttl: Duration::from_millis(ttl_ms),
+                };
+                self.on_seq(
+                    &channel,
+                    epoch,
+                    publication,
+                    (req_boot, req_id),
+                    history,
+                    wire.src,
+                    wire.boot,
+                    handler,
+                );
+            }
+            Body::Claim { channel, epoch } => self.on_claim(&channel, epoch, wire.src, wire.boot),
+            Body::Release { channel } => self.on_release(&channel, &wire.src, &wire.boot),
             Body::Broadcast {
                 sender_id,
                 data,

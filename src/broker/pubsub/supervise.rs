@@ -134,6 +134,9 @@ pub(super) async fn connect_inner(
         presence_ttl: config.presence_ttl,
         handler: OnceLock::new(),
         seq: AtomicU64::new(0),
+        started: Instant::now(),
+        sequencer: Mutex::default(),
+        max_logs: config.history_max_channels.max(1),
         streams: Store::new(
             HistoryLimits::from_config(config),
             &format!("{}.", config.instance_id),
@@ -253,6 +256,7 @@ impl Inner {
             // Messages may have been lost with the old subscription: new
             // epochs, and the subscribers reconnect to recover honestly.
             self.streams.clear();
+            self.reset_sequencer();
             if let Some(h) = self.handler() {
                 let channels: Vec<Arc<str>> =
                     self.subscribed.lock_unpoisoned().iter().cloned().collect();
@@ -345,9 +349,12 @@ impl Inner {
         };
         // Each part handles its own messages.
         match wire.body {
-            Body::Pub { .. } | Body::Broadcast { .. } | Body::JoinLeave { .. } => {
-                self.receive_published(wire, own, &handler)
-            }
+            Body::Pub { .. }
+            | Body::Seq { .. }
+            | Body::Claim { .. }
+            | Body::Release { .. }
+            | Body::Broadcast { .. }
+            | Body::JoinLeave { .. } => self.receive_published(wire, own, &handler),
             Body::Direct { .. } | Body::DirectAck { .. } => {
                 self.receive_direct(wire, own, &handler)
             }

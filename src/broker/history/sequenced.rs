@@ -1,0 +1,110 @@
+//! Appending publications numbered elsewhere: the Pub/Sub bus's sequencer
+//! assigns `(epoch, offset)` and every instance stores what it receives
+//! under that position ([`Store::append_at`]), keeping the store's
+//! invariant that a stream's retained publications are contiguous in its
+//! epoch (what `HistoryResult::covers` relies on).
+
+use std::cmp::Reverse;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use tokio::time::Instant;
+
+use super::{HistoryOptions, Store, cost};
+use crate::protocol::{Publication, StreamPosition};
+use crate::sync::MutexExt;
+
+/// What [`Store::append_at`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Appended {
+    /// The next offset of the stream's epoch: appended and delivered.
+    Next(StreamPosition),
+    /// At or below the stream's top in its epoch: a repeat, ignored.
+    Repeat,
+    /// Another epoch than the stream's: the stream restarts there (the
+    /// retained publications of the old epoch are dropped, so a position in
+    /// it is never trusted again); appended and delivered.
+    NewEpoch(StreamPosition),
+    /// Beyond the next offset of the same epoch: publications are missing
+    /// here. The stream restarts at this offset (nothing before it is
+    /// retained, so no recovery spans the hole); appended and delivered.
+    Gap(StreamPosition),
+}
+
+impl Store {
+    /// Store `publication` (whose offset was assigned by a sequencer) in
+    /// `channel`'s stream under `epoch`, and hand it to `deliver` under the
+    /// stream's lock; see [`Appended`] for the cases.
+    pub(crate) fn append_at(
+        &self,
+        channel: &str,
+        epoch: &Arc<str>,
+        publication: Publication,
+        history: HistoryOptions,
+        deliver: impl FnOnce(&Arc<str>, &Arc<str>, &Publication),
+    ) -> Appended {
+        loop {
+            let now = Instant::now();
+            let (name, stream) = self.open(channel, now);
+            let mut s = stream.lock_unpoisoned();
+            if s.dead {
+                continue; // evicted between the lookup and the lock
+            }
+            s.trim(history.size, now, &self.stats);
+            let offset = publication.offset;
+            let fresh = s.top == 0 && s.retained.is_empty();
+            let outcome = if s.epoch != *epoch {
+                while s.pop_front(&self.stats) {}
+                s.epoch = epoch.clone();
+                s.top = offset.saturating_sub(1);
+                if fresh { 0 } else { 1 }
+            } else if offset <= s.top {
+                return Appended::Repeat;
+            } else if offset > s.top + 1 {
+                while s.pop_front(&self.stats) {}
+                s.top = offset - 1;
+                2
+            } else {
+                0
+            };
+            s.top = offset;
+            s.touched = now;
+            deliver(&name, &s.epoch, &publication);
+            if history.size > 0 {
+                let c = cost(&publication);
+                if s.retained.is_empty() {
+                    self.stats.channels.fetch_add(1, Relaxed);
+                }
+                s.bytes += c;
+                self.stats.bytes.fetch_add(c as u64, Relaxed);
+                s.retained.push_back((now + history.ttl, publication));
+            }
+            s.trim(history.size, now, &self.stats);
+            let schedule = match s.retained.front() {
+                Some((exp, _)) if !s.scheduled => Some(*exp),
+                _ => None,
+            };
+            s.scheduled |= schedule.is_some();
+            let position = s.position();
+            drop(s);
+            let over = self.stats.bytes.load(Relaxed) as usize > self.limits.max_bytes;
+            if schedule.is_some() || over {
+                let mut index = self.index.lock_unpoisoned();
+                if let Some(at) = schedule {
+                    if let Some(slot) = index.streams.get(&name) {
+                        let id = slot.id;
+                        index.due.push(Reverse((at, id, name)));
+                    }
+                }
+                if over {
+                    self.enforce(&mut index);
+                }
+            }
+            return match outcome {
+                0 => Appended::Next(position),
+                1 => Appended::NewEpoch(position),
+                _ => Appended::Gap(position),
+            };
+        }
+    }
+}

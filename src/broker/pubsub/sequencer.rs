@@ -1,0 +1,596 @@
+//! The per-channel sequencer: one instance numbers a channel's
+//! publications, so that every instance stores the same `(epoch, offset)`
+//! and a client can resume on any of them.
+//!
+//! Everything about a channel travels on its ordering key `c:<channel>`,
+//! so every subscription sees the same log, in the same order:
+//!
+//! * `Pub` — a publication request, from any instance;
+//! * `Claim {epoch}` — an instance takes the channel: from that point of
+//!   the log on, it is the channel's sequencer and `epoch` the channel's
+//!   epoch (the last claim in the log wins);
+//! * `Seq {epoch, offset, req}` — the sequencer's numbered copy of request
+//!   `req`, which every instance stores and delivers;
+//! * `Release` — the sequencer forgets the channel (idle, or its table is
+//!   full): the next request is claimed again.
+//!
+//! Each instance keeps a [`ChanLog`] per channel, derived from the log
+//! only, so instances that saw the same log agree on who sequences and
+//! which numbered copies count: a `Seq` is accepted only in the epoch of
+//! the last claim (a sequencer superseded while its copies travel has them
+//! refused everywhere, so its publishers get an error, never a false ack).
+//! An instance that has not seen the channel's claim (it started later,
+//! or its subscription was recreated) follows the epoch of every copy it
+//! sees until it sees a claim: it refuses nothing, so it may also deliver
+//! a superseded sequencer's late copy (a publication whose publisher got
+//! an error), and each switch of epoch restarts its stored stream (no
+//! recovery spans it). Its own requests come after the claim it missed,
+//! so only the current sequencer answers them.
+//!
+//! Who claims: on a request for a channel whose sequencer (per the log) is
+//! unknown, dead (not heard from for `presence_ttl`, or restarted) or
+//! itself unable to continue, the instance chosen by rendezvous hashing of
+//! the channel over the live instances (those up for more than one
+//! heartbeat period, when there are any) buffers the request, claims, and
+//! numbers the buffered requests once its claim comes back. Channels stay
+//! with their sequencer while it lives: a joining instance takes nothing,
+//! so membership changes cost no epoch change; the death of a sequencer
+//! does (clients spanning it get `recovered:false`).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use serde_json::value::RawValue;
+use tokio::time::Instant;
+
+use super::{Body, Inner, ROUND_TRIP_TIMEOUT};
+use crate::broker::history::{Appended, STREAM_IDLE_EXPIRY};
+use crate::broker::{BrokerHandler, HistoryOptions};
+use crate::ids::random_base36;
+use crate::protocol::{Publication, StreamPosition};
+use crate::sync::MutexExt;
+
+/// Requests a claiming instance keeps per channel while its claim travels;
+/// beyond, requests are dropped (their publishers time out with an error).
+pub const MAX_BUFFERED: usize = 1000;
+/// Numbered copies waiting to be sent, per channel; beyond, the sequencer
+/// gives up its epoch (the publishers time out, the next request claims).
+pub const MAX_OUTBOX: usize = 10_000;
+/// Numbered copies per publish RPC.
+const BATCH: usize = 100;
+/// How long a publisher's instance waits for someone to claim the channel
+/// of its request before it claims it itself.
+pub const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_millis(1000);
+
+/// A publication request as the sequencer keeps it.
+#[derive(Debug, Clone)]
+pub(super) struct Request {
+    /// Boot and id of the request's message: the publisher's name for it.
+    pub(super) boot: Arc<str>,
+    pub(super) id: u64,
+    pub(super) data: Arc<RawValue>,
+    pub(super) sender_id: Option<Arc<str>>,
+    pub(super) timestamp: u64,
+    pub(super) size: usize,
+    pub(super) ttl_ms: u64,
+}
+
+/// What this instance knows of one channel's log.
+pub(super) struct ChanLog {
+    /// The channel's epoch per the log.
+    epoch: Option<Arc<str>>,
+    /// Its sequencer per the log: instance id and boot.
+    owner: Option<(Arc<str>, Arc<str>)>,
+    /// Learned from a claim; otherwise adopted from numbered copies.
+    claimed: bool,
+    /// As the sequencer: the last offset assigned.
+    assigned: u64,
+    /// As the sequencer: a send failed (copies may be lost), so this epoch
+    /// ends; the next request claims again.
+    broken: bool,
+    /// Requests kept while our claim travels.
+    buffer: VecDeque<(Instant, Request)>,
+    /// The epoch of our claim in flight.
+    claiming: Option<Arc<str>>,
+    /// Last message of the channel, for the idle expiry.
+    touched: Instant,
+}
+
+impl ChanLog {
+    fn new(now: Instant) -> ChanLog {
+        ChanLog {
+            epoch: None,
+            owner: None,
+            claimed: false,
+            assigned: 0,
+            broken: false,
+            buffer: VecDeque::new(),
+            claiming: None,
+            touched: now,
+        }
+    }
+}
+
+/// The sequencer's state, under one lock (short sections only).
+#[derive(Default)]
+pub(super) struct Sequencer {
+    /// Channel → what the log says.
+    logs: HashMap<Arc<str>, ChanLog>,
+    /// Channel → numbered copies to send, in offset order; a channel is
+    /// present while its sender task runs.
+    outbox: HashMap<Arc<str>, VecDeque<(u64, Body)>>,
+}
+
+/// A stable 64-bit hash (the same on every instance): FNV-1a, then a
+/// finaliser.
+fn score(channel: &str, instance: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in channel.bytes().chain([0xff]).chain(instance.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
+}
+
+/// Rendezvous choice for `channel` among the live `(id, boot)`.
+pub(super) fn choose<'a>(channel: &str, live: &'a [(Arc<str>, Arc<str>)]) -> Option<&'a Arc<str>> {
+    live.iter()
+        .max_by_key(|(id, _)| score(channel, id))
+        .map(|(id, _)| id)
+}
+
+impl Inner {
+    /// The live instances, this one included: id and boot.
+    fn live(&self, now: Instant) -> Vec<(Arc<str>, Arc<str>)> {
+        let mut live = vec![(self.me.clone(), self.boot.clone())];
+        for (id, r) in self.remotes.lock_unpoisoned().iter() {
+            if self.alive(r, now) {
+                live.push((id.clone(), r.boot.clone()));
+            }
+        }
+        live
+    }
+
+    fn new_epoch(&self) -> Arc<str> {
+        format!("{}.{}", self.me, random_base36(10)).into()
+    }
+
+    fn log<'a>(
+        self: &Arc<Self>,
+        st: &'a mut Sequencer,
+        channel: &Arc<str>,
+        now: Instant,
+    ) -> &'a mut ChanLog {
+        if !st.logs.contains_key(channel) && st.logs.len() >= self.max_logs {
+            self.evict(st, now, true);
+        }
+        let log = st
+            .logs
+            .entry(channel.clone())
+            .or_insert_with(|| ChanLog::new(now));
+        log.touched = now;
+        log
+    }
+
+    /// Forget channels idle for [`STREAM_IDLE_EXPIRY`] (with `full`, also
+    /// the least recently used eighth); ours are released on the log.
+    fn evict(self: &Arc<Self>, st: &mut Sequencer, now: Instant, full: bool) {
+        let mut idle: Vec<(Instant, Arc<str>)> = st
+            .logs
+            .iter()
+            .filter(|(c, l)| {
+                l.buffer.is_empty() && l.claiming.is_none() && !st.outbox.contains_key(*c)
+            })
+            .map(|(c, l)| (l.touched, c.clone()))
+            .collect();
+        idle.sort_unstable();
+        let lru = if full { self.max_logs.div_ceil(8) } else { 0 };
+        for (i, (touched, channel)) in idle.into_iter().enumerate() {
+            if i >= lru && now.duration_since(touched) < STREAM_IDLE_EXPIRY {
+                break;
+            }
+            let Some(log) = st.logs.remove(&channel) else {
+                continue;
+            };
+            if self.owns(&log) {
+                self.spawn_send(format!("c:{channel}"), Body::Release { channel });
+            }
+        }
+    }
+
+    /// The idle expiry, from the heartbeat.
+    /// Also claims the channels whose sequencer died with requests
+    /// unanswered, when this instance is their rendezvous choice.
+    pub(super) fn sweep_sequencer(self: &Arc<Self>, now: Instant) {
+        let live = self.live(now);
+        let young = now.duration_since(self.started) < self.presence_ttl;
+        let orphans: Vec<Arc<str>> = {
+            let mut st = self.sequencer.lock_unpoisoned();
+            self.evict(&mut st, now, false);
+            st.logs
+                .iter()
+                .filter(|(channel, log)| {
+                    let waiting = log
+                        .buffer
+                        .iter()
+                        .any(|(t, _)| now.duration_since(*t) <= ROUND_TRIP_TIMEOUT);
+                    let owner_live = log
+                        .owner
+                        .as_ref()
+                        .is_some_and(|(id, boot)| live.iter().any(|(i, b)| i == id && b == boot));
+                    waiting
+                        && log.claiming.is_none()
+                        && !owner_live
+                        && !young
+                        && choose(channel, &live) == Some(&self.me)
+                })
+                .map(|(c, _)| c.clone())
+                .collect()
+        };
+        for channel in orphans {
+            self.claim(&channel);
+        }
+    }
+
+    fn owns(&self, log: &ChanLog) -> bool {
+        log.owner
+            .as_ref()
+            .is_some_and(|(id, boot)| *id == self.me && *boot == self.boot)
+    }
+
+    fn spawn_send(self: &Arc<Self>, key: String, body: Body) {
+        let inner = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = inner.send(key, body).await {
+                tracing::debug!(error = %e, "pub/sub sequencer message not sent");
+            }
+        });
+    }
+
+    /// Number `req` as the sequencer of `channel` and queue its copy.
+    fn assign(self: &Arc<Self>, st: &mut Sequencer, channel: &Arc<str>, req: Request) {
+        let Some(log) = st.logs.get_mut(channel) else {
+            return;
+        };
+        let Some(epoch) = log.epoch.clone() else {
+            return;
+        };
+        let queued = st.outbox.get(channel).map_or(0, VecDeque::len);
+        if queued >= MAX_OUTBOX {
+            log.broken = true;
+            return;
+        }
+        log.assigned += 1;
+        let body = Body::Seq {
+            channel: channel.clone(),
+            epoch,
+            offset: log.assigned,
+            req_boot: req.boot,
+            req_id: req.id,
+            data: req.data,
+            sender_id: req.sender_id,
+            timestamp: req.timestamp,
+            size: req.size,
+            ttl_ms: req.ttl_ms,
+        };
+        let id = self.next_id();
+        match st.outbox.get_mut(channel) {
+            Some(q) => q.push_back((id, body)),
+            None => {
+                st.outbox
+                    .insert(channel.clone(), VecDeque::from([(id, body)]));
+                tokio::spawn(self.clone().drain(channel.clone()));
+            }
+        }
+    }
+
+    /// Send a channel's numbered copies in order, in batches; on failure
+    /// the epoch ends (see [`ChanLog::broken`]).
+    async fn drain(self: Arc<Self>, channel: Arc<str>) {
+        let key = format!("c:{channel}");
+        loop {
+            let batch: Vec<(u64, Body)> = {
+                let mut st = self.sequencer.lock_unpoisoned();
+                let Some(q) = st.outbox.get_mut(&channel) else {
+                    return;
+                };
+                if q.is_empty() {
+                    st.outbox.remove(&channel);
+                    return;
+                }
+                let n = q.len().min(BATCH);
+                q.drain(..n).collect()
+            };
+            if let Err(e) = self.send_batch(&key, batch).await {
+                tracing::warn!(error = %e, %channel, "sequenced publications not sent: the channel's epoch ends");
+                let mut st = self.sequencer.lock_unpoisoned();
+                st.outbox.remove(&channel);
+                if let Some(log) = st.logs.get_mut(&channel) {
+                    log.broken = true;
+                }
+                return;
+            }
+        }
+    }
+
+    /// A publication request from the log (every instance sees it): the
+    /// sequencer numbers it; every other instance keeps it until a
+    /// numbered copy answers it (at most [`MAX_BUFFERED`] per channel, for
+    /// [`ROUND_TRIP_TIMEOUT`]), so that whoever claims the channel next
+    /// numbers what a dead sequencer left. With no live sequencer the
+    /// rendezvous choice claims the channel (at once, or from the heartbeat
+    /// once a silent sequencer is given up); the publisher's instance
+    /// claims after [`CLAIM_WAIT`] if nobody did (views of the membership
+    /// may differ).
+    pub(super) fn on_request(self: &Arc<Self>, channel: &Arc<str>, req: Request) {
+        let now = Instant::now();
+        let live = self.live(now);
+        let own = req.boot == self.boot;
+        let id = req.id;
+        let mut claim = false;
+        let mut wait = false;
+        {
+            let mut st = self.sequencer.lock_unpoisoned();
+            let log = self.log(&mut st, channel, now);
+            let owner_live = log
+                .owner
+                .as_ref()
+                .is_some_and(|(id, boot)| live.iter().any(|(i, b)| i == id && b == boot));
+            let mine = self.owns(log);
+            if mine && !log.broken && log.claimed {
+                self.assign(&mut st, channel, req);
+            } else {
+                // Kept until a numbered copy answers it: if the sequencer
+                // dies with it, the next claimer numbers it.
+                while log
+                    .buffer
+                    .front()
+                    .is_some_and(|(t, _)| now.duration_since(*t) > ROUND_TRIP_TIMEOUT)
+                {
+                    log.buffer.pop_front();
+                }
+                if log.buffer.len() < MAX_BUFFERED {
+                    log.buffer.push_back((now, req));
+                }
+                if !owner_live || mine {
+                    // A young instance may not know the channel's sequencer yet.
+                    let young = now.duration_since(self.started) < self.presence_ttl;
+                    let chosen = !young && choose(channel, &live) == Some(&self.me);
+                    if (mine && log.broken) || chosen {
+                        claim = true;
+                    } else if own {
+                        wait = true;
+                    }
+                }
+            }
+        }
+        if claim {
+            self.claim(channel);
+        } else if wait {
+            let inner = self.clone();
+            let channel = channel.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(CLAIM_WAIT).await;
+                let pending = inner.pending.lock_unpoisoned().contains_key(&id);
+                let now = Instant::now();
+                let live = inner.live(now);
+                let unowned = {
+                    let st = inner.sequencer.lock_unpoisoned();
+                    st.logs.get(&channel).is_some_and(|log| {
+                        !log.owner.as_ref().is_some_and(|(id, boot)| {
+                            live.iter().any(|(i, b)| i == id && b == boot)
+                        })
+                    })
+                };
+                if pending && unowned {
+                    inner.claim(&channel);
+                }
+            });
+        }
+    }
+
+    /// Claim `channel` (unless a claim of ours is on the way).
+    fn claim(self: &Arc<Self>, channel: &Arc<str>) {
+        let epoch = {
+            let mut st = self.sequencer.lock_unpoisoned();
+            let Some(log) = st.logs.get_mut(channel) else {
+                return;
+            };
+            if log.claiming.is_some() {
+                return;
+            }
+            let epoch = self.new_epoch();
+            log.claiming = Some(epoch.clone());
+            epoch
+        };
+        let inner = self.clone();
+        let channel = channel.clone();
+        tokio::spawn(async move {
+            let key = format!("c:{channel}");
+            let body = Body::Claim {
+                channel: channel.clone(),
+                epoch,
+            };
+            if let Err(e) = inner.send(key, body).await {
+                tracing::warn!(error = %e, %channel, "pub/sub claim not sent");
+                let mut st = inner.sequencer.lock_unpoisoned();
+                if let Some(log) = st.logs.get_mut(&channel) {
+                    log.claiming = None;
+                }
+            }
+        });
+    }
+
+    /// A claim from the log: `src`/`boot` sequences `channel` from here on.
+    pub(super) fn on_claim(
+        self: &Arc<Self>,
+        channel: &Arc<str>,
+        epoch: Arc<str>,
+        src: Arc<str>,
+        boot: Arc<str>,
+    ) {
+        let now = Instant::now();
+        let mut st = self.sequencer.lock_unpoisoned();
+        let log = self.log(&mut st, channel, now);
+        log.epoch = Some(epoch.clone());
+        let own = src == self.me && boot == self.boot;
+        log.owner = Some((src, boot));
+        log.claimed = true;
+        log.assigned = 0;
+        log.broken = false;
+        if own {
+            if log.claiming.as_ref() == Some(&epoch) {
+                log.claiming = None;
+            }
+            // Every request still unanswered, in log order.
+            let buffered: Vec<Request> = log
+                .buffer
+                .drain(..)
+                .filter(|(t, _)| now.duration_since(*t) <= ROUND_TRIP_TIMEOUT)
+                .map(|(_, r)| r)
+                .collect();
+            for req in buffered {
+                self.assign(&mut st, channel, req);
+            }
+        } else {
+            // Superseded: our copies still on the way will be refused.
+            st.outbox.remove(channel);
+        }
+    }
+
+    /// A release from the log: the channel has no sequencer any more.
+    pub(super) fn on_release(&self, channel: &Arc<str>, src: &Arc<str>, boot: &Arc<str>) {
+        let mut st = self.sequencer.lock_unpoisoned();
+        if let Some(log) = st.logs.get_mut(channel) {
+            if log
+                .owner
+                .as_ref()
+                .is_some_and(|(i, b)| i == src && b == boot)
+            {
+                log.owner = None;
+            }
+        }
+    }
+
+    /// A numbered copy from the log: accepted (stored, delivered, and the
+    /// publisher answered) if it belongs to the channel's current epoch.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn on_seq(
+        self: &Arc<Self>,
+        channel: &Arc<str>,
+        epoch: Arc<str>,
+        publication: Publication,
+        req: (Arc<str>, u64),
+        history: HistoryOptions,
+        src: Arc<str>,
+        boot: Arc<str>,
+        handler: &Arc<dyn BrokerHandler>,
+    ) {
+        let now = Instant::now();
+        let accept = {
+            let mut st = self.sequencer.lock_unpoisoned();
+            let log = self.log(&mut st, channel, now);
+            let accept = if log.claimed {
+                log.epoch.as_ref() == Some(&epoch)
+            } else {
+                // Not knowing the claims, follow every copy: a late copy of
+                // a superseded sequencer may be delivered here too (its
+                // publisher got an error), nothing is refused.
+                if log.epoch.as_ref() != Some(&epoch) {
+                    log.epoch = Some(epoch.clone());
+                    log.owner = Some((src, boot));
+                }
+                true
+            };
+            if accept {
+                log.buffer
+                    .retain(|(_, r)| !(r.boot == req.0 && r.id == req.1));
+            }
+            accept
+        };
+        if !accept {
+            return;
+        }
+        let subscribed = self.subscribed.lock_unpoisoned().contains(channel);
+        let appended = self
+            .streams
+            .append_at(channel, &epoch, publication, history, |ch, e, p| {
+                if subscribed {
+                    handler.on_publication(ch, e, p);
+                }
+            });
+        let position: Option<StreamPosition> = match appended {
+            Appended::Next(p) | Appended::NewEpoch(p) => Some(p),
+            Appended::Gap(p) => {
+                // Publications missing here: the local subscribers
+                // reconnect and recover what they can, honestly.
+                if subscribed {
+                    handler.resync_failed(channel);
+                }
+                Some(p)
+            }
+            Appended::Repeat => None,
+        };
+        if let Some(position) = position {
+            if req.0 == self.boot {
+                if let Some(tx) = self.pending.lock_unpoisoned().remove(&req.1) {
+                    let _ = tx.send(position);
+                }
+            }
+        }
+    }
+
+    /// Forget every channel's log (messages may have been lost): channels
+    /// this instance sequenced are claimed again by their next request.
+    pub(super) fn reset_sequencer(&self) {
+        let now = Instant::now();
+        let mut st = self.sequencer.lock_unpoisoned();
+        st.outbox.clear();
+        let owned: Vec<Arc<str>> = st
+            .logs
+            .iter()
+            .filter(|(_, l)| self.owns(l))
+            .map(|(c, _)| c.clone())
+            .collect();
+        st.logs.clear();
+        for channel in owned {
+            let mut log = ChanLog::new(now);
+            log.owner = Some((self.me.clone(), self.boot.clone()));
+            log.broken = true;
+            st.logs.insert(channel, log);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendezvous_is_stable_and_spreads_channels() {
+        let live: Vec<(Arc<str>, Arc<str>)> = ["a", "b", "c"]
+            .iter()
+            .map(|i| (Arc::from(*i), Arc::from("boot")))
+            .collect();
+        let first = choose("room", &live).cloned();
+        let mut reversed = live.clone();
+        reversed.reverse();
+        assert_eq!(choose("room", &reversed).cloned(), first);
+        // Channels spread over the instances.
+        let owners: std::collections::HashSet<_> = (0..64)
+            .map(|i| choose(&format!("ch{i}"), &live).cloned())
+            .collect();
+        assert_eq!(owners.len(), 3);
+        // Removing an instance moves only its channels.
+        let two = &live[..2];
+        for i in 0..64 {
+            let ch = format!("ch{i}");
+            let before = choose(&ch, &live).cloned().unwrap();
+            if &*before != "c" {
+                assert_eq!(choose(&ch, two).cloned(), Some(before));
+            }
+        }
+    }
+}
