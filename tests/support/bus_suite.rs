@@ -125,6 +125,10 @@ pub fn base_settings(prefix: &str, i: usize) -> Settings {
         instance_id: Some(format!("{prefix}-i{i}")),
         drain_timeout: Some("2s".parse().expect("a duration")),
         demo: Some(false),
+        // Small: on NATS it is the channel stream's `max_bytes`, which
+        // JetStream reserves against the server's storage for every test
+        // prefix (256 MiB each exhausted a shared server after a few runs).
+        history_max_bytes: Some(16 << 20),
         ..Default::default()
     }
 }
