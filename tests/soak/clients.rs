@@ -38,11 +38,7 @@ fn record(seen: &mut Seen, m: &Value) {
     if *count > 1 {
         return; // counted as a duplicate
     }
-    let last = seen.last_n.entry(p).or_default();
-    if n < *last {
-        seen.reorders += 1;
-    }
-    *last = (*last).max(n);
+    seen.arrivals.push((p, n));
 }
 
 /// Follow [`CHANNEL`] until `stop`, moving to a random live instance

@@ -38,14 +38,21 @@ impl Inner {
             .map_err(|_| bus_error("the redis bus is closed"))
     }
 
-    /// The writer task: until shutdown, take everything queued (up to
-    /// [`BATCH_MAX`]) and write it as one pipeline.
+    /// The writer task: take everything queued (up to [`BATCH_MAX`]) and
+    /// write it as one pipeline; at shutdown, write what is still queued,
+    /// then end.
     pub(super) async fn write_broadcasts(self: Arc<Self>, mut rx: mpsc::Receiver<String>) {
         let mut batch = Vec::with_capacity(BATCH_MAX);
         loop {
+            // What is queued goes out first; at shutdown, the rest of the
+            // queue is written before the task ends.
             let n = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
+                biased;
                 n = rx.recv_many(&mut batch, BATCH_MAX) => n,
+                _ = self.shutdown.cancelled() => {
+                    rx.close();
+                    rx.recv_many(&mut batch, BATCH_MAX).await
+                }
             };
             if n == 0 {
                 return;
