@@ -9,8 +9,11 @@ use std::time::Duration;
 use crate::pubsub_emulator::Emulator;
 use crate::support::free_port;
 
-/// How long a restarted process may take to answer.
-const START: Duration = Duration::from_secs(30);
+/// How long a restarted process may take to answer (failed starts
+/// retried meanwhile). Long: right after its own restart, on a loaded
+/// 2-core machine, the Pub/Sub emulator has kept instances from starting
+/// for more than 30 s.
+const START: Duration = Duration::from_secs(60);
 
 /// One `switchboard` process.
 pub struct Instance {

@@ -203,6 +203,10 @@ pub use super::history::STREAM_IDLE_EXPIRY;
 
 /// Longest a single admin or publish RPC may take.
 const RPC_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest the opening of the streaming pull may take: the stream's
+/// first answer can be slow (the emulator under load has taken more than
+/// 5 s), and a start-up that gives up on it fails the whole instance.
+const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// What can go wrong talking to Pub/Sub; wrapped in [`Error::Bus`].
 #[derive(Debug, thiserror::Error)]

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::presence::Remote;
 use super::{
     Body, DEDUPE_MAX, DEDUPE_WINDOW, Guard, Inner, PubSubBroker, PubSubError, PubSubPresence,
-    RPC_TIMEOUT, Wire, bus_error, retry, rpc,
+    RPC_TIMEOUT, STREAM_OPEN_TIMEOUT, Wire, bus_error, retry, rpc,
 };
 use crate::broker::BrokerHandler;
 use crate::broker::history::{HistoryLimits, Store};
@@ -241,7 +241,7 @@ impl Inner {
         };
         let subc = self.subscription.get_client();
         let resp = tokio::time::timeout(
-            RPC_TIMEOUT,
+            STREAM_OPEN_TIMEOUT,
             subc.streaming_pull(req, Duration::from_secs(10), Some(retry())),
         )
         .await
