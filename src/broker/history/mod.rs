@@ -389,38 +389,52 @@ impl Store {
                 let top = s.top;
                 s.remember(key, top, now + conditions.idempotency_window, &self.stats);
             }
-            if history.size > 0 {
-                let c = cost(&publication);
-                if s.retained.is_empty() {
-                    self.stats.channels.fetch_add(1, Relaxed);
-                }
-                s.bytes += c;
-                self.stats.bytes.fetch_add(c as u64, Relaxed);
-                s.retained.push_back((now + history.ttl, publication));
-            }
-            s.trim(history.size, now, &self.stats);
-            let schedule = match s.retained.front() {
-                Some((exp, _)) if !s.scheduled => Some(*exp),
-                _ => None,
-            };
-            s.scheduled |= schedule.is_some();
-            let position = s.position();
-            drop(s);
-            let over = self.stats.bytes.load(Relaxed) as usize > self.limits.max_bytes;
-            if schedule.is_some() || over {
-                let mut index = self.index.lock_unpoisoned();
-                if let Some(at) = schedule {
-                    if let Some(slot) = index.streams.get(&name) {
-                        let id = slot.id;
-                        index.due.push(Reverse((at, id, name)));
-                    }
-                }
-                if over {
-                    self.enforce(&mut index);
-                }
-            }
-            return Ok(position);
+            return Ok(self.retain(name, s, publication, history, now));
         }
+    }
+
+    /// The end of every append, under the stream's lock `s` (released
+    /// here): keep `publication` (history on), trim, schedule the stream's
+    /// expiry and enforce the instance's byte budget; the new position.
+    fn retain(
+        &self,
+        name: Arc<str>,
+        mut s: std::sync::MutexGuard<'_, Stream>,
+        publication: Publication,
+        history: HistoryOptions,
+        now: Instant,
+    ) -> StreamPosition {
+        if history.size > 0 {
+            let c = cost(&publication);
+            if s.retained.is_empty() {
+                self.stats.channels.fetch_add(1, Relaxed);
+            }
+            s.bytes += c;
+            self.stats.bytes.fetch_add(c as u64, Relaxed);
+            s.retained.push_back((now + history.ttl, publication));
+        }
+        s.trim(history.size, now, &self.stats);
+        let schedule = match s.retained.front() {
+            Some((exp, _)) if !s.scheduled => Some(*exp),
+            _ => None,
+        };
+        s.scheduled |= schedule.is_some();
+        let position = s.position();
+        drop(s);
+        let over = self.stats.bytes.load(Relaxed) as usize > self.limits.max_bytes;
+        if schedule.is_some() || over {
+            let mut index = self.index.lock_unpoisoned();
+            if let Some(at) = schedule {
+                if let Some(slot) = index.streams.get(&name) {
+                    let id = slot.id;
+                    index.due.push(Reverse((at, id, name)));
+                }
+            }
+            if over {
+                self.enforce(&mut index);
+            }
+        }
+        position
     }
 
     /// `channel`'s stream, if it has one (no state is created).

@@ -4,13 +4,11 @@
 //! invariant that a stream's retained publications are contiguous in its
 //! epoch (what `HistoryResult::covers` relies on).
 
-use std::cmp::Reverse;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 
 use tokio::time::Instant;
 
-use super::{HistoryOptions, Store, cost};
+use super::{HistoryOptions, Store};
 use crate::protocol::{Publication, StreamPosition};
 use crate::sync::MutexExt;
 
@@ -70,36 +68,7 @@ impl Store {
             s.top = offset;
             s.touched = now;
             deliver(&name, &s.epoch, &publication);
-            if history.size > 0 {
-                let c = cost(&publication);
-                if s.retained.is_empty() {
-                    self.stats.channels.fetch_add(1, Relaxed);
-                }
-                s.bytes += c;
-                self.stats.bytes.fetch_add(c as u64, Relaxed);
-                s.retained.push_back((now + history.ttl, publication));
-            }
-            s.trim(history.size, now, &self.stats);
-            let schedule = match s.retained.front() {
-                Some((exp, _)) if !s.scheduled => Some(*exp),
-                _ => None,
-            };
-            s.scheduled |= schedule.is_some();
-            let position = s.position();
-            drop(s);
-            let over = self.stats.bytes.load(Relaxed) as usize > self.limits.max_bytes;
-            if schedule.is_some() || over {
-                let mut index = self.index.lock_unpoisoned();
-                if let Some(at) = schedule {
-                    if let Some(slot) = index.streams.get(&name) {
-                        let id = slot.id;
-                        index.due.push(Reverse((at, id, name)));
-                    }
-                }
-                if over {
-                    self.enforce(&mut index);
-                }
-            }
+            let position = self.retain(name, s, publication, history, now);
             return match outcome {
                 0 => Appended::Next(position),
                 1 => Appended::NewEpoch(position),
