@@ -106,6 +106,18 @@ impl HistoryResult {
     }
 }
 
+/// What an instance received from the bus ([`Broker::traffic`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BusTraffic {
+    /// Messages received, every subscription.
+    pub messages: u64,
+    /// Their payload bytes.
+    pub bytes: u64,
+    /// Bus subscriptions read now (Pub/Sub: the control topic and the
+    /// open channel shards).
+    pub subscriptions: u64,
+}
+
 /// Messages that every instance must see, but that are not part of a
 /// channel's ordered, offset-numbered stream.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -297,6 +309,12 @@ pub trait Broker: Send + Sync + 'static {
     /// What the in-process history holds (`/metrics`); `None` for buses
     /// that keep history elsewhere.
     fn history_stats(&self) -> Option<Arc<crate::broker::history::HistoryStats>> {
+        None
+    }
+
+    /// What this instance received from the bus so far (`/metrics`);
+    /// `None` for buses that do not count it.
+    fn traffic(&self) -> Option<BusTraffic> {
         None
     }
 

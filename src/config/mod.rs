@@ -56,8 +56,12 @@ pub struct Config {
     pub bus_prefix: String,
     /// Pub/Sub topic shared by all instances.
     pub pubsub_topic: String,
-    /// This instance's Pub/Sub subscription.
+    /// This instance's Pub/Sub subscription (its channel shards'
+    /// subscriptions are named after it).
     pub pubsub_subscription: String,
+    /// Number of Pub/Sub channel topics; the same on every instance, since
+    /// it decides where each channel travels.
+    pub pubsub_shards: u16,
     /// Expiry of a crashed instance's presence entries and client
     /// addresses on a shared bus; refreshed every third of it.
     pub presence_ttl: Duration,
@@ -299,6 +303,14 @@ impl Config {
             bus_prefix,
             pubsub_topic,
             pubsub_subscription,
+            pubsub_shards: match s.pubsub_shards.unwrap_or(32) {
+                n @ 1..=1024 => n,
+                n => {
+                    return Err(Error::Config(format!(
+                        "pubsub_shards: {n} is out of range (1 to 1024)"
+                    )));
+                }
+            },
             presence_ttl: nonzero(
                 "presence_ttl",
                 pick!(s.presence_ttl, HumanDuration(Duration::from_secs(30))).0,

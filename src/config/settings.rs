@@ -48,6 +48,11 @@ pub struct Settings {
     /// clean shutdown [default: switchboard-<instance id>].
     #[arg(long, env = "SWITCHBOARD_PUBSUB_SUBSCRIPTION")]
     pub pubsub_subscription: Option<String>,
+    /// Pub/Sub: channels are spread over this many topics
+    /// (`<topic>-c<k>`), and an instance subscribes only to the ones its
+    /// channels need; 1 to 1024, the same on every instance [default: 32].
+    #[arg(long, env = "SWITCHBOARD_PUBSUB_SHARDS")]
+    pub pubsub_shards: Option<u16>,
     /// With a shared bus: how long the presence entries (and the direct-
     /// message address) of an instance that stopped without cleaning up
     /// stay visible; they are refreshed every third of it [default: 30s].
@@ -356,6 +361,7 @@ impl Settings {
             bus_prefix,
             pubsub_topic,
             pubsub_subscription,
+            pubsub_shards,
             presence_ttl,
             max_message_size,
             ping_interval,

@@ -194,6 +194,12 @@ impl Node {
         self.shared.broker.history_stats().unwrap_or_default()
     }
 
+    /// What this instance received from the bus (zeros for buses that
+    /// do not count it).
+    pub fn bus_traffic(&self) -> crate::broker::BusTraffic {
+        self.shared.broker.traffic().unwrap_or_default()
+    }
+
     pub fn instance_id(&self) -> &str {
         &self.shared.config.instance_id
     }

@@ -161,8 +161,6 @@ struct Index {
     seq: u64,
     /// Generation of each shard: bumped when a stream of it is forgotten.
     generations: Box<[u32]>,
-    /// Bumped by [`Store::clear`]: every stream gets a new epoch.
-    era: u32,
     /// Evictions already logged, and when.
     logged: (u64, Option<Instant>),
 }
@@ -192,7 +190,6 @@ impl Store {
                 due: BinaryHeap::new(),
                 seq: 0,
                 generations: vec![0; GENERATION_SHARDS].into_boxed_slice(),
-                era: 0,
                 logged: (0, None),
             }),
         })
@@ -226,7 +223,7 @@ impl Store {
     fn next_epoch(&self, index: &Index, channel: &str) -> Arc<str> {
         const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
         let generation = index.generations[self.shard(channel)];
-        let mut h = self.hasher.hash_one((channel, generation, index.era));
+        let mut h = self.hasher.hash_one((channel, generation));
         let mut epoch = String::with_capacity(self.epoch_prefix.len() + 12);
         epoch.push_str(&self.epoch_prefix);
         for _ in 0..12 {
@@ -404,6 +401,19 @@ impl Store {
         history: HistoryOptions,
         now: Instant,
     ) -> StreamPosition {
+        self.push(&mut s, publication, history, now);
+        self.settle(name, s, history, now)
+    }
+
+    /// Keep `publication` at the end of `s` (when the namespace keeps
+    /// history), counted against the budget.
+    fn push(
+        &self,
+        s: &mut Stream,
+        publication: Publication,
+        history: HistoryOptions,
+        now: Instant,
+    ) {
         if history.size > 0 {
             let c = cost(&publication);
             if s.retained.is_empty() {
@@ -413,6 +423,17 @@ impl Store {
             self.stats.bytes.fetch_add(c as u64, Relaxed);
             s.retained.push_back((now + history.ttl, publication));
         }
+    }
+
+    /// After a change of `s`: trim it, schedule its expiry, enforce the
+    /// budgets; returns its top.
+    fn settle(
+        &self,
+        name: Arc<str>,
+        mut s: std::sync::MutexGuard<'_, Stream>,
+        history: HistoryOptions,
+        now: Instant,
+    ) -> StreamPosition {
         s.trim(history.size, now, &self.stats);
         let schedule = match s.retained.front() {
             Some((exp, _)) if !s.scheduled => Some(*exp),
@@ -504,19 +525,15 @@ impl Store {
             .collect()
     }
 
-    /// Forget every stream: each channel's next publication starts a new
-    /// epoch (the Pub/Sub bus after messages may have been lost).
+    /// Forget the streams of the channels `pred` selects (the Pub/Sub bus
+    /// leaving a shard).
     #[cfg(feature = "pubsub")]
-    pub(crate) fn clear(&self) {
+    pub(crate) fn forget_where(&self, pred: impl Fn(&str) -> bool) {
         let mut index = self.index.lock_unpoisoned();
-        let index = &mut *index;
-        for (_, slot) in index.streams.drain() {
-            slot.stream.lock_unpoisoned().clear(&self.stats);
-            self.stats.streams.fetch_sub(1, Relaxed);
+        let channels: Vec<Arc<str>> = index.streams.keys().filter(|c| pred(c)).cloned().collect();
+        for channel in channels {
+            self.forget(&mut index, &channel);
         }
-        index.recency.clear();
-        index.due.clear();
-        index.era = index.era.wrapping_add(1);
     }
 
     /// Free what has expired at `now`, forget idle empty streams, and log

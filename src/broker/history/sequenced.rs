@@ -13,12 +13,13 @@ use crate::protocol::{Publication, StreamPosition};
 use crate::sync::MutexExt;
 
 /// What [`Store::append_at`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) enum Appended {
     /// The next offset of the stream's epoch: appended and delivered.
     Next(StreamPosition),
-    /// At or below the stream's top in its epoch: a repeat, ignored.
-    Repeat,
+    /// At or below the stream's top in its epoch: already held (a repeat,
+    /// or filled by [`Store::backfill`]); not stored again, handed back.
+    Repeat(Publication),
     /// Another epoch than the stream's: the stream restarts there (the
     /// retained publications of the old epoch are dropped, so a position in
     /// it is never trusted again); appended and delivered.
@@ -57,7 +58,7 @@ impl Store {
                 s.top = offset.saturating_sub(1);
                 if fresh { 0 } else { 1 }
             } else if offset <= s.top {
-                return Appended::Repeat;
+                return Appended::Repeat(publication);
             } else if offset > s.top + 1 {
                 while s.pop_front(&self.stats) {}
                 s.top = offset - 1;
@@ -74,6 +75,54 @@ impl Store {
                 1 => Appended::NewEpoch(position),
                 _ => Appended::Gap(position),
             };
+        }
+    }
+}
+
+impl Store {
+    /// Fill `channel`'s stream with a sequencer's retained publications
+    /// of `epoch` (oldest first) up to its `top`: the Pub/Sub bus, when an
+    /// instance starts reading a channel that was numbered before. Kept
+    /// only if the stream is new or of the same epoch; what the stream
+    /// holds beyond `top` stays. Returns whether it was kept.
+    pub(crate) fn backfill(
+        &self,
+        channel: &str,
+        epoch: &Arc<str>,
+        top: u64,
+        publications: Vec<Publication>,
+        history: HistoryOptions,
+    ) -> bool {
+        loop {
+            let now = Instant::now();
+            let (name, stream) = self.open(channel, now);
+            let mut s = stream.lock_unpoisoned();
+            if s.dead {
+                continue;
+            }
+            let fresh = s.top == 0 && s.retained.is_empty();
+            if !fresh && s.epoch != *epoch {
+                return false;
+            }
+            let newer: Vec<Publication> = s
+                .retained
+                .iter()
+                .filter(|(_, p)| p.offset > top)
+                .map(|(_, p)| p.clone())
+                .collect();
+            let local_top = if fresh { 0 } else { s.top };
+            while s.pop_front(&self.stats) {}
+            s.epoch = epoch.clone();
+            for p in publications.into_iter().filter(|p| p.offset <= top) {
+                self.push(&mut s, p, history, now);
+            }
+            for p in newer {
+                self.push(&mut s, p, history, now);
+            }
+            s.top = top.max(local_top);
+            s.touched = now;
+            self.settle(name, s, history, now);
+            return true;
         }
     }
 }

@@ -106,7 +106,11 @@ impl Inner {
             | Body::Member { .. }
             | Body::MemberAck { .. }
             | Body::Snapshot { .. }
+            | Body::Sequences { .. }
             | Body::Hello
+            | Body::Ping { .. }
+            | Body::Fetch { .. }
+            | Body::Backfill { .. }
             | Body::Bye => {}
         }
     }

@@ -147,9 +147,11 @@
 //! * `direct.rs`: direct messages (the directory lookup and the ask).
 
 mod direct;
+mod fetch;
 mod presence;
 mod publish;
 mod sequencer;
+mod shards;
 mod supervise;
 #[cfg(test)]
 mod tests;
@@ -163,7 +165,7 @@ use async_trait::async_trait;
 use gcloud_gax::grpc::{Code, Status};
 use gcloud_gax::retry::RetrySetting;
 use gcloud_pubsub::client::Client;
-use gcloud_pubsub::publisher::Publisher;
+use gcloud_pubsub::publisher::{Publisher, PublisherConfig};
 use gcloud_pubsub::subscription::Subscription;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -173,15 +175,17 @@ use tokio_util::sync::CancellationToken;
 use super::bus_error;
 use super::history::Store;
 use super::{
-    Broker, BrokerHandler, Control, Direct, HistoryOptions, HistoryResult, NewPublication,
-    PresenceStore,
+    Broker, BrokerHandler, BusTraffic, Control, Direct, HistoryOptions, HistoryResult,
+    NewPublication, PresenceStore,
 };
 use crate::config::Config;
 use crate::error::{ClientError, Error, ErrorCode, Result};
-use crate::protocol::{ClientInfo, StreamPosition};
+use crate::protocol::{ClientInfo, Publication, StreamPosition};
 use crate::sync::MutexExt;
+use fetch::Fetches;
 use presence::{Local, PendingAcks, Remote};
 use sequencer::Sequencer;
+use shards::Shard;
 use supervise::{Seen, connect_inner};
 
 /// Longest the start-up may take to reach Pub/Sub (connect, topic,
@@ -250,6 +254,25 @@ fn retry() -> RetrySetting {
         take: 2,
         codes: vec![Code::Unavailable, Code::Unknown, Code::Aborted],
     }
+}
+
+/// Publishing: direct RPCs, no batching delay, the short retry.
+fn publisher_config() -> PublisherConfig {
+    PublisherConfig {
+        workers: 1,
+        flush_interval: Duration::from_secs(3600),
+        bundle_size: 1,
+        retry_setting: Some(retry()),
+    }
+}
+
+/// Which topic (and subscription) a message travels on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Route {
+    /// The control topic: broadcast, direct, presence gossip.
+    Control,
+    /// A channel shard (see [`shards`]).
+    Shard(u16),
 }
 
 /// The envelope of every message on the topic (JSON in `data`).
@@ -335,12 +358,63 @@ enum Body {
         ver: u64,
         clients: Vec<Arc<str>>,
         members: Vec<(Arc<str>, Vec<ClientInfo>)>,
+        /// The channels it sequences, with their epochs.
+        #[serde(default)]
+        sequenced: Vec<(Arc<str>, Arc<str>)>,
+    },
+    /// The source sequences `of` in `epoch` from now on (`None`: no
+    /// longer); at version `ver` of its state. Advertised on the control
+    /// topic so that every instance knows whom a history fetch can reach.
+    Sequences {
+        ver: u64,
+        of: Arc<str>,
+        epoch: Option<Arc<str>>,
     },
     /// A new (or reconnected) instance: everyone announce yourselves.
     Hello,
+    /// The first message of a shard's stream (see `open_stream`); ignored.
+    Ping { shard: u16 },
+    /// Asks the channel's sequencer for the history it retains (with the
+    /// namespace's options); answered by a `Backfill` on the same ordering
+    /// key, after every copy numbered before it (see [`fetch`]).
+    Fetch {
+        channel: Arc<str>,
+        size: usize,
+        ttl_ms: u64,
+    },
+    /// The sequencer's answer to the fetch `(to_boot, of)`: its epoch, its
+    /// top and the newest retained publications that fit in one message.
+    Backfill {
+        channel: Arc<str>,
+        to_boot: Arc<str>,
+        of: u64,
+        epoch: Arc<str>,
+        top: u64,
+        publications: Vec<Publication>,
+    },
     /// Clean shutdown: forget the source now.
     Bye,
 }
+
+impl Body {
+    /// The channel a channel message is about (it travels on the
+    /// channel's shard).
+    fn channel(&self) -> Option<&str> {
+        match self {
+            Body::Pub { channel, .. }
+            | Body::Seq { channel, .. }
+            | Body::Claim { channel, .. }
+            | Body::Release { channel }
+            | Body::JoinLeave { channel, .. }
+            | Body::Fetch { channel, .. }
+            | Body::Backfill { channel, .. } => Some(channel),
+            _ => None,
+        }
+    }
+}
+
+/// Ack ids of messages received on a subscription.
+type Acks = (Route, Vec<String>);
 
 /// State shared by the broker, the presence store and the background tasks.
 struct Inner {
@@ -350,20 +424,31 @@ struct Inner {
     boot: Arc<str>,
     /// Admin operations (topic, subscription).
     client: Client,
-    /// Publishing (direct RPCs, no batching delay).
+    /// Publishing on the control topic (direct RPCs, no batching delay).
     publisher: Publisher,
-    /// This instance's subscription.
+    /// This instance's subscription to the control topic.
     subscription: Subscription,
-    /// Topic id, for recreating it.
+    /// Control topic id, for recreating it.
     topic_id: String,
+    /// The channel shards (see [`shards`]).
+    shards: Vec<Shard>,
+    /// Shards this instance reads now (for metrics).
+    shards_open: AtomicU64,
+    /// Messages received from Pub/Sub, every subscription (for metrics and
+    /// the traffic measurement).
+    received: AtomicU64,
+    /// Their bytes (`data` only).
+    received_bytes: AtomicU64,
+    /// History fetches from sequencers in flight (see [`fetch`]).
+    fetches: Mutex<Fetches>,
     /// Expiry of a silent instance; heartbeats every third of it.
     presence_ttl: Duration,
     /// Set once by `start`.
     handler: OnceLock<Arc<dyn BrokerHandler>>,
     /// Per-boot message counter.
     seq: AtomicU64,
-    /// When this process started (the rendezvous prefers settled
-    /// instances).
+    /// When this process started: until the other instances' snapshots
+    /// have come, it may not know every sequencer (see [`sequencer`]).
     started: tokio::time::Instant,
     /// The per-channel logs and, for the channels this instance numbers,
     /// the copies to send (see [`sequencer`]).
@@ -375,7 +460,8 @@ struct Inner {
     /// the sequencers' positions; its own epochs `<instance id>.<hash>` are
     /// only the placeholders answered for channels it holds nothing of.
     streams: Arc<Store>,
-    /// Channels with local subscribers (the only ones handed to the node).
+    /// Channels with local subscribers (the only ones handed to the node;
+    /// their shards stay open).
     subscribed: Mutex<HashSet<Arc<str>>>,
     /// Own publications waiting for their round trip, by message id.
     pending: Mutex<HashMap<u64, oneshot::Sender<StreamPosition>>>,
@@ -400,10 +486,10 @@ struct Inner {
     publish_failures: AtomicU64,
     /// Ends every background task.
     shutdown: CancellationToken,
-    /// Acknowledgements for the ack task.
-    acks: mpsc::UnboundedSender<Vec<String>>,
+    /// Acknowledgements for the ack task, per subscription.
+    acks: mpsc::UnboundedSender<Acks>,
     /// The ack task's receiver, taken by `start`.
-    acks_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<String>>>>,
+    acks_rx: Mutex<Option<mpsc::UnboundedReceiver<Acks>>>,
 }
 
 impl Inner {
@@ -446,6 +532,11 @@ impl PubSubBroker {
     pub fn publish_failures(&self) -> u64 {
         self.inner.publish_failures.load(Ordering::Relaxed)
     }
+
+    /// Channel shards this instance reads now.
+    pub fn shards_open(&self) -> u64 {
+        self.inner.shards_open.load(Ordering::Relaxed)
+    }
 }
 
 /// Connect the Pub/Sub bus for `project` (`PROJECT[?emulator=HOST:PORT]`):
@@ -480,11 +571,7 @@ impl Broker for PubSubBroker {
     }
 
     async fn subscribe(&self, channel: &str) -> Result<()> {
-        self.inner
-            .subscribed
-            .lock_unpoisoned()
-            .insert(Arc::from(channel));
-        Ok(())
+        self.inner.subscribe(channel).await
     }
 
     async fn unsubscribe(&self, channel: &str) -> Result<()> {
@@ -526,10 +613,9 @@ impl Broker for PubSubBroker {
         limit: usize,
         history: HistoryOptions,
     ) -> Result<HistoryResult> {
-        Ok(self
-            .inner
-            .streams
-            .read(channel, since, limit, false, history))
+        self.inner
+            .read_history(channel, since, limit, false, history)
+            .await
     }
 
     async fn history_newest(
@@ -539,10 +625,9 @@ impl Broker for PubSubBroker {
         limit: usize,
         history: HistoryOptions,
     ) -> Result<HistoryResult> {
-        Ok(self
-            .inner
-            .streams
-            .read(channel, since, limit, true, history))
+        self.inner
+            .read_history(channel, since, limit, true, history)
+            .await
     }
 
     fn history_stats(&self) -> Option<Arc<crate::broker::history::HistoryStats>> {
@@ -560,6 +645,14 @@ impl Broker for PubSubBroker {
             name: None,
         };
         self.inner.member_change(None, &info, false).await
+    }
+
+    fn traffic(&self) -> Option<BusTraffic> {
+        Some(BusTraffic {
+            messages: self.inner.received.load(Ordering::Relaxed),
+            bytes: self.inner.received_bytes.load(Ordering::Relaxed),
+            subscriptions: 1 + self.inner.shards_open.load(Ordering::Relaxed),
+        })
     }
 
     fn is_ready(&self) -> bool {

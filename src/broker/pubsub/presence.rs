@@ -32,6 +32,8 @@ pub(super) struct Local {
     clients: HashSet<Arc<str>>,
     /// Channel → members connected here.
     members: HashMap<Arc<str>, HashMap<Arc<str>, ClientInfo>>,
+    /// Channel → epoch, for the channels this instance sequences.
+    sequenced: HashMap<Arc<str>, Arc<str>>,
 }
 
 /// One versioned entry of a remote view: `None` is a removal (tombstone).
@@ -53,6 +55,9 @@ pub(super) struct Remote {
     pub(super) clients: HashMap<Arc<str>, Entry>,
     /// Channel → its members.
     pub(super) members: HashMap<Arc<str>, HashMap<Arc<str>, Entry>>,
+    /// Channel → (version, epoch) of the channels it sequences (`None`: a
+    /// tombstone).
+    pub(super) sequences: HashMap<Arc<str>, (u64, Option<Arc<str>>)>,
     /// Its members were announced as gone (`leave` to the local
     /// subscribers) when it fell silent; heard again, they are announced
     /// back (`join`).
@@ -67,6 +72,7 @@ impl Remote {
             snap_ver: 0,
             clients: HashMap::new(),
             members: HashMap::new(),
+            sequences: HashMap::new(),
             mourned: false,
         }
     }
@@ -111,14 +117,27 @@ impl Remote {
         map.insert(id, Entry { ver, info });
     }
 
+    /// A change of what it sequences, unless a newer state is known.
+    pub(super) fn apply_sequences(&mut self, ver: u64, of: Arc<str>, epoch: Option<Arc<str>>) {
+        if ver <= self.snap_ver || self.sequences.get(&of).is_some_and(|(v, _)| *v >= ver) {
+            return;
+        }
+        self.sequences.insert(of, (ver, epoch));
+    }
+
     pub(super) fn apply_snapshot(
         &mut self,
         ver: u64,
         clients: Vec<Arc<str>>,
         members: Vec<(Arc<str>, Vec<ClientInfo>)>,
+        sequenced: Vec<(Arc<str>, Arc<str>)>,
     ) {
         if ver <= self.snap_ver {
             return;
+        }
+        self.sequences.retain(|_, (v, _)| *v > ver);
+        for (of, epoch) in sequenced {
+            self.sequences.entry(of).or_insert((ver, Some(epoch)));
         }
         // Keep only what is newer than the snapshot, then add its content.
         self.clients.retain(|_, e| e.ver > ver);
@@ -165,6 +184,11 @@ impl Inner {
                     .members
                     .iter()
                     .map(|(ch, m)| (ch.clone(), m.values().cloned().collect()))
+                    .collect(),
+                sequenced: local
+                    .sequenced
+                    .iter()
+                    .map(|(c, e)| (c.clone(), e.clone()))
                     .collect(),
             }
         };
@@ -254,6 +278,42 @@ impl Inner {
         let _ = tokio::time::timeout(PRESENCE_ACK_WAIT, rx).await;
         self.member_acks.lock_unpoisoned().remove(&id);
         Ok(())
+    }
+
+    /// Record that this instance sequences `channel` in `epoch` (`None`:
+    /// no longer) and advertise it on the control topic.
+    pub(super) fn advertise(self: &Arc<Self>, channel: &Arc<str>, epoch: Option<Arc<str>>) {
+        let ver = {
+            let mut local = self.local.lock_unpoisoned();
+            match &epoch {
+                Some(e) => local.sequenced.insert(channel.clone(), e.clone()),
+                None => local.sequenced.remove(channel),
+            };
+            local.ver += 1;
+            local.ver
+        };
+        let body = Body::Sequences {
+            ver,
+            of: channel.clone(),
+            epoch,
+        };
+        self.spawn_send(format!("m:{}", self.me), body);
+    }
+
+    /// The live instance that advertises sequencing `channel`, if any
+    /// other than this one.
+    pub(super) fn advertised_owner(&self, channel: &str, now: Instant) -> Option<Arc<str>> {
+        let remotes = self.remotes.lock_unpoisoned();
+        remotes.iter().find_map(|(id, r)| {
+            let advertised = r.sequences.get(channel).is_some_and(|(_, e)| e.is_some());
+            (advertised && self.alive(r, now)).then(|| id.clone())
+        })
+    }
+
+    /// Whether this instance started so recently that the other instances'
+    /// snapshots (what they sequence) may not have come yet.
+    pub(super) fn settling(&self, now: Instant) -> bool {
+        now.duration_since(self.started) < 2 * super::sequencer::CLAIM_WAIT
     }
 
     /// Whether a remote view is still alive.
@@ -348,10 +408,18 @@ impl Inner {
                 ver,
                 clients,
                 members,
+                sequenced,
             } => {
                 if !own {
                     if let Some(r) = self.remotes.lock_unpoisoned().get_mut(&wire.src) {
-                        r.apply_snapshot(ver, clients, members);
+                        r.apply_snapshot(ver, clients, members, sequenced);
+                    }
+                }
+            }
+            Body::Sequences { ver, of, epoch } => {
+                if !own {
+                    if let Some(r) = self.remotes.lock_unpoisoned().get_mut(&wire.src) {
+                        r.apply_sequences(ver, of, epoch);
                     }
                 }
             }
@@ -376,11 +444,15 @@ impl Inner {
             | Body::Claim { .. }
             | Body::Release { .. }
             | Body::Direct { .. }
-            | Body::DirectAck { .. } => {}
+            | Body::DirectAck { .. }
+            | Body::Ping { .. }
+            | Body::Fetch { .. }
+            | Body::Backfill { .. } => {}
         }
     }
 
-    /// Heartbeat: announce, forget silent instances, drop idle streams.
+    /// Heartbeat: announce, forget silent instances, drop idle streams,
+    /// leave unneeded shards.
     pub(super) async fn heartbeat_loop(self: Arc<Self>) {
         let period = (self.presence_ttl / 3).max(Duration::from_millis(50));
         let mut tick = tokio::time::interval(period);
@@ -410,6 +482,7 @@ impl Inner {
             }
             self.tell_local(&gone);
             self.sweep_sequencer(now);
+            self.sweep_shards(now);
         }
     }
 }

@@ -16,7 +16,9 @@ use gcloud_googleapis::pubsub::v1::PubsubMessage;
 use tokio::sync::oneshot;
 
 use super::sequencer::Request;
-use super::{Body, Inner, PubSubError, ROUND_TRIP_TIMEOUT, RPC_TIMEOUT, Wire, bus_error, retry};
+use super::{
+    Body, Inner, PubSubError, ROUND_TRIP_TIMEOUT, RPC_TIMEOUT, Route, Wire, bus_error, retry,
+};
 use crate::broker::{BrokerHandler, Control, HistoryOptions, NewPublication};
 use crate::error::Result;
 use crate::protocol::{Publication, StreamPosition};
@@ -32,25 +34,22 @@ impl Inner {
     }
 
     pub(super) async fn send_as(&self, id: u64, key: String, body: Body) -> Result<()> {
-        let wire = Wire {
-            src: self.me.clone(),
-            boot: self.boot.clone(),
-            id,
-            body,
-        };
-        let data = serde_json::to_vec(&wire).map_err(|e| bus_error(PubSubError::from(e)))?;
-        let msg = PubsubMessage {
-            data,
-            ordering_key: key,
-            ..Default::default()
-        };
-        self.publish_counted(vec![msg]).await
+        self.send_batch(&key, vec![(id, body)]).await
     }
 
     /// Publish several messages under `key` in one RPC, in order (the
-    /// sequencer's numbered copies). Failures are counted and mark the bus
-    /// down.
+    /// sequencer's numbered copies), on the topic of the first one's
+    /// route (every message under one key has the same). Failures are
+    /// counted and mark the bus down.
     pub(super) async fn send_batch(&self, key: &str, batch: Vec<(u64, Body)>) -> Result<()> {
+        let route = match batch.first().map(|(_, b)| b) {
+            Some(Body::Ping { shard }) => Route::Shard(*shard),
+            Some(b) => match b.channel() {
+                Some(channel) => Route::Shard(self.shard_for(channel)),
+                None => Route::Control,
+            },
+            None => return Ok(()),
+        };
         let mut msgs = Vec::with_capacity(batch.len());
         for (id, body) in batch {
             let wire = Wire {
@@ -66,16 +65,16 @@ impl Inner {
                 ..Default::default()
             });
         }
-        self.publish_counted(msgs).await
+        self.publish_counted(route, msgs).await
     }
 
-    async fn publish_counted(&self, msgs: Vec<PubsubMessage>) -> Result<()> {
-        let mut result = self.publish_once(msgs.clone()).await;
+    async fn publish_counted(&self, route: Route, msgs: Vec<PubsubMessage>) -> Result<()> {
+        let mut result = self.publish_once(route, msgs.clone()).await;
         if let Err(PubSubError::Rpc { status, .. }) = &result {
             if status.code() == Code::NotFound {
                 // The topic is gone (emulator restart): recreate, retry once.
-                let _ = self.ensure_topic().await;
-                result = self.publish_once(msgs).await;
+                let _ = self.ensure_topic(route).await;
+                result = self.publish_once(route, msgs).await;
             }
         }
         match result {
@@ -91,10 +90,18 @@ impl Inner {
         }
     }
 
-    async fn publish_once(&self, msgs: Vec<PubsubMessage>) -> std::result::Result<(), PubSubError> {
+    async fn publish_once(
+        &self,
+        route: Route,
+        msgs: Vec<PubsubMessage>,
+    ) -> std::result::Result<(), PubSubError> {
+        let publisher = match route {
+            Route::Control => &self.publisher,
+            Route::Shard(k) => self.shards[k as usize].publisher(&self.client),
+        };
         match tokio::time::timeout(
             RPC_TIMEOUT,
-            self.publisher.publish_immediately(msgs, Some(retry())),
+            publisher.publish_immediately(msgs, Some(retry())),
         )
         .await
         {
@@ -130,13 +137,15 @@ impl Inner {
         }
     }
 
-    /// `Broker::publish`: send on `c:<channel>`, wait for the round trip.
+    /// `Broker::publish`: send on `c:<channel>` (the channel's shard held
+    /// meanwhile, its copy comes back there), wait for the round trip.
     pub(super) async fn publish(
-        &self,
+        self: &Arc<Self>,
         channel: &str,
         publication: NewPublication,
         history: HistoryOptions,
     ) -> Result<StreamPosition> {
+        let _held = self.use_shard(channel).await?;
         let id = self.next_id();
         let (tx, rx) = oneshot::channel();
         self.pending.lock_unpoisoned().insert(id, tx);
@@ -301,6 +310,25 @@ impl Inner {
                 );
             }
             Body::Claim { channel, epoch } => self.on_claim(&channel, epoch, wire.src, wire.boot),
+            Body::Fetch {
+                channel,
+                size,
+                ttl_ms,
+            } => {
+                let history = HistoryOptions {
+                    size,
+                    ttl: Duration::from_millis(ttl_ms),
+                };
+                self.on_fetch(&channel, history, (wire.boot, wire.id));
+            }
+            Body::Backfill {
+                channel,
+                to_boot,
+                of,
+                epoch,
+                top,
+                publications,
+            } => self.on_backfill(&channel, (to_boot, of), epoch, top, publications),
             Body::Release { channel } => self.on_release(&channel, &wire.src, &wire.boot),
             Body::Broadcast {
                 sender_id,
@@ -330,7 +358,9 @@ impl Inner {
             | Body::Member { .. }
             | Body::MemberAck { .. }
             | Body::Snapshot { .. }
+            | Body::Sequences { .. }
             | Body::Hello
+            | Body::Ping { .. }
             | Body::Bye => {}
         }
     }

@@ -27,15 +27,21 @@
 //! recovery spans it). Its own requests come after the claim it missed,
 //! so only the current sequencer answers them.
 //!
-//! Who claims: on a request for a channel whose sequencer (per the log) is
-//! unknown, dead (not heard from for `presence_ttl`, or restarted) or
-//! itself unable to continue, the instance chosen by rendezvous hashing of
-//! the channel over the live instances (those up for more than one
-//! heartbeat period, when there are any) buffers the request, claims, and
-//! numbers the buffered requests once its claim comes back. Channels stay
-//! with their sequencer while it lives: a joining instance takes nothing,
-//! so membership changes cost no epoch change; the death of a sequencer
-//! does (clients spanning it get `recovered:false`).
+//! Who claims: the instance whose own request finds the channel without a
+//! live sequencer (none known, dead — not heard from for `presence_ttl`,
+//! or restarted — or itself unable to continue) buffers its request,
+//! claims, and numbers the buffered requests (every instance keeps the
+//! requests it sees until a numbered copy answers them, so a dead
+//! sequencer's unanswered requests are numbered too) once its claim comes
+//! back. A publisher always reads the channel's shard, so the claimer
+//! always sees the channel's log; an instance whose subscription to the
+//! shard is younger than `presence_ttl` may not know the sequencer yet,
+//! so it waits [`CLAIM_WAIT`] for an answer before it claims. Channels stay
+//! with their sequencer while it lives, so membership changes cost no
+//! epoch change; the death of a sequencer does (clients spanning it get
+//! `recovered:false`), and two publishers that claim at once cost one more
+//! (the last claim wins; the first claimer's copies sent after it are
+//! refused everywhere and their requests numbered by the winner).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -78,11 +84,11 @@ pub(super) struct Request {
 /// What this instance knows of one channel's log.
 pub(super) struct ChanLog {
     /// The channel's epoch per the log.
-    epoch: Option<Arc<str>>,
+    pub(super) epoch: Option<Arc<str>>,
     /// Its sequencer per the log: instance id and boot.
     owner: Option<(Arc<str>, Arc<str>)>,
     /// Learned from a claim; otherwise adopted from numbered copies.
-    claimed: bool,
+    pub(super) claimed: bool,
     /// As the sequencer: the last offset assigned.
     assigned: u64,
     /// As the sequencer: a send failed (copies may be lost), so this epoch
@@ -94,6 +100,14 @@ pub(super) struct ChanLog {
     claiming: Option<Arc<str>>,
     /// Last message of the channel, for the idle expiry.
     touched: Instant,
+    /// This instance holds every numbered copy of `epoch` that its
+    /// sequencer still retains: it saw the claim, or filled its history
+    /// from the sequencer ([`fetch`](super::fetch)). Reads are then
+    /// answered here.
+    pub(super) complete: bool,
+    /// A fetch of the sequencer's history went unanswered at this time:
+    /// not asked again for [`FETCH_RETRY`](super::fetch::FETCH_RETRY).
+    pub(super) fetch_failed: Option<Instant>,
 }
 
 impl ChanLog {
@@ -107,6 +121,8 @@ impl ChanLog {
             buffer: VecDeque::new(),
             claiming: None,
             touched: now,
+            complete: false,
+            fetch_failed: None,
         }
     }
 }
@@ -115,30 +131,10 @@ impl ChanLog {
 #[derive(Default)]
 pub(super) struct Sequencer {
     /// Channel → what the log says.
-    logs: HashMap<Arc<str>, ChanLog>,
+    pub(super) logs: HashMap<Arc<str>, ChanLog>,
     /// Channel → numbered copies to send, in offset order; a channel is
     /// present while its sender task runs.
     outbox: HashMap<Arc<str>, VecDeque<(u64, Body)>>,
-}
-
-/// A stable 64-bit hash (the same on every instance): FNV-1a, then a
-/// finaliser.
-fn score(channel: &str, instance: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in channel.bytes().chain([0xff]).chain(instance.bytes()) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^ (h >> 33)
-}
-
-/// Rendezvous choice for `channel` among the live `(id, boot)`.
-pub(super) fn choose<'a>(channel: &str, live: &'a [(Arc<str>, Arc<str>)]) -> Option<&'a Arc<str>> {
-    live.iter()
-        .max_by_key(|(id, _)| score(channel, id))
-        .map(|(id, _)| id)
 }
 
 impl Inner {
@@ -157,7 +153,7 @@ impl Inner {
         format!("{}.{}", self.me, random_base36(10)).into()
     }
 
-    fn log<'a>(
+    pub(super) fn log<'a>(
         self: &Arc<Self>,
         st: &'a mut Sequencer,
         channel: &Arc<str>,
@@ -195,36 +191,33 @@ impl Inner {
                 continue;
             };
             if self.owns(&log) {
+                self.advertise(&channel, None);
                 self.spawn_send(format!("c:{channel}"), Body::Release { channel });
             }
         }
     }
 
-    /// The idle expiry, from the heartbeat.
-    /// Also claims the channels whose sequencer died with requests
-    /// unanswered, when this instance is their rendezvous choice.
+    /// The idle expiry, from the heartbeat. Also claims the channels
+    /// whose sequencer died with a request of ours unanswered.
     pub(super) fn sweep_sequencer(self: &Arc<Self>, now: Instant) {
         let live = self.live(now);
-        let young = now.duration_since(self.started) < self.presence_ttl;
         let orphans: Vec<Arc<str>> = {
             let mut st = self.sequencer.lock_unpoisoned();
             self.evict(&mut st, now, false);
+            let pending = self.pending.lock_unpoisoned();
             st.logs
                 .iter()
-                .filter(|(channel, log)| {
-                    let waiting = log
-                        .buffer
-                        .iter()
-                        .any(|(t, _)| now.duration_since(*t) <= ROUND_TRIP_TIMEOUT);
+                .filter(|(_, log)| {
+                    let ours_waiting = log.buffer.iter().any(|(t, r)| {
+                        r.boot == self.boot
+                            && pending.contains_key(&r.id)
+                            && now.duration_since(*t) <= ROUND_TRIP_TIMEOUT
+                    });
                     let owner_live = log
                         .owner
                         .as_ref()
                         .is_some_and(|(id, boot)| live.iter().any(|(i, b)| i == id && b == boot));
-                    waiting
-                        && log.claiming.is_none()
-                        && !owner_live
-                        && !young
-                        && choose(channel, &live) == Some(&self.me)
+                    ours_waiting && log.claiming.is_none() && !owner_live
                 })
                 .map(|(c, _)| c.clone())
                 .collect()
@@ -234,13 +227,24 @@ impl Inner {
         }
     }
 
-    fn owns(&self, log: &ChanLog) -> bool {
+    /// Whether this instance sequences (or is claiming, or still sends
+    /// copies of) a channel that `pred` selects.
+    pub(super) fn sequences_on(&self, pred: impl Fn(&str) -> bool) -> bool {
+        let st = self.sequencer.lock_unpoisoned();
+        st.outbox.keys().any(|c| pred(c))
+            || st
+                .logs
+                .iter()
+                .any(|(c, l)| (self.owns(l) || l.claiming.is_some()) && pred(c))
+    }
+
+    pub(super) fn owns(&self, log: &ChanLog) -> bool {
         log.owner
             .as_ref()
             .is_some_and(|(id, boot)| *id == self.me && *boot == self.boot)
     }
 
-    fn spawn_send(self: &Arc<Self>, key: String, body: Body) {
+    pub(super) fn spawn_send(self: &Arc<Self>, key: String, body: Body) {
         let inner = self.clone();
         tokio::spawn(async move {
             if let Err(e) = inner.send(key, body).await {
@@ -315,18 +319,18 @@ impl Inner {
         }
     }
 
-    /// A publication request from the log (every instance sees it): the
-    /// sequencer numbers it; every other instance keeps it until a
-    /// numbered copy answers it (at most [`MAX_BUFFERED`] per channel, for
-    /// [`ROUND_TRIP_TIMEOUT`]), so that whoever claims the channel next
-    /// numbers what a dead sequencer left. With no live sequencer the
-    /// rendezvous choice claims the channel (at once, or from the heartbeat
-    /// once a silent sequencer is given up); the publisher's instance
-    /// claims after [`CLAIM_WAIT`] if nobody did (views of the membership
-    /// may differ).
+    /// A publication request from the log (every reader of the shard sees
+    /// it): the sequencer numbers it; every other instance keeps it until
+    /// a numbered copy answers it (at most [`MAX_BUFFERED`] per channel,
+    /// for [`ROUND_TRIP_TIMEOUT`]), so that whoever claims the channel
+    /// next numbers what a dead sequencer left. With no live sequencer the
+    /// request's own instance claims the channel (at once, or after
+    /// [`CLAIM_WAIT`] when this instance has just started and knows no
+    /// sequencer of the channel).
     pub(super) fn on_request(self: &Arc<Self>, channel: &Arc<str>, req: Request) {
         let now = Instant::now();
         let live = self.live(now);
+        let advertised = self.advertised_owner(channel, now).is_some();
         let own = req.boot == self.boot;
         let id = req.id;
         let mut claim = false;
@@ -337,7 +341,8 @@ impl Inner {
             let owner_live = log
                 .owner
                 .as_ref()
-                .is_some_and(|(id, boot)| live.iter().any(|(i, b)| i == id && b == boot));
+                .is_some_and(|(id, boot)| live.iter().any(|(i, b)| i == id && b == boot))
+                || (log.owner.is_none() && advertised);
             let mine = self.owns(log);
             if mine && !log.broken && log.claimed {
                 self.assign(&mut st, channel, req);
@@ -354,14 +359,17 @@ impl Inner {
                 if log.buffer.len() < MAX_BUFFERED {
                     log.buffer.push_back((now, req));
                 }
-                if !owner_live || mine {
-                    // A young instance may not know the channel's sequencer yet.
-                    let young = now.duration_since(self.started) < self.presence_ttl;
-                    let chosen = !young && choose(channel, &live) == Some(&self.me);
-                    if (mine && log.broken) || chosen {
-                        claim = true;
-                    } else if own {
+                if mine && log.broken {
+                    claim = true;
+                } else if own && !owner_live {
+                    // Sequencers are advertised on the control topic; an
+                    // instance that has just started may not have heard
+                    // them all yet, so it waits a moment for one to answer
+                    // before it claims.
+                    if log.owner.is_none() && !log.claimed && self.settling(now) {
                         wait = true;
+                    } else {
+                        claim = true;
                     }
                 }
             }
@@ -434,10 +442,12 @@ impl Inner {
         let now = Instant::now();
         let mut st = self.sequencer.lock_unpoisoned();
         let log = self.log(&mut st, channel, now);
+        let was_mine = self.owns(log);
         log.epoch = Some(epoch.clone());
         let own = src == self.me && boot == self.boot;
         log.owner = Some((src, boot));
         log.claimed = true;
+        log.complete = true;
         log.assigned = 0;
         log.broken = false;
         if own {
@@ -454,9 +464,15 @@ impl Inner {
             for req in buffered {
                 self.assign(&mut st, channel, req);
             }
+            drop(st);
+            self.advertise(channel, Some(epoch));
         } else {
             // Superseded: our copies still on the way will be refused.
             st.outbox.remove(channel);
+            drop(st);
+            if was_mine {
+                self.advertise(channel, None);
+            }
         }
     }
 
@@ -501,6 +517,7 @@ impl Inner {
                 if log.epoch.as_ref() != Some(&epoch) {
                     log.epoch = Some(epoch.clone());
                     log.owner = Some((src, boot));
+                    log.complete = false;
                 }
                 true
             };
@@ -524,6 +541,9 @@ impl Inner {
         let position: Option<StreamPosition> = match appended {
             Appended::Next(p) | Appended::NewEpoch(p) => Some(p),
             Appended::Gap(p) => {
+                if let Some(log) = self.sequencer.lock_unpoisoned().logs.get_mut(channel) {
+                    log.complete = false;
+                }
                 // Publications missing here: the local subscribers
                 // reconnect and recover what they can, honestly.
                 if subscribed {
@@ -531,7 +551,19 @@ impl Inner {
                 }
                 Some(p)
             }
-            Appended::Repeat => None,
+            Appended::Repeat(p) => {
+                // Already in the history (filled from the sequencer while
+                // this copy travelled): a subscriber that came before the
+                // fill still gets it (sessions drop what they have), and
+                // its publisher its answer.
+                if subscribed {
+                    handler.on_publication(channel, &epoch, &p);
+                }
+                Some(StreamPosition {
+                    epoch: epoch.clone(),
+                    offset: p.offset,
+                })
+            }
         };
         if let Some(position) = position {
             if req.0 == self.boot {
@@ -542,55 +574,29 @@ impl Inner {
         }
     }
 
-    /// Forget every channel's log (messages may have been lost): channels
-    /// this instance sequenced are claimed again by their next request.
-    pub(super) fn reset_sequencer(&self) {
+    /// Forget the logs of the channels `pred` selects (messages may have
+    /// been lost, or the shard is left): those this instance sequenced
+    /// are claimed again by their next request.
+    pub(super) fn reset_sequencer(self: &Arc<Self>, pred: impl Fn(&str) -> bool) {
         let now = Instant::now();
         let mut st = self.sequencer.lock_unpoisoned();
-        st.outbox.clear();
+        st.outbox.retain(|c, _| !pred(c));
         let owned: Vec<Arc<str>> = st
             .logs
             .iter()
-            .filter(|(_, l)| self.owns(l))
+            .filter(|(c, l)| pred(c) && self.owns(l))
             .map(|(c, _)| c.clone())
             .collect();
-        st.logs.clear();
-        for channel in owned {
+        st.logs.retain(|c, _| !pred(c));
+        for channel in &owned {
             let mut log = ChanLog::new(now);
             log.owner = Some((self.me.clone(), self.boot.clone()));
             log.broken = true;
-            st.logs.insert(channel, log);
+            st.logs.insert(channel.clone(), log);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rendezvous_is_stable_and_spreads_channels() {
-        let live: Vec<(Arc<str>, Arc<str>)> = ["a", "b", "c"]
-            .iter()
-            .map(|i| (Arc::from(*i), Arc::from("boot")))
-            .collect();
-        let first = choose("room", &live).cloned();
-        let mut reversed = live.clone();
-        reversed.reverse();
-        assert_eq!(choose("room", &reversed).cloned(), first);
-        // Channels spread over the instances.
-        let owners: std::collections::HashSet<_> = (0..64)
-            .map(|i| choose(&format!("ch{i}"), &live).cloned())
-            .collect();
-        assert_eq!(owners.len(), 3);
-        // Removing an instance moves only its channels.
-        let two = &live[..2];
-        for i in 0..64 {
-            let ch = format!("ch{i}");
-            let before = choose(&ch, &live).cloned().unwrap();
-            if &*before != "c" {
-                assert_eq!(choose(&ch, two).cloned(), Some(before));
-            }
+        drop(st);
+        for channel in &owned {
+            self.advertise(channel, None);
         }
     }
 }

@@ -5,7 +5,7 @@
 //! de-duplication, dispatch to publish, direct and presence), batched
 //! acknowledgements, reconnection with backoff, and readiness.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -14,16 +14,16 @@ use gcloud_gax::conn::Environment;
 use gcloud_gax::grpc::Code;
 use gcloud_googleapis::pubsub::v1::{AcknowledgeRequest, ExpirationPolicy, StreamingPullRequest};
 use gcloud_pubsub::client::{Client, ClientConfig};
-use gcloud_pubsub::publisher::PublisherConfig;
-use gcloud_pubsub::subscription::SubscriptionConfig;
+use gcloud_pubsub::subscription::{Subscription, SubscriptionConfig};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::presence::Remote;
+use super::shards::{Shard, shard_of};
 use super::{
-    Body, DEDUPE_MAX, DEDUPE_WINDOW, Guard, Inner, PubSubBroker, PubSubError, PubSubPresence,
-    RPC_TIMEOUT, STREAM_OPEN_TIMEOUT, Wire, bus_error, retry, rpc,
+    Acks, Body, DEDUPE_MAX, DEDUPE_WINDOW, Guard, Inner, PubSubBroker, PubSubError, PubSubPresence,
+    RPC_TIMEOUT, Route, STREAM_OPEN_TIMEOUT, Wire, bus_error, publisher_config, retry, rpc,
 };
 use crate::broker::BrokerHandler;
 use crate::broker::history::{HistoryLimits, Store};
@@ -115,13 +115,18 @@ pub(super) async fn connect_inner(
         .await
         .map_err(|e| bus_error(PubSubError::Client(e.to_string())))?;
     let topic = client.topic(&config.pubsub_topic);
-    let publisher = topic.new_publisher(Some(PublisherConfig {
-        workers: 1,
-        flush_interval: Duration::from_secs(3600),
-        bundle_size: 1,
-        retry_setting: Some(retry()),
-    }));
+    let publisher = topic.new_publisher(Some(publisher_config()));
     let subscription = client.subscription(&config.pubsub_subscription);
+    let shards = (0..config.pubsub_shards)
+        .map(|k| {
+            Shard::new(
+                &client,
+                &config.pubsub_topic,
+                &config.pubsub_subscription,
+                k,
+            )
+        })
+        .collect();
     let shutdown = CancellationToken::new();
     let (acks, acks_rx) = mpsc::unbounded_channel();
     let inner = Arc::new(Inner {
@@ -131,6 +136,11 @@ pub(super) async fn connect_inner(
         publisher,
         subscription,
         topic_id: config.pubsub_topic.clone(),
+        shards,
+        shards_open: AtomicU64::new(0),
+        received: AtomicU64::new(0),
+        received_bytes: AtomicU64::new(0),
+        fetches: Mutex::default(),
         presence_ttl: config.presence_ttl,
         handler: OnceLock::new(),
         seq: AtomicU64::new(0),
@@ -156,7 +166,7 @@ pub(super) async fn connect_inner(
         acks,
         acks_rx: Mutex::new(Some(acks_rx)),
     });
-    inner.ensure_subscription(true).await?;
+    inner.ensure_subscription(Route::Control, true).await?;
     let guard = Arc::new(Guard(shutdown));
     Ok((
         Arc::new(PubSubBroker {
@@ -171,8 +181,24 @@ pub(super) async fn connect_inner(
 }
 
 impl Inner {
-    pub(super) async fn ensure_topic(&self) -> Result<()> {
-        let topic = self.client.topic(&self.topic_id);
+    /// The subscription read for `route`.
+    pub(super) fn subscription_of(&self, route: Route) -> &Subscription {
+        match route {
+            Route::Control => &self.subscription,
+            Route::Shard(k) => &self.shards[k as usize].subscription,
+        }
+    }
+
+    /// The topic id of `route`.
+    pub(super) fn topic_of(&self, route: Route) -> &str {
+        match route {
+            Route::Control => &self.topic_id,
+            Route::Shard(k) => &self.shards[k as usize].topic_id,
+        }
+    }
+
+    pub(super) async fn ensure_topic(&self, route: Route) -> Result<()> {
+        let topic = self.client.topic(self.topic_of(route));
         match topic.create(None, Some(retry())).await {
             Ok(()) => Ok(()),
             Err(s) if s.code() == Code::AlreadyExists => Ok(()),
@@ -180,13 +206,14 @@ impl Inner {
         }
     }
 
-    /// Make sure the topic and this instance's subscription exist. With
-    /// `fresh`, a subscription left by an earlier incarnation is replaced.
-    /// Returns whether the subscription was (re)created.
-    async fn ensure_subscription(&self, fresh: bool) -> Result<bool> {
-        self.ensure_topic().await?;
-        let exists = self
-            .subscription
+    /// Make sure the topic of `route` and this instance's subscription to
+    /// it exist. With `fresh`, a subscription left by an earlier
+    /// incarnation is replaced. Returns whether the subscription was
+    /// (re)created.
+    pub(super) async fn ensure_subscription(&self, route: Route, fresh: bool) -> Result<bool> {
+        self.ensure_topic(route).await?;
+        let subscription = self.subscription_of(route);
+        let exists = subscription
             .exists(Some(retry()))
             .await
             .map_err(rpc("get subscription"))?;
@@ -194,7 +221,7 @@ impl Inner {
             return Ok(false);
         }
         if exists {
-            match self.subscription.delete(Some(retry())).await {
+            match subscription.delete(Some(retry())).await {
                 Ok(()) => {}
                 Err(s) if s.code() == Code::NotFound => {}
                 Err(s) => return Err(rpc("delete stale subscription")(s)),
@@ -209,37 +236,54 @@ impl Inner {
             }),
             ..Default::default()
         };
-        let fqtn = self.client.fully_qualified_topic_name(&self.topic_id);
-        match self.subscription.create(&fqtn, cfg, Some(retry())).await {
+        let fqtn = self.client.fully_qualified_topic_name(self.topic_of(route));
+        match subscription.create(&fqtn, cfg, Some(retry())).await {
             Ok(()) => Ok(true),
             Err(s) if s.code() == Code::AlreadyExists => Ok(false),
             Err(s) => Err(rpc("create subscription")(s)),
         }
     }
 
-    /// Open the streaming pull and say hello. The server answers the
-    /// stream's headers only with its first message, so the hello (which
-    /// comes back through our own subscription) is also what proves the
-    /// round trip works; every other instance answers it with a snapshot.
-    async fn open_stream(&self) -> Result<PullStream> {
-        let hello = async {
-            // The subscription exists: the hello waits there for the stream.
-            self.send(format!("m:{}", self.me), Body::Hello).await
+    /// Delete this instance's subscription of `route`.
+    pub(super) async fn delete_subscription(&self, route: Route) -> Result<()> {
+        let subscription = self.subscription_of(route);
+        match tokio::time::timeout(RPC_TIMEOUT, subscription.delete(Some(retry()))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(s)) if s.code() == Code::NotFound => Ok(()),
+            Ok(Err(s)) => Err(rpc("delete subscription")(s)),
+            Err(_) => Err(bus_error(PubSubError::Timeout("delete subscription"))),
+        }
+    }
+
+    /// Open the streaming pull of `route` with a first message. The server
+    /// answers the stream's headers only with its first message, so that
+    /// message (which comes back through our own subscription) is also what
+    /// proves the round trip works: on the control topic a hello, which
+    /// every other instance answers with a snapshot; on a shard a ping.
+    pub(super) async fn open_stream(&self, route: Route) -> Result<PullStream> {
+        let first = async {
+            // The subscription exists: the message waits there for the stream.
+            let body = match route {
+                Route::Control => Body::Hello,
+                Route::Shard(shard) => Body::Ping { shard },
+            };
+            self.send(format!("m:{}", self.me), body).await
         };
-        let (stream, hello) = tokio::join!(self.open_stream_only(), hello);
-        hello?;
+        let (stream, first) = tokio::join!(self.open_stream_only(route), first);
+        first?;
         stream
     }
 
-    async fn open_stream_only(&self) -> Result<PullStream> {
+    async fn open_stream_only(&self, route: Route) -> Result<PullStream> {
+        let subscription = self.subscription_of(route);
         let req = StreamingPullRequest {
-            subscription: self.subscription.fully_qualified_name().to_string(),
+            subscription: subscription.fully_qualified_name().to_string(),
             stream_ack_deadline_seconds: 10,
             max_outstanding_messages: 10_000,
             client_id: self.boot.to_string(),
             ..Default::default()
         };
-        let subc = self.subscription.get_client();
+        let subc = subscription.get_client();
         let resp = tokio::time::timeout(
             STREAM_OPEN_TIMEOUT,
             subc.streaming_pull(req, Duration::from_secs(10), Some(retry())),
@@ -250,16 +294,32 @@ impl Inner {
         Ok(resp.into_inner())
     }
 
-    /// Everything that must happen once the stream is (re)established.
-    fn on_stream_up(self: &Arc<Self>, lost: bool) {
+    /// Everything that must happen once the stream of `route` is
+    /// re-established (`lost`: its subscription had to be recreated).
+    fn on_stream_up(self: &Arc<Self>, route: Route, lost: bool) {
+        let Route::Shard(k) = route else {
+            self.stream_up.store(true, Ordering::Relaxed);
+            self.publish_ok.store(true, Ordering::Relaxed);
+            let inner = self.clone();
+            tokio::spawn(async move {
+                let _ = inner.announce().await;
+            });
+            return;
+        };
+        let count = self.shards.len() as u16;
+        let in_shard = |c: &str| shard_of(c, count) == k;
         if lost {
             // Messages may have been lost with the old subscription: new
             // epochs, and the subscribers reconnect to recover honestly.
-            self.streams.clear();
-            self.reset_sequencer();
+            self.forget_shard(k);
             if let Some(h) = self.handler() {
-                let channels: Vec<Arc<str>> =
-                    self.subscribed.lock_unpoisoned().iter().cloned().collect();
+                let channels: Vec<Arc<str>> = self
+                    .subscribed
+                    .lock_unpoisoned()
+                    .iter()
+                    .filter(|c| in_shard(c))
+                    .cloned()
+                    .collect();
                 for ch in channels {
                     h.resync_failed(&ch);
                 }
@@ -267,6 +327,9 @@ impl Inner {
         } else if let Some(h) = self.handler() {
             // Replay what the local history holds after each position.
             for (channel, pos) in h.positions() {
+                if !in_shard(&channel) {
+                    continue;
+                }
                 let replay: Vec<(Arc<str>, Publication)> = match &pos {
                     Some(p) => self.streams.replay_after(&channel, p),
                     None => Vec::new(),
@@ -276,24 +339,21 @@ impl Inner {
                 }
             }
         }
-        self.stream_up.store(true, Ordering::Relaxed);
-        self.publish_ok.store(true, Ordering::Relaxed);
-        let inner = self.clone();
-        tokio::spawn(async move {
-            let _ = inner.announce().await;
-        });
+        self.shards[k as usize].state.lock_unpoisoned().up = true;
     }
 
-    /// `Broker::start`: open the stream, then run the receive, ack and
-    /// heartbeat loops and the history sweeper.
+    /// `Broker::start`: open the control stream, then run the receive, ack
+    /// and heartbeat loops and the history sweeper (shards open on
+    /// demand).
     pub(super) async fn start(self: &Arc<Self>, handler: Arc<dyn BrokerHandler>) -> Result<()> {
         let _ = self.handler.set(handler);
-        let stream = self.open_stream().await?;
-        self.on_stream_up(false);
+        let stream = self.open_stream(Route::Control).await?;
+        self.on_stream_up(Route::Control, false);
         if let Some(rx) = self.acks_rx.lock_unpoisoned().take() {
             tokio::spawn(self.clone().ack_loop(rx));
         }
-        tokio::spawn(self.clone().receive_loop(stream));
+        let stop = self.shutdown.child_token();
+        tokio::spawn(self.clone().receive_loop(Route::Control, stream, stop));
         tokio::spawn(self.clone().heartbeat_loop());
         self.streams.spawn_sweeper();
         Ok(())
@@ -353,6 +413,9 @@ impl Inner {
             | Body::Seq { .. }
             | Body::Claim { .. }
             | Body::Release { .. }
+            | Body::Fetch { .. }
+            | Body::Backfill { .. }
+            | Body::Ping { .. }
             | Body::Broadcast { .. }
             | Body::JoinLeave { .. } => self.receive_published(wire, own, &handler),
             Body::Direct { .. } | Body::DirectAck { .. } => {
@@ -361,21 +424,22 @@ impl Inner {
             Body::Member { .. }
             | Body::MemberAck { .. }
             | Body::Snapshot { .. }
+            | Body::Sequences { .. }
             | Body::Hello
             | Body::Bye => self.receive_gossip(wire, own),
         }
     }
 
-    /// Read the stream until it fails or the broker shuts down.
+    /// Read the stream of `route` until it fails or `stop` is cancelled.
     async fn read(
         self: &Arc<Self>,
-        mut stream: gcloud_gax::grpc::Streaming<
-            gcloud_googleapis::pubsub::v1::StreamingPullResponse,
-        >,
+        route: Route,
+        mut stream: PullStream,
+        stop: &CancellationToken,
     ) {
         loop {
             let next = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
+                _ = stop.cancelled() => return,
                 m = stream.message() => m,
             };
             match next {
@@ -383,88 +447,121 @@ impl Inner {
                     let mut ack_ids = Vec::with_capacity(resp.received_messages.len());
                     for rm in resp.received_messages {
                         if let Some(m) = rm.message {
+                            self.received.fetch_add(1, Ordering::Relaxed);
+                            self.received_bytes
+                                .fetch_add(m.data.len() as u64, Ordering::Relaxed);
                             self.handle(&m.data);
                         }
                         ack_ids.push(rm.ack_id);
                     }
-                    let _ = self.acks.send(ack_ids);
+                    let _ = self.acks.send((route, ack_ids));
                 }
                 Ok(None) => {
-                    tracing::warn!("pub/sub stream ended; reconnecting");
+                    tracing::warn!(?route, "pub/sub stream ended; reconnecting");
                     return;
                 }
                 Err(status) => {
-                    tracing::warn!(%status, "pub/sub stream failed; reconnecting");
+                    tracing::warn!(?route, %status, "pub/sub stream failed; reconnecting");
                     return;
                 }
             }
         }
     }
 
-    /// The receive loop: read, and on failure reconnect with backoff.
-    async fn receive_loop(self: Arc<Self>, first: PullStream) {
-        self.read(first).await;
+    fn set_up(&self, route: Route, up: bool) {
+        match route {
+            Route::Control => self.stream_up.store(up, Ordering::Relaxed),
+            Route::Shard(k) => self.shards[k as usize].state.lock_unpoisoned().up = up,
+        }
+    }
+
+    /// The receive loop of `route`: read, and on failure reconnect with
+    /// backoff, until `stop`.
+    pub(super) async fn receive_loop(
+        self: Arc<Self>,
+        route: Route,
+        first: PullStream,
+        stop: CancellationToken,
+    ) {
+        self.read(route, first, &stop).await;
         let mut attempt = 0u32;
-        while !self.shutdown.is_cancelled() {
-            self.stream_up.store(false, Ordering::Relaxed);
+        while !stop.is_cancelled() {
+            self.set_up(route, false);
             tokio::select! {
-                _ = self.shutdown.cancelled() => return,
+                _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(BACKOFF.delay(attempt)) => {}
             }
             attempt = attempt.saturating_add(1);
-            let lost = match self.ensure_subscription(false).await {
+            let lost = match self.ensure_subscription(route, false).await {
                 Ok(lost) => lost,
                 Err(e) => {
-                    tracing::debug!(error = %e, "pub/sub still unreachable");
+                    tracing::debug!(?route, error = %e, "pub/sub still unreachable");
                     continue;
                 }
             };
-            match self.open_stream().await {
+            if stop.is_cancelled() {
+                return;
+            }
+            match self.open_stream(route).await {
                 Ok(stream) => {
-                    tracing::info!(recreated = lost, "pub/sub stream re-established");
-                    self.on_stream_up(lost);
+                    tracing::info!(?route, recreated = lost, "pub/sub stream re-established");
+                    self.on_stream_up(route, lost);
                     attempt = 0;
-                    self.read(stream).await;
+                    self.read(route, stream, &stop).await;
                 }
-                Err(e) => tracing::debug!(error = %e, "pub/sub stream not re-established"),
+                Err(e) => {
+                    tracing::debug!(?route, error = %e, "pub/sub stream not re-established")
+                }
             }
         }
     }
 
     /// Acknowledge in batches, off the receive path.
-    async fn ack_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Vec<String>>) {
+    async fn ack_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Acks>) {
         loop {
-            let mut ids = tokio::select! {
+            let first = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 ids = rx.recv() => match ids { Some(ids) => ids, None => return },
             };
-            while let Ok(more) = rx.try_recv() {
-                ids.extend(more);
+            let mut by_route: HashMap<Route, Vec<String>> = HashMap::new();
+            by_route.entry(first.0).or_default().extend(first.1);
+            while let Ok((route, more)) = rx.try_recv() {
+                by_route.entry(route).or_default().extend(more);
             }
-            if ids.is_empty() {
-                continue;
+            for (route, ids) in by_route {
+                if ids.is_empty() {
+                    continue;
+                }
+                let subscription = self.subscription_of(route);
+                let req = AcknowledgeRequest {
+                    subscription: subscription.fully_qualified_name().to_string(),
+                    ack_ids: ids,
+                };
+                let subc = subscription.get_client();
+                // A lost ack only means a redelivery, which is de-duplicated.
+                let _ =
+                    tokio::time::timeout(RPC_TIMEOUT, subc.acknowledge(req, Some(retry()))).await;
             }
-            let req = AcknowledgeRequest {
-                subscription: self.subscription.fully_qualified_name().to_string(),
-                ack_ids: ids,
-            };
-            let subc = self.subscription.get_client();
-            // A lost ack only means a redelivery, which is de-duplicated.
-            let _ = tokio::time::timeout(RPC_TIMEOUT, subc.acknowledge(req, Some(retry()))).await;
         }
     }
 
     /// `Broker::close`: say goodbye, stop the tasks, delete the
-    /// subscription.
+    /// subscriptions.
     pub(super) async fn close(&self) -> Result<()> {
         let _ = self.send(format!("m:{}", self.me), Body::Bye).await;
         self.shutdown.cancel();
         self.stream_up.store(false, Ordering::Relaxed);
-        match tokio::time::timeout(RPC_TIMEOUT, self.subscription.delete(Some(retry()))).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(s)) if s.code() == Code::NotFound => Ok(()),
-            Ok(Err(s)) => Err(rpc("delete subscription")(s)),
-            Err(_) => Err(bus_error(PubSubError::Timeout("delete subscription"))),
+        let open: Vec<u16> = (0..self.shards.len() as u16)
+            .filter(|k| self.shards[*k as usize].state.lock_unpoisoned().open)
+            .collect();
+        let shards = open
+            .into_iter()
+            .map(|k| self.delete_subscription(Route::Shard(k)));
+        for r in futures_util::future::join_all(shards).await {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "pub/sub shard subscription not deleted (it expires by itself)");
+            }
         }
+        self.delete_subscription(Route::Control).await
     }
 }

@@ -1,0 +1,252 @@
+//! Filling an instance's history from the channel's sequencer.
+//!
+//! An instance holds a channel's numbered copies only while it reads the
+//! channel's shard, so one that starts reading it (a client moved here, a
+//! history read) lacks what was numbered before. It asks the sequencer: a
+//! `Fetch` on the channel's ordering key, answered by a `Backfill` with
+//! the sequencer's epoch, top and retained publications, merged into the
+//! local history ([`Store::backfill`](crate::broker::history::Store)).
+//!
+//! Nothing falls between the two: the fetch is published after this
+//! instance's subscription to the shard exists, so every copy published
+//! after the fetch reaches it live; every copy published before the fetch
+//! reached the sequencer before the fetch (one ordering key), so it is in
+//! the answer. Once filled — or once it saw the channel's claim — the
+//! instance answers reads on its own ([`ChanLog::complete`]).
+//!
+//! Bounds: one fetch in flight per channel (callers share its answer), at
+//! most [`MAX_FETCHES`] channels at once (beyond, the read is answered
+//! from what is here, so a recovery says `recovered:false`), an answer of
+//! at most [`FETCH_MAX_BYTES`] of payload (the newest publications that
+//! fit), [`FETCH_WAIT`] for an answer, and none asked again for
+//! [`FETCH_RETRY`] after one went unanswered (no live sequencer: the
+//! channel's epoch is over anyway).
+//!
+//! [`ChanLog::complete`]: super::sequencer::ChanLog
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::{Body, Inner};
+use crate::broker::{HistoryOptions, HistoryResult};
+use crate::error::Result;
+use crate::protocol::{Publication, StreamPosition};
+use crate::sync::MutexExt;
+
+/// Longest a read waits for the sequencer's answer.
+pub const FETCH_WAIT: Duration = Duration::from_millis(1500);
+/// After an unanswered fetch, the channel is not asked for again for this
+/// long.
+pub const FETCH_RETRY: Duration = Duration::from_secs(5);
+/// Channels fetched at once, at most.
+pub const MAX_FETCHES: usize = 256;
+/// Payload bytes of one answer, at most (Pub/Sub's message limit is 10 MB).
+pub const FETCH_MAX_BYTES: usize = 8 << 20;
+
+/// Fetches in flight: channel → the fetch's message id, the history
+/// options it was asked with, and who waits for it.
+#[derive(Default)]
+pub(super) struct Fetches {
+    inflight: HashMap<Arc<str>, Inflight>,
+}
+
+struct Inflight {
+    id: u64,
+    history: HistoryOptions,
+    waiters: Vec<oneshot::Sender<()>>,
+}
+
+impl Inner {
+    /// `Broker::subscribe`: hold the channel's shard while it has local
+    /// subscribers (a recovery fills the history in
+    /// [`Inner::read_history`]).
+    pub(super) async fn subscribe(self: &Arc<Self>, channel: &str) -> Result<()> {
+        let channel: Arc<str> = Arc::from(channel);
+        self.subscribed.lock_unpoisoned().insert(channel.clone());
+        if let Err(e) = self.open_shard(self.shard_for(&channel)).await {
+            self.subscribed.lock_unpoisoned().remove(&channel);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// `Broker::history` and `history_newest` (and the node's position
+    /// reads): from the local history, filled from the sequencer first
+    /// when it may lack something.
+    pub(super) async fn read_history(
+        self: &Arc<Self>,
+        channel: &str,
+        since: Option<&StreamPosition>,
+        limit: usize,
+        newest_first: bool,
+        history: HistoryOptions,
+    ) -> Result<HistoryResult> {
+        let _held = self.use_shard(channel).await?;
+        if self.needs_fetch(channel) {
+            self.fill(channel, history).await;
+        }
+        Ok(self
+            .streams
+            .read(channel, since, limit, newest_first, history))
+    }
+
+    /// Whether the local history of `channel` may lack what its sequencer
+    /// holds: it is not complete here, and another live instance
+    /// advertises sequencing it (with none, there is nothing to fetch).
+    fn needs_fetch(self: &Arc<Self>, channel: &str) -> bool {
+        let now = Instant::now();
+        let channel: Arc<str> = Arc::from(channel);
+        let incomplete = {
+            let mut st = self.sequencer.lock_unpoisoned();
+            let log = self.log(&mut st, &channel, now);
+            !(log.complete
+                || log
+                    .fetch_failed
+                    .is_some_and(|t| now.duration_since(t) < FETCH_RETRY))
+        };
+        incomplete && self.advertised_owner(&channel, now).is_some()
+    }
+
+    /// Fetch `channel`'s history from its sequencer and merge it here;
+    /// returns once merged, or after [`FETCH_WAIT`].
+    async fn fill(self: &Arc<Self>, channel: &str, history: HistoryOptions) {
+        let (rx, send) = {
+            let mut fetches = self.fetches.lock_unpoisoned();
+            let (tx, rx) = oneshot::channel();
+            if let Some(f) = fetches.inflight.get_mut(channel) {
+                f.waiters.push(tx);
+                (rx, None)
+            } else if fetches.inflight.len() >= MAX_FETCHES {
+                return;
+            } else {
+                let id = self.next_id();
+                fetches.inflight.insert(
+                    Arc::from(channel),
+                    Inflight {
+                        id,
+                        history,
+                        waiters: vec![tx],
+                    },
+                );
+                (rx, Some(id))
+            }
+        };
+        if let Some(id) = send {
+            let body = Body::Fetch {
+                channel: Arc::from(channel),
+                size: history.size,
+                ttl_ms: history.ttl.as_millis() as u64,
+            };
+            if let Err(e) = self.send_as(id, format!("c:{channel}"), body).await {
+                tracing::debug!(error = %e, channel, "history fetch not sent");
+                self.fetches.lock_unpoisoned().inflight.remove(channel);
+                return;
+            }
+        }
+        if tokio::time::timeout(FETCH_WAIT, rx).await.is_err() {
+            let expired = {
+                let mut fetches = self.fetches.lock_unpoisoned();
+                match (fetches.inflight.get(channel), send) {
+                    (Some(f), Some(id)) if f.id == id => fetches.inflight.remove(channel),
+                    _ => None,
+                }
+            };
+            if expired.is_some() {
+                let now = Instant::now();
+                let channel: Arc<str> = Arc::from(channel);
+                let mut st = self.sequencer.lock_unpoisoned();
+                self.log(&mut st, &channel, now).fetch_failed = Some(now);
+            }
+        }
+    }
+
+    /// A fetch from the log: the channel's sequencer answers with what it
+    /// retains (the newest publications within [`FETCH_MAX_BYTES`]).
+    pub(super) fn on_fetch(
+        self: &Arc<Self>,
+        channel: &Arc<str>,
+        history: HistoryOptions,
+        from: (Arc<str>, u64),
+    ) {
+        let epoch = {
+            let st = self.sequencer.lock_unpoisoned();
+            match st.logs.get(channel) {
+                Some(log) if log.claimed && self.owns(log) => log.epoch.clone(),
+                _ => None,
+            }
+        };
+        let Some(epoch) = epoch else {
+            return;
+        };
+        let h = self.streams.read(channel, None, usize::MAX, true, history);
+        let (top, mut publications) = if h.top.epoch == epoch {
+            let mut bytes = 0;
+            let kept: Vec<Publication> = h
+                .publications
+                .into_iter()
+                .take_while(|p| {
+                    bytes += p.data.get().len();
+                    bytes <= FETCH_MAX_BYTES
+                })
+                .collect();
+            (h.top.offset, kept)
+        } else {
+            // No copy of this epoch has come back yet.
+            (0, Vec::new())
+        };
+        publications.reverse();
+        let body = Body::Backfill {
+            channel: channel.clone(),
+            to_boot: from.0,
+            of: from.1,
+            epoch,
+            top,
+            publications,
+        };
+        self.spawn_send(format!("c:{channel}"), body);
+    }
+
+    /// A sequencer's answer: merged here if it answers our fetch.
+    pub(super) fn on_backfill(
+        &self,
+        channel: &Arc<str>,
+        of: (Arc<str>, u64),
+        epoch: Arc<str>,
+        top: u64,
+        publications: Vec<Publication>,
+    ) {
+        if of.0 != self.boot {
+            return;
+        }
+        let Some(f) = ({
+            let mut fetches = self.fetches.lock_unpoisoned();
+            match fetches.inflight.get(channel) {
+                Some(f) if f.id == of.1 => fetches.inflight.remove(channel),
+                _ => None,
+            }
+        }) else {
+            return;
+        };
+        let kept = self
+            .streams
+            .backfill(channel, &epoch, top, publications, f.history);
+        if kept {
+            let mut st = self.sequencer.lock_unpoisoned();
+            if let Some(log) = st.logs.get_mut(channel) {
+                // A claim seen meanwhile is newer than the answer.
+                if !log.claimed || log.epoch.as_ref() == Some(&epoch) {
+                    log.epoch = Some(epoch);
+                    log.complete = true;
+                    log.fetch_failed = None;
+                }
+            }
+        }
+        for w in f.waiters {
+            let _ = w.send(());
+        }
+    }
+}
