@@ -4,6 +4,8 @@
 //! instance. Part of `bus_suite` (re-exported there, listed in its
 //! `bus_suite!` macro).
 
+use std::collections::HashMap;
+
 use serde_json::{Value, json};
 
 use super::{BusFactory, Cluster, QUIET, bounded, recv_no_presence, subscribe};
@@ -64,28 +66,17 @@ pub async fn channel_order_and_offsets_across_instances(f: &dyn BusFactory) {
         let total = 3 * PER_PUBLISHER;
         assert_eq!(acked, ((base + 1)..=(base + total)).collect::<Vec<_>>());
 
-        let mut streams = Vec::new();
-        for s in &mut subs {
-            let mut seen = Vec::new();
-            let mut last_n = [None::<u64>; 3];
-            for k in 1..=total {
+        let mut orders = Vec::new();
+        for (i, s) in subs.iter_mut().enumerate() {
+            let mut order = PublisherOrder::new(&epoch, base + 1, 3);
+            for _ in 0..total {
                 let m = recv_no_presence(s).await;
-                assert_eq!(m["type"], "message", "{m}");
+                order.check(&m, &format!("instance {i}"));
                 assert_eq!(m["channel"], channel);
-                assert_eq!(m["epoch"], epoch.as_str());
-                assert_eq!(m["offset"], base + k, "no gap, no duplicate: {m}");
-                let p = m["data"]["p"].as_u64().unwrap() as usize;
-                let n = m["data"]["n"].as_u64().unwrap();
-                assert!(last_n[p].is_none_or(|l| l < n), "publisher order: {m}");
-                last_n[p] = Some(n);
-                seen.push((p, n));
             }
-            streams.push(seen);
+            orders.push(order);
         }
-        assert!(
-            streams.windows(2).all(|w| w[0] == w[1]),
-            "every instance sees the same order"
-        );
+        PublisherOrder::assert_same_everywhere(&orders);
         for s in &mut subs {
             if let Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) =
                 tokio::time::timeout(QUIET, futures_util::StreamExt::next(&mut s.ws)).await
@@ -170,4 +161,66 @@ pub async fn recovery_on_a_different_instance(f: &dyn BusFactory) {
         cluster.shutdown().await;
     })
     .await;
+}
+
+/// One subscriber's view of a channel that concurrent publishers write
+/// into, each publishing `{"p": i, "n": n}` with `n` counting up:
+/// [`check`](PublisherOrder::check) asserts that every message is the
+/// channel's next and keeps each publisher's order. Shared by the order
+/// case here and the Pub/Sub sequencer's (`tests/bus_pubsub_recovery.rs`).
+pub struct PublisherOrder {
+    /// The epoch every message must carry.
+    epoch: String,
+    /// The offset the next message must carry (no gap, no duplicate).
+    next_offset: u64,
+    /// Per publisher, the last `n` delivered: the next must be greater.
+    last_n: Vec<Option<u64>>,
+    /// `(publisher, n)` in delivery order: every instance must see the
+    /// same interleaving.
+    pub seen: Vec<(usize, u64)>,
+    /// The offset each `(publisher, n)` was delivered at, to compare with
+    /// the offsets its ack carried.
+    pub offset_of: HashMap<(usize, u64), u64>,
+}
+
+impl PublisherOrder {
+    /// Expect messages of `epoch` from `publishers` publishers, the first
+    /// at offset `first`.
+    pub fn new(epoch: &str, first: u64, publishers: usize) -> PublisherOrder {
+        PublisherOrder {
+            epoch: epoch.to_string(),
+            next_offset: first,
+            last_n: vec![None; publishers],
+            seen: Vec::new(),
+            offset_of: HashMap::new(),
+        }
+    }
+
+    /// `m` is the next frame the subscriber got (join/leave skipped): a
+    /// `message` of the epoch at the next offset, after its publisher's
+    /// previous one. `on` names the subscriber in a failure.
+    pub fn check(&mut self, m: &Value, on: &str) {
+        assert_eq!(m["type"], "message", "{m}");
+        assert_eq!(m["epoch"], self.epoch.as_str(), "{m}");
+        let offset = self.next_offset;
+        assert_eq!(
+            m["offset"], offset,
+            "contiguous on {on}, no gap, no duplicate: {m}"
+        );
+        self.next_offset += 1;
+        let p = m["data"]["p"].as_u64().unwrap() as usize;
+        let n = m["data"]["n"].as_u64().unwrap();
+        assert!(self.last_n[p].is_none_or(|l| l < n), "publisher order: {m}");
+        self.last_n[p] = Some(n);
+        self.offset_of.insert((p, n), offset);
+        self.seen.push((p, n));
+    }
+
+    /// Every subscriber saw the same interleaving.
+    pub fn assert_same_everywhere(orders: &[PublisherOrder]) {
+        assert!(
+            orders.windows(2).all(|w| w[0].seen == w[1].seen),
+            "every instance sees the same order"
+        );
+    }
 }
