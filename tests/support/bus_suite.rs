@@ -34,8 +34,9 @@
 //! ```
 //!
 //! `bus_suite!(factory)` expands to one `#[tokio::test]` per case (the
-//! names of the `pub async fn`s of the files below, re-exported here); a file that wants only some cases
-//! calls them itself: `bus_suite::direct_across_instances(&MyBus).await`.
+//! names of the `pub async fn`s of the files below, re-exported here); a
+//! file that wants only some cases calls them itself:
+//! `bus_suite::direct_across_instances(&MyBus).await`.
 //!
 //! * Every case starts its own instances (up to three) with
 //!   [`BusFactory::settings`], a `prefix` unique to the case (use it as
@@ -67,7 +68,8 @@
 //! * `presence.rs`: presence across instances; a crashed instance's
 //!   members expire and leave once.
 //! * `stream.rs`: one channel's order and offsets across instances, and
-//!   recovery on another instance.
+//!   recovery on another instance; [`PublisherOrder`], the order check
+//!   the Pub/Sub sequencer's tests share.
 //! * `state.rs`: the channel-state cases (newest-first history,
 //!   idempotent and conditional publish, last-value channels).
 
