@@ -20,7 +20,7 @@ mod pubsub_emulator;
 use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
-use bus_suite::{BusFactory, Cluster, QUIET, base_settings, subscribe};
+use bus_suite::{BusFactory, Cluster, PublisherOrder, QUIET, base_settings, subscribe};
 use futures_util::StreamExt;
 use pubsub_emulator::Emulator;
 use serde_json::{Value, json};
@@ -389,34 +389,22 @@ async fn channel_order_and_offsets_are_shared() {
             keep.push(p);
         }
         let total = 3 * PER_PUBLISHER;
-        let mut streams = Vec::new();
+        let mut orders = Vec::new();
         for (i, s) in subs.iter_mut().enumerate() {
-            let mut seen = Vec::new();
-            let mut last_n = [None::<u64>; 3];
-            let mut offset_of = std::collections::HashMap::new();
-            for k in 2..=total + 1 {
-                let m = next(s).await;
-                assert_eq!(m["type"], "message", "{m}");
-                assert_eq!(m["offset"], k, "contiguous on instance {i}: {m}");
-                assert_eq!(m["epoch"], epoch.as_str(), "{m}");
-                let p = m["data"]["p"].as_u64().unwrap() as usize;
-                let n = m["data"]["n"].as_u64().unwrap();
-                assert!(last_n[p].is_none_or(|l| l < n), "publisher order: {m}");
-                last_n[p] = Some(n);
-                offset_of.insert((p, n), k);
-                seen.push((p, n));
+            let mut order = PublisherOrder::new(&epoch, 2, 3);
+            for _ in 0..total {
+                order.check(&next(s).await, &format!("instance {i}"));
             }
             // The acks of every publisher are the offsets delivered.
             for (j, acks) in acked.iter().enumerate() {
-                let theirs: Vec<u64> = (0..PER_PUBLISHER).map(|n| offset_of[&(j, n)]).collect();
+                let theirs: Vec<u64> = (0..PER_PUBLISHER)
+                    .map(|n| order.offset_of[&(j, n)])
+                    .collect();
                 assert_eq!(&theirs, acks, "acks are the delivered offsets");
             }
-            streams.push(seen);
+            orders.push(order);
         }
-        assert!(
-            streams.windows(2).all(|w| w[0] == w[1]),
-            "every instance sees the same order"
-        );
+        PublisherOrder::assert_same_everywhere(&orders);
         for s in &mut subs {
             s.expect_silence(QUIET).await;
         }

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use support::*;
 use switchboard::figures::{COUNTERS, Feed, Kind};
 
-/// JSON keys without a Prometheus series (see `src/metrics/table.rs`).
+/// JSON keys without a Prometheus series (see `src/figures/table.rs`).
 const JSON_ONLY: [&str; 5] = [
     "apiErrors",
     "apiRequests",

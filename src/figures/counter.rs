@@ -18,7 +18,7 @@ use crate::metrics::{
 /// One figure the server exposes, declared once in
 /// [`COUNTERS`](super::COUNTERS) and rendered from there by `/metrics`,
 /// `/metrics/prometheus` and the dashboard's `sys:metrics` feed.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct Counter {
     /// Key in the `/metrics` JSON; a dot nests (`memoryUsage.rss`).
     /// `None`: not in the JSON.

@@ -6,6 +6,14 @@
 //! the `sys:metrics` channel from it, so the three cannot drift apart
 //! (`tests/metrics.rs`). It reads the node, so it sits above it; the
 //! counters themselves stay in `metrics`, below the node.
+//!
+//! # Files
+//!
+//! * `table.rs`: [`COUNTERS`], joined from its parts.
+//! * `proxy.rs`: the backend proxies' part of it and their constructors.
+//! * `counter.rs`: what one entry declares ([`Counter`]) and reads.
+//! * `json.rs`, `feed.rs`: the `/metrics` JSON and the `sys:metrics` feed.
+//! * `tests.rs`: the table's own consistency.
 
 pub mod counter;
 pub mod feed;

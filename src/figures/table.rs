@@ -34,8 +34,34 @@ fn events(node: &Node, f: fn(&EventStats) -> &AtomicU64) -> Value<'_> {
 }
 
 /// Every figure, in the order of `/metrics/prometheus` (the JSON sorts its
-/// keys).
-pub const COUNTERS: &[Counter] = &[
+/// keys): the backend proxies' figures ([`proxy::FIGURES`]) sit between
+/// [`BEFORE_PROXIES`] and [`AFTER_PROXIES`].
+pub const COUNTERS: &[Counter] = &joined::<
+    { BEFORE_PROXIES.len() + proxy::FIGURES.len() + AFTER_PROXIES.len() },
+>([BEFORE_PROXIES, proxy::FIGURES, AFTER_PROXIES]);
+
+/// `parts`, one after the other, as one array (a const slice cannot be
+/// spliced into another's literal). `N` is their total length.
+const fn joined<const N: usize>(parts: [&[Counter]; 3]) -> [Counter; N] {
+    let mut out = [parts[0][0]; N];
+    let mut i = 0;
+    let mut p = 0;
+    while p < parts.len() {
+        let mut j = 0;
+        while j < parts[p].len() {
+            out[i] = parts[p][j];
+            i += 1;
+            j += 1;
+        }
+        p += 1;
+    }
+    assert!(i == N, "N is the parts' total length");
+    out
+}
+
+/// The figures before the backend proxies': connections, requests,
+/// frames, queues, the bus, history, lifecycle events, latency.
+const BEFORE_PROXIES: &[Counter] = &[
     Counter {
         json: Some("handshakesThrottled"),
         prometheus: Some("switchboard_handshakes_throttled_total"),
@@ -483,142 +509,11 @@ pub const COUNTERS: &[Counter] = &[
             ("deliveryLatencyMsP99", 0.99),
         ]),
     },
-    // Backend proxies (issue 17): one line each, see `figures::proxy`.
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="connect",outcome="ok"}"#,
-        |m| &m.proxy_calls[0][0],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="connect",outcome="refused"}"#,
-        |m| &m.proxy_calls[0][1],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="connect",outcome="disconnect"}"#,
-        |m| &m.proxy_calls[0][2],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="connect",outcome="timeout"}"#,
-        |m| &m.proxy_calls[0][3],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="connect",outcome="failed"}"#,
-        |m| &m.proxy_calls[0][4],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="connect",outcome="busy"}"#,
-        |m| &m.proxy_calls[0][5],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="subscribe",outcome="ok"}"#,
-        |m| &m.proxy_calls[1][0],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="subscribe",outcome="refused"}"#,
-        |m| &m.proxy_calls[1][1],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="subscribe",outcome="disconnect"}"#,
-        |m| &m.proxy_calls[1][2],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="subscribe",outcome="timeout"}"#,
-        |m| &m.proxy_calls[1][3],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="subscribe",outcome="failed"}"#,
-        |m| &m.proxy_calls[1][4],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="subscribe",outcome="busy"}"#,
-        |m| &m.proxy_calls[1][5],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="publish",outcome="ok"}"#,
-        |m| &m.proxy_calls[2][0],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="publish",outcome="refused"}"#,
-        |m| &m.proxy_calls[2][1],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="publish",outcome="disconnect"}"#,
-        |m| &m.proxy_calls[2][2],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="publish",outcome="timeout"}"#,
-        |m| &m.proxy_calls[2][3],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="publish",outcome="failed"}"#,
-        |m| &m.proxy_calls[2][4],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="publish",outcome="busy"}"#,
-        |m| &m.proxy_calls[2][5],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="rpc",outcome="ok"}"#,
-        |m| &m.proxy_calls[3][0],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="rpc",outcome="refused"}"#,
-        |m| &m.proxy_calls[3][1],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="rpc",outcome="disconnect"}"#,
-        |m| &m.proxy_calls[3][2],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="rpc",outcome="timeout"}"#,
-        |m| &m.proxy_calls[3][3],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="rpc",outcome="failed"}"#,
-        |m| &m.proxy_calls[3][4],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="rpc",outcome="busy"}"#,
-        |m| &m.proxy_calls[3][5],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="refresh",outcome="ok"}"#,
-        |m| &m.proxy_calls[4][0],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="refresh",outcome="refused"}"#,
-        |m| &m.proxy_calls[4][1],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="refresh",outcome="disconnect"}"#,
-        |m| &m.proxy_calls[4][2],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="refresh",outcome="timeout"}"#,
-        |m| &m.proxy_calls[4][3],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="refresh",outcome="failed"}"#,
-        |m| &m.proxy_calls[4][4],
-    ),
-    proxy::calls(
-        r#"switchboard_proxy_calls_total{kind="refresh",outcome="busy"}"#,
-        |m| &m.proxy_calls[4][5],
-    ),
-    proxy::latency(r#"switchboard_proxy_latency_ms{kind="connect"}"#, |m| {
-        &m.proxy_latency[0]
-    }),
-    proxy::latency(r#"switchboard_proxy_latency_ms{kind="subscribe"}"#, |m| {
-        &m.proxy_latency[1]
-    }),
-    proxy::latency(r#"switchboard_proxy_latency_ms{kind="publish"}"#, |m| {
-        &m.proxy_latency[2]
-    }),
-    proxy::latency(r#"switchboard_proxy_latency_ms{kind="rpc"}"#, |m| {
-        &m.proxy_latency[3]
-    }),
-    proxy::latency(r#"switchboard_proxy_latency_ms{kind="refresh"}"#, |m| {
-        &m.proxy_latency[4]
-    }),
+];
+
+/// The figures after the backend proxies': the process (memory, CPU),
+/// the per-address table, the instance id, the server API.
+const AFTER_PROXIES: &[Counter] = &[
     Counter {
         json: Some("memoryUsage.rss"),
         prometheus: Some("process_resident_memory_bytes"),

@@ -3,6 +3,17 @@
 //! the operations the sessions and the HTTP handlers need.
 //!
 //! [`Node`] is a cheap handle (`Arc` inside); clone it into every task.
+//!
+//! # Files
+//!
+//! * `mod.rs`: [`Node`]'s state, start-up, registration of connections,
+//!   subscribe, unsubscribe and publish.
+//! * `messaging.rs`: messages that are not a channel's publications:
+//!   broadcast, direct to a client or to a user, the API's disconnect.
+//! * `reads.rs`: the channel reads: history, latest, position, recovery,
+//!   presence.
+//! * `inbound.rs`: `Inbound`, the handler the broker delivers to (what
+//!   arrives from the bus goes through it to the hub).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,8 +22,8 @@ use std::time::Instant;
 use serde_json::value::RawValue;
 
 use crate::broker::{
-    Broker, Control, Direct, HistoryOptions, HistoryResult, MAX_IDEMPOTENCY_KEY, NewPublication,
-    PresenceStore, PublishConditions,
+    Broker, Control, Direct, HistoryOptions, MAX_IDEMPOTENCY_KEY, NewPublication, PresenceStore,
+    PublishConditions,
 };
 use crate::config::{Config, NamespaceOptions};
 use crate::error::{ClientError, Error, ErrorCode, Result};
@@ -21,12 +32,14 @@ use crate::hub::{ClientHandle, Hub};
 use crate::ids::random_base36;
 use crate::inbox::{Delivered, Inboxes};
 use crate::metrics::Metrics;
-use crate::protocol::{self, ClientInfo, Publication, StreamPosition};
+use crate::protocol::{self, ClientInfo, StreamPosition};
 use crate::queue::Limits;
 
 use crate::protocol::USER_CHANNEL_PREFIX;
 
 mod inbound;
+mod messaging;
+mod reads;
 use inbound::Inbound;
 
 /// The `disconnect` event's code for a connection dropped without a
@@ -404,106 +417,6 @@ impl Node {
         r
     }
 
-    /// The tutorial's broadcast: every client of every instance but the
-    /// sender.
-    pub async fn broadcast(&self, sender_id: Option<Arc<str>>, data: Arc<RawValue>) -> Result<()> {
-        let r = self
-            .shared
-            .broker
-            .publish_control(Control::Broadcast {
-                sender_id,
-                data,
-                timestamp: protocol::now_ms(),
-            })
-            .await;
-        self.count_bus_error(r)
-    }
-
-    /// A message for one client, wherever it is connected.
-    pub async fn direct(
-        &self,
-        sender_id: Option<Arc<str>>,
-        target_id: &str,
-        data: Arc<RawValue>,
-    ) -> Result<()> {
-        if let Some(sender) = &sender_id {
-            if let Some(r) = self.shared.hub.direct_here(sender, target_id, &data) {
-                return Ok(r?);
-            }
-        }
-        let r = self
-            .shared
-            .broker
-            .direct(Direct {
-                target_id: target_id.into(),
-                sender_id,
-                data,
-                timestamp: protocol::now_ms(),
-                disconnect: None,
-                sse: None,
-            })
-            .await;
-        let delivered = self.count_bus_error(r)?;
-        if !delivered {
-            return Err(ClientError::new(
-                ErrorCode::UnknownTarget,
-                format!("no client with id {target_id:?} is connected"),
-            )
-            .into());
-        }
-        Ok(())
-    }
-
-    /// Close the connection of `client_id`, wherever it is connected, with
-    /// `code` and `reason`; false when no instance holds it.
-    pub async fn disconnect_client(
-        &self,
-        client_id: &str,
-        code: u16,
-        reason: String,
-    ) -> Result<bool> {
-        self.shared
-            .broker
-            .direct(Direct {
-                target_id: client_id.into(),
-                sender_id: None,
-                data: Arc::from(RawValue::NULL.to_owned()),
-                timestamp: protocol::now_ms(),
-                disconnect: Some(crate::broker::DisconnectOrder { code, reason }),
-                sse: None,
-            })
-            .await
-    }
-
-    /// A message for every connection of `user_id`, on every instance. At
-    /// most once, and not an error when the user has no connection.
-    pub async fn direct_user(
-        &self,
-        sender_id: Option<Arc<str>>,
-        user_id: &str,
-        data: Arc<RawValue>,
-    ) -> Result<()> {
-        let r = self
-            .shared
-            .broker
-            .publish(
-                &user_channel(user_id),
-                NewPublication {
-                    data,
-                    sender_id,
-                    timestamp: protocol::now_ms(),
-                    conditions: PublishConditions::default(),
-                },
-                HistoryOptions {
-                    size: 0,
-                    ttl: std::time::Duration::from_secs(1),
-                },
-            )
-            .await
-            .map(|_| ());
-        self.count_bus_error(r)
-    }
-
     /// Subscribe a local client: the hub index, the bus (first local
     /// subscriber), presence and the `join` event. `opts` are the
     /// channel's, from [`Node::channel`].
@@ -603,94 +516,6 @@ impl Node {
         let position = self.count_bus_error(r)?;
         Metrics::inc(&self.shared.metrics.publications);
         Ok(position)
-    }
-
-    /// Publications after `since` (at most `limit`; with `newest_first`
-    /// the newest ones, newest first) and the channel's top.
-    pub async fn history(
-        &self,
-        channel: Channel<'_>,
-        since: Option<&StreamPosition>,
-        limit: Option<usize>,
-        newest_first: bool,
-    ) -> Result<HistoryResult> {
-        let Channel { name, opts } = channel;
-        if opts.history_size == 0 {
-            return Err(ClientError::new(
-                ErrorCode::HistoryDisabled,
-                format!("history is off for {name:?}"),
-            )
-            .into());
-        }
-        let limit = limit.unwrap_or(opts.history_size).min(opts.history_size);
-        let broker = &self.shared.broker;
-        let history = Self::history_options(opts);
-        if newest_first {
-            broker.history_newest(name, since, limit, history).await
-        } else {
-            broker.history(name, since, limit, history).await
-        }
-    }
-
-    /// The channel's newest retained publication (none or one) and its
-    /// top: what a last-value channel shows a new subscriber.
-    pub async fn latest(&self, channel: Channel<'_>) -> Result<(Vec<Publication>, StreamPosition)> {
-        let h = self
-            .shared
-            .broker
-            .history_newest(channel.name, None, 1, Self::history_options(channel.opts))
-            .await?;
-        Ok((h.publications, h.top))
-    }
-
-    /// The channel's current top.
-    pub async fn position(&self, channel: Channel<'_>) -> Result<StreamPosition> {
-        let h = self
-            .shared
-            .broker
-            .history(channel.name, None, 0, Self::history_options(channel.opts))
-            .await?;
-        Ok(h.top)
-    }
-
-    /// Whether `channel` has a stream (its top offset is above 0). A read
-    /// that creates nothing: the creation limit asks it before a publish.
-    pub async fn channel_exists(&self, channel: Channel<'_>) -> Result<bool> {
-        Ok(self.position(channel).await?.offset > 0)
-    }
-
-    /// Everything published after `since`, if the history still holds all
-    /// of it: `(publications, top, true)`; otherwise `(vec![], top, false)`
-    /// — nothing partial is passed off as complete.
-    pub async fn recover(
-        &self,
-        channel: Channel<'_>,
-        since: &StreamPosition,
-    ) -> Result<(Vec<Publication>, StreamPosition, bool)> {
-        let Channel { name, opts } = channel;
-        let h = self
-            .shared
-            .broker
-            .history(name, Some(since), usize::MAX, Self::history_options(opts))
-            .await?;
-        if opts.history_size > 0 && h.covers(since, None) {
-            Ok((h.publications, h.top, true))
-        } else {
-            Ok((Vec::new(), h.top, false))
-        }
-    }
-
-    /// Members of `channel` on every instance.
-    pub async fn presence(&self, channel: Channel<'_>) -> Result<Vec<ClientInfo>> {
-        let Channel { name, opts } = channel;
-        if !opts.presence {
-            return Err(ClientError::new(
-                ErrorCode::PresenceDisabled,
-                format!("presence is off for {name:?}"),
-            )
-            .into());
-        }
-        self.shared.presence.members(name).await
     }
 
     /// Release the bus (and stop delivering events).
