@@ -2,7 +2,7 @@
 //! bus; otherwise the gossiped client directory (kept by
 //! [`presence`](super::presence), read by [`Inner::locate`]) names the
 //! instance to address, and a target it does not know yet is asked for
-//! over the topic, waiting at most [`DIRECT_ACK_WAIT`] for the holder's
+//! over the control topic, waiting at most [`DIRECT_ACK_WAIT`] for the holder's
 //! acknowledgement.
 
 use std::sync::Arc;

@@ -210,10 +210,12 @@ impl Inner {
         self.spawn_send(format!("c:{channel}"), body);
     }
 
-    /// A sequencer's answer: merged here if it answers our fetch.
+    /// A sequencer's (`(id, boot)`) answer: merged here if it answers our
+    /// fetch; the sequencer is then known here.
     pub(super) fn on_backfill(
         &self,
         channel: &Arc<str>,
+        sequencer: (Arc<str>, Arc<str>),
         of: (Arc<str>, u64),
         epoch: Arc<str>,
         top: u64,
@@ -239,6 +241,9 @@ impl Inner {
             if let Some(log) = st.logs.get_mut(channel) {
                 // A claim seen meanwhile is newer than the answer.
                 if !log.claimed || log.epoch.as_ref() == Some(&epoch) {
+                    if !log.claimed {
+                        log.owner = Some(sequencer);
+                    }
                     log.epoch = Some(epoch);
                     log.complete = true;
                     log.fetch_failed = None;

@@ -6,21 +6,27 @@
 //!
 //! # Layout on Pub/Sub
 //!
-//! * One topic, `config.pubsub_topic` (created at start if missing), shared
-//!   by every instance.
-//! * One subscription per instance, `config.pubsub_subscription`, with
-//!   message ordering on, a 10 s ack deadline, 10 min message retention and
-//!   a 1 day inactivity expiry (so a crashed instance's subscription goes
-//!   away by itself). A stale subscription of the same name is deleted and
-//!   recreated at start (its backlog belongs to a previous incarnation); it
-//!   is deleted on clean shutdown ([`Broker::close`]).
+//! * A control topic, `config.pubsub_topic` (created at start if missing),
+//!   shared by every instance and read by every instance: broadcast,
+//!   direct messages, the presence gossip (ordering keys `s:<sender>` and
+//!   `m:<instance>`).
+//! * `config.pubsub_shards` channel topics, `<topic>-c<k>` (see
+//!   [`shards`]): everything about a channel travels on the topic of its
+//!   shard under the ordering key `c:<channel>` (publication requests, the
+//!   sequencer's claims and numbered copies, join/leave, history fetches).
+//!   An instance subscribes to a shard only while it needs it.
+//! * One subscription per instance and topic it reads:
+//!   `config.pubsub_subscription` for the control topic, `<it>-c<k>` for a
+//!   shard; message ordering on, a 10 s ack deadline, 10 min message
+//!   retention and a 1 day inactivity expiry (so a crashed instance's
+//!   subscriptions go away by themselves). A stale subscription of the same
+//!   name is deleted and recreated when opened (its backlog belongs to a
+//!   previous incarnation); they are deleted on clean shutdown
+//!   ([`Broker::close`]), a shard's also when the instance leaves it.
 //! * Every message is one JSON [`Wire`] envelope in `data`: the source
 //!   instance id, a boot id (random per process start) and a per-boot
 //!   counter, which together name the message for de-duplication, and the
-//!   body. Ordering keys: `c:<channel>` for everything about a channel
-//!   (publication requests, the sequencer's claims and numbered copies,
-//!   join/leave), `s:<sender>` for broadcast and direct (per-sender order),
-//!   `m:<instance>` for membership announcements.
+//!   body.
 //! * `PUBSUB_EMULATOR_HOST` is honoured; `pubsub://PROJECT?emulator=HOST:PORT`
 //!   overrides it (several emulators in one test process). Without an
 //!   emulator the client authenticates with Application Default
@@ -30,20 +36,26 @@
 //!
 //! * **A sequencer per channel: one numbering everywhere.** Pub/Sub has no
 //!   global sequencer, so one instance numbers each channel (see
-//!   [`sequencer`]): a publish goes on the topic as a request; the
-//!   channel's sequencer assigns `(epoch, offset)` in its stream and
+//!   [`sequencer`]): a publish goes on the channel's shard as a request;
+//!   the channel's sequencer assigns `(epoch, offset)` in its stream and
 //!   publishes the numbered copy (same ordering key); every instance
-//!   stores the numbered copies of every channel in its history (the
+//!   reading the shard stores the numbered copies in its history (the
 //!   bounded `broker::history` store, under the sequencer's positions) and
 //!   hands them to its subscribers. Epochs are `<sequencer id>.<random>`.
-//!   The sequencer is chosen by rendezvous hashing of the channel over the
-//!   live instances when the channel has none, claims it on the channel's
-//!   log, and keeps it while it lives (a joining instance takes nothing);
-//!   when it dies (silent for `presence_ttl`, restarted) or cannot continue
-//!   (a send failed), the next request makes a live instance claim the
-//!   channel in a new epoch. The cost: one more bus hop per publish (the
-//!   request, then the copy), and every instance still receives every
-//!   channel's traffic (one topic).
+//!   The instance whose own publish finds the channel without a live
+//!   sequencer claims it on the channel's log and keeps it while it lives
+//!   (a joining instance takes nothing), advertising it on the control
+//!   topic; when it dies (silent for `presence_ttl`, restarted) or cannot
+//!   continue (a send failed), the next publish claims the channel in a
+//!   new epoch. The cost: one more bus hop per publish (the request, then
+//!   the copy).
+//! * **Only what an instance needs.** Channels are spread over
+//!   `pubsub_shards` topics; an instance reads a shard while a local
+//!   client subscribes to one of its channels, while it publishes to or
+//!   reads the history of one (for the call), and while it sequences one;
+//!   it leaves a shard nothing has needed for `presence_ttl` (see
+//!   [`shards`]). Serving 1 of 100 busy channels with 32 shards, it
+//!   receives the traffic of about three channels, not a hundred.
 //! * **Own messages: the round trip, exactly once.** An instance does not
 //!   deliver its own messages at publish time: everything (publications,
 //!   broadcast, join/leave) reaches the local clients through the
@@ -67,22 +79,23 @@
 //!   first publication holds a placeholder epoch of its instance, which
 //!   the sequencer's stream does not continue (`recovered:false` if it
 //!   leaves before the first publication and comes back).
-//! * **Recovery on any instance, while history holds.** Every instance
-//!   holds every channel's numbered copies since it started, so a client
-//!   that moves to another instance resumes exactly (`recovered:true`,
-//!   nothing missing, nothing twice). Where the instance cannot prove the
-//!   range complete it answers `recovered:false`, never a partial replay:
-//!   the position is in an epoch ended by a change of sequencer, or
-//!   before what this instance holds (it started, or restarted, later than
-//!   the position, or its subscription was recreated), or trimmed.
-//!   Instances do not fetch missing ranges from each other (yet).
+//! * **Recovery on any instance, while history holds.** An instance holds
+//!   the numbered copies of the channels of the shards it reads; one new
+//!   to a channel (it just started reading the shard) fills its history
+//!   from the channel's sequencer before answering a read (see [`fetch`]),
+//!   so a client that moves to another instance resumes exactly
+//!   (`recovered:true`, nothing missing, nothing twice). Where the
+//!   instance cannot prove the range complete it answers
+//!   `recovered:false`, never a partial replay: the position is in an
+//!   epoch ended by a change of sequencer, or the sequencer did not answer
+//!   in time, or the range was trimmed.
 //! * **Idempotency keys and expected offsets** are not checked by the
 //!   sequencer: both are refused (`unsupported`).
 //! * **Direct.** A local target is served without the bus. Otherwise the
 //!   client directory (below) names the instance holding the target: the
-//!   message goes over the topic addressed to it and `direct` returns
+//!   message goes over the control topic addressed to it and `direct` returns
 //!   `true` at once. A target the directory does not know (it may have
-//!   connected a few milliseconds ago) is asked for over the topic with an
+//!   connected a few milliseconds ago) is asked for over the control topic with an
 //!   acknowledgement request; no acknowledgement within
 //!   [`DIRECT_ACK_WAIT`] is `unknown_target`. A target that leaves while a
 //!   message is in flight loses it, as on one instance.
@@ -109,43 +122,53 @@
 //! down; `busUp` follows [`Broker::is_ready`]: the receive stream is up
 //! and the last publish succeeded. The receive loop reconnects with
 //! backoff (`broker::retry::Backoff`: 100 ms doubling to 2 s, no jitter),
-//! recreates the topic and subscription if they are gone, and says hello
+//! recreates the topic and subscription if they are gone (each subscription separately), and says hello
 //! again. Local clients keep being served meanwhile (new connections are
 //! refused: they cannot be registered).
 //!
 //! * If the subscription survived (a network partition), Pub/Sub kept the
 //!   messages: they arrive after the reconnection, in order, no gap.
 //! * If it had to be recreated (an emulator restart, expiry), messages may
-//!   have been lost: the local history and channel logs are forgotten (the
-//!   next copies start the streams again where they are, so no recovery
-//!   spans the hole), the channels this instance sequenced are claimed
-//!   again in a new epoch by their next request, and the subscribers of
-//!   every local channel are asked to reconnect
-//!   ([`BrokerHandler::resync_failed`]); they get `recovered:false` rather
-//!   than a silent gap. A numbered copy that skips offsets of its epoch
-//!   (publications lost on the way here) does the same for its channel.
+//!   have been lost: for a shard, the local history and channel logs of its
+//!   channels are forgotten (the next copies start the streams again where
+//!   they are, so no recovery spans the hole), the channels this instance
+//!   sequenced there are claimed again in a new epoch by their next
+//!   request, and the subscribers of its local channels are asked to
+//!   reconnect ([`BrokerHandler::resync_failed`]); they get
+//!   `recovered:false` rather than a silent gap. A numbered copy that skips
+//!   offsets of its epoch (publications lost on the way here) does the
+//!   same for its channel.
 //! * In both cases the local history after each subscribed channel's last
 //!   delivered position ([`BrokerHandler::positions`]) is replayed (sessions
 //!   drop what they already have).
 //!
 //! # Where things are
 //!
-//! * `mod.rs` (here): the `Wire` envelope and its bodies, the state shared
+//! * `wire.rs`: the `Wire` envelope and its bodies;
+//! * `mod.rs` (here): the state shared
 //!   by everything (`Inner`), [`connect`], and the [`Broker`] and
 //!   [`PresenceStore`] impls, which delegate;
-//! * `supervise.rs`: the client, topic and subscription, the streaming pull,
-//!   the receive loop (de-duplication, dispatch), acknowledgements,
+//! * `supervise.rs`: the client, topics and subscriptions, the streaming
+//!   pulls, the receive loops (de-duplication, dispatch), acknowledgements,
 //!   reconnection with backoff, readiness and shutdown;
-//! * `publish.rs`: sending on the topic (ordering keys, failure counting),
+//! * `shards.rs`: which shard a channel travels on, opening a shard when
+//!   needed and leaving it when not;
+//! * `fetch.rs`: filling an instance's history from the channel's
+//!   sequencer;
+//! * `publish.rs`: sending on the topics (the route, ordering keys, failure counting),
 //!   publication requests and their round trip, control messages, and the
 //!   dispatch of channel messages;
+//! * `claims.rs`: claiming a channel (when, by whom), claims and releases
+//!   read from the log;
 //! * `sequencer.rs`: the per-channel logs (claims, numbered copies, which
 //!   are accepted), numbering as a sequencer, claiming a channel without
 //!   one;
-//! * `presence.rs`: the gossip of memberships and of the client directory,
-//!   its acknowledgements, the heartbeat and the expiry of silent instances;
+//! * `presence.rs`: the gossip of memberships, of the client directory and
+//!   of who sequences what, its acknowledgements, the heartbeat and the
+//!   expiry of silent instances;
 //! * `direct.rs`: direct messages (the directory lookup and the ask).
 
+mod claims;
 mod direct;
 mod fetch;
 mod presence;
@@ -155,6 +178,7 @@ mod shards;
 mod supervise;
 #[cfg(test)]
 mod tests;
+mod wire;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -167,8 +191,6 @@ use gcloud_gax::retry::RetrySetting;
 use gcloud_pubsub::client::Client;
 use gcloud_pubsub::publisher::{Publisher, PublisherConfig};
 use gcloud_pubsub::subscription::Subscription;
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -180,13 +202,14 @@ use super::{
 };
 use crate::config::Config;
 use crate::error::{ClientError, Error, ErrorCode, Result};
-use crate::protocol::{ClientInfo, Publication, StreamPosition};
+use crate::protocol::{ClientInfo, StreamPosition};
 use crate::sync::MutexExt;
 use fetch::Fetches;
 use presence::{Local, PendingAcks, Remote};
 use sequencer::Sequencer;
 use shards::Shard;
 use supervise::{Seen, connect_inner};
+use wire::{Body, Wire};
 
 /// Longest the start-up may take to reach Pub/Sub (connect, topic,
 /// subscription, first stream).
@@ -273,144 +296,6 @@ enum Route {
     Control,
     /// A channel shard (see [`shards`]).
     Shard(u16),
-}
-
-/// The envelope of every message on the topic (JSON in `data`).
-#[derive(Debug, Serialize, Deserialize)]
-struct Wire {
-    /// Source instance id.
-    src: Arc<str>,
-    /// Source boot id: tells a restarted instance from its predecessor.
-    boot: Arc<str>,
-    /// Per-boot counter; `(boot, id)` names the message for de-duplication
-    /// and lets the source match its own publications coming back.
-    id: u64,
-    /// What the message says.
-    body: Body,
-}
-
-/// Message bodies. Externally tagged, so that raw JSON payloads survive.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-enum Body {
-    /// A channel publication request, with the history options of its
-    /// namespace: numbered by the channel's sequencer (an internal
-    /// channel's is delivered as it is, at offset 0).
-    Pub {
-        channel: Arc<str>,
-        data: Arc<RawValue>,
-        sender_id: Option<Arc<str>>,
-        timestamp: u64,
-        size: usize,
-        ttl_ms: u64,
-    },
-    /// The sequencer's numbered copy of the request `(req_boot, req_id)`.
-    Seq {
-        channel: Arc<str>,
-        epoch: Arc<str>,
-        offset: u64,
-        req_boot: Arc<str>,
-        req_id: u64,
-        data: Arc<RawValue>,
-        sender_id: Option<Arc<str>>,
-        timestamp: u64,
-        size: usize,
-        ttl_ms: u64,
-    },
-    /// The source sequences `channel` from here on, in `epoch`.
-    Claim { channel: Arc<str>, epoch: Arc<str> },
-    /// The source no longer sequences `channel`.
-    Release { channel: Arc<str> },
-    /// The tutorial's broadcast.
-    Broadcast {
-        sender_id: Option<Arc<str>>,
-        data: Arc<RawValue>,
-        timestamp: u64,
-    },
-    /// Presence join/leave events (`join` false: leave).
-    JoinLeave {
-        join: bool,
-        channel: Arc<str>,
-        info: ClientInfo,
-    },
-    /// A direct message; `to` is the holding instance when the directory
-    /// knew it; `ack` asks the holder to acknowledge.
-    Direct {
-        direct: Direct,
-        to: Option<Arc<str>>,
-        ack: bool,
-    },
-    /// The holder of a direct target acknowledges `(to_boot, of)`.
-    DirectAck { to_boot: Arc<str>, of: u64 },
-    /// One membership change of the source: a client (channel `None`) or a
-    /// channel member came (`present`) or went.
-    Member {
-        ver: u64,
-        channel: Option<Arc<str>>,
-        info: ClientInfo,
-        present: bool,
-        ack: bool,
-    },
-    /// An instance applied the membership change `(to_boot, of)`.
-    MemberAck { to_boot: Arc<str>, of: u64 },
-    /// The source's complete state at version `ver`; also its heartbeat.
-    Snapshot {
-        ver: u64,
-        clients: Vec<Arc<str>>,
-        members: Vec<(Arc<str>, Vec<ClientInfo>)>,
-        /// The channels it sequences, with their epochs.
-        #[serde(default)]
-        sequenced: Vec<(Arc<str>, Arc<str>)>,
-    },
-    /// The source sequences `of` in `epoch` from now on (`None`: no
-    /// longer); at version `ver` of its state. Advertised on the control
-    /// topic so that every instance knows whom a history fetch can reach.
-    Sequences {
-        ver: u64,
-        of: Arc<str>,
-        epoch: Option<Arc<str>>,
-    },
-    /// A new (or reconnected) instance: everyone announce yourselves.
-    Hello,
-    /// The first message of a shard's stream (see `open_stream`); ignored.
-    Ping { shard: u16 },
-    /// Asks the channel's sequencer for the history it retains (with the
-    /// namespace's options); answered by a `Backfill` on the same ordering
-    /// key, after every copy numbered before it (see [`fetch`]).
-    Fetch {
-        channel: Arc<str>,
-        size: usize,
-        ttl_ms: u64,
-    },
-    /// The sequencer's answer to the fetch `(to_boot, of)`: its epoch, its
-    /// top and the newest retained publications that fit in one message.
-    Backfill {
-        channel: Arc<str>,
-        to_boot: Arc<str>,
-        of: u64,
-        epoch: Arc<str>,
-        top: u64,
-        publications: Vec<Publication>,
-    },
-    /// Clean shutdown: forget the source now.
-    Bye,
-}
-
-impl Body {
-    /// The channel a channel message is about (it travels on the
-    /// channel's shard).
-    fn channel(&self) -> Option<&str> {
-        match self {
-            Body::Pub { channel, .. }
-            | Body::Seq { channel, .. }
-            | Body::Claim { channel, .. }
-            | Body::Release { channel }
-            | Body::JoinLeave { channel, .. }
-            | Body::Fetch { channel, .. }
-            | Body::Backfill { channel, .. } => Some(channel),
-            _ => None,
-        }
-    }
 }
 
 /// Ack ids of messages received on a subscription.

@@ -328,7 +328,14 @@ impl Inner {
                 epoch,
                 top,
                 publications,
-            } => self.on_backfill(&channel, (to_boot, of), epoch, top, publications),
+            } => self.on_backfill(
+                &channel,
+                (wire.src, wire.boot),
+                (to_boot, of),
+                epoch,
+                top,
+                publications,
+            ),
             Body::Release { channel } => self.on_release(&channel, &wire.src, &wire.boot),
             Body::Broadcast {
                 sender_id,

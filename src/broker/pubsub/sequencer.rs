@@ -34,17 +34,22 @@
 //! requests it sees until a numbered copy answers them, so a dead
 //! sequencer's unanswered requests are numbered too) once its claim comes
 //! back. A publisher always reads the channel's shard, so the claimer
-//! always sees the channel's log; an instance whose subscription to the
-//! shard is younger than `presence_ttl` may not know the sequencer yet,
-//! so it waits [`CLAIM_WAIT`] for an answer before it claims. Channels stay
-//! with their sequencer while it lives, so membership changes cost no
-//! epoch change; the death of a sequencer does (clients spanning it get
-//! `recovered:false`), and two publishers that claim at once cost one more
-//! (the last claim wins; the first claimer's copies sent after it are
-//! refused everywhere and their requests numbered by the winner).
+//! always sees the channel's log. Sequencers are advertised on the control
+//! topic (gossip, see [`presence`](super::presence)), so an instance new to
+//! a shard knows them; one that started less than two [`CLAIM_WAIT`]s ago
+//! may not have heard them yet, so it waits [`CLAIM_WAIT`] for an answer
+//! before it claims a channel it knows nothing of. Channels stay with
+//! their sequencer while it lives, so membership changes cost no epoch
+//! change; the death of a sequencer does (clients spanning it get
+//! `recovered:false`). Its publishers then claim after a random wait of up
+//! to half a [`CLAIM_WAIT`], so that one usually claims alone; two claims
+//! at once cost one more epoch (the last claim wins; the first claimer's
+//! copies sent after it are refused everywhere and their requests
+//! numbered by the winner).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::value::RawValue;
 use tokio::time::Instant;
@@ -66,7 +71,7 @@ pub const MAX_OUTBOX: usize = 10_000;
 const BATCH: usize = 100;
 /// How long a publisher's instance waits for someone to claim the channel
 /// of its request before it claims it itself.
-pub const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_millis(1000);
+pub const CLAIM_WAIT: Duration = Duration::from_millis(1000);
 
 /// A publication request as the sequencer keeps it.
 #[derive(Debug, Clone)]
@@ -86,20 +91,20 @@ pub(super) struct ChanLog {
     /// The channel's epoch per the log.
     pub(super) epoch: Option<Arc<str>>,
     /// Its sequencer per the log: instance id and boot.
-    owner: Option<(Arc<str>, Arc<str>)>,
+    pub(super) owner: Option<(Arc<str>, Arc<str>)>,
     /// Learned from a claim; otherwise adopted from numbered copies.
     pub(super) claimed: bool,
     /// As the sequencer: the last offset assigned.
-    assigned: u64,
+    pub(super) assigned: u64,
     /// As the sequencer: a send failed (copies may be lost), so this epoch
     /// ends; the next request claims again.
-    broken: bool,
+    pub(super) broken: bool,
     /// Requests kept while our claim travels.
-    buffer: VecDeque<(Instant, Request)>,
+    pub(super) buffer: VecDeque<(Instant, Request)>,
     /// The epoch of our claim in flight.
-    claiming: Option<Arc<str>>,
+    pub(super) claiming: Option<Arc<str>>,
     /// Last message of the channel, for the idle expiry.
-    touched: Instant,
+    pub(super) touched: Instant,
     /// This instance holds every numbered copy of `epoch` that its
     /// sequencer still retains: it saw the claim, or filled its history
     /// from the sequencer ([`fetch`](super::fetch)). Reads are then
@@ -111,7 +116,7 @@ pub(super) struct ChanLog {
 }
 
 impl ChanLog {
-    fn new(now: Instant) -> ChanLog {
+    pub(super) fn new(now: Instant) -> ChanLog {
         ChanLog {
             epoch: None,
             owner: None,
@@ -134,12 +139,12 @@ pub(super) struct Sequencer {
     pub(super) logs: HashMap<Arc<str>, ChanLog>,
     /// Channel → numbered copies to send, in offset order; a channel is
     /// present while its sender task runs.
-    outbox: HashMap<Arc<str>, VecDeque<(u64, Body)>>,
+    pub(super) outbox: HashMap<Arc<str>, VecDeque<(u64, Body)>>,
 }
 
 impl Inner {
     /// The live instances, this one included: id and boot.
-    fn live(&self, now: Instant) -> Vec<(Arc<str>, Arc<str>)> {
+    pub(super) fn live(&self, now: Instant) -> Vec<(Arc<str>, Arc<str>)> {
         let mut live = vec![(self.me.clone(), self.boot.clone())];
         for (id, r) in self.remotes.lock_unpoisoned().iter() {
             if self.alive(r, now) {
@@ -149,7 +154,7 @@ impl Inner {
         live
     }
 
-    fn new_epoch(&self) -> Arc<str> {
+    pub(super) fn new_epoch(&self) -> Arc<str> {
         format!("{}.{}", self.me, random_base36(10)).into()
     }
 
@@ -172,7 +177,7 @@ impl Inner {
 
     /// Forget channels idle for [`STREAM_IDLE_EXPIRY`] (with `full`, also
     /// the least recently used eighth); ours are released on the log.
-    fn evict(self: &Arc<Self>, st: &mut Sequencer, now: Instant, full: bool) {
+    pub(super) fn evict(self: &Arc<Self>, st: &mut Sequencer, now: Instant, full: bool) {
         let mut idle: Vec<(Instant, Arc<str>)> = st
             .logs
             .iter()
@@ -194,36 +199,6 @@ impl Inner {
                 self.advertise(&channel, None);
                 self.spawn_send(format!("c:{channel}"), Body::Release { channel });
             }
-        }
-    }
-
-    /// The idle expiry, from the heartbeat. Also claims the channels
-    /// whose sequencer died with a request of ours unanswered.
-    pub(super) fn sweep_sequencer(self: &Arc<Self>, now: Instant) {
-        let live = self.live(now);
-        let orphans: Vec<Arc<str>> = {
-            let mut st = self.sequencer.lock_unpoisoned();
-            self.evict(&mut st, now, false);
-            let pending = self.pending.lock_unpoisoned();
-            st.logs
-                .iter()
-                .filter(|(_, log)| {
-                    let ours_waiting = log.buffer.iter().any(|(t, r)| {
-                        r.boot == self.boot
-                            && pending.contains_key(&r.id)
-                            && now.duration_since(*t) <= ROUND_TRIP_TIMEOUT
-                    });
-                    let owner_live = log
-                        .owner
-                        .as_ref()
-                        .is_some_and(|(id, boot)| live.iter().any(|(i, b)| i == id && b == boot));
-                    ours_waiting && log.claiming.is_none() && !owner_live
-                })
-                .map(|(c, _)| c.clone())
-                .collect()
-        };
-        for channel in orphans {
-            self.claim(&channel);
         }
     }
 
@@ -254,7 +229,7 @@ impl Inner {
     }
 
     /// Number `req` as the sequencer of `channel` and queue its copy.
-    fn assign(self: &Arc<Self>, st: &mut Sequencer, channel: &Arc<str>, req: Request) {
+    pub(super) fn assign(self: &Arc<Self>, st: &mut Sequencer, channel: &Arc<str>, req: Request) {
         let Some(log) = st.logs.get_mut(channel) else {
             return;
         };
@@ -334,7 +309,7 @@ impl Inner {
         let own = req.boot == self.boot;
         let id = req.id;
         let mut claim = false;
-        let mut wait = false;
+        let mut wait = None;
         {
             let mut st = self.sequencer.lock_unpoisoned();
             let log = self.log(&mut st, channel, now);
@@ -367,7 +342,10 @@ impl Inner {
                     // them all yet, so it waits a moment for one to answer
                     // before it claims.
                     if log.owner.is_none() && !log.claimed && self.settling(now) {
-                        wait = true;
+                        wait = Some(CLAIM_WAIT);
+                    } else if log.owner.is_some() {
+                        // Its sequencer died: other publishers may claim too.
+                        wait = Some(Self::jitter());
                     } else {
                         claim = true;
                     }
@@ -376,117 +354,8 @@ impl Inner {
         }
         if claim {
             self.claim(channel);
-        } else if wait {
-            let inner = self.clone();
-            let channel = channel.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(CLAIM_WAIT).await;
-                let pending = inner.pending.lock_unpoisoned().contains_key(&id);
-                let now = Instant::now();
-                let live = inner.live(now);
-                let unowned = {
-                    let st = inner.sequencer.lock_unpoisoned();
-                    st.logs.get(&channel).is_some_and(|log| {
-                        !log.owner.as_ref().is_some_and(|(id, boot)| {
-                            live.iter().any(|(i, b)| i == id && b == boot)
-                        })
-                    })
-                };
-                if pending && unowned {
-                    inner.claim(&channel);
-                }
-            });
-        }
-    }
-
-    /// Claim `channel` (unless a claim of ours is on the way).
-    fn claim(self: &Arc<Self>, channel: &Arc<str>) {
-        let epoch = {
-            let mut st = self.sequencer.lock_unpoisoned();
-            let Some(log) = st.logs.get_mut(channel) else {
-                return;
-            };
-            if log.claiming.is_some() {
-                return;
-            }
-            let epoch = self.new_epoch();
-            log.claiming = Some(epoch.clone());
-            epoch
-        };
-        let inner = self.clone();
-        let channel = channel.clone();
-        tokio::spawn(async move {
-            let key = format!("c:{channel}");
-            let body = Body::Claim {
-                channel: channel.clone(),
-                epoch,
-            };
-            if let Err(e) = inner.send(key, body).await {
-                tracing::warn!(error = %e, %channel, "pub/sub claim not sent");
-                let mut st = inner.sequencer.lock_unpoisoned();
-                if let Some(log) = st.logs.get_mut(&channel) {
-                    log.claiming = None;
-                }
-            }
-        });
-    }
-
-    /// A claim from the log: `src`/`boot` sequences `channel` from here on.
-    pub(super) fn on_claim(
-        self: &Arc<Self>,
-        channel: &Arc<str>,
-        epoch: Arc<str>,
-        src: Arc<str>,
-        boot: Arc<str>,
-    ) {
-        let now = Instant::now();
-        let mut st = self.sequencer.lock_unpoisoned();
-        let log = self.log(&mut st, channel, now);
-        let was_mine = self.owns(log);
-        log.epoch = Some(epoch.clone());
-        let own = src == self.me && boot == self.boot;
-        log.owner = Some((src, boot));
-        log.claimed = true;
-        log.complete = true;
-        log.assigned = 0;
-        log.broken = false;
-        if own {
-            if log.claiming.as_ref() == Some(&epoch) {
-                log.claiming = None;
-            }
-            // Every request still unanswered, in log order.
-            let buffered: Vec<Request> = log
-                .buffer
-                .drain(..)
-                .filter(|(t, _)| now.duration_since(*t) <= ROUND_TRIP_TIMEOUT)
-                .map(|(_, r)| r)
-                .collect();
-            for req in buffered {
-                self.assign(&mut st, channel, req);
-            }
-            drop(st);
-            self.advertise(channel, Some(epoch));
-        } else {
-            // Superseded: our copies still on the way will be refused.
-            st.outbox.remove(channel);
-            drop(st);
-            if was_mine {
-                self.advertise(channel, None);
-            }
-        }
-    }
-
-    /// A release from the log: the channel has no sequencer any more.
-    pub(super) fn on_release(&self, channel: &Arc<str>, src: &Arc<str>, boot: &Arc<str>) {
-        let mut st = self.sequencer.lock_unpoisoned();
-        if let Some(log) = st.logs.get_mut(channel) {
-            if log
-                .owner
-                .as_ref()
-                .is_some_and(|(i, b)| i == src && b == boot)
-            {
-                log.owner = None;
-            }
+        } else if let Some(delay) = wait {
+            self.claim_later(channel, delay, Some(id));
         }
     }
 

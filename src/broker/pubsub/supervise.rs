@@ -1,5 +1,5 @@
 //! Connection and supervision: the client (emulator or Application Default
-//! Credentials), the topic and this instance's subscription (created,
+//! Credentials), the topics and this instance's subscriptions (created,
 //! replaced when stale, recreated when gone, deleted on close), the
 //! streaming pull with its hello, the receive loop (decoding,
 //! de-duplication, dispatch to publish, direct and presence), batched

@@ -80,7 +80,7 @@ fn wire_keeps_raw_payloads() {
         id: 7,
         body: Body::Pub {
             channel: "ch".into(),
-            data: serde_json::from_str::<Box<RawValue>>(r#"{"a": [1, 2]}"#)
+            data: serde_json::from_str::<Box<serde_json::value::RawValue>>(r#"{"a": [1, 2]}"#)
                 .unwrap()
                 .into(),
             sender_id: None,
