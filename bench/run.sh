@@ -28,6 +28,11 @@
 # 20,000 open-file limit (idle tops out at 19,000 connections).
 #
 # CARGO_TARGET_DIR is honoured (default: target/ at the repository root).
+#
+# Not run from here: bench/pubsub_traffic.sh [--build] measures what a
+# Pub/Sub instance receives from the bus with 1 or 32 channel shards (needs
+# the Pub/Sub emulator; about a minute; BENCHMARKS.md, "Pub/Sub: what an
+# instance receives").
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
