@@ -189,7 +189,7 @@ async fn offsets_history_size_limit_and_stale_epochs() {
     let (b, _p, rec) = broker(NATS, &prefix, "h1").await;
     // An empty channel reports a position whose epoch the first
     // publication keeps.
-    let empty = b.history("c", None, 10, OPTS).await.unwrap();
+    let empty = b.history("c", None, 10, false, OPTS).await.unwrap();
     assert_eq!(empty.top.offset, 0);
     assert!(empty.publications.is_empty());
     b.subscribe("c").await.unwrap();
@@ -215,7 +215,7 @@ async fn offsets_history_size_limit_and_stale_epochs() {
         "own publications, once, in order"
     );
 
-    let h = b.history("c", None, 100, OPTS).await.unwrap();
+    let h = b.history("c", None, 100, false, OPTS).await.unwrap();
     assert_eq!(h.top.offset, 5);
     let kept: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
     assert_eq!(kept, vec![3, 4, 5], "the namespace's size is enforced");
@@ -223,7 +223,7 @@ async fn offsets_history_size_limit_and_stale_epochs() {
         epoch: epoch.clone(),
         offset: 3,
     };
-    let h2 = b.history("c", Some(&since), 1, OPTS).await.unwrap();
+    let h2 = b.history("c", Some(&since), 1, false, OPTS).await.unwrap();
     assert_eq!(h2.publications.len(), 1);
     assert_eq!(h2.publications[0].offset, 4);
     let stale = StreamPosition {
@@ -231,7 +231,7 @@ async fn offsets_history_size_limit_and_stale_epochs() {
         offset: 1,
     };
     assert!(
-        b.history("c", Some(&stale), 100, OPTS)
+        b.history("c", Some(&stale), 100, false, OPTS)
             .await
             .unwrap()
             .publications
@@ -247,7 +247,7 @@ async fn offsets_history_size_limit_and_stale_epochs() {
     for n in 6..=45 {
         b.publish("c", new_pub(n), big).await.unwrap();
     }
-    let h = b.history("c", None, usize::MAX, big).await.unwrap();
+    let h = b.history("c", None, usize::MAX, false, big).await.unwrap();
     let all: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
     assert_eq!(all, (1..=45).collect::<Vec<_>>());
     let h = b
@@ -258,6 +258,7 @@ async fn offsets_history_size_limit_and_stale_epochs() {
                 offset: 40,
             }),
             usize::MAX,
+            false,
             big,
         )
         .await

@@ -121,19 +121,12 @@ impl Broker for MemoryBroker {
         channel: &str,
         since: Option<&StreamPosition>,
         limit: usize,
+        newest_first: bool,
         history: HistoryOptions,
     ) -> Result<HistoryResult> {
-        Ok(self.streams.read(channel, since, limit, false, history))
-    }
-
-    async fn history_newest(
-        &self,
-        channel: &str,
-        since: Option<&StreamPosition>,
-        limit: usize,
-        history: HistoryOptions,
-    ) -> Result<HistoryResult> {
-        Ok(self.streams.read(channel, since, limit, true, history))
+        Ok(self
+            .streams
+            .read(channel, since, limit, newest_first, history))
     }
 
     fn history_stats(&self) -> Option<Arc<HistoryStats>> {
@@ -243,7 +236,7 @@ mod tests {
         }
         let offsets: Vec<u64> = rec.0.lock().unwrap().iter().map(|r| r.1).collect();
         assert_eq!(offsets, vec![1, 2, 3, 4, 5]);
-        let h = b.history("c", None, 100, OPTS).await.unwrap();
+        let h = b.history("c", None, 100, false, OPTS).await.unwrap();
         assert_eq!(h.top.offset, 5);
         let kept: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
         assert_eq!(kept, vec![3, 4, 5], "trimmed to the history size");
@@ -251,18 +244,21 @@ mod tests {
             epoch: h.top.epoch.clone(),
             offset: 3,
         };
-        let h2 = b.history("c", Some(&since), 1, OPTS).await.unwrap();
+        let h2 = b.history("c", Some(&since), 1, false, OPTS).await.unwrap();
         assert_eq!(h2.publications.len(), 1);
         assert_eq!(h2.publications[0].offset, 4);
         tokio::time::advance(Duration::from_secs(11)).await;
-        let h3 = b.history("c", None, 100, OPTS).await.unwrap();
+        let h3 = b.history("c", None, 100, false, OPTS).await.unwrap();
         assert!(h3.publications.is_empty(), "expired by TTL");
         assert_eq!(h3.top.offset, 5, "the offset survives expiry");
         let stale = StreamPosition {
             epoch: "other".into(),
             offset: 1,
         };
-        let h4 = b.history("c", Some(&stale), 100, OPTS).await.unwrap();
+        let h4 = b
+            .history("c", Some(&stale), 100, false, OPTS)
+            .await
+            .unwrap();
         assert!(h4.publications.is_empty());
     }
 
@@ -290,7 +286,7 @@ mod tests {
         // A duplicate wins over a stale expectation and appends nothing.
         let again = b.publish("c", keyed(Some(0)), OPTS).await.unwrap();
         assert_eq!(again, first);
-        let h = b.history("c", None, 10, OPTS).await.unwrap();
+        let h = b.history("c", None, 10, false, OPTS).await.unwrap();
         assert_eq!(h.top.offset, 1);
         let stale = NewPublication {
             conditions: PublishConditions {
@@ -315,7 +311,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(61)).await;
         let later = b.publish("c", keyed(None), OPTS).await.unwrap();
         assert_eq!(later.offset, 2, "the window has passed");
-        let newest = b.history_newest("c", None, 1, OPTS).await.unwrap();
+        let newest = b.history("c", None, 1, true, OPTS).await.unwrap();
         let offsets: Vec<u64> = newest.publications.iter().map(|p| p.offset).collect();
         assert_eq!(offsets, vec![2]);
     }
@@ -337,11 +333,11 @@ mod tests {
     async fn reads_create_nothing_and_announce_the_first_epoch() {
         let b = MemoryBroker::new();
         b.start(Arc::new(Recorder::default())).await.unwrap();
-        let h = b.history("new", None, 10, OPTS).await.unwrap();
+        let h = b.history("new", None, 10, false, OPTS).await.unwrap();
         assert_eq!(h.top.offset, 0);
         assert!(h.publications.is_empty());
         assert_eq!(b.streams.stats().streams.load(Relaxed), 0, "nothing kept");
-        let again = b.history("new", None, 10, OPTS).await.unwrap();
+        let again = b.history("new", None, 10, false, OPTS).await.unwrap();
         assert_eq!(again.top, h.top, "the same answer every time");
         let first = b.publish("new", new_pub(), OPTS).await.unwrap();
         assert_eq!(
@@ -349,7 +345,7 @@ mod tests {
             "the epoch announced is the first one"
         );
         assert_eq!(first.offset, 1);
-        let other = b.history("other", None, 10, OPTS).await.unwrap();
+        let other = b.history("other", None, 10, false, OPTS).await.unwrap();
         assert_ne!(other.top.epoch, h.top.epoch);
     }
 
@@ -368,7 +364,7 @@ mod tests {
         assert_eq!(stats.bytes.load(Relaxed), 0);
         assert_eq!(stats.channels.load(Relaxed), 0);
         assert_eq!(stats.streams.load(Relaxed), 20, "offsets remembered");
-        let h = b.history("c3", None, 10, OPTS).await.unwrap();
+        let h = b.history("c3", None, 10, false, OPTS).await.unwrap();
         assert_eq!(h.top.offset, 1);
     }
 
@@ -388,9 +384,9 @@ mod tests {
         let stats = b.streams.stats().clone();
         assert_eq!(stats.evictions.load(Relaxed), 1);
         assert_eq!(stats.streams.load(Relaxed), 3);
-        let gone = b.history("b", None, 10, OPTS).await.unwrap();
+        let gone = b.history("b", None, 10, false, OPTS).await.unwrap();
         assert_eq!(gone.top.offset, 0, "evicted");
-        let kept = b.history("a", None, 10, OPTS).await.unwrap();
+        let kept = b.history("a", None, 10, false, OPTS).await.unwrap();
         assert_eq!(
             (kept.top.epoch.clone(), kept.top.offset),
             (a.epoch.clone(), 2)
@@ -414,7 +410,7 @@ mod tests {
             epoch: a.epoch.clone(),
             offset: 1,
         };
-        let stale = b.history("a", Some(&since), 10, OPTS).await.unwrap();
+        let stale = b.history("a", Some(&since), 10, false, OPTS).await.unwrap();
         assert!(stale.top.epoch != a.epoch || !stale.publications.is_empty());
     }
 
@@ -447,7 +443,7 @@ mod tests {
         for _ in 0..5 {
             b.publish("big", new_pub(), opts).await.unwrap();
         }
-        let h = b.history("big", None, 10, opts).await.unwrap();
+        let h = b.history("big", None, 10, false, opts).await.unwrap();
         let kept: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
         assert_eq!(kept, vec![4, 5]);
         assert_eq!(h.top.offset, 5, "same stream, same epoch");

@@ -78,7 +78,7 @@ pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 #[derive(Debug, Clone)]
 pub struct HistoryResult {
     /// Retained publications after the requested offset, oldest first
-    /// (newest first from [`Broker::history_newest`]).
+    /// (newest first with `newest_first`).
     pub publications: Vec<Publication>,
     /// The stream's current top (epoch and newest offset).
     pub top: StreamPosition,
@@ -257,34 +257,18 @@ pub trait Broker: Send + Sync + 'static {
     async fn direct(&self, direct: Direct) -> Result<bool>;
 
     /// Publications of `channel` after `since` (all retained ones without
-    /// it), at most `limit`, oldest first, and the current top. A `since`
-    /// in another epoch returns no publications and the current top.
+    /// it), at most `limit`, oldest first — or with `newest_first` the
+    /// newest `limit` of them, newest first — and the current top. A
+    /// `since` in another epoch returns no publications and the current
+    /// top.
     async fn history(
         &self,
         channel: &str,
         since: Option<&StreamPosition>,
         limit: usize,
+        newest_first: bool,
         history: HistoryOptions,
     ) -> Result<HistoryResult>;
-
-    /// The newest `limit` retained publications of `channel` after
-    /// `since` (after the oldest retained without it), **newest first**,
-    /// and the current top; none for a `since` of another epoch. The
-    /// default reads oldest first and keeps the tail; buses override it
-    /// with a read from the top.
-    async fn history_newest(
-        &self,
-        channel: &str,
-        since: Option<&StreamPosition>,
-        limit: usize,
-        history: HistoryOptions,
-    ) -> Result<HistoryResult> {
-        let mut h = self.history(channel, since, usize::MAX, history).await?;
-        let skip = h.publications.len().saturating_sub(limit);
-        h.publications.drain(..skip);
-        h.publications.reverse();
-        Ok(h)
-    }
 
     /// This instance's tag: the start of the random part of every client id
     /// it gives ([`crate::ids::client_id`]), by which the other instances

@@ -28,13 +28,11 @@ impl Node {
             .into());
         }
         let limit = limit.unwrap_or(opts.history_size).min(opts.history_size);
-        let broker = &self.shared.broker;
         let history = Self::history_options(opts);
-        if newest_first {
-            broker.history_newest(name, since, limit, history).await
-        } else {
-            broker.history(name, since, limit, history).await
-        }
+        self.shared
+            .broker
+            .history(name, since, limit, newest_first, history)
+            .await
     }
 
     /// The channel's newest retained publication (none or one) and its
@@ -43,7 +41,13 @@ impl Node {
         let h = self
             .shared
             .broker
-            .history_newest(channel.name, None, 1, Self::history_options(channel.opts))
+            .history(
+                channel.name,
+                None,
+                1,
+                true,
+                Self::history_options(channel.opts),
+            )
             .await?;
         Ok((h.publications, h.top))
     }
@@ -53,7 +57,13 @@ impl Node {
         let h = self
             .shared
             .broker
-            .history(channel.name, None, 0, Self::history_options(channel.opts))
+            .history(
+                channel.name,
+                None,
+                0,
+                false,
+                Self::history_options(channel.opts),
+            )
             .await?;
         Ok(h.top)
     }
@@ -76,7 +86,13 @@ impl Node {
         let h = self
             .shared
             .broker
-            .history(name, Some(since), usize::MAX, Self::history_options(opts))
+            .history(
+                name,
+                Some(since),
+                usize::MAX,
+                false,
+                Self::history_options(opts),
+            )
             .await?;
         if opts.history_size > 0 && h.covers(since, None) {
             Ok((h.publications, h.top, true))

@@ -524,21 +524,12 @@ impl Broker for NatsBroker {
         channel: &str,
         since: Option<&StreamPosition>,
         limit: usize,
+        newest_first: bool,
         history: HistoryOptions,
     ) -> Result<HistoryResult> {
         self.bus
-            .history(channel, since, limit, false, history)
+            .history(channel, since, limit, newest_first, history)
             .await
-    }
-
-    async fn history_newest(
-        &self,
-        channel: &str,
-        since: Option<&StreamPosition>,
-        limit: usize,
-        history: HistoryOptions,
-    ) -> Result<HistoryResult> {
-        self.bus.history(channel, since, limit, true, history).await
     }
 
     fn instance_tag(&self) -> Option<String> {

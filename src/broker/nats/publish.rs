@@ -392,7 +392,7 @@ impl Bus {
     }
 
     /// The history query of [`Broker::history`](crate::broker::Broker::history)
-    /// and, `newest_first`, of `Broker::history_newest`.
+    /// oldest or (`newest_first`) newest first.
     pub(super) async fn history(
         &self,
         channel: &str,

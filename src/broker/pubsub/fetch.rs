@@ -74,7 +74,7 @@ impl Inner {
         Ok(())
     }
 
-    /// `Broker::history` and `history_newest` (and the node's position
+    /// `Broker::history` (and the node's position
     /// reads): from the local history, filled from the sequencer first
     /// when it may lack something.
     pub(super) async fn read_history(

@@ -548,22 +548,11 @@ impl Broker for RedisBroker {
         channel: &str,
         since: Option<&StreamPosition>,
         limit: usize,
+        newest_first: bool,
         history: HistoryOptions,
     ) -> Result<HistoryResult> {
         self.inner
-            .read_history(channel, since, limit, false, history)
-            .await
-    }
-
-    async fn history_newest(
-        &self,
-        channel: &str,
-        since: Option<&StreamPosition>,
-        limit: usize,
-        history: HistoryOptions,
-    ) -> Result<HistoryResult> {
-        self.inner
-            .read_history(channel, since, limit, true, history)
+            .read_history(channel, since, limit, newest_first, history)
             .await
     }
 

@@ -141,7 +141,7 @@ impl Inner {
     }
 
     /// Read history (the shared implementation of `Broker::history` and,
-    /// `newest_first`, of `Broker::history_newest`).
+    /// `newest_first`, newest first).
     pub(super) async fn read_history(
         &self,
         channel: &str,
