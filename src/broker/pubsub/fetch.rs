@@ -48,11 +48,18 @@ pub const MAX_FETCHES: usize = 256;
 pub const FETCH_MAX_BYTES: usize = 8 << 20;
 
 /// Fetches in flight: channel → the fetch's message id, the history
-/// options it was asked with, and who waits for it.
+/// options it was asked with, and who waits for it; and when a fetch
+/// went unanswered, per channel (at most [`MAX_FAILED`], kept for
+/// [`FETCH_RETRY`]). Kept apart from the channel logs, so that reads of
+/// made-up channels cannot crowd the sequencer's table.
 #[derive(Default)]
 pub(super) struct Fetches {
     inflight: HashMap<Arc<str>, Inflight>,
+    failed: HashMap<Arc<str>, Instant>,
 }
+
+/// Unanswered fetches remembered at most.
+const MAX_FAILED: usize = 4096;
 
 struct Inflight {
     id: u64,
@@ -96,19 +103,28 @@ impl Inner {
 
     /// Whether the local history of `channel` may lack what its sequencer
     /// holds: it is not complete here, and another live instance
-    /// advertises sequencing it (with none, there is nothing to fetch).
+    /// advertises sequencing it (with none, there is nothing to fetch), or
+    /// this instance has just started.
     fn needs_fetch(self: &Arc<Self>, channel: &str) -> bool {
         let now = Instant::now();
-        let channel: Arc<str> = Arc::from(channel);
-        let incomplete = {
-            let mut st = self.sequencer.lock_unpoisoned();
-            let log = self.log(&mut st, &channel, now);
-            !(log.complete
-                || log
-                    .fetch_failed
-                    .is_some_and(|t| now.duration_since(t) < FETCH_RETRY))
-        };
-        incomplete && self.advertised_owner(&channel, now).is_some()
+        let complete = self
+            .sequencer
+            .lock_unpoisoned()
+            .logs
+            .get(channel)
+            .is_some_and(|log| log.complete);
+        let failed = self
+            .fetches
+            .lock_unpoisoned()
+            .failed
+            .get(channel)
+            .is_some_and(|t| now.duration_since(*t) < FETCH_RETRY);
+        // Just started, this instance may not have heard the
+        // advertisements yet: it asks anyway (a channel nobody sequences
+        // then costs one unanswered fetch).
+        !complete
+            && !failed
+            && (self.settling(now) || self.advertised_owner(channel, now).is_some())
     }
 
     /// Fetch `channel`'s history from its sequencer and merge it here;
@@ -157,9 +173,16 @@ impl Inner {
             };
             if expired.is_some() {
                 let now = Instant::now();
-                let channel: Arc<str> = Arc::from(channel);
-                let mut st = self.sequencer.lock_unpoisoned();
-                self.log(&mut st, &channel, now).fetch_failed = Some(now);
+                let mut fetches = self.fetches.lock_unpoisoned();
+                if fetches.failed.len() >= MAX_FAILED {
+                    fetches
+                        .failed
+                        .retain(|_, t| now.duration_since(*t) < FETCH_RETRY);
+                    if fetches.failed.len() >= MAX_FAILED {
+                        fetches.failed.clear();
+                    }
+                }
+                fetches.failed.insert(Arc::from(channel), now);
             }
         }
     }
@@ -213,7 +236,7 @@ impl Inner {
     /// A sequencer's (`(id, boot)`) answer: merged here if it answers our
     /// fetch; the sequencer is then known here.
     pub(super) fn on_backfill(
-        &self,
+        self: &Arc<Self>,
         channel: &Arc<str>,
         sequencer: (Arc<str>, Arc<str>),
         of: (Arc<str>, u64),
@@ -238,16 +261,14 @@ impl Inner {
             .backfill(channel, &epoch, top, publications, f.history);
         if kept {
             let mut st = self.sequencer.lock_unpoisoned();
-            if let Some(log) = st.logs.get_mut(channel) {
-                // A claim seen meanwhile is newer than the answer.
-                if !log.claimed || log.epoch.as_ref() == Some(&epoch) {
-                    if !log.claimed {
-                        log.owner = Some(sequencer);
-                    }
-                    log.epoch = Some(epoch);
-                    log.complete = true;
-                    log.fetch_failed = None;
+            let log = self.log(&mut st, channel, Instant::now());
+            // A claim seen meanwhile is newer than the answer.
+            if !log.claimed || log.epoch.as_ref() == Some(&epoch) {
+                if !log.claimed {
+                    log.owner = Some(sequencer);
                 }
+                log.epoch = Some(epoch);
+                log.complete = true;
             }
         }
         for w in f.waiters {

@@ -110,9 +110,6 @@ pub(super) struct ChanLog {
     /// from the sequencer ([`fetch`](super::fetch)). Reads are then
     /// answered here.
     pub(super) complete: bool,
-    /// A fetch of the sequencer's history went unanswered at this time:
-    /// not asked again for [`FETCH_RETRY`](super::fetch::FETCH_RETRY).
-    pub(super) fetch_failed: Option<Instant>,
 }
 
 impl ChanLog {
@@ -127,7 +124,6 @@ impl ChanLog {
             claiming: None,
             touched: now,
             complete: false,
-            fetch_failed: None,
         }
     }
 }
