@@ -12,6 +12,8 @@
 //!   broadcast, direct to a client or to a user, the API's disconnect.
 //! * `reads.rs`: the channel reads: history, latest, position, recovery,
 //!   presence.
+//! * `interest.rs`: the bus's subscription to a channel, kept in step
+//!   with the local subscribers.
 //! * `inbound.rs`: `Inbound`, the handler the broker delivers to (what
 //!   arrives from the bus goes through it to the hub).
 
@@ -38,6 +40,7 @@ use crate::queue::Limits;
 use crate::protocol::USER_CHANNEL_PREFIX;
 
 mod inbound;
+mod interest;
 mod messaging;
 mod reads;
 use inbound::Inbound;
@@ -94,6 +97,8 @@ struct Shared {
     /// Starts the random part of every client id given here
     /// ([`Broker::instance_tag`]): how other instances route to them.
     tag: String,
+    /// The channels the bus is subscribed to here (see [`interest`]).
+    interest: interest::Interest,
 }
 
 impl Node {
@@ -143,6 +148,7 @@ impl Node {
                 proxy,
                 events,
                 sse,
+                interest: Default::default(),
             }),
         })
     }
@@ -339,12 +345,11 @@ impl Node {
             .set_expiry(&handle, identity.and_then(|i| i.expires_at));
         if let Some(user) = handle.user_id() {
             let channel = user_channel(user);
-            if self.shared.hub.subscribe(&channel, &handle) {
-                if let Err(e) = self.shared.broker.subscribe(&channel).await {
-                    self.shared.hub.unsubscribe(&channel, handle.id());
-                    self.shared.hub.remove(handle.id());
-                    return Err(e);
-                }
+            self.shared.hub.subscribe(&channel, &handle);
+            if let Err(e) = self.sync_interest(&channel).await {
+                self.shared.hub.unsubscribe(&channel, handle.id());
+                self.shared.hub.remove(handle.id());
+                return Err(e);
             }
         }
         self.lifecycle(&handle, Op::Connect).await;
@@ -367,7 +372,7 @@ impl Node {
         if let Some(user) = client.user_id() {
             let channel = user_channel(user);
             if self.shared.hub.unsubscribe(&channel, client.id()) {
-                if let Err(e) = self.shared.broker.unsubscribe(&channel).await {
+                if let Err(e) = self.sync_interest(&channel).await {
                     tracing::warn!(client = %client.id(), error = %e, "leaving the user channel failed");
                 }
             }
@@ -426,11 +431,12 @@ impl Node {
         channel: &Arc<str>,
         opts: &NamespaceOptions,
     ) -> Result<()> {
-        if self.shared.hub.subscribe(channel, client) {
-            if let Err(e) = self.shared.broker.subscribe(channel).await {
-                self.shared.hub.unsubscribe(channel, client.id());
-                return Err(e);
-            }
+        // Every subscriber waits until the bus holds the channel (the first
+        // one's subscribe may still be on its way, or may fail).
+        self.shared.hub.subscribe(channel, client);
+        if let Err(e) = self.sync_interest(channel).await {
+            self.shared.hub.unsubscribe(channel, client.id());
+            return Err(e);
         }
         self.lifecycle(client, Op::Subscribe(channel)).await;
         if opts.presence {
@@ -456,7 +462,7 @@ impl Node {
         opts: &NamespaceOptions,
     ) -> Result<()> {
         if self.shared.hub.unsubscribe(channel, client.id()) {
-            self.shared.broker.unsubscribe(channel).await?;
+            self.sync_interest(channel).await?;
         }
         self.lifecycle(client, Op::Unsubscribe(channel)).await;
         if opts.presence {

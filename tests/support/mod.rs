@@ -35,6 +35,21 @@ pub struct TestServer {
 }
 
 impl TestServer {
+    /// A server started by the test itself (on backends of its own).
+    pub fn from_parts(
+        addr: SocketAddr,
+        node: Node,
+        stop: oneshot::Sender<()>,
+        task: JoinHandle<()>,
+    ) -> TestServer {
+        TestServer {
+            addr,
+            node,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("ws://{}{}", self.addr, path)
     }
