@@ -37,7 +37,7 @@ impl BrokerHandler for Inbound {
         if is_internal_channel(channel) {
             return; // user-addressed messages are at most once
         }
-        tracing::warn!(%channel, "history cannot fill the gap left by a bus outage; asking subscribers to reconnect");
+        tracing::warn!(%channel, "this instance may lack publications (a bus outage, a gap or a new epoch) that history cannot fill; asking subscribers to reconnect");
         self.hub.close_subscribers(
             channel,
             crate::queue::CloseReason::new(

@@ -22,18 +22,21 @@ pub(crate) enum Appended {
     Repeat(Publication),
     /// Another epoch than the stream's: the stream restarts there (the
     /// retained publications of the old epoch are dropped, so a position in
-    /// it is never trusted again); appended and delivered.
+    /// it is never trusted again); appended, not delivered (the local
+    /// subscribers, who may lack the old epoch's tail, are to reconnect).
     NewEpoch(StreamPosition),
     /// Beyond the next offset of the same epoch: publications are missing
     /// here. The stream restarts at this offset (nothing before it is
-    /// retained, so no recovery spans the hole); appended and delivered.
+    /// retained, so no recovery spans the hole); appended, not delivered
+    /// (the local subscribers are to reconnect).
     Gap(StreamPosition),
 }
 
 impl Store {
     /// Store `publication` (whose offset was assigned by a sequencer) in
     /// `channel`'s stream under `epoch`, and hand it to `deliver` under the
-    /// stream's lock; see [`Appended`] for the cases.
+    /// stream's lock when it is the next one (or the first of a new
+    /// stream); see [`Appended`] for the cases.
     pub(crate) fn append_at(
         &self,
         channel: &str,
@@ -68,7 +71,12 @@ impl Store {
             };
             s.top = offset;
             s.touched = now;
-            deliver(&name, &s.epoch, &publication);
+            // Only the next offset of the epoch the subscribers hold is
+            // handed on: after a change of epoch or a hole they must learn
+            // it (the caller asks them to reconnect), not be moved past it.
+            if outcome == 0 {
+                deliver(&name, &s.epoch, &publication);
+            }
             let position = self.retain(name, s, publication, history, now);
             return match outcome {
                 0 => Appended::Next(position),

@@ -103,8 +103,7 @@ impl Inner {
 
     /// Whether the local history of `channel` may lack what its sequencer
     /// holds: it is not complete here, and another live instance
-    /// advertises sequencing it (with none, there is nothing to fetch), or
-    /// this instance has just started.
+    /// advertises sequencing it (with none, there is nothing to fetch).
     fn needs_fetch(self: &Arc<Self>, channel: &str) -> bool {
         let now = Instant::now();
         let complete = self
@@ -119,12 +118,10 @@ impl Inner {
             .failed
             .get(channel)
             .is_some_and(|t| now.duration_since(*t) < FETCH_RETRY);
-        // Just started, this instance may not have heard the
-        // advertisements yet: it asks anyway (a channel nobody sequences
-        // then costs one unanswered fetch).
-        !complete
+        !crate::protocol::is_internal_channel(channel)
+            && !complete
             && !failed
-            && (self.settling(now) || self.advertised_owner(channel, now).is_some())
+            && self.advertised_owner(channel, now).is_some()
     }
 
     /// Fetch `channel`'s history from its sequencer and merge it here;

@@ -403,14 +403,20 @@ impl Inner {
                     handler.on_publication(ch, e, p);
                 }
             });
+        let gap = matches!(appended, Appended::Gap(_));
         let position: Option<StreamPosition> = match appended {
-            Appended::Next(p) | Appended::NewEpoch(p) => Some(p),
-            Appended::Gap(p) => {
-                if let Some(log) = self.sequencer.lock_unpoisoned().logs.get_mut(channel) {
-                    log.complete = false;
+            Appended::Next(p) => Some(p),
+            Appended::NewEpoch(p) | Appended::Gap(p) => {
+                if gap {
+                    if let Some(log) = self.sequencer.lock_unpoisoned().logs.get_mut(channel) {
+                        log.complete = false;
+                    }
                 }
-                // Publications missing here: the local subscribers
-                // reconnect and recover what they can, honestly.
+                // A new epoch (a change of sequencer), or publications
+                // missing here: the local subscribers may lack the end of
+                // what they had, so they reconnect and recover what they
+                // can, honestly (`recovered:false` where history cannot
+                // prove the range), rather than being moved past it.
                 if subscribed {
                     handler.resync_failed(channel);
                 }

@@ -259,15 +259,29 @@ impl Inner {
     /// answers the stream's headers only with its first message, so that
     /// message (which comes back through our own subscription) is also what
     /// proves the round trip works: on the control topic a hello, which
-    /// every other instance answers with a snapshot; on a shard a ping.
+    /// every other instance answers with a snapshot; on a shard a ping. A
+    /// first message that fails to go out (the emulator just restarted) is
+    /// sent again, with backoff, while the stream waits for it.
     pub(super) async fn open_stream(&self, route: Route) -> Result<PullStream> {
+        let deadline = Instant::now() + STREAM_OPEN_TIMEOUT;
         let first = async {
             // The subscription exists: the message waits there for the stream.
-            let body = match route {
-                Route::Control => Body::Hello,
-                Route::Shard(shard) => Body::Ping { shard },
-            };
-            self.send(format!("m:{}", self.me), body).await
+            let mut attempt = 0u32;
+            loop {
+                let body = match route {
+                    Route::Control => Body::Hello,
+                    Route::Shard(shard) => Body::Ping { shard },
+                };
+                match self.send(format!("m:{}", self.me), body).await {
+                    Ok(_) => return Ok(()),
+                    Err(e) if Instant::now() + BACKOFF.delay(attempt) >= deadline => return Err(e),
+                    Err(e) => {
+                        tracing::debug!(?route, error = %e, "first message not sent; again");
+                        tokio::time::sleep(BACKOFF.delay(attempt)).await;
+                        attempt += 1;
+                    }
+                }
+            }
         };
         let (stream, first) = tokio::join!(self.open_stream_only(route), first);
         first?;
