@@ -12,8 +12,9 @@ use crate::support::free_port;
 /// How long a restarted process may take to answer (failed starts
 /// retried meanwhile). Long: right after its own restart, on a loaded
 /// 2-core machine, the Pub/Sub emulator has kept instances from starting
-/// for more than 30 s.
-const START: Duration = Duration::from_secs(60);
+/// for more than 30 s, once for more than 60 s (every attempt's streaming
+/// pull timing out).
+const START: Duration = Duration::from_secs(120);
 
 /// One `switchboard` process.
 pub struct Instance {

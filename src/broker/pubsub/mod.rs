@@ -136,8 +136,11 @@
 //!   request, and the subscribers of its local channels are asked to
 //!   reconnect ([`BrokerHandler::resync_failed`]); they get
 //!   `recovered:false` rather than a silent gap. A numbered copy that skips
-//!   offsets of its epoch (publications lost on the way here) does the
-//!   same for its channel.
+//!   offsets of its epoch (publications lost on the way here, e.g. the
+//!   emulator redelivering out of order after a partition) or starts a new
+//!   epoch (a change of sequencer) does the same for its channel: it is
+//!   stored but not handed on, so no subscriber is moved past what it
+//!   lacks.
 //! * In both cases the local history after each subscribed channel's last
 //!   delivered position ([`BrokerHandler::positions`]) is replayed (sessions
 //!   drop what they already have).
