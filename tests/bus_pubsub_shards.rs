@@ -78,6 +78,27 @@ async fn publish(c: &mut Client, channel: &str, data: Value, id: u64) -> Value {
     ack
 }
 
+/// `GET` a history URL with the API key: the answer and its
+/// publications' data.
+async fn api_history(url: String) -> (Value, Vec<Value>) {
+    let h: Value = reqwest::Client::new()
+        .get(url)
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let data = h["publications"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{h}"))
+        .iter()
+        .map(|p| p["data"].clone())
+        .collect();
+    (h, data)
+}
+
 /// Wait until `cond` holds, polling, within `within`.
 async fn until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + within;
@@ -228,21 +249,8 @@ async fn a_left_shard_is_forgotten_and_filled_again_from_the_sequencer() {
         assert_eq!(s["recovered"], true, "{s}");
         assert_eq!(s["offset"], 8, "{s}");
 
-        let h: Value = reqwest::Client::new()
-            .get(b.http(&format!("/api/history/{channel}")))
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let data: Vec<Value> = h["publications"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{h}"))
-            .iter()
-            .map(|p| p["data"]["n"].clone())
-            .collect();
+        let (h, data) = api_history(b.http(&format!("/api/history/{channel}"))).await;
+        let data: Vec<Value> = data.iter().map(|d| d["n"].clone()).collect();
         assert_eq!(data, (0..8).map(|n| json!(n)).collect::<Vec<_>>(), "{h}");
         drop((p, y));
         cluster.shutdown().await;
@@ -262,26 +270,13 @@ async fn history_on_an_instance_new_to_the_channel() {
         for n in 0..4 {
             publish(&mut p, "news", json!(n), n + 1).await;
         }
-        let h: Value = reqwest::Client::new()
-            .get(
-                cluster
-                    .get(1)
-                    .http("/api/history/news?reverse=true&limit=2"),
-            )
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let (h, data) = api_history(
+            cluster
+                .get(1)
+                .http("/api/history/news?reverse=true&limit=2"),
+        )
+        .await;
         assert_eq!(h["offset"], 4, "{h}");
-        let data: Vec<Value> = h["publications"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{h}"))
-            .iter()
-            .map(|p| p["data"].clone())
-            .collect();
         assert_eq!(data, vec![json!(3), json!(2)], "{h}");
         drop(p);
         cluster.shutdown().await;
