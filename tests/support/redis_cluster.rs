@@ -148,7 +148,18 @@ impl RedisCluster {
                         && field(&info, "master_link_status").as_deref() == Some("up")
                 })
                 .count();
-            if ok && replicas_up == 3 && self.masters().len() == 3 {
+            // A replica that finished its initial sync is put online by its
+            // master only after its first acknowledgement (up to a second
+            // later); until then a failover may promote it without the
+            // writes made meanwhile. A master with a replica means one
+            // online.
+            let masters = self.masters();
+            let online = masters.iter().all(|m| {
+                cli(m.port, &["info", "replication"])
+                    .lines()
+                    .any(|l| l.starts_with("slave0:") && l.contains("state=online"))
+            });
+            if ok && replicas_up == 3 && masters.len() == 3 && online {
                 return;
             }
             assert!(
@@ -225,6 +236,24 @@ impl RedisCluster {
             .into_iter()
             .find(|m| m.slots.iter().any(|&(a, b)| a <= slot && slot <= b))
             .map(|m| m.port)
+    }
+
+    /// The port of the replica of the master on `port` (its `INFO`).
+    pub fn replica_of(&self, port: u16) -> Option<u16> {
+        let info = cli(port, &["info", "replication"]);
+        let line = info.lines().find(|l| l.starts_with("slave0:"))?;
+        line.split(',')
+            .find_map(|kv| kv.strip_prefix("port="))
+            .and_then(|p| p.trim().parse().ok())
+    }
+
+    /// Send `signal` (`STOP`, `CONT`) to the server on `port`.
+    pub fn signal(&self, port: u16, signal: &str) {
+        if let Some(&(_, pid)) = self.pids.iter().find(|&&(p, _)| p == port) {
+            let _ = Command::new("kill")
+                .args([&format!("-{signal}"), &pid.to_string()])
+                .status();
+        }
     }
 
     /// `kill -9` the server on `port`.

@@ -111,7 +111,8 @@ impl Inner {
                     full |= again;
                 }
                 _ = tick.tick(), if work.is_none() => {
-                    if let Err(e) = self.heartbeat().await {
+                    let beat = async { self.heartbeat().await?; self.refresh_replicas().await };
+                    if let Err(e) = beat.await {
                         tracing::warn!(error = %e, "redis cluster heartbeat failed; resubscribing");
                         self.ready.store(false, Ordering::Relaxed);
                         full = true;
@@ -211,6 +212,9 @@ impl Inner {
                 .await;
             match installed {
                 Ok(()) => {
+                    if let Err(e) = self.refresh_replicas().await {
+                        tracing::warn!(error = %e, "redis cluster: replicas not read (publications wait for one)");
+                    }
                     if after_outage {
                         tracing::info!("redis cluster bus resubscribed and replayed");
                     }

@@ -206,6 +206,7 @@ mod direct;
 mod outbox;
 mod presence;
 mod publish;
+mod replication;
 mod supervise;
 #[cfg(test)]
 mod tests;
@@ -385,6 +386,9 @@ struct Inner {
     shutdown: CancellationToken,
     /// The Lua scripts.
     scripts: Scripts,
+    /// Per hash slot, whether its master has a replica to wait for
+    /// (cluster mode; `replication.rs`).
+    replicas: replication::Replicas,
 }
 
 impl Inner {
@@ -476,6 +480,7 @@ pub async fn connect(
         local_presence: Mutex::new(HashMap::new()),
         shutdown: CancellationToken::new(),
         scripts: Scripts::load(),
+        replicas: replication::Replicas::new(cluster),
     });
     let dialled = match (cluster_client, pushes) {
         (Some(client), Some(pushes)) => {

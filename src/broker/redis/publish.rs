@@ -75,26 +75,25 @@ impl Inner {
         let expected = conditions
             .expected_offset
             .map_or_else(String::new, |o| o.to_string());
-        let (epoch, offset, outcome): (String, u64, u8) = self
-            .scripts
-            .publish
-            .key(self.keys.meta(channel))
-            .key(self.keys.stream(channel))
-            .key(self.keys.generation(channel))
-            .key(idempotency_key)
-            .arg(self.keys.topic(channel))
-            .arg(body)
-            .arg(history.size)
-            .arg(ttl_ms)
-            .arg(random_base36(8))
-            .arg(random_base36(8))
-            .arg(keyed)
-            .arg(window_ms)
-            .arg(expected)
-            .arg(self.keys.publish_cmd())
-            .invoke_async(&mut conn)
-            .await
-            .map_err(bus_error)?;
+        let keys = [
+            self.keys.meta(channel),
+            self.keys.stream(channel),
+            self.keys.generation(channel),
+            idempotency_key,
+        ];
+        let args = [
+            self.keys.topic(channel),
+            body,
+            history.size.to_string(),
+            ttl_ms.to_string(),
+            random_base36(8),
+            random_base36(8),
+            keyed.to_string(),
+            window_ms.to_string(),
+            expected,
+            self.keys.publish_cmd().to_string(),
+        ];
+        let (epoch, offset, outcome) = self.run_publish(&mut conn, &keys, &args).await?;
         let position = StreamPosition {
             epoch: epoch.into(),
             offset,

@@ -1,0 +1,280 @@
+//! Acked means replicated (cluster mode): a publication is acknowledged
+//! only once a replica of its master has it, so that a failover does not
+//! lose an acked publication.
+//!
+//! Redis replicates asynchronously, and a master killed right after it
+//! answered a publish takes the publication with it when its replica had
+//! not received it yet. Worse, a master puts a replica that has just
+//! finished its initial sync online only after that replica's first
+//! acknowledgement (up to a second later), and Redis Cluster may promote
+//! it with none of the writes made meanwhile: the failover test
+//! (`tests/bus_redis_cluster.rs`) lost every acked publication of its
+//! channel this way in 5 runs of 7 before this file.
+//!
+//! So in cluster mode the publish script is sent in one pipeline with
+//! `WAIT 1 <REPLICA_WAIT>`. A pipeline is routed as a unit to the master
+//! of its first key's slot, on one connection, so the `WAIT` covers that
+//! very write (and a pipeline the cluster client retries after a
+//! redirection retries both). Then:
+//!
+//! * a replica acknowledged it: acked;
+//! * none did within [`REPLICA_WAIT`]: `INFO replication` of that master
+//!   says whether a replica is connected at all.
+//!   - None (it died, or the master never had one): acked. No replica can
+//!     be promoted without it, except one cut off from its master in the
+//!     last `cluster-node-timeout` (Redis's own window for partitions).
+//!   - One or more (still syncing, or lagging by more than
+//!     [`REPLICA_WAIT`]): refused with `bus_unavailable`. Like any publish
+//!     whose answer was lost, it may still have been stored and delivered;
+//!     an idempotency key makes the retry safe.
+//!
+//! A master without replicas would make every publish wait: this instance
+//! keeps, per hash slot, whether the slot's master has a replica
+//! ([`Replicas`]): from `CLUSTER SHARDS` when the bus is installed and on
+//! every heartbeat (a replica node not marked failed), and from the
+//! `INFO` answer above (none connected). Only slots whose master has one
+//! wait.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use redis::Value;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+
+use super::cluster::{Conn, SLOTS, key_slot};
+use super::{Inner, bus_error};
+use crate::error::Result;
+
+/// Longest a publication waits for a replica's acknowledgement (a healthy
+/// replica on a LAN answers in well under a millisecond).
+pub(super) const REPLICA_WAIT: Duration = Duration::from_secs(1);
+
+/// Nothing known yet of the slot's master: wait.
+const UNKNOWN: u8 = 0;
+/// The slot's master has a replica: wait.
+const REPLICATED: u8 = 1;
+/// The slot's master has no replica connected: do not wait.
+const ALONE: u8 = 2;
+
+/// What the publish script answers: epoch, offset, outcome.
+pub(super) type Published = (String, u64, u8);
+
+/// Per hash slot, whether its master has a replica (empty on one Redis).
+pub(super) struct Replicas {
+    /// One of [`UNKNOWN`], [`REPLICATED`], [`ALONE`] per slot.
+    slots: Vec<AtomicU8>,
+}
+
+impl Replicas {
+    pub(super) fn new(cluster: bool) -> Replicas {
+        let n = if cluster { usize::from(SLOTS) } else { 0 };
+        Replicas {
+            slots: (0..n).map(|_| AtomicU8::new(UNKNOWN)).collect(),
+        }
+    }
+
+    /// Whether a publication in `slot` waits for a replica.
+    fn waits(&self, slot: u16) -> bool {
+        self.slots
+            .get(usize::from(slot))
+            .is_some_and(|s| s.load(Ordering::Relaxed) != ALONE)
+    }
+
+    fn set(&self, slot: u16, state: u8) {
+        if let Some(s) = self.slots.get(usize::from(slot)) {
+            s.store(state, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Inner {
+    /// Run the publish script with `keys` and `args`; in cluster mode, with
+    /// the replica acknowledgement described in the module docs.
+    pub(super) async fn run_publish(
+        &self,
+        conn: &mut Conn,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<Published> {
+        if !matches!(conn, Conn::Cluster(_)) {
+            let mut call = self.scripts.publish.prepare_invoke();
+            for k in keys {
+                call.key(k);
+            }
+            for a in args {
+                call.arg(a);
+            }
+            return call.invoke_async(conn).await.map_err(bus_error);
+        }
+        let slot = key_slot(&keys[0]);
+        let wait = self.replicas.waits(slot);
+        let pipeline = || {
+            let mut pipe = redis::pipe();
+            pipe.cmd("EVALSHA")
+                .arg(self.scripts.publish.get_hash())
+                .arg(keys.len())
+                .arg(keys)
+                .arg(args);
+            if wait {
+                pipe.cmd("WAIT").arg(1).arg(REPLICA_WAIT.as_millis() as u64);
+            }
+            pipe
+        };
+        let answers = match pipeline().query_async::<Vec<Value>>(conn).await {
+            // A master that never ran the script (a promoted replica: the
+            // script cache is not replicated) loads it, then runs it.
+            Err(e) if e.code() == Some("NOSCRIPT") => {
+                self.scripts
+                    .publish
+                    .prepare_invoke()
+                    .load_async(conn)
+                    .await
+                    .map_err(bus_error)?;
+                pipeline().query_async::<Vec<Value>>(conn).await
+            }
+            other => other,
+        }
+        .map_err(bus_error)?;
+        let mut answers = answers.into_iter();
+        let published: Published =
+            redis::from_redis_value(answers.next().unwrap_or(Value::Nil)).map_err(bus_error)?;
+        if !wait {
+            return Ok(published);
+        }
+        let acks: i64 =
+            redis::from_redis_value(answers.next().unwrap_or(Value::Nil)).map_err(bus_error)?;
+        if acks >= 1 {
+            return Ok(published);
+        }
+        // None confirmed in time: is a replica connected at all?
+        let Conn::Cluster(cluster) = conn else {
+            return Ok(published);
+        };
+        let info = cluster
+            .route_command(
+                redis::cmd("INFO").arg("replication").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+                    slot,
+                    SlotAddr::Master,
+                ))),
+            )
+            .await
+            .map_err(bus_error)?;
+        let info: String = redis::from_redis_value(info).map_err(bus_error)?;
+        let connected = info_field(&info, "connected_slaves").unwrap_or(1);
+        if connected == 0 {
+            self.replicas.set(slot, ALONE);
+            return Ok(published);
+        }
+        Err(bus_error(format!(
+            "no replica of the channel's master confirmed the publication within {} ms \
+             ({connected} connected); it may still be delivered",
+            REPLICA_WAIT.as_millis()
+        )))
+    }
+
+    /// Learn which slots' masters have a replica (`CLUSTER SHARDS`);
+    /// nothing on one Redis.
+    pub(super) async fn refresh_replicas(&self) -> Result<()> {
+        let Conn::Cluster(mut conn) = self.conn()? else {
+            return Ok(());
+        };
+        let shards: Value = redis::cmd("CLUSTER")
+            .arg("SHARDS")
+            .query_async(&mut conn)
+            .await
+            .map_err(bus_error)?;
+        for shard in items(&shards) {
+            let replicated = field(shard, "nodes").map(items).is_some_and(|nodes| {
+                nodes.iter().any(|n| {
+                    field(n, "role").and_then(text) == Some("replica")
+                        && field(n, "health").and_then(text) != Some("failed")
+                })
+            });
+            let state = if replicated { REPLICATED } else { ALONE };
+            let bounds: Vec<i64> = field(shard, "slots")
+                .map(items)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|v| match v {
+                    Value::Int(i) => Some(*i),
+                    _ => None,
+                })
+                .collect();
+            for pair in bounds.chunks_exact(2) {
+                let (Ok(from), Ok(to)) = (u16::try_from(pair[0]), u16::try_from(pair[1])) else {
+                    continue;
+                };
+                for slot in from..=to.min(SLOTS - 1) {
+                    self.replicas.set(slot, state);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A numeric `name:value` line of an `INFO` answer.
+fn info_field(info: &str, name: &str) -> Option<u64> {
+    info.lines().find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        (k == name).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+/// The elements of an array (or a set).
+fn items(v: &Value) -> Vec<&Value> {
+    match v {
+        Value::Array(a) | Value::Set(a) => a.iter().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The field `name` of a map (RESP3) or of a flat `[name, value, …]`
+/// array (RESP2).
+fn field<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
+    match v {
+        Value::Map(pairs) => pairs
+            .iter()
+            .find(|(k, _)| text(k) == Some(name))
+            .map(|(_, v)| v),
+        Value::Array(flat) => flat
+            .chunks_exact(2)
+            .find(|kv| text(&kv[0]) == Some(name))
+            .map(|kv| &kv[1]),
+        _ => None,
+    }
+}
+
+/// A string value as text.
+fn text(v: &Value) -> Option<&str> {
+    match v {
+        Value::BulkString(b) => std::str::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        Value::VerbatimString { text, .. } => Some(text),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_fields_are_read_by_name() {
+        let info = "# Replication\r\nrole:master\r\nconnected_slaves:2\r\nslave0:ip=x\r\n";
+        assert_eq!(info_field(info, "connected_slaves"), Some(2));
+        assert_eq!(info_field(info, "missing"), None);
+    }
+
+    #[test]
+    fn only_alone_slots_skip_the_wait() {
+        let r = Replicas::new(true);
+        assert!(r.waits(7), "unknown waits");
+        r.set(7, ALONE);
+        assert!(!r.waits(7));
+        r.set(7, REPLICATED);
+        assert!(r.waits(7));
+        assert!(!Replicas::new(false).waits(7), "one Redis never waits");
+    }
+}
