@@ -170,13 +170,14 @@
 //!   its stream as after a single-node reconnection (or `resync_failed`
 //!   when history cannot cover it). Other shards' messages keep flowing
 //!   meanwhile.
-//! * **Limits.** Redis replicates asynchronously: a publication acked by a
-//!   master that dies before its replica received it is lost with the
-//!   master, and the promoted replica reuses its offset. No `WAIT` is made
-//!   (a master without a live replica would then refuse every publish);
-//!   Redis's own `min-replicas-to-write` is the operator's lever. The
-//!   heartbeat's writes go one command at a time (concurrently, 512 at a
-//!   time) instead of pipelined, since a pipeline must stay in one slot.
+//! * **Acked means replicated** (`replication.rs`): the publish script
+//!   goes in one pipeline with `WAIT 1`, so a failover does not lose an
+//!   acked publication; a connected replica that does not confirm within a
+//!   second makes the publish `bus_unavailable`; a master without a
+//!   connected replica acks alone.
+//! * **Limits.** The heartbeat's writes go one command at a time
+//!   (concurrently, 512 at a time) instead of pipelined, since a pipeline
+//!   must stay in one slot.
 //!   Lifecycle events (`--events-url`) are not kept on a cluster yet (a
 //!   start-up error).
 //!
@@ -197,6 +198,7 @@
 //!   and the connection type both modes share.
 //! * `cluster_supervise.rs`: the cluster mode's supervisor (pushes,
 //!   recovery after a failover).
+//! * `replication.rs`: on a cluster, the publish waits for a replica.
 //! * `scripts/*.lua`: the Lua scripts, one a file, each headed by its
 //!   `KEYS` and `ARGV`.
 
