@@ -15,7 +15,12 @@ as the master has it). For each, one switchboard instance on the cluster and:
 * concurrent: `--threads` threads, each on its own keep-alive connection,
   `--per-thread` publishes each over the same channels: acks per second
   (the Python client is part of what is measured: compare the two rows,
-  not the absolute figure).
+  not the absolute figure);
+* saturated, with `--bench-bin` (target/release/switchboard-bench): 4
+  WebSocket publishers on one channel (one slot, one master: where the
+  waits queue on one connection), 10 subscribers, 5 s,
+  `fanout --mode channel --saturate`: publications per second and p99
+  delivery latency.
 
 Every publish must be acked (HTTP 200), else the run fails. Standard
 library only; loopback only; every wait is bounded; every process started
@@ -51,13 +56,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def node_port() -> int:
+    """A free port for a cluster node: at most 55535 (its cluster bus port,
+    10,000 higher, must exist too) and free with that bus port."""
+    import random
+    for _ in range(1000):
+        port = random.randint(20000, 55535)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+    sys.exit("cluster_publish: no free port pair for a cluster node")
+
+
 def cli(port: int, *args: str) -> str:
     r = subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=10)
     return r.stdout
 
 
 def start_cluster(workdir: str, replicas: int, procs: list) -> list[int]:
-    ports = [free_port() for _ in range(3 * (1 + replicas))]
+    ports = [node_port() for _ in range(3 * (1 + replicas))]
     for port in ports:
         procs.append(subprocess.Popen(
             ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
@@ -96,7 +117,8 @@ def start_instance(args, workdir: str, ports: list[int], procs: list) -> int:
     logfile = open(os.path.join(workdir, "switchboard.log"), "wb")
     procs.append(subprocess.Popen(
         [args.bin, "--host", "127.0.0.1", "--port", str(port), "--bus", url,
-         "--api-key-file", key_file, "--demo", "false", "--drain-timeout", "2s"],
+         "--api-key-file", key_file, "--demo", "false", "--drain-timeout", "2s",
+         "--rate-limit", "0"],
         stdout=logfile, stderr=subprocess.STDOUT))
     logfile.close()
     deadline = time.monotonic() + 30
@@ -160,7 +182,23 @@ def measure(args, replicas: int) -> dict:
         elapsed = time.perf_counter() - t
         if errors:
             raise RuntimeError(f"{len(errors)} threads failed, first: {errors[0]}")
-        return {
+        row = {}
+        if args.bench_bin:
+            out = os.path.join(workdir, "fanout.json")
+            r = subprocess.run(
+                [args.bench_bin, "fanout", "--url", f"ws://127.0.0.1:{port}/ws", "--mode", "channel",
+                 "--saturate", "--publishers", "4", "--subscribers", "10", "--duration", "5",
+                 "--json", out],
+                capture_output=True, text=True, timeout=120)
+            if r.returncode != 0:
+                raise RuntimeError(f"fanout failed: {r.stdout}{r.stderr}")
+            with open(out) as f:
+                fan = json.load(f)
+            print(json.dumps({k: fan[k] for k in ("sent", "expected", "received", "lost", "receivers_with_loss", "max_lost_by_one_receiver", "closes", "disconnects", "error_frames", "other_frames", "publish_per_sec")}), file=sys.stderr)
+            if fan["lost"] or fan["duplicates"] or fan["out_of_order"]:
+                raise RuntimeError(f"fanout: lost {fan['lost']}, twice {fan['duplicates']}, reordered {fan['out_of_order']}")
+            row = {"saturated_pub_s": fan["publish_per_sec"], "saturated_p99_ms": fan["latency"]["p99_us"] / 1000}
+        return row | {
             "replicas": replicas,
             "p50_ms": 1000 * lat[len(lat) // 2],
             "p99_ms": 1000 * lat[int(len(lat) * 0.99)],
@@ -184,6 +222,7 @@ def main() -> None:
     ap.add_argument("--sequential", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--per-thread", type=int, default=500)
+    ap.add_argument("--bench-bin", default=None, help="target/release/switchboard-bench, for the saturated run")
     args = ap.parse_args()
     if not os.access(args.bin, os.X_OK):
         ap.error(f"no switchboard binary at {args.bin}")
@@ -193,11 +232,14 @@ def main() -> None:
     for replicas in (1, 0):
         log(f"cluster with {replicas} replica(s) per master")
         rows.append(measure(args, replicas))
-    print("| cluster | publish ack p50 | p99 | acks/s, 16 publishers |")
-    print("|---|---:|---:|---:|")
+    print(f"| cluster | API ack p50 | p99 | API acks/s, {args.threads} publishers | "
+          "WebSocket publications/s, saturated, one channel | its delivery p99 |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         name = "3 masters + 3 replicas (waits)" if r["replicas"] else "3 masters, no replica (no wait)"
-        print(f"| {name} | {r['p50_ms']:.2f} ms | {r['p99_ms']:.2f} ms | {r['acks_per_s']:,.0f} |")
+        sat = (f"{r['saturated_pub_s']:,.0f} | {r['saturated_p99_ms']:.2f} ms"
+               if "saturated_pub_s" in r else "– | –")
+        print(f"| {name} | {r['p50_ms']:.2f} ms | {r['p99_ms']:.2f} ms | {r['acks_per_s']:,.0f} | {sat} |")
 
 
 if __name__ == "__main__":
