@@ -199,6 +199,8 @@
 //! * `cluster_supervise.rs`: the cluster mode's supervisor (pushes,
 //!   recovery after a failover).
 //! * `replication.rs`: on a cluster, the publish waits for a replica.
+//! * `recovery.rs`: the replay after an outage, and a new epoch when a
+//!   history was rewritten under its subscribers.
 //! * `scripts/*.lua`: the Lua scripts, one a file, each headed by its
 //!   `KEYS` and `ARGV`.
 
@@ -208,6 +210,7 @@ mod direct;
 mod outbox;
 mod presence;
 mod publish;
+mod recovery;
 mod replication;
 mod supervise;
 #[cfg(test)]
@@ -335,6 +338,8 @@ struct Scripts {
     /// Presence members, dropping expired ones
     /// (`scripts/presence_members.lua`).
     presence_members: Script,
+    /// A new epoch for a rewritten history (`scripts/new_epoch.lua`).
+    new_epoch: Script,
 }
 
 impl Scripts {
@@ -344,6 +349,7 @@ impl Scripts {
             history: Script::new(include_str!("scripts/history.lua")),
             presence_add: Script::new(include_str!("scripts/presence_add.lua")),
             presence_members: Script::new(include_str!("scripts/presence_members.lua")),
+            new_epoch: Script::new(include_str!("scripts/new_epoch.lua")),
         }
     }
 }
@@ -391,6 +397,11 @@ struct Inner {
     /// Per hash slot, whether its master has a replica to wait for
     /// (cluster mode; `replication.rs`).
     replicas: replication::Replicas,
+    /// Publications waiting for their slot's pipeline (cluster mode).
+    batches: replication::Batches,
+    /// Digests of the last publications delivered here, per channel
+    /// (`recovery.rs`).
+    delivered: recovery::Delivered,
 }
 
 impl Inner {
@@ -483,6 +494,8 @@ pub async fn connect(
         shutdown: CancellationToken::new(),
         scripts: Scripts::load(),
         replicas: replication::Replicas::new(cluster),
+        batches: replication::Batches::default(),
+        delivered: recovery::Delivered::default(),
     });
     let dialled = match (cluster_client, pushes) {
         (Some(client), Some(pushes)) => {

@@ -34,7 +34,7 @@ impl Inner {
     /// `Broker::publish`: through the publish script, or a bare `PUBLISH`
     /// for a user-addressed message.
     pub(super) async fn publish(
-        &self,
+        self: &Arc<Self>,
         channel: &str,
         publication: NewPublication,
         history: HistoryOptions,
@@ -93,7 +93,9 @@ impl Inner {
             expected,
             self.keys.publish_cmd().to_string(),
         ];
-        let (epoch, offset, outcome) = self.run_publish(&mut conn, &keys, &args).await?;
+        let (epoch, offset, outcome) = self
+            .run_publish(&mut conn, keys.into(), args.into())
+            .await?;
         let position = StreamPosition {
             epoch: epoch.into(),
             offset,
@@ -194,7 +196,10 @@ impl Inner {
     /// handed over: its channel is returned, for a replay from history
     /// (which holds it) to fill the gap in order. (A subscription the
     /// cluster client re-made by itself after a failover can deliver again
-    /// before this instance has replayed what was missed meanwhile.)
+    /// before this instance has replayed what was missed meanwhile.) A
+    /// publication at an offset already delivered here with other content
+    /// is not handed over either: its channel is returned, to be checked
+    /// against history (`recovery.rs`).
     pub(super) fn dispatch(&self, topic: &str, payload: &[u8]) -> Option<Arc<str>> {
         let handler = self.handler()?;
         let Ok(text) = std::str::from_utf8(payload) else {
@@ -242,7 +247,13 @@ impl Inner {
                     sender_id: body.sender_id,
                     timestamp: body.timestamp,
                 };
-                handler.on_publication(&Arc::from(channel), &Arc::from(epoch), &publication);
+                let (channel, epoch): (Arc<str>, Arc<str>) = (channel.into(), epoch.into());
+                // An offset delivered here with other content: the history
+                // was rewritten (`recovery.rs`); checked, not delivered.
+                if has_history() && !self.delivered.record(&channel, &epoch, &publication) {
+                    return Some(channel);
+                }
+                handler.on_publication(&channel, &epoch, &publication);
             }
             "b" => match serde_json::from_str::<Body>(rest) {
                 Ok(b) => handler.on_control(&Control::Broadcast {

@@ -17,8 +17,8 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::cluster::Conn;
 use super::{
-    BrokerHandler, CONNECT_TIMEOUT, DIAL_TIMEOUT, Disconnected, HistoryOptions, Inner,
-    RESPONSE_TIMEOUT, RedisBroker, bus_error,
+    BrokerHandler, CONNECT_TIMEOUT, DIAL_TIMEOUT, Disconnected, Inner, RESPONSE_TIMEOUT,
+    RedisBroker, bus_error,
 };
 use crate::broker::retry::Backoff;
 use crate::error::{Error, Result};
@@ -227,6 +227,7 @@ impl Inner {
             }
             Some(_) => {
                 subs.channels.remove(channel);
+                self.delivered.forget(channel);
             }
             None => return Ok(()),
         }
@@ -247,6 +248,10 @@ impl Inner {
     /// what restores them after Redis lost its data.
     pub(super) async fn heartbeat(&self) -> Result<()> {
         let mut conn = self.conn()?;
+        {
+            let subs = self.subs.lock().await;
+            self.delivered.retain(|c| subs.channels.contains_key(c));
+        }
         let ttl = self.ttl_ms();
         let presence: Vec<(String, Vec<ClientInfo>)> = self
             .local_presence
@@ -380,61 +385,6 @@ impl Inner {
         .await
     }
 
-    /// After a reconnection: fill each local channel's gap from history, or
-    /// ask its subscribers to resync.
-    pub(super) async fn replay(&self) -> Result<()> {
-        let Some(handler) = self.handler().cloned() else {
-            return Ok(());
-        };
-        for (channel, last) in handler.positions() {
-            self.replay_channel(&*handler, &channel, last).await?;
-        }
-        Ok(())
-    }
-
-    /// Fill one channel's gap after `last` from history, or ask its
-    /// subscribers to resync.
-    pub(super) async fn replay_channel(
-        &self,
-        handler: &dyn BrokerHandler,
-        channel: &Arc<str>,
-        last: Option<crate::protocol::StreamPosition>,
-    ) -> Result<()> {
-        let Some(opts) = self.config.namespace_of(channel) else {
-            return Ok(());
-        };
-        let opts = HistoryOptions {
-            size: opts.history_size,
-            ttl: opts.history_ttl,
-        };
-        let h = self
-            .read_history(channel, last.as_ref(), usize::MAX, false, opts)
-            .await?;
-        match &last {
-            // Nothing delivered since the subscription: hand over what
-            // is retained; sessions drop what they already have.
-            None => {
-                for p in &h.publications {
-                    handler.on_publication(channel, &h.top.epoch, p);
-                }
-            }
-            Some(last) => {
-                let missed = h.top.offset.saturating_sub(last.offset);
-                if h.covers(last, None) {
-                    if missed > 0 {
-                        tracing::info!(%channel, missed, "replaying publications missed during a bus outage");
-                    }
-                    for p in &h.publications {
-                        handler.on_publication(channel, &h.top.epoch, p);
-                    }
-                } else {
-                    handler.resync_failed(channel);
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Make a fresh connection the current one: resubscribe, rewrite the
     /// entries, replay gaps (after an outage), turn ready.
     pub(super) async fn install(
@@ -522,8 +472,13 @@ impl Inner {
                 tokio::select! {
                     msg = stream.next() => match msg {
                         Some(msg) => {
-                            // One Redis never skips offsets (`dispatch` checks on a cluster only).
-                            let _ = self.dispatch(msg.get_channel_name(), msg.get_payload_bytes());
+                            // A channel returned holds an offset delivered
+                            // here with other content (`recovery.rs`).
+                            if let Some(channel) = self.dispatch(msg.get_channel_name(), msg.get_payload_bytes()) {
+                                if let Err(e) = self.verify(&channel).await {
+                                    break format!("replay failed: {e}");
+                                }
+                            }
                         }
                         None => break "the pub/sub connection closed".to_string(),
                     },
