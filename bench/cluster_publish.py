@@ -187,7 +187,7 @@ def measure(args, replicas: int) -> dict:
             out = os.path.join(workdir, "fanout.json")
             r = subprocess.run(
                 [args.bench_bin, "fanout", "--url", f"ws://127.0.0.1:{port}/ws", "--mode", "channel",
-                 "--saturate", "--publishers", "4", "--subscribers", "10", "--duration", "5",
+                 "--saturate", "--publishers", str(args.ws_publishers), "--subscribers", "10", "--duration", "5",
                  "--json", out],
                 capture_output=True, text=True, timeout=120)
             if r.returncode != 0:
@@ -222,6 +222,7 @@ def main() -> None:
     ap.add_argument("--sequential", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--per-thread", type=int, default=500)
+    ap.add_argument("--ws-publishers", type=int, default=16)
     ap.add_argument("--bench-bin", default=None, help="target/release/switchboard-bench, for the saturated run")
     args = ap.parse_args()
     if not os.access(args.bin, os.X_OK):
