@@ -2,7 +2,8 @@
 //! `since` wherever they land, publishers over the server API and over
 //! WebSocket, kill -9 of instances, kill -9 and restart of the bus (Redis
 //! with `appendfsync always`, JetStream with a file store, the Pub/Sub
-//! emulator), and a partition of one instance from the bus. Every
+//! emulator; on a Redis Cluster, the master serving the channel), and a
+//! partition of one instance from the bus (not on the cluster). Every
 //! subscriber is checked by publication identity: nothing missed (unless
 //! it was told `recovered:false`), nothing twice, nothing out of order.
 //!
@@ -20,6 +21,9 @@ mod private_redis;
 
 #[path = "../support/pubsub_emulator.rs"]
 mod pubsub_emulator;
+
+#[path = "../support/redis_cluster.rs"]
+mod redis_cluster;
 
 mod clients;
 mod procs;
@@ -72,6 +76,24 @@ async fn soak_redis() {
 async fn soak_nats() {
     let _one = ONE_AT_A_TIME.lock().await;
     let r = run::run(BusServer::nats().await, plan()).await;
+    check(&r);
+}
+
+/// A Redis Cluster: the "bus kill" is a `kill -9` of the master serving
+/// the channel (its replica takes over; the node comes back as a replica).
+/// No partition: the cluster client reaches every node directly, so one
+/// proxy cannot cut an instance off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_redis_cluster() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let r = run::run(
+        BusServer::redis_cluster().await,
+        Plan {
+            partitions: Vec::new(),
+            ..plan()
+        },
+    )
+    .await;
     check(&r);
 }
 

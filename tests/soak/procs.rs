@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::pubsub_emulator::Emulator;
+use crate::redis_cluster::RedisCluster;
 use crate::support::free_port;
 
 /// How long a restarted process may take to answer (failed starts
@@ -125,6 +126,11 @@ pub enum BusServer {
     },
     /// The Pub/Sub emulator (keeps nothing across a restart).
     PubSub(Emulator),
+    /// A Redis Cluster of 3 masters + 3 replicas (no persistence): its
+    /// "bus kill" is a `kill -9` of the master serving the soak's channel,
+    /// then, once its replica took over, a restart of the node (it rejoins
+    /// as a replica, empty, and syncs).
+    Cluster(RedisCluster),
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -161,11 +167,19 @@ impl BusServer {
         BusServer::PubSub(Emulator::start().await)
     }
 
+    pub async fn redis_cluster() -> BusServer {
+        let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+            .await
+            .expect("cluster");
+        BusServer::Cluster(cluster)
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             BusServer::Redis { .. } => "redis",
             BusServer::Nats { .. } => "nats",
             BusServer::PubSub(_) => "pubsub",
+            BusServer::Cluster(_) => "redis-cluster",
         }
     }
 
@@ -178,6 +192,7 @@ impl BusServer {
                 .rsplit_once(':')
                 .and_then(|(_, p)| p.parse().ok())
                 .expect("emulator port"),
+            BusServer::Cluster(c) => c.ports[0],
         }
     }
 
@@ -188,6 +203,8 @@ impl BusServer {
             BusServer::Redis { .. } => format!("redis://127.0.0.1:{port}"),
             BusServer::Nats { .. } => format!("nats://127.0.0.1:{port}"),
             BusServer::PubSub(_) => format!("pubsub://soak-project?emulator=127.0.0.1:{port}"),
+            // The cluster client finds every node itself: no proxy between.
+            BusServer::Cluster(c) => c.url(),
         }
     }
 
@@ -230,6 +247,7 @@ impl BusServer {
                 e.restart().await;
                 return;
             }
+            BusServer::Cluster(_) => return,
         };
         let c = Command::new(program)
             .args(&args)
@@ -267,6 +285,17 @@ impl BusServer {
                 }
             }
             BusServer::PubSub(e) => e.kill(),
+            BusServer::Cluster(c) => {
+                let slot = c.key_slot(&format!("{{{}}}", crate::run::CHANNEL));
+                let old = c.master_of(slot).expect("a master serves the channel");
+                c.kill(old);
+                tokio::task::block_in_place(|| {
+                    c.until_failed_over(slot, old, Duration::from_secs(30))
+                        .expect("the replica took over");
+                    c.restart(old);
+                });
+                return;
+            }
         }
         self.spawn().await;
     }
@@ -282,7 +311,7 @@ impl Drop for BusServer {
                 }
                 let _ = std::fs::remove_dir_all(dir);
             }
-            BusServer::PubSub(_) => {}
+            BusServer::PubSub(_) | BusServer::Cluster(_) => {}
         }
     }
 }

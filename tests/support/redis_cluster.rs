@@ -20,6 +20,47 @@ fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// Start the node on `port` under its watchdog (which kills it, SIGKILL,
+/// once the test process is gone, and then removes `dir`), keeping its
+/// `nodes-<port>.conf` in `dir`: a node started again rejoins its cluster.
+fn spawn_node(port: u16, dir: &std::path::Path) -> Child {
+    let me = std::process::id();
+    let server = format!(
+        "redis-server --port {port} --bind 127.0.0.1 --cluster-enabled yes \
+         --cluster-config-file nodes-{port}.conf --cluster-node-timeout 1000 \
+         --save '' --appendonly no --dir {dir}",
+        dir = dir.display()
+    );
+    let script = format!(
+        "{server} >/dev/null 2>&1 & r=$!; \
+         while kill -0 {me} 2>/dev/null && kill -0 $r 2>/dev/null; do sleep 0.5; done; \
+         kill -9 $r 2>/dev/null; kill -0 {me} 2>/dev/null || rm -rf {dir}",
+        dir = dir.display()
+    );
+    Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn sh")
+}
+
+/// Until the server on `port` answers; its process id.
+fn until_up(port: u16, deadline: Instant) -> u32 {
+    loop {
+        let info = cli(port, &["info", "server"]);
+        if let Some(pid) = field(&info, "process_id") {
+            return pid.parse().expect("pid");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "redis-server on {port} did not start (is redis-server ≥ 7 installed?)"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// `redis-cli -p port args…`, its standard output (empty when it failed).
 pub fn cli(port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
@@ -64,46 +105,14 @@ impl RedisCluster {
             ports[0]
         ));
         std::fs::create_dir_all(&dir).expect("cluster dir");
-        let me = std::process::id();
         let mut watchdogs = Vec::new();
-        for &port in &ports {
-            let server = format!(
-                "redis-server --port {port} --bind 127.0.0.1 --cluster-enabled yes \
-                 --cluster-config-file nodes-{port}.conf --cluster-node-timeout 1000 \
-                 --save '' --appendonly no --dir {dir}",
-                dir = dir.display()
-            );
-            // The watchdog: the server dies with the test process.
-            let script = format!(
-                "{server} >/dev/null 2>&1 & r=$!; \
-                 while kill -0 {me} 2>/dev/null && kill -0 $r 2>/dev/null; do sleep 0.5; done; \
-                 kill -9 $r 2>/dev/null; kill -0 {me} 2>/dev/null || rm -rf {dir}",
-                dir = dir.display()
-            );
-            let watchdog = Command::new("sh")
-                .args(["-c", &script])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn sh");
-            watchdogs.push(watchdog);
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
         let mut pids = Vec::new();
         for &port in &ports {
-            loop {
-                let info = cli(port, &["info", "server"]);
-                if let Some(pid) = field(&info, "process_id") {
-                    pids.push((port, pid.parse().expect("pid")));
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "redis-server on {port} did not start (is redis-server ≥ 7 installed?)"
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            watchdogs.push(spawn_node(port, &dir));
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for &port in &ports {
+            pids.push((port, until_up(port, deadline)));
         }
         let cluster = RedisCluster {
             ports,
@@ -262,6 +271,15 @@ impl RedisCluster {
             let (_, pid) = self.pids.remove(i);
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
+    }
+
+    /// Start the node on `port` again (after [`kill`](Self::kill)), empty
+    /// (no persistence), with its node config: it rejoins the cluster,
+    /// as a replica when another master took its slots over.
+    pub fn restart(&mut self, port: u16) {
+        self.watchdogs.push(spawn_node(port, &self.dir));
+        let pid = until_up(port, Instant::now() + Duration::from_secs(30));
+        self.pids.push((port, pid));
     }
 
     /// Until a live master other than `old` serves `slot` and every live
