@@ -26,9 +26,11 @@
 //! `bench/cluster_publish.py` (BENCHMARKS.md, 16 WebSocket publishers on
 //! one channel, two runs): a `WAIT` per publication gave 4,698–5,644
 //! publications/s (delivery p99 31–42 ms); grouped, 12,844–12,973/s
-//! (p99 14–15 ms); without replicas, 19,464–23,140/s. A slot whose master has no replica skips the writer (its
-//! turn costs more than it saves without a `WAIT`).
-//! Then, for every publication of the pipeline:
+//! (p99 14–15 ms); without replicas, 19,464–23,140/s. A slot whose
+//! master has no replica skips the writer (its turn costs more than it
+//! saves without a `WAIT`).
+//!
+//! Then, for every publication of a pipeline:
 //!
 //! * a replica acknowledged it: acked;
 //! * none did within [`REPLICA_WAIT`]: `INFO replication` of that master
