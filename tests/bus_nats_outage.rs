@@ -395,25 +395,11 @@ async fn data_loss_before_any_live_delivery_is_not_a_silent_gap() {
         assert_eq!(acked, Some(1), "a new stream after the data loss");
         proxy.restore().await;
         assert!(until_bus(&a, true, Duration::from_secs(20)).await, "A back");
-        loop {
-            match tokio::time::timeout(
-                Duration::from_secs(15),
-                futures_util::StreamExt::next(&mut x.ws),
-            )
-            .await
-            {
-                Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f))))) => {
-                    assert_eq!(u16::from(f.code), 1012, "{f:?}");
-                    break;
-                }
-                Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) => {
-                    let v: Value = serde_json::from_str(&t).unwrap();
-                    assert_ne!(v["type"], "message", "a silent gap: {v}");
-                }
-                Ok(Some(Ok(_))) => {}
-                other => panic!("expected a 1012 close, got {other:?}"),
-            }
-        }
+        assert_eq!(
+            x.expect_close_before_any_message(Duration::from_secs(15))
+                .await,
+            1012
+        );
         let mut x2 = a.client().await;
         x2.send(json!({"type": "subscribe", "channel": channel,
             "since": {"epoch": epoch1, "offset": 3}, "id": 40}))

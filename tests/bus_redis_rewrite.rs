@@ -28,7 +28,6 @@ use redis_cluster::{RedisCluster, cli};
 use serde_json::{Value, json};
 use support::{Client, WAIT};
 use switchboard::config::Settings;
-use tokio_tungstenite::tungstenite::Message;
 
 /// The next `message` frame, skipping join/leave.
 async fn next_message(c: &mut Client) -> Value {
@@ -84,20 +83,7 @@ async fn rewritten_history_is_a_new_epoch(
     assert_eq!(real["offset"], 2, "{real}");
     // X is told: closed for a resubscribe, and "real" is not slipped in
     // as if nothing happened.
-    loop {
-        match tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut x.ws)).await {
-            Ok(Some(Ok(Message::Close(Some(f))))) => {
-                assert_eq!(u16::from(f.code), 1012, "{f:?}");
-                break;
-            }
-            Ok(Some(Ok(Message::Text(t)))) => {
-                let v: Value = serde_json::from_str(&t).expect("json");
-                assert_ne!(v["type"], "message", "delivered over the rewrite: {v}");
-            }
-            Ok(Some(Ok(_))) => {}
-            other => panic!("expected a 1012 close, got {other:?}"),
-        }
-    }
+    assert_eq!(x.expect_close_before_any_message(WAIT).await, 1012);
     // Its position (E, 2) no longer recovers, here or anywhere.
     let mut x2 = a.client().await;
     x2.send(json!({"type": "subscribe", "channel": channel,

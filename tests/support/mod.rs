@@ -232,6 +232,24 @@ impl Client {
         }
     }
 
+    /// Wait (each frame at most `within`) for the server's close frame and
+    /// return its code, failing if a `message` frame comes first (a
+    /// publication slipped in before the client was told of a gap would be
+    /// a silent gap).
+    pub async fn expect_close_before_any_message(&mut self, within: Duration) -> u16 {
+        loop {
+            match tokio::time::timeout(within, self.ws.next()).await {
+                Ok(Some(Ok(Message::Close(Some(f))))) => return f.code.into(),
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    let v: Value = serde_json::from_str(&t).expect("a JSON frame");
+                    assert_ne!(v["type"], "message", "delivered before the close: {v}");
+                }
+                Ok(Some(Ok(_))) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+
     /// Wait for the server's close frame and return its code.
     pub async fn expect_close(&mut self) -> u16 {
         loop {
