@@ -81,15 +81,7 @@ async fn publish(c: &mut Client, channel: &str, data: Value, id: u64) -> Value {
 /// `GET` a history URL with the API key: the answer and its
 /// publications' data.
 async fn api_history(url: String) -> (Value, Vec<Value>) {
-    let h: Value = reqwest::Client::new()
-        .get(url)
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let h = support::get_json(url, KEY).await;
     let data = h["publications"]
         .as_array()
         .unwrap_or_else(|| panic!("{h}"))

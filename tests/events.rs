@@ -181,15 +181,7 @@ async fn a_reload_within_the_grace_emits_nothing() {
         types(&sink.of(&format!("client:{}", c.id))),
         ["connect", "subscribe"]
     );
-    let p: Value = reqwest::Client::new()
-        .get(i.http("/api/users/bob/presence"))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let p = support::get_json(i.http("/api/users/bob/presence"), API_KEY).await;
     assert_eq!(
         p,
         json!({"userId": "bob", "online": true, "connections": 1, "seq": 1})
@@ -197,15 +189,7 @@ async fn a_reload_within_the_grace_emits_nothing() {
     drop(c);
     sink.until(DEADLINE, |e| types(e).contains(&"user_offline"))
         .await;
-    let p: Value = reqwest::Client::new()
-        .get(i.http("/api/users/bob/presence"))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let p = support::get_json(i.http("/api/users/bob/presence"), API_KEY).await;
     assert_eq!(
         p,
         json!({"userId": "bob", "online": false, "connections": 0, "seq": 2})

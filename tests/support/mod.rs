@@ -272,6 +272,19 @@ pub async fn get(server: &TestServer, path: &str) -> (u16, String) {
     (status, resp.text().await.unwrap())
 }
 
+/// GET `url` with the server API key `key`; the JSON answer.
+pub async fn get_json(url: String, key: &str) -> Value {
+    reqwest::Client::new()
+        .get(url)
+        .bearer_auth(key)
+        .send()
+        .await
+        .expect("http get")
+        .json()
+        .await
+        .expect("a JSON answer")
+}
+
 /// Poll `f` until it is true or `WAIT` passes.
 pub async fn eventually<F, Fut>(mut f: F) -> bool
 where
