@@ -5,7 +5,8 @@
 //! stands, like kill -9: no goodbye, no unsubscribe) — a non-sequencer and
 //! then the channel's sequencer — leave every resume either exact or
 //! `recovered:false`, and a live subscriber misses no acknowledged
-//! publication, checked by publication identity.
+//! publication, checked by publication identity; an instance cut off the
+//! bus for long tells its subscribers instead of leaving them silent.
 #![cfg(feature = "pubsub")]
 
 mod support;
@@ -16,6 +17,10 @@ mod bus_suite;
 
 #[path = "support/pubsub_emulator.rs"]
 mod pubsub_emulator;
+
+/// The TCP proxy that cuts an instance off (kept with the Redis fixtures).
+#[path = "support/private_redis.rs"]
+mod private_redis;
 
 use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
@@ -426,6 +431,88 @@ async fn channel_order_and_offsets_are_shared() {
         }
         drop((subs, keep));
         cluster.shutdown().await;
+    })
+    .await;
+}
+
+/// Instance 0 reaches the emulator through a proxy (which the test cuts);
+/// the others directly.
+struct ProxiedPubSub {
+    direct: PubSub,
+    via: String,
+}
+
+impl BusFactory for ProxiedPubSub {
+    fn settings(&self, prefix: &str, i: usize) -> Settings {
+        let mut s = self.direct.settings(prefix, i);
+        if i == 0 {
+            s.bus = Some(format!("pubsub://{PROJECT}?emulator={}", self.via));
+        }
+        s
+    }
+
+    fn distinct_instances(&self) -> usize {
+        2
+    }
+
+    fn presence_expiry(&self) -> Duration {
+        self.direct.presence_expiry()
+    }
+}
+
+/// An instance cut off the bus for longer than `STALL_NOTICE` does not
+/// leave its subscribers silent: they are closed with 1012 (reconnect and
+/// recover elsewhere), and a resume on the other instance gets every
+/// publication acknowledged meanwhile.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_cut_off_for_long_tells_its_subscribers() {
+    use switchboard::broker::pubsub::STALL_NOTICE;
+    let direct = factory().await;
+    let upstream = direct.host.parse().expect("emulator address");
+    let proxy = private_redis::Proxy::start(upstream).await;
+    let f = ProxiedPubSub {
+        direct,
+        via: proxy.addr.to_string(),
+    };
+    bus_suite::bounded("stall", async {
+        let cluster = Cluster::start(&f, "pstall", 2).await;
+        let channel = "stall:room";
+        let mut sub = cluster.client(0).await;
+        subscribe(&mut sub, channel, 1).await;
+        let mut p = cluster.client(1).await;
+        let mut n = 0;
+        let (k, _) = publish_acked(&mut p, channel, &mut n).await;
+        let m = next(&mut sub).await;
+        assert_eq!(m["data"]["n"], k, "{m}");
+        let since = json!({"epoch": m["epoch"], "offset": m["offset"]});
+
+        proxy.cut().await;
+        let cut_at = tokio::time::Instant::now();
+        let mut acked = Vec::new();
+        for _ in 0..3 {
+            acked.push(publish_acked(&mut p, channel, &mut n).await.0);
+        }
+        // Told within the notice and two heartbeats (2 s / 3 each), not
+        // left silent while the instance reconnects.
+        let code = sub
+            .expect_close_before_any_message(STALL_NOTICE + Duration::from_secs(5))
+            .await;
+        assert_eq!(code, 1012);
+        assert!(
+            cut_at.elapsed() >= STALL_NOTICE,
+            "told before the notice time"
+        );
+        // It recovers on the instance that is not cut off.
+        let mut moved = cluster.client(1).await;
+        let (replayed, r) = resume(&mut moved, channel, &since).await;
+        assert_eq!(r["recovered"], true, "{r}");
+        let got: Vec<u64> = replayed
+            .iter()
+            .map(|m| m["data"]["n"].as_u64().unwrap())
+            .collect();
+        assert_eq!(got, acked);
+        proxy.restore();
     })
     .await;
 }

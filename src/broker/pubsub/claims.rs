@@ -104,6 +104,7 @@ impl Inner {
             }
             let epoch = self.new_epoch();
             log.claiming = Some(epoch.clone());
+            tracing::debug!(%channel, %epoch, "claiming the channel");
             epoch
         };
         let inner = self.clone();
@@ -143,6 +144,7 @@ impl Inner {
         log.complete = true;
         log.assigned = 0;
         log.broken = false;
+        tracing::debug!(%channel, %epoch, own, was_mine, buffered = log.buffer.len(), "claim read from the log");
         if own {
             if log.claiming.as_ref() == Some(&epoch) {
                 log.claiming = None;

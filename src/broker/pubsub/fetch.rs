@@ -74,11 +74,18 @@ impl Inner {
     pub(super) async fn subscribe(self: &Arc<Self>, channel: &str) -> Result<()> {
         let channel: Arc<str> = Arc::from(channel);
         self.subscribed.lock_unpoisoned().insert(channel.clone());
-        if let Err(e) = self.open_shard(self.shard_for(&channel)).await {
+        let k = self.shard_for(&channel);
+        let result = match self.open_shard(k).await {
+            // Its stream is down for long: subscribe where it is not.
+            Ok(()) if self.shard_stalled(k, Instant::now()) => Err(super::bus_error(
+                super::PubSubError::Timeout("shard stream (down)"),
+            )),
+            r => r,
+        };
+        if result.is_err() {
             self.subscribed.lock_unpoisoned().remove(&channel);
-            return Err(e);
         }
-        Ok(())
+        result
     }
 
     /// `Broker::history` (and the node's position

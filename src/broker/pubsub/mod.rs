@@ -154,6 +154,8 @@
 //! * `supervise.rs`: the client, topics and subscriptions, the streaming
 //!   pulls, the receive loops (de-duplication, dispatch), acknowledgements,
 //!   reconnection with backoff, readiness and shutdown;
+//! * `stall.rs`: replacing a subscription whose stream does not open,
+//!   and telling the subscribers of a shard whose stream stays down;
 //! * `shards.rs`: which shard a channel travels on, opening a shard when
 //!   needed and leaving it when not;
 //! * `fetch.rs`: filling an instance's history from the channel's
@@ -178,6 +180,7 @@ mod presence;
 mod publish;
 mod sequencer;
 mod shards;
+mod stall;
 mod supervise;
 #[cfg(test)]
 mod tests;
@@ -193,7 +196,6 @@ use gcloud_gax::grpc::{Code, Status};
 use gcloud_gax::retry::RetrySetting;
 use gcloud_pubsub::client::Client;
 use gcloud_pubsub::publisher::{Publisher, PublisherConfig};
-use gcloud_pubsub::subscription::Subscription;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -230,6 +232,7 @@ pub const DEDUPE_WINDOW: Duration = Duration::from_secs(600);
 /// At most this many message names are remembered.
 pub const DEDUPE_MAX: usize = 200_000;
 pub use super::history::STREAM_IDLE_EXPIRY;
+pub use stall::STALL_NOTICE;
 
 /// Longest a single admin or publish RPC may take.
 const RPC_TIMEOUT: Duration = Duration::from_secs(5);
@@ -314,8 +317,9 @@ struct Inner {
     client: Client,
     /// Publishing on the control topic (direct RPCs, no batching delay).
     publisher: Publisher,
-    /// This instance's subscription to the control topic.
-    subscription: Subscription,
+    /// This instance's subscription to the control topic (renamed when
+    /// it stalls, see [`stall`]).
+    subscription: stall::Named,
     /// Control topic id, for recreating it.
     topic_id: String,
     /// The channel shards (see [`shards`]).

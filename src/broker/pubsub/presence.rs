@@ -483,6 +483,7 @@ impl Inner {
             self.tell_local(&gone);
             self.sweep_sequencer(now);
             self.sweep_shards(now);
+            self.sweep_stalls(now);
         }
     }
 }

@@ -380,6 +380,7 @@ impl Inner {
                 // a superseded sequencer may be delivered here too (its
                 // publisher got an error), nothing is refused.
                 if log.epoch.as_ref() != Some(&epoch) {
+                    tracing::debug!(%channel, %epoch, "following the epoch of a numbered copy (no claim seen)");
                     log.epoch = Some(epoch.clone());
                     log.owner = Some((src, boot));
                     log.complete = false;

@@ -29,7 +29,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use gcloud_pubsub::publisher::Publisher;
-use gcloud_pubsub::subscription::Subscription;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -56,8 +55,9 @@ pub(super) fn shard_of(channel: &str, count: u16) -> u16 {
 pub(super) struct Shard {
     /// Topic id, `<topic>-c<k>`.
     pub(super) topic_id: String,
-    /// This instance's subscription, `<subscription>-c<k>`.
-    pub(super) subscription: Subscription,
+    /// This instance's subscription, `<subscription>-c<k>` (renamed when
+    /// it stalls, see [`stall`](super::stall)).
+    pub(super) subscription: super::stall::Named,
     /// Made on first send (a publisher runs a task).
     publisher: OnceLock<Publisher>,
     /// Leaving takes it exclusively, so a caller that marked its need (a
@@ -75,12 +75,30 @@ pub(super) struct ShardState {
     pub(super) open: bool,
     /// The reader's stream is established.
     pub(super) up: bool,
+    /// Since when the stream has been down (while open).
+    pub(super) down_since: Option<Instant>,
+    /// The subscribers were told of this outage (see
+    /// [`stall`](super::stall)).
+    pub(super) stall_told: bool,
     /// Calls in flight that need the shard (publishes, history reads).
     users: usize,
     /// Since when nothing has needed the shard.
     idle_since: Option<Instant>,
     /// Ends the reader.
     stop: Option<CancellationToken>,
+}
+
+impl ShardState {
+    /// The reader's stream went up or down.
+    pub(super) fn set_up(&mut self, up: bool) {
+        self.up = up;
+        if up {
+            self.down_since = None;
+            self.stall_told = false;
+        } else if self.down_since.is_none() {
+            self.down_since = Some(Instant::now());
+        }
+    }
 }
 
 impl Shard {
@@ -92,7 +110,7 @@ impl Shard {
     ) -> Shard {
         Shard {
             topic_id: format!("{topic}-c{k}"),
-            subscription: client.subscription(&format!("{sub}-c{k}")),
+            subscription: super::stall::Named::new(client, format!("{sub}-c{k}")),
             publisher: OnceLock::new(),
             gate: tokio::sync::RwLock::new(()),
             state: Mutex::default(),
@@ -155,12 +173,12 @@ impl Inner {
         }
         let route = Route::Shard(k);
         self.ensure_subscription(route, true).await?;
-        let stream = self.open_stream(route).await?;
+        let (stream, _) = self.open_or_replace(route).await?;
         let stop = self.shutdown.child_token();
         {
             let mut st = shard.state.lock_unpoisoned();
             st.open = true;
-            st.up = true;
+            st.set_up(true);
             st.idle_since = None;
             st.stop = Some(stop.clone());
         }
@@ -218,7 +236,8 @@ impl Inner {
                 return;
             }
             st.open = false;
-            st.up = false;
+            st.set_up(false);
+            st.down_since = None;
             if let Some(stop) = st.stop.take() {
                 stop.cancel();
             }

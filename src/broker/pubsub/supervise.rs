@@ -35,7 +35,8 @@ use crate::protocol::Publication;
 use crate::sync::MutexExt;
 
 /// The receive stream of a streaming pull.
-type PullStream = gcloud_gax::grpc::Streaming<gcloud_googleapis::pubsub::v1::StreamingPullResponse>;
+pub(super) type PullStream =
+    gcloud_gax::grpc::Streaming<gcloud_googleapis::pubsub::v1::StreamingPullResponse>;
 
 /// Reconnection delays: 100 ms doubling per failed attempt to 2 s (no
 /// jitter).
@@ -116,7 +117,7 @@ pub(super) async fn connect_inner(
         .map_err(|e| bus_error(PubSubError::Client(e.to_string())))?;
     let topic = client.topic(&config.pubsub_topic);
     let publisher = topic.new_publisher(Some(publisher_config()));
-    let subscription = client.subscription(&config.pubsub_subscription);
+    let subscription = super::stall::Named::new(&client, config.pubsub_subscription.clone());
     let shards = (0..config.pubsub_shards)
         .map(|k| {
             Shard::new(
@@ -181,12 +182,9 @@ pub(super) async fn connect_inner(
 }
 
 impl Inner {
-    /// The subscription read for `route`.
-    pub(super) fn subscription_of(&self, route: Route) -> &Subscription {
-        match route {
-            Route::Control => &self.subscription,
-            Route::Shard(k) => &self.shards[k as usize].subscription,
-        }
+    /// The subscription read for `route` now.
+    pub(super) fn subscription_of(&self, route: Route) -> Subscription {
+        self.named(route).get()
     }
 
     /// The topic id of `route`.
@@ -353,7 +351,7 @@ impl Inner {
                 }
             }
         }
-        self.shards[k as usize].state.lock_unpoisoned().up = true;
+        self.shards[k as usize].state.lock_unpoisoned().set_up(true);
     }
 
     /// `Broker::start`: open the control stream, then run the receive, ack
@@ -361,7 +359,7 @@ impl Inner {
     /// demand).
     pub(super) async fn start(self: &Arc<Self>, handler: Arc<dyn BrokerHandler>) -> Result<()> {
         let _ = self.handler.set(handler);
-        let stream = self.open_stream(Route::Control).await?;
+        let (stream, _) = self.open_or_replace(Route::Control).await?;
         self.on_stream_up(Route::Control, false);
         if let Some(rx) = self.acks_rx.lock_unpoisoned().take() {
             tokio::spawn(self.clone().ack_loop(rx));
@@ -485,7 +483,7 @@ impl Inner {
     fn set_up(&self, route: Route, up: bool) {
         match route {
             Route::Control => self.stream_up.store(up, Ordering::Relaxed),
-            Route::Shard(k) => self.shards[k as usize].state.lock_unpoisoned().up = up,
+            Route::Shard(k) => self.shards[k as usize].state.lock_unpoisoned().set_up(up),
         }
     }
 
@@ -516,8 +514,9 @@ impl Inner {
             if stop.is_cancelled() {
                 return;
             }
-            match self.open_stream(route).await {
-                Ok(stream) => {
+            match self.open_or_replace(route).await {
+                Ok((stream, replaced)) => {
+                    let lost = lost || replaced;
                     tracing::info!(?route, recreated = lost, "pub/sub stream re-established");
                     self.on_stream_up(route, lost);
                     attempt = 0;
