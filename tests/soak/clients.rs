@@ -36,9 +36,17 @@ fn record(seen: &mut Seen, m: &Value) {
     let count = seen.received.entry((p, n)).or_default();
     *count += 1;
     if *count > 1 {
-        return; // counted as a duplicate
+        // Counted as a duplicate; where it came from again, for SOAK_DEBUG.
+        seen.events.push((
+            Instant::now(),
+            format!("({p}, {n}) again at {}:{}", m["epoch"], m["offset"]),
+        ));
+        return;
     }
     seen.arrivals.push((p, n));
+    if let (Some(e), Some(o)) = (m["epoch"].as_str(), m["offset"].as_u64()) {
+        seen.positions.insert((p, n), (e.to_string(), o));
+    }
 }
 
 /// Follow [`CHANNEL`] until `stop`, moving to a random live instance
@@ -62,6 +70,10 @@ pub async fn subscriber(
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
+        seen.events.push((
+            Instant::now(),
+            format!("connected to :{port}, since {pos:?}"),
+        ));
         let lost_at = last_rx;
         let mut sub = json!({"type": "subscribe", "channel": CHANNEL, "id": 1});
         if let Some((epoch, offset)) = &pos {
@@ -74,6 +86,10 @@ pub async fn subscriber(
             let frame = match timeout(Duration::from_millis(200), ws.next()).await {
                 Err(_) => continue, // look at `stop` again
                 Ok(Some(Ok(Message::Text(t)))) => t,
+                Ok(Some(Ok(Message::Close(c)))) => {
+                    seen.events.push((Instant::now(), format!("closed {c:?}")));
+                    continue;
+                }
                 Ok(Some(Ok(_))) => continue,
                 Ok(_) => break,
             };
@@ -89,6 +105,13 @@ pub async fn subscriber(
                     last_rx = Instant::now();
                 }
                 Some("subscribed") => {
+                    seen.events.push((
+                        Instant::now(),
+                        format!(
+                            "subscribed recovered:{} at {}:{}",
+                            v["recovered"], v["epoch"], v["offset"]
+                        ),
+                    ));
                     if v["recovered"] == false && pos.is_some() {
                         let from = lost_at
                             .checked_sub(Duration::from_secs(1))
@@ -107,7 +130,10 @@ pub async fn subscriber(
                     }
                 }
                 // A refused subscribe (the bus is down): try elsewhere.
-                Some("error") => break,
+                Some("error") => {
+                    seen.events.push((Instant::now(), format!("error {frame}")));
+                    break;
+                }
                 _ => {}
             }
         }
@@ -116,6 +142,8 @@ pub async fn subscriber(
             break;
         }
         seen.reconnects += 1;
+        seen.events
+            .push((Instant::now(), "connection ended".into()));
         tokio::time::sleep(Duration::from_millis(fastrand::u64(50..300))).await;
     }
     seen

@@ -68,8 +68,20 @@ impl Instance {
                     .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
                     .args(&self.args)
                     .env("NO_COLOR", "1")
-                    .stdout(Stdio::null())
-                    .stderr(std::fs::File::create(&self.log).expect("log file"))
+                    .env(
+                        "RUST_LOG",
+                        if debug() {
+                            "info,switchboard=debug"
+                        } else {
+                            "info"
+                        },
+                    )
+                    .stdout(if debug() {
+                        Stdio::from(log_file(&self.log))
+                    } else {
+                        Stdio::null()
+                    })
+                    .stderr(log_file(&self.log))
                     .spawn()
                     .expect("spawn switchboard");
                 self.child = Some(child);
@@ -103,10 +115,31 @@ impl Instance {
     }
 }
 
+fn log_file(path: &std::path::Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("log file")
+}
+
+/// `SOAK_DEBUG`: instance logs at debug level, kept (their paths printed).
+fn debug() -> bool {
+    std::env::var("SOAK_DEBUG").is_ok()
+}
+
 impl Drop for Instance {
     fn drop(&mut self) {
         self.kill();
-        let _ = std::fs::remove_file(&self.log);
+        if debug() {
+            eprintln!(
+                "instance on :{} logged to {}",
+                self.port,
+                self.log.display()
+            );
+        } else {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }
 

@@ -106,6 +106,10 @@ pub(crate) struct Seen {
     /// received on the lost connection to the answer.
     pub(crate) told: Vec<(Instant, Instant)>,
     pub(crate) reconnects: u64,
+    /// Each publication's position as this subscriber got it.
+    pub(crate) positions: HashMap<(u64, u64), (String, u64)>,
+    /// What happened to this subscriber, for `SOAK_DEBUG`.
+    pub(crate) events: Vec<(Instant, String)>,
 }
 
 /// The cluster's live instances, by index: `None` while one is down.
@@ -216,6 +220,10 @@ pub async fn run(mut bus: BusServer, plan: Plan) -> Report {
         ..Default::default()
     };
     let start = Instant::now();
+    let wall_start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
     let end = start + Duration::from_secs(plan.seconds);
     let mut next_kill = start + plan.kill_every;
     let mut bus_restarts = plan.bus_restarts.iter().map(|d| start + *d).peekable();
@@ -224,6 +232,7 @@ pub async fn run(mut bus: BusServer, plan: Plan) -> Report {
     // restart and partition has happened (a slow restart of an instance can
     // push them past the end on a loaded machine), within a bounded extra.
     let hard_end = end + Duration::from_secs(60);
+    let mut chaos: Vec<(Instant, String)> = Vec::new();
     loop {
         let now = Instant::now();
         let scheduled_left = bus_restarts.peek().is_some() || partitions.peek().is_some();
@@ -234,20 +243,29 @@ pub async fn run(mut bus: BusServer, plan: Plan) -> Report {
             let i = fastrand::usize(..instances.len());
             live[i].store(false, Ordering::Relaxed);
             instances[i].kill();
+            chaos.push((
+                Instant::now(),
+                format!("killed instance {i} (:{})", ports[i]),
+            ));
             tokio::time::sleep(Duration::from_millis(300)).await;
             instances[i].restart().await;
             live[i].store(true, Ordering::Relaxed);
+            chaos.push((Instant::now(), format!("instance {i} ready again")));
             report.kills += 1;
             next_kill = Instant::now() + plan.kill_every;
         } else if bus_restarts.peek().is_some_and(|t| now >= *t) {
             bus_restarts.next();
+            chaos.push((Instant::now(), "bus kill -9".into()));
             bus.kill_restart().await;
+            chaos.push((Instant::now(), "bus restarted".into()));
             report.bus_restarts += 1;
         } else if partitions.peek().is_some_and(|t| now >= *t) {
             partitions.next();
             proxy.cut().await;
+            chaos.push((Instant::now(), "instance 0 cut off the bus".into()));
             tokio::time::sleep(Duration::from_secs(2)).await;
             proxy.restore();
+            chaos.push((Instant::now(), "instance 0 back on the bus".into()));
             report.partitions += 1;
         } else {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -267,13 +285,24 @@ pub async fn run(mut bus: BusServer, plan: Plan) -> Report {
     let acked = acked.lock().unwrap().clone();
     report.acked = acked.len() as u64;
     let acked_ids: HashSet<(u64, u64)> = acked.iter().map(|(id, _, _)| *id).collect();
+    let debug = std::env::var("SOAK_DEBUG").is_ok();
+    let mut seens = Vec::new();
     for s in subscribers {
-        let seen = s.await.expect("subscriber");
+        seens.push(s.await.expect("subscriber"));
+    }
+    // Where each publication was numbered, as any subscriber got it.
+    let mut numbered: HashMap<(u64, u64), (String, u64)> = HashMap::new();
+    for seen in &seens {
+        numbered.extend(seen.positions.iter().map(|(k, v)| (*k, v.clone())));
+    }
+    let ms = |t: Instant| t.saturating_duration_since(start).as_millis();
+    for (k, seen) in seens.iter().enumerate() {
         report.reconnects += seen.reconnects;
         report.reorders += reorders(&seen.arrivals, Some(&acked_ids));
         report.reorders_all += reorders(&seen.arrivals, None);
         report.told += seen.told.len() as u64;
         report.duplicates += seen.received.values().filter(|c| **c > 1).count() as u64;
+        let mut missed = Vec::new();
         for (id, sent, at) in &acked {
             if seen.received.contains_key(id) {
                 continue;
@@ -286,24 +315,52 @@ pub async fn run(mut bus: BusServer, plan: Plan) -> Report {
                 report.excused += 1;
             } else {
                 report.missed += 1;
-                if std::env::var("SOAK_DEBUG").is_ok() {
-                    let near = seen
-                        .told
-                        .iter()
-                        .map(|(f, t)| {
-                            let d = |a: Instant, b: Instant| {
-                                a.saturating_duration_since(b).as_millis() as i64
-                                    - b.saturating_duration_since(a).as_millis() as i64
-                            };
-                            (d(*at, *f), d(*at, *t))
-                        })
-                        .min_by_key(|(a, b)| a.abs().min(b.abs()));
-                    eprintln!(
-                        "missed {id:?} acked at +{} ms; nearest told window (ms from start, from end): {near:?}",
-                        at.duration_since(start).as_millis()
-                    );
-                }
+                missed.push((id, sent, at));
             }
+        }
+        let twice: Vec<_> = seen.received.iter().filter(|(_, c)| **c > 1).collect();
+        if debug && (!missed.is_empty() || !twice.is_empty()) {
+            eprintln!("--- subscriber {k}");
+            for (id, sent, at) in &missed {
+                let pos = numbered.get(id);
+                // What this subscriber got of the same epoch around it.
+                let near: Vec<u64> = pos
+                    .map(|(e, o)| {
+                        let mut v: Vec<u64> = seen
+                            .positions
+                            .values()
+                            .filter(|(e2, o2)| e2 == e && o2.abs_diff(*o) <= 3)
+                            .map(|(_, o2)| *o2)
+                            .collect();
+                        v.sort_unstable();
+                        v
+                    })
+                    .unwrap_or_default();
+                eprintln!(
+                    "missed {id:?} sent +{} acked +{} numbered {pos:?}; got of its epoch nearby {near:?}",
+                    ms(**sent),
+                    ms(**at),
+                );
+            }
+            for (id, c) in &twice {
+                eprintln!("got {id:?} {c} times, numbered {:?}", numbered.get(id));
+            }
+            for (t, e) in &seen.events {
+                eprintln!("  +{} {e}", ms(*t));
+            }
+        }
+    }
+    if debug {
+        let day = wall_start % 86_400_000;
+        eprintln!(
+            "--- chaos (+0 is {:02}:{:02}:{:02}.{:03} UTC)",
+            day / 3_600_000,
+            day / 60_000 % 60,
+            day / 1000 % 60,
+            day % 1000
+        );
+        for (t, e) in &chaos {
+            eprintln!("  +{} {e}", ms(*t));
         }
     }
     let _ = std::fs::remove_file(&key_file);

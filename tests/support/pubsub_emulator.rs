@@ -79,7 +79,13 @@ impl Emulator {
     }
 
     async fn spawn(&mut self) {
-        let log = std::fs::File::create(&self.log).expect("emulator log file");
+        // Appended to across restarts: readiness is read past this point.
+        let from = std::fs::metadata(&self.log).map_or(0, |m| m.len() as usize);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("emulator log file");
         let err = log.try_clone().expect("emulator log file");
         let child = Command::new(EMULATOR_BIN)
             .arg("--host=127.0.0.1")
@@ -110,6 +116,7 @@ impl Emulator {
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;
         loop {
             let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let text = text.get(from..).unwrap_or_default();
             if text.contains(&ready) {
                 return;
             }
@@ -145,6 +152,10 @@ impl Emulator {
 impl Drop for Emulator {
     fn drop(&mut self) {
         self.kill();
+        if std::env::var("SOAK_DEBUG").is_ok() {
+            eprintln!("the emulator logged to {}", self.log.display());
+            return;
+        }
         let _ = std::fs::remove_file(&self.log);
     }
 }
