@@ -503,6 +503,14 @@ impl Store {
         }
     }
 
+    /// The position of `channel`'s stream, if it has one.
+    #[cfg(feature = "pubsub")]
+    pub(crate) fn top_of(&self, channel: &str) -> Option<StreamPosition> {
+        let stream = self.find(channel).ok()?;
+        let s = stream.lock_unpoisoned();
+        (!s.dead).then(|| s.position())
+    }
+
     /// Retained publications of `channel` after `position`, if it is in
     /// the current epoch (replay after a bus outage), each with the epoch.
     #[cfg(feature = "pubsub")]

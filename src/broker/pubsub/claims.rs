@@ -137,7 +137,7 @@ impl Inner {
         let mut st = self.sequencer.lock_unpoisoned();
         let log = self.log(&mut st, channel, now);
         let was_mine = self.owns(log);
-        log.epoch = Some(epoch.clone());
+        log.set_epoch(epoch.clone());
         let own = src == self.me && boot == self.boot;
         log.owner = Some((src, boot));
         log.claimed = true;

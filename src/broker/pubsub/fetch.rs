@@ -271,7 +271,7 @@ impl Inner {
                 if !log.claimed {
                     log.owner = Some(sequencer);
                 }
-                log.epoch = Some(epoch);
+                log.set_epoch(epoch);
                 log.complete = true;
             }
         }

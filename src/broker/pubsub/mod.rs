@@ -141,6 +141,13 @@
 //!   epoch (a change of sequencer) does the same for its channel: it is
 //!   stored but not handed on, so no subscriber is moved past what it
 //!   lacks.
+//! * A subscription that exists but whose streaming pull does not open
+//!   in time is replaced by a fresh one of a new name (see [`stall`]):
+//!   treated as recreated, as above.
+//! * A shard whose stream stays down for [`STALL_NOTICE`] has the
+//!   subscribers of its local channels asked to reconnect, and refuses
+//!   subscribes to its channels until it is back: a subscriber is never
+//!   left waiting in silence on an instance cut off the bus.
 //! * In both cases the local history after each subscribed channel's last
 //!   delivered position ([`BrokerHandler::positions`]) is replayed (sessions
 //!   drop what they already have).
@@ -352,6 +359,9 @@ struct Inner {
     /// the sequencers' positions; its own epochs `<instance id>.<hash>` are
     /// only the placeholders answered for channels it holds nothing of.
     streams: Arc<Store>,
+    /// Channels whose local stream is behind what their sequencers
+    /// advertised: since when, and the targets then (see [`stall`]).
+    lags: Mutex<stall::Lags>,
     /// Channels with local subscribers (the only ones handed to the node;
     /// their shards stay open).
     subscribed: Mutex<HashSet<Arc<str>>>,

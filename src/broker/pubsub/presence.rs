@@ -58,6 +58,8 @@ pub(super) struct Remote {
     /// Channel → (version, epoch) of the channels it sequences (`None`: a
     /// tombstone).
     pub(super) sequences: HashMap<Arc<str>, (u64, Option<Arc<str>>)>,
+    /// Channel → the last offset it had assigned at its last snapshot.
+    pub(super) tops: HashMap<Arc<str>, u64>,
     /// Its members were announced as gone (`leave` to the local
     /// subscribers) when it fell silent; heard again, they are announced
     /// back (`join`).
@@ -73,6 +75,7 @@ impl Remote {
             clients: HashMap::new(),
             members: HashMap::new(),
             sequences: HashMap::new(),
+            tops: HashMap::new(),
             mourned: false,
         }
     }
@@ -131,10 +134,12 @@ impl Remote {
         clients: Vec<Arc<str>>,
         members: Vec<(Arc<str>, Vec<ClientInfo>)>,
         sequenced: Vec<(Arc<str>, Arc<str>)>,
+        tops: Vec<(Arc<str>, u64)>,
     ) {
         if ver <= self.snap_ver {
             return;
         }
+        self.tops = tops.into_iter().collect();
         self.sequences.retain(|_, (v, _)| *v > ver);
         for (of, epoch) in sequenced {
             self.sequences.entry(of).or_insert((ver, Some(epoch)));
@@ -175,9 +180,11 @@ pub(super) type PendingAcks = (HashSet<Arc<str>>, Option<oneshot::Sender<()>>);
 impl Inner {
     /// Publish this instance's complete state (the heartbeat).
     pub(super) async fn announce(&self) -> Result<()> {
+        let tops = self.assigned_tops();
         let body = {
             let local = self.local.lock_unpoisoned();
             Body::Snapshot {
+                tops,
                 ver: local.ver,
                 clients: local.clients.iter().cloned().collect(),
                 members: local
@@ -409,10 +416,11 @@ impl Inner {
                 clients,
                 members,
                 sequenced,
+                tops,
             } => {
                 if !own {
                     if let Some(r) = self.remotes.lock_unpoisoned().get_mut(&wire.src) {
-                        r.apply_snapshot(ver, clients, members, sequenced);
+                        r.apply_snapshot(ver, clients, members, sequenced, tops);
                     }
                 }
             }
@@ -484,6 +492,7 @@ impl Inner {
             self.sweep_sequencer(now);
             self.sweep_shards(now);
             self.sweep_stalls(now);
+            self.sweep_lags(now);
         }
     }
 }

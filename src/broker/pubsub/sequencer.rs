@@ -67,6 +67,8 @@ pub const MAX_BUFFERED: usize = 1000;
 /// Numbered copies waiting to be sent, per channel; beyond, the sequencer
 /// gives up its epoch (the publishers time out, the next request claims).
 pub const MAX_OUTBOX: usize = 10_000;
+/// Earlier epochs remembered per channel.
+pub const SUPERSEDED_KEPT: usize = 8;
 /// Numbered copies per publish RPC.
 const BATCH: usize = 100;
 /// How long a publisher's instance waits for someone to claim the channel
@@ -105,6 +107,10 @@ pub(super) struct ChanLog {
     pub(super) claiming: Option<Arc<str>>,
     /// Last message of the channel, for the idle expiry.
     pub(super) touched: Instant,
+    /// The epochs this channel had before `epoch`, newest last (at most
+    /// [`SUPERSEDED_KEPT`]): a sequencer still advertising one of them is
+    /// behind, not ahead (see [`stall`](super::stall)).
+    pub(super) superseded: VecDeque<Arc<str>>,
     /// This instance holds every numbered copy of `epoch` that its
     /// sequencer still retains: it saw the claim, or filled its history
     /// from the sequencer ([`fetch`](super::fetch)). Reads are then
@@ -124,7 +130,19 @@ impl ChanLog {
             claiming: None,
             touched: now,
             complete: false,
+            superseded: VecDeque::new(),
         }
+    }
+
+    /// The channel moves to `epoch` (a claim, or a copy followed).
+    pub(super) fn set_epoch(&mut self, epoch: Arc<str>) {
+        if let Some(old) = self.epoch.take().filter(|old| *old != epoch) {
+            if self.superseded.len() >= SUPERSEDED_KEPT {
+                self.superseded.pop_front();
+            }
+            self.superseded.push_back(old);
+        }
+        self.epoch = Some(epoch);
     }
 }
 
@@ -381,7 +399,7 @@ impl Inner {
                 // publisher got an error), nothing is refused.
                 if log.epoch.as_ref() != Some(&epoch) {
                     tracing::debug!(%channel, %epoch, "following the epoch of a numbered copy (no claim seen)");
-                    log.epoch = Some(epoch.clone());
+                    log.set_epoch(epoch.clone());
                     log.owner = Some((src, boot));
                     log.complete = false;
                 }

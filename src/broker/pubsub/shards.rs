@@ -86,6 +86,11 @@ pub(super) struct ShardState {
     idle_since: Option<Instant>,
     /// Ends the reader.
     stop: Option<CancellationToken>,
+    /// Ends the reader's current stream (a child of `stop`), so that its
+    /// subscription is replaced (see [`stall`](super::stall)).
+    pub(super) kick: Option<CancellationToken>,
+    /// The next reconnection replaces the subscription.
+    pub(super) renew: bool,
 }
 
 impl ShardState {
@@ -238,6 +243,7 @@ impl Inner {
             st.open = false;
             st.set_up(false);
             st.down_since = None;
+            st.renew = false;
             if let Some(stop) = st.stop.take() {
                 stop.cancel();
             }

@@ -26,10 +26,24 @@
 //!   subscribe to one of its channels is refused (`bus_unavailable`) until
 //!   its stream is back, so they go to an instance that is not cut off.
 //!
+//! * **A channel that stops arriving.** The stream is up but one
+//!   ordering key delivers nothing: the emulator holds a key's messages
+//!   behind an unacknowledged one it gave to a cut-off stream. Every
+//!   sequencer's heartbeat carries the last offset it assigned per
+//!   channel; an instance whose local stream of a subscribed channel has
+//!   not reached any live sequencer's advertised `(epoch, offset)` within
+//!   [`STALL_NOTICE`] (epochs it knows to be superseded aside) replaces the
+//!   shard's subscription as above ([`Inner::sweep_lags`]). The rule also
+//!   catches an instance that still believes it sequences a channel
+//!   another instance has claimed since (it never saw the claim). A
+//!   false alarm costs the shard's subscribers one reconnection with
+//!   `recovered:false`, never a message.
+//!
 //! A renamed subscription of an instance that then crashes is not deleted
 //! by the next incarnation (which looks for the configured name): it
 //! expires after a day without a reader, like every subscription here.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -37,6 +51,7 @@ use std::time::Duration;
 use gcloud_pubsub::client::Client;
 use gcloud_pubsub::subscription::Subscription;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::shards::shard_of;
 use super::supervise::PullStream;
@@ -81,6 +96,10 @@ impl Named {
     }
 }
 
+/// Channel → since when its local stream has been behind, and the
+/// `(epoch, offset)` targets advertised then.
+pub(super) type Lags = HashMap<Arc<str>, (Instant, Vec<(Arc<str>, u64)>)>;
+
 /// Whether `e` is a streaming pull that did not open in time.
 fn stalled(e: &Error) -> bool {
     matches!(e, Error::Bus(b) if matches!(
@@ -97,20 +116,137 @@ impl Inner {
         match self.open_stream(route).await {
             Ok(stream) => Ok((stream, false)),
             Err(e) if stalled(&e) => {
-                let old = self.named(route).renew(&self.client, &self.boot);
-                tracing::warn!(
-                    ?route,
-                    stalled = %old.id(),
-                    now = %self.named(route).get().id(),
-                    "pub/sub subscription delivers nothing; replaced by a new one"
-                );
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(super::RPC_TIMEOUT, old.delete(None)).await;
-                });
+                self.rename(route, "its stream does not open");
                 self.ensure_subscription(route, true).await?;
                 Ok((self.open_stream(route).await?, true))
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// Move `route` to a subscription of a new name; the old one is
+    /// deleted in the background (best effort).
+    fn rename(&self, route: Route, why: &str) {
+        let old = self.named(route).renew(&self.client, &self.boot);
+        tracing::warn!(
+            ?route,
+            stalled = %old.id(),
+            now = %self.named(route).get().id(),
+            "pub/sub subscription delivers nothing ({why}); replaced by a new one"
+        );
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(super::RPC_TIMEOUT, old.delete(None)).await;
+        });
+    }
+
+    /// A token that ends the reader's current stream of `route`: the
+    /// reader's `stop`, and for a shard a child of it that
+    /// [`kick`](Inner::kick) cancels.
+    pub(super) fn kick_token(&self, route: Route, stop: &CancellationToken) -> CancellationToken {
+        let Route::Shard(k) = route else {
+            return stop.clone();
+        };
+        let kick = stop.child_token();
+        self.shards[k as usize].state.lock_unpoisoned().kick = Some(kick.clone());
+        kick
+    }
+
+    /// Whether the reader of `route` was kicked to replace its
+    /// subscription; if so, it is renamed now (the caller creates it).
+    pub(super) fn take_renew(&self, route: Route) -> bool {
+        let Route::Shard(k) = route else {
+            return false;
+        };
+        let renew = std::mem::take(&mut self.shards[k as usize].state.lock_unpoisoned().renew);
+        if renew {
+            self.rename(route, "a channel stopped arriving");
+        }
+        renew
+    }
+
+    /// End shard `k`'s current stream and have its subscription replaced.
+    fn kick(&self, k: u16) {
+        let mut st = self.shards[k as usize].state.lock_unpoisoned();
+        if !st.open || st.renew {
+            return;
+        }
+        st.renew = true;
+        if let Some(kick) = st.kick.take() {
+            kick.cancel();
+        }
+    }
+
+    /// What this instance's heartbeat advertises: the last offset it
+    /// assigned in each channel it sequences.
+    pub(super) fn assigned_tops(&self) -> Vec<(Arc<str>, u64)> {
+        let st = self.sequencer.lock_unpoisoned();
+        st.logs
+            .iter()
+            .filter(|(_, l)| l.claimed && self.owns(l))
+            .map(|(c, l)| (c.clone(), l.assigned))
+            .collect()
+    }
+
+    /// From the heartbeat: a subscribed channel whose local stream has not
+    /// reached what any live sequencer of it advertised, for
+    /// [`STALL_NOTICE`], has its shard's subscription replaced.
+    pub(super) fn sweep_lags(self: &Arc<Self>, now: Instant) {
+        let channels: Vec<Arc<str>> = self.subscribed.lock_unpoisoned().iter().cloned().collect();
+        let reached = |c: &str, targets: &[(Arc<str>, u64)]| {
+            let local = self.streams.top_of(c);
+            targets.iter().any(|(e, t)| {
+                *t == 0
+                    || local
+                        .as_ref()
+                        .is_some_and(|p| p.epoch == *e && p.offset >= *t)
+            })
+        };
+        let mut stuck = Vec::new();
+        for c in channels {
+            let superseded: Vec<Arc<str>> = {
+                let st = self.sequencer.lock_unpoisoned();
+                st.logs
+                    .get(&c)
+                    .map(|l| l.superseded.iter().cloned().collect())
+                    .unwrap_or_default()
+            };
+            let adverts: Vec<(Arc<str>, u64)> = {
+                let remotes = self.remotes.lock_unpoisoned();
+                remotes
+                    .values()
+                    .filter(|r| self.alive(r, now))
+                    .filter_map(|r| {
+                        let epoch = r.sequences.get(&c)?.1.clone()?;
+                        let top = r.tops.get(&c).copied().unwrap_or(0);
+                        Some((epoch, top))
+                    })
+                    .filter(|(e, _)| !superseded.contains(e))
+                    .collect()
+            };
+            let mut lags = self.lags.lock_unpoisoned();
+            match lags.get(&c) {
+                None => {
+                    if !adverts.is_empty() && !reached(&c, &adverts) {
+                        lags.insert(c, (now, adverts));
+                    }
+                }
+                Some((since, targets)) => {
+                    if reached(&c, targets) || adverts.is_empty() {
+                        lags.remove(&c);
+                    } else if now.duration_since(*since) >= STALL_NOTICE {
+                        tracing::warn!(channel = %c, targets = ?targets, local = ?self.streams.top_of(&c), "a channel stopped arriving here");
+                        lags.remove(&c);
+                        stuck.push(self.shard_for(&c));
+                    }
+                }
+            }
+        }
+        let subscribed = self.subscribed.lock_unpoisoned().clone();
+        self.lags
+            .lock_unpoisoned()
+            .retain(|c, _| subscribed.contains(c));
+        for k in stuck {
+            self.kick(k);
         }
     }
 

@@ -152,6 +152,7 @@ pub(super) async fn connect_inner(
             HistoryLimits::from_config(config),
             &format!("{}.", config.instance_id),
         ),
+        lags: Mutex::default(),
         subscribed: Mutex::default(),
         pending: Mutex::default(),
         waiters: Mutex::default(),
@@ -495,17 +496,22 @@ impl Inner {
         first: PullStream,
         stop: CancellationToken,
     ) {
-        self.read(route, first, &stop).await;
+        self.read(route, first, &self.kick_token(route, &stop))
+            .await;
         let mut attempt = 0u32;
         while !stop.is_cancelled() {
             self.set_up(route, false);
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(BACKOFF.delay(attempt)) => {}
+            // Kicked because it delivers nothing: replaced, not reopened.
+            let replace = self.take_renew(route);
+            if !replace {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(BACKOFF.delay(attempt)) => {}
+                }
+                attempt = attempt.saturating_add(1);
             }
-            attempt = attempt.saturating_add(1);
-            let lost = match self.ensure_subscription(route, false).await {
-                Ok(lost) => lost,
+            let lost = match self.ensure_subscription(route, replace).await {
+                Ok(lost) => lost || replace,
                 Err(e) => {
                     tracing::debug!(?route, error = %e, "pub/sub still unreachable");
                     continue;
@@ -520,7 +526,8 @@ impl Inner {
                     tracing::info!(?route, recreated = lost, "pub/sub stream re-established");
                     self.on_stream_up(route, lost);
                     attempt = 0;
-                    self.read(route, stream, &stop).await;
+                    self.read(route, stream, &self.kick_token(route, &stop))
+                        .await;
                 }
                 Err(e) => {
                     tracing::debug!(?route, error = %e, "pub/sub stream not re-established")

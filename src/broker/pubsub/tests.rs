@@ -48,18 +48,36 @@ fn late_deltas_and_snapshots_never_undo_newer_ones() {
     r.apply_delta(1, Some("c".into()), info("x"), true);
     assert!(present(&r, "c").is_empty());
     // A snapshot at 3 with y; a late delta at 3 or older is ignored.
-    r.apply_snapshot(3, vec![], vec![("c".into(), vec![info("y")])], vec![]);
+    r.apply_snapshot(
+        3,
+        vec![],
+        vec![("c".into(), vec![info("y")])],
+        vec![],
+        vec![],
+    );
     r.apply_delta(3, Some("c".into()), info("y"), false);
     assert_eq!(present(&r, "c"), vec!["y"]);
     // A newer delta that arrived before an older snapshot wins.
     r.apply_delta(5, Some("c".into()), info("z"), true);
-    r.apply_snapshot(4, vec![], vec![("c".into(), vec![info("y")])], vec![]);
+    r.apply_snapshot(
+        4,
+        vec![],
+        vec![("c".into(), vec![info("y")])],
+        vec![],
+        vec![],
+    );
     assert_eq!(present(&r, "c"), vec!["y", "z"]);
     // A stale snapshot is ignored.
-    r.apply_snapshot(2, vec![], vec![], vec![]);
+    r.apply_snapshot(2, vec![], vec![], vec![], vec![]);
     assert_eq!(present(&r, "c"), vec!["y", "z"]);
     // A snapshot drops what it no longer lists (up to its version).
-    r.apply_snapshot(6, vec![], vec![("c".into(), vec![info("z")])], vec![]);
+    r.apply_snapshot(
+        6,
+        vec![],
+        vec![("c".into(), vec![info("z")])],
+        vec![],
+        vec![],
+    );
     assert_eq!(present(&r, "c"), vec!["z"]);
 }
 
@@ -105,13 +123,13 @@ fn sequencer_adverts_follow_the_gossip_order() {
     r.apply_sequences(2, "c".into(), Some("e1".into()));
     assert_eq!(r.sequences.get("c").and_then(|(_, e)| e.clone()), None);
     // A snapshot at 5 lists it: sequenced again, older deltas ignored.
-    r.apply_snapshot(5, vec![], vec![], vec![("c".into(), "e2".into())]);
+    r.apply_snapshot(5, vec![], vec![], vec![("c".into(), "e2".into())], vec![]);
     r.apply_sequences(4, "c".into(), None);
     assert_eq!(
         r.sequences.get("c").and_then(|(_, e)| e.clone()).as_deref(),
         Some("e2")
     );
     // A later snapshot without it: gone.
-    r.apply_snapshot(6, vec![], vec![], vec![]);
+    r.apply_snapshot(6, vec![], vec![], vec![], vec![]);
     assert!(!r.sequences.contains_key("c"));
 }

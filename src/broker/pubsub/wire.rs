@@ -96,6 +96,10 @@ pub(super) enum Body {
         /// The channels it sequences, with their epochs.
         #[serde(default)]
         sequenced: Vec<(Arc<str>, Arc<str>)>,
+        /// The last offset it assigned in each of them (how far a reader
+        /// of the channel should be; see `stall`).
+        #[serde(default)]
+        tops: Vec<(Arc<str>, u64)>,
     },
     /// The source sequences `of` in `epoch` from now on (`None`: no
     /// longer); at version `ver` of its state. Advertised on the control
