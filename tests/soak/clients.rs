@@ -118,12 +118,17 @@ pub async fn subscriber(
                             .unwrap_or(lost_at);
                         seen.told.push((from, Instant::now()));
                     }
+                    // A position taken from the answer counts as received
+                    // now; `recovered:true` only confirms the last one
+                    // received (a publication acked before it and missing
+                    // after it is told by a later `recovered:false` from
+                    // that position, so its window starts from there).
                     if v["recovered"] != true {
                         if let (Some(e), Some(o)) = (v["epoch"].as_str(), v["offset"].as_u64()) {
                             pos = Some((e.to_string(), o));
                         }
+                        last_rx = Instant::now();
                     }
-                    last_rx = Instant::now();
                     if first {
                         first = false;
                         subscribed.fetch_add(1, Ordering::Relaxed);

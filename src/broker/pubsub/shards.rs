@@ -80,6 +80,8 @@ pub(super) struct ShardState {
     /// The subscribers were told of this outage (see
     /// [`stall`](super::stall)).
     pub(super) stall_told: bool,
+    /// Its subscription was replaced for this outage.
+    pub(super) stall_renamed: bool,
     /// Calls in flight that need the shard (publishes, history reads).
     users: usize,
     /// Since when nothing has needed the shard.
@@ -100,6 +102,7 @@ impl ShardState {
         if up {
             self.down_since = None;
             self.stall_told = false;
+            self.stall_renamed = false;
         } else if self.down_since.is_none() {
             self.down_since = Some(Instant::now());
         }

@@ -151,17 +151,39 @@ impl Inner {
         kick
     }
 
-    /// Whether the reader of `route` was kicked to replace its
-    /// subscription; if so, it is renamed now (the caller creates it).
+    /// Whether the subscription of `route` is to be replaced now (renamed
+    /// here; the caller creates it): the reader was kicked, or (once per
+    /// outage) the outage was long enough to tell its subscribers.
+    ///
+    /// A shard whose outage was long enough to tell its subscribers is
+    /// replaced: they were told to recover elsewhere, and a surviving
+    /// subscription of the emulator may hold a channel behind a message
+    /// given to the cut-off stream even once a new stream is up.
     pub(super) fn take_renew(&self, route: Route) -> bool {
         let Route::Shard(k) = route else {
             return false;
         };
-        let renew = std::mem::take(&mut self.shards[k as usize].state.lock_unpoisoned().renew);
-        if renew {
+        let (kicked, told) = {
+            let mut st = self.shards[k as usize].state.lock_unpoisoned();
+            let told = st.stall_told && !st.stall_renamed;
+            st.stall_renamed |= told;
+            (std::mem::take(&mut st.renew), told)
+        };
+        if kicked {
             self.rename(route, "a channel stopped arriving");
+        } else if told {
+            self.rename(route, "down long enough to tell its subscribers");
         }
-        renew
+        kicked || told
+    }
+
+    /// Whether the reader of `route` was kicked (its stream ended to have
+    /// the subscription replaced).
+    pub(super) fn shard_kicked(&self, route: Route) -> bool {
+        match route {
+            Route::Shard(k) => self.shards[k as usize].state.lock_unpoisoned().renew,
+            Route::Control => false,
+        }
     }
 
     /// End shard `k`'s current stream and have its subscription replaced.

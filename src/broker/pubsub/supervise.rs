@@ -501,9 +501,10 @@ impl Inner {
         let mut attempt = 0u32;
         while !stop.is_cancelled() {
             self.set_up(route, false);
-            // Kicked because it delivers nothing: replaced, not reopened.
+            // Kicked because it delivers nothing: replaced at once.
+            let kicked = self.shard_kicked(route);
             let replace = self.take_renew(route);
-            if !replace {
+            if !kicked {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(BACKOFF.delay(attempt)) => {}
