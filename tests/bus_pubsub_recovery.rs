@@ -512,7 +512,35 @@ async fn an_instance_cut_off_for_long_tells_its_subscribers() {
             .map(|m| m["data"]["n"].as_u64().unwrap())
             .collect();
         assert_eq!(got, acked);
+
+        // Back on the bus, the instance serves the channel again (on a new
+        // subscription, see `stall`): a subscriber there gets what comes.
         proxy.restore();
+        let ready = cluster.get(0).url("/readyz");
+        for _ in 0..100 {
+            if reqwest::get(&ready)
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let mut back = None;
+        for _ in 0..100 {
+            let mut c = cluster.client(0).await;
+            c.send(json!({"type": "subscribe", "channel": channel, "id": 1}))
+                .await;
+            if next(&mut c).await["type"] == "subscribed" {
+                back = Some(c);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let mut back = back.expect("subscribed again on the instance back on the bus");
+        let (k, _) = publish_acked(&mut p, channel, &mut n).await;
+        let m = next(&mut back).await;
+        assert_eq!(m["data"]["n"], k, "{m}");
     })
     .await;
 }

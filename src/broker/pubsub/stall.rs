@@ -127,6 +127,12 @@ impl Inner {
     /// Move `route` to a subscription of a new name; the old one is
     /// deleted in the background (best effort).
     fn rename(&self, route: Route, why: &str) {
+        if let Route::Shard(k) = route {
+            self.shards[k as usize]
+                .state
+                .lock_unpoisoned()
+                .stall_renamed = true;
+        }
         let old = self.named(route).renew(&self.client, &self.boot);
         tracing::warn!(
             ?route,
@@ -165,9 +171,10 @@ impl Inner {
         };
         let (kicked, told) = {
             let mut st = self.shards[k as usize].state.lock_unpoisoned();
-            let told = st.stall_told && !st.stall_renamed;
-            st.stall_renamed |= told;
-            (std::mem::take(&mut st.renew), told)
+            (
+                std::mem::take(&mut st.renew),
+                st.stall_told && !st.stall_renamed,
+            )
         };
         if kicked {
             self.rename(route, "a channel stopped arriving");
@@ -177,11 +184,15 @@ impl Inner {
         kicked || told
     }
 
-    /// Whether the reader of `route` was kicked (its stream ended to have
-    /// the subscription replaced).
-    pub(super) fn shard_kicked(&self, route: Route) -> bool {
+    /// Whether `route`'s subscribers were told of this outage and its
+    /// subscription not yet replaced: a stream that opens now is dropped
+    /// and the subscription replaced (see [`Inner::take_renew`]).
+    pub(super) fn stall_unreplaced(&self, route: Route) -> bool {
         match route {
-            Route::Shard(k) => self.shards[k as usize].state.lock_unpoisoned().renew,
+            Route::Shard(k) => {
+                let st = self.shards[k as usize].state.lock_unpoisoned();
+                st.stall_told && !st.stall_renamed
+            }
             Route::Control => false,
         }
     }

@@ -501,10 +501,9 @@ impl Inner {
         let mut attempt = 0u32;
         while !stop.is_cancelled() {
             self.set_up(route, false);
-            // Kicked because it delivers nothing: replaced at once.
-            let kicked = self.shard_kicked(route);
+            // To be replaced (kicked, or told of a long outage): at once.
             let replace = self.take_renew(route);
-            if !kicked {
+            if !replace {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(BACKOFF.delay(attempt)) => {}
@@ -522,6 +521,12 @@ impl Inner {
                 return;
             }
             match self.open_or_replace(route).await {
+                Ok((stream, _)) if self.stall_unreplaced(route) => {
+                    // It came back after its subscribers were told: the
+                    // old subscription may hold a channel back (see
+                    // `stall`); replaced at the top of the loop.
+                    drop(stream);
+                }
                 Ok((stream, replaced)) => {
                     let lost = lost || replaced;
                     tracing::info!(?route, recreated = lost, "pub/sub stream re-established");
