@@ -217,13 +217,25 @@ where
     S: Stream<Item = Result<Message, E>> + Sink<Message> + SendShared + Unpin + Send + 'static,
     E: std::error::Error + Send + 'static,
 {
-    /// Unregister the connection once it has ended.
+    /// Unregister the connection once it has ended. The socket is closed
+    /// first: the cleanup may wait on the bus (up to its round trip when
+    /// the bus is cut off), and a client that was sent a close must not
+    /// wait for it to reconnect elsewhere.
     pub(super) async fn finish(self) {
-        let channels: Vec<Arc<str>> = self.subs.into_keys().collect();
-        if self.mode == Mode::Protocol {
-            self.node.unregister(&self.client, channels).await;
+        let Session {
+            node,
+            ws,
+            client,
+            mode,
+            subs,
+            ..
+        } = self;
+        drop(ws);
+        let channels: Vec<Arc<str>> = subs.into_keys().collect();
+        if mode == Mode::Protocol {
+            node.unregister(&client, channels).await;
         }
-        tracing::debug!(client = %self.client.id(), "disconnected");
+        tracing::debug!(client = %client.id(), "disconnected");
     }
 
     /// The welcome (and the `authenticated` reply to a first-frame auth).

@@ -20,8 +20,9 @@
 //!   shard; message ordering on, a 10 s ack deadline, 10 min message
 //!   retention and a 1 day inactivity expiry (so a crashed instance's
 //!   subscriptions go away by themselves). A stale subscription of the same
-//!   name is deleted and recreated when opened (its backlog belongs to a
-//!   previous incarnation); they are deleted on clean shutdown
+//!   name (its backlog belongs to a crashed incarnation) is deleted when
+//!   opened, and this instance reads a fresh one of a new name instead,
+//!   `<name>-r<boot><n>` (see [`stall`]); they are deleted on clean shutdown
 //!   ([`Broker::close`]), a shard's also when the instance leaves it.
 //! * Every message is one JSON [`Wire`] envelope in `data`: the source
 //!   instance id, a boot id (random per process start) and a per-boot

@@ -126,7 +126,7 @@ impl Inner {
 
     /// Move `route` to a subscription of a new name; the old one is
     /// deleted in the background (best effort).
-    fn rename(&self, route: Route, why: &str) {
+    pub(super) fn rename(&self, route: Route, why: &str) {
         if let Route::Shard(k) = route {
             self.shards[k as usize]
                 .state
@@ -138,7 +138,7 @@ impl Inner {
             ?route,
             stalled = %old.id(),
             now = %self.named(route).get().id(),
-            "pub/sub subscription delivers nothing ({why}); replaced by a new one"
+            "pub/sub subscription replaced by one of a new name ({why})"
         );
         tokio::spawn(async move {
             let _ = tokio::time::timeout(super::RPC_TIMEOUT, old.delete(None)).await;

@@ -207,11 +207,13 @@ impl Inner {
 
     /// Make sure the topic of `route` and this instance's subscription to
     /// it exist. With `fresh`, a subscription left by an earlier
-    /// incarnation is replaced. Returns whether the subscription was
-    /// (re)created.
+    /// incarnation (it crashed) is replaced by one of a new name: the
+    /// emulator may keep the crashed reader's stream attached to the old
+    /// name, even across a delete and create (see [`stall`](super::stall)).
+    /// Returns whether the subscription was (re)created.
     pub(super) async fn ensure_subscription(&self, route: Route, fresh: bool) -> Result<bool> {
         self.ensure_topic(route).await?;
-        let subscription = self.subscription_of(route);
+        let mut subscription = self.subscription_of(route);
         let exists = subscription
             .exists(Some(retry()))
             .await
@@ -220,11 +222,8 @@ impl Inner {
             return Ok(false);
         }
         if exists {
-            match subscription.delete(Some(retry())).await {
-                Ok(()) => {}
-                Err(s) if s.code() == Code::NotFound => {}
-                Err(s) => return Err(rpc("delete stale subscription")(s)),
-            }
+            self.rename(route, "left by an earlier incarnation");
+            subscription = self.subscription_of(route);
         }
         let cfg = SubscriptionConfig {
             ack_deadline_seconds: 10,
