@@ -103,9 +103,31 @@ impl Inner {
         if self.needs_fetch(channel) {
             self.fill(channel, history).await;
         }
-        Ok(self
+        let mut h = self
             .streams
-            .read(channel, since, limit, newest_first, history))
+            .read(channel, since, limit, newest_first, history);
+        // An instance reads a channel's copies at its own pace, so a client
+        // coming from a faster one can hold a position beyond this one's
+        // top in the channel's current epoch. It is kept, not moved back
+        // (which would hand the client what it has again): the copies up
+        // to it that arrive here are dropped by the session, and a hole or
+        // a change of epoch closes the subscriber (1012) as always.
+        if let Some(since) = since {
+            let current = self
+                .sequencer
+                .lock_unpoisoned()
+                .logs
+                .get(channel)
+                .and_then(|log| log.epoch.clone());
+            if since.epoch == h.top.epoch
+                && since.offset > h.top.offset
+                && current.as_ref() == Some(&since.epoch)
+            {
+                h.top = since.clone();
+                h.publications.clear();
+            }
+        }
+        Ok(h)
     }
 
     /// Whether the local history of `channel` may lack what its sequencer
