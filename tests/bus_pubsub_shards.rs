@@ -4,7 +4,8 @@
 //! its channels forgotten; an instance new to a channel fills its history
 //! from the channel's sequencer, so a subscriber gets the real position,
 //! a client that moves here resumes exactly and `GET /api/history` answers
-//! everything retained.
+//! everything retained; an instance restarted after a crash reads a
+//! subscription of a new name, not the one its crashed incarnation left.
 #![cfg(feature = "pubsub")]
 
 mod support;
@@ -19,7 +20,7 @@ mod pubsub_emulator;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use bus_suite::{BusFactory, Cluster, base_settings, bounded, subscribe};
+use bus_suite::{BusFactory, Cluster, Instance, base_settings, bounded, subscribe};
 use pubsub_emulator::Emulator;
 use serde_json::{Value, json};
 use support::{Client, WAIT};
@@ -64,6 +65,20 @@ async fn factory() -> PubSub {
         host: Emulator::shared().await.host(),
         key_file,
     }
+}
+
+/// The emulator's subscriptions (full names), from its REST API.
+async fn subscription_names(host: &str) -> Vec<String> {
+    let url = format!("http://{host}/v1/projects/{PROJECT}/subscriptions?pageSize=100000");
+    let body: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+    body["subscriptions"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Publish `data` on `channel` and wait for the ack.
@@ -206,25 +221,12 @@ async fn a_left_shard_is_forgotten_and_filled_again_from_the_sequencer() {
             "B leaves the unneeded shard: {:?}",
             b.node.bus_traffic()
         );
-        let gone = {
-            let host = f.host.clone();
-            let prefix = b.node.config().pubsub_subscription.clone();
-            async move {
-                let url = format!("http://{host}/v1/projects/{PROJECT}/subscriptions");
-                let body: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
-                let names: Vec<String> = body["subscriptions"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|s| s["name"].as_str().map(str::to_string))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                !names.iter().any(|n| n.contains(&format!("{prefix}-c")))
-            }
-        }
-        .await;
-        assert!(gone, "B's shard subscription is deleted");
+        let prefix = b.node.config().pubsub_subscription.clone();
+        let names = subscription_names(&f.host).await;
+        assert!(
+            !names.iter().any(|n| n.contains(&format!("{prefix}-c"))),
+            "B's shard subscription is deleted: {names:?}"
+        );
 
         for n in 5..8 {
             id += 1;
@@ -272,6 +274,56 @@ async fn history_on_an_instance_new_to_the_channel() {
         assert_eq!(data, vec![json!(3), json!(2)], "{h}");
         drop(p);
         cluster.shutdown().await;
+    })
+    .await;
+}
+
+/// A crash (the runtime dropped where it stands, like kill -9) leaves the
+/// instance's subscription behind. Its next incarnation does not delete
+/// and recreate that name (the emulator can keep the crashed reader
+/// attached to it, and deliver nothing): it deletes it and reads a fresh
+/// one of a new name, and serves as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_after_a_crash_reads_a_subscription_of_a_new_name() {
+    let f = factory().await;
+    bounded("stale", async {
+        let prefix = bus_suite::unique_prefix("pstale");
+        let sub = format!("{prefix}-sub0");
+        let full = format!("projects/{PROJECT}/subscriptions/{sub}");
+        let first = Instance::start(f.settings(&prefix, 0)).await;
+        assert!(subscription_names(&f.host).await.contains(&full));
+        first.crash();
+        assert!(
+            subscription_names(&f.host).await.contains(&full),
+            "a crash leaves the subscription"
+        );
+
+        let second = Instance::start(f.settings(&prefix, 0)).await;
+        let renamed = format!("{full}-r");
+        let mut names = Vec::new();
+        for _ in 0..50 {
+            names = subscription_names(&f.host).await;
+            if !names.contains(&full) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            !names.contains(&full),
+            "the stale one is deleted: {names:?}"
+        );
+        assert!(
+            names.iter().any(|n| n.starts_with(&renamed)),
+            "a fresh one of a new name is read: {names:?}"
+        );
+
+        let channel = "stale:room";
+        let mut s = second.client().await;
+        subscribe(&mut s, channel, 1).await;
+        let mut p = second.client().await;
+        publish(&mut p, channel, json!({"n": 1}), 7).await;
+        let m = s.recv_type("message").await;
+        assert_eq!(m["data"], json!({"n": 1}), "{m}");
     })
     .await;
 }
