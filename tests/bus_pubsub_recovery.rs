@@ -122,6 +122,11 @@ fn sequencer_of(cluster: &Cluster, epoch: &str) -> usize {
         .unwrap_or_else(|| panic!("no instance {id}"))
 }
 
+/// The `n` of each message, in order.
+fn numbers(messages: &[Value]) -> impl Iterator<Item = u64> + '_ {
+    messages.iter().map(|m| m["data"]["n"].as_u64().unwrap())
+}
+
 /// Resume with `since`: the replayed messages and the `subscribed` reply.
 async fn resume(c: &mut Client, channel: &str, since: &Value) -> (Vec<Value>, Value) {
     c.send(json!({"type": "subscribe", "channel": channel, "since": since, "id": 77}))
@@ -247,10 +252,7 @@ async fn crashed_instances_leave_no_silent_gap() {
         let mut moved = cluster.client(live_at).await;
         let (replayed, s) = resume(&mut moved, channel, &since).await;
         assert_eq!(s["recovered"], true, "the sequencer lives: {s}");
-        let got: Vec<u64> = replayed
-            .iter()
-            .map(|m| m["data"]["n"].as_u64().unwrap())
-            .collect();
+        let got: Vec<u64> = numbers(&replayed).collect();
         assert_eq!(got, after_victim, "exactly what was missed");
         drop(moved);
 
@@ -271,10 +273,7 @@ async fn crashed_instances_leave_no_silent_gap() {
         let mut back = cluster.client(live_at).await;
         let (replayed, s) = resume(&mut back, channel, &since).await;
         if s["recovered"] == true {
-            let got: BTreeSet<u64> = replayed
-                .iter()
-                .map(|m| m["data"]["n"].as_u64().unwrap())
-                .collect();
+            let got: BTreeSet<u64> = numbers(&replayed).collect();
             assert!(
                 after_seq.is_subset(&got),
                 "recovered means nothing missed: {got:?}"
@@ -507,10 +506,7 @@ async fn an_instance_cut_off_for_long_tells_its_subscribers() {
         let mut moved = cluster.client(1).await;
         let (replayed, r) = resume(&mut moved, channel, &since).await;
         assert_eq!(r["recovered"], true, "{r}");
-        let got: Vec<u64> = replayed
-            .iter()
-            .map(|m| m["data"]["n"].as_u64().unwrap())
-            .collect();
+        let got: Vec<u64> = numbers(&replayed).collect();
         assert_eq!(got, acked);
 
         // Back on the bus, the instance serves the channel again (on a new
