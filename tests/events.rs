@@ -418,6 +418,39 @@ mod redis {
         }
     }
 
+    /// Waits until the delivery cursor stands at the newest logged event:
+    /// everything logged so far was delivered and acknowledged.
+    async fn until_acked(prefix: &str) {
+        let client = ::redis::Client::open(REDIS).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let end = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let cursor: Option<String> = ::redis::cmd("GET")
+                .arg(format!("{prefix}:ev:cursor"))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let newest: Vec<(String, HashMap<String, String>)> = ::redis::cmd("XREVRANGE")
+                .arg(format!("{prefix}:ev:log"))
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if cursor.is_some() && newest.first().map(|(id, _)| id) == cursor.as_ref() {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < end,
+                "cursor {cursor:?}, newest {:?}",
+                newest.first().map(|(id, _)| id)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Kills the child if the test fails before it is killed.
     struct Guard(Child);
     impl Drop for Guard {
@@ -427,12 +460,12 @@ mod redis {
         }
     }
 
-    #[tokio::test]
-    async fn redis_kill_9_the_clients_of_a_dead_instance_leave_once() {
-        let sink = EventSink::start(SECRET).await;
-        let prefix = unique_prefix("kill");
+    /// Starts a server process (`<prefix>-victim`) on the Redis bus and
+    /// waits until it holds the delivery lease, which a survivor must take
+    /// over when the victim dies. Returns the process and its port.
+    async fn start_victim(prefix: &str, sink: &EventSink) -> (Guard, u16) {
         let port = support::free_port();
-        let mut child = Guard(
+        let child = Guard(
             Command::new(env!("CARGO_BIN_EXE_switchboard"))
                 .args(["--host", "127.0.0.1", "--port", &port.to_string()])
                 .args([
@@ -445,7 +478,7 @@ mod redis {
                     "--bus",
                     REDIS,
                     "--bus-prefix",
-                    &prefix,
+                    prefix,
                     "--presence-ttl",
                     "1s",
                 ])
@@ -466,16 +499,27 @@ mod redis {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        // The victim started first: it holds the delivery lease, which the
-        // survivor must take over when the victim dies.
+        until_held(&format!("{prefix}:ev:lease"), &format!("{prefix}-victim")).await;
+        (child, port)
+    }
+
+    #[tokio::test]
+    async fn redis_kill_9_the_clients_of_a_dead_instance_leave_once() {
+        let sink = EventSink::start(SECRET).await;
+        let prefix = unique_prefix("kill");
+        let (mut child, port) = start_victim(&prefix, &sink).await;
         let lease = format!("{prefix}:ev:lease");
-        until_held(&lease, &format!("{prefix}-victim")).await;
         let a = Instance::start(settings(&prefix, 0, Some(REDIS), &sink, "200ms")).await;
         let url = format!("ws://127.0.0.1:{port}/ws?token={}", token("eve"));
         let mut c = Client::connect_url(&url).await;
         subscribe(&mut c, "chat:k", 1).await;
         sink.until(DEADLINE, |e| types(e).contains(&"channel_occupied"))
             .await;
+        // Delivery is at least once: killed between the backend's 2xx and
+        // its acknowledgement, the victim would leave the batch to be sent
+        // again by the survivor (docs/backend.md). This test is about the
+        // reaper's events, so the kill waits for the acknowledgement.
+        until_acked(&prefix).await;
         child.0.kill().unwrap(); // SIGKILL
         let _ = child.0.wait();
         let id = c.id.clone();
@@ -498,6 +542,54 @@ mod redis {
         assert_eq!(types(&sink.of("user:eve")), ["user_online", "user_offline"]);
         assert_eq!(events.len(), 8, "{events:#?}");
         until_held(&lease, a.node.instance_id()).await;
+        a.shutdown().await;
+    }
+
+    /// The holder of the delivery lease dies while the backend has a batch
+    /// and has not answered: the survivor sends the same events again, with
+    /// the same ids and bodies, so a backend that de-duplicates by `id`
+    /// sees each once (docs/backend.md, "at least once").
+    #[tokio::test]
+    async fn redis_kill_9_mid_delivery_the_survivor_sends_the_same_events() {
+        let sink = EventSink::start(SECRET).await;
+        let prefix = unique_prefix("mid");
+        let (mut child, port) = start_victim(&prefix, &sink).await;
+        let a = Instance::start(settings(&prefix, 0, Some(REDIS), &sink, "200ms")).await;
+        sink.set_hold(true);
+        let url = format!("ws://127.0.0.1:{port}/ws?token={}", token("mo"));
+        let mut c = Client::connect_url(&url).await;
+        subscribe(&mut c, "chat:m", 1).await;
+        let end = tokio::time::Instant::now() + DEADLINE;
+        while sink.held().is_empty() {
+            assert!(tokio::time::Instant::now() < end, "no delivery to hold");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        child.0.kill().unwrap(); // SIGKILL, the batch unanswered
+        let _ = child.0.wait();
+        sink.set_hold(false);
+        let id = c.id.clone();
+        drop(c);
+        sink.until(DEADLINE, |e| {
+            types(e).contains(&"user_offline") && types(e).contains(&"channel_vacated")
+        })
+        .await;
+        let events = sink.events();
+        assert_ordered_once(&events);
+        let held = sink.held();
+        assert_eq!(types(&held)[0], "connect", "{held:#?}");
+        for h in &held {
+            assert!(
+                events.contains(h),
+                "held {h} was not sent again as it was; got {events:#?}"
+            );
+        }
+        let client = sink.of(&format!("client:{id}"));
+        assert_eq!(
+            types(&client),
+            ["connect", "subscribe", "unsubscribe", "disconnect"]
+        );
+        assert_eq!(client[3]["reason"], "instance lost");
+        assert_eq!(types(&sink.of("user:mo")), ["user_online", "user_offline"]);
         a.shutdown().await;
     }
 }

@@ -1,6 +1,7 @@
 //! A real HTTP backend for lifecycle events: an axum server on
 //! 127.0.0.1:0 that checks each delivery's signature, records the events,
-//! and can be told to fail (503) as a backend that is down.
+//! and can be told to fail (503) as a backend that is down, or to hang
+//! as a backend that is slow to answer.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,11 @@ use sha2::Sha256;
 #[derive(Default)]
 struct Shared {
     down: AtomicBool,
+    /// Record each delivery in `held` and answer nothing while it is set
+    /// (then 503).
+    hold: AtomicBool,
+    /// Events received while holding: delivered, never acknowledged.
+    held: Mutex<Vec<Value>>,
     /// Every acknowledged event, in arrival order.
     events: Mutex<Vec<Value>>,
     /// Batches answered 2xx.
@@ -67,6 +73,17 @@ impl EventSink {
     /// Answer 503 (down) or 200.
     pub fn set_down(&self, down: bool) {
         self.shared.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Hang on every delivery (recording it in [`EventSink::held`]) until
+    /// released, then answer 503.
+    pub fn set_hold(&self, hold: bool) {
+        self.shared.hold.store(hold, Ordering::SeqCst);
+    }
+
+    /// The events received while holding, never acknowledged.
+    pub fn held(&self) -> Vec<Value> {
+        self.shared.held.lock().unwrap().clone()
     }
 
     pub fn events(&self) -> Vec<Value> {
@@ -129,6 +146,13 @@ async fn receive(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) 
     }
     let v: Value = serde_json::from_slice(&body).unwrap();
     let batch = v["events"].as_array().unwrap().clone();
+    if s.hold.load(Ordering::SeqCst) {
+        s.held.lock().unwrap().extend(batch);
+        while s.hold.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
     s.events.lock().unwrap().extend(batch);
     *s.batches.lock().unwrap() += 1;
     StatusCode::OK
