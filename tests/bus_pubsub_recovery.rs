@@ -511,25 +511,20 @@ async fn an_instance_cut_off_for_long_tells_its_subscribers() {
 
         // Back on the bus, the instance serves the channel again (on a new
         // subscription, see `stall`): a subscriber there gets what comes.
+        // Until its bus is back it refuses new connections (1011 `bus
+        // unavailable`) and subscribes to the stalled shard
+        // (`bus_unavailable`).
         proxy.restore();
-        let ready = cluster.get(0).url("/readyz");
-        for _ in 0..100 {
-            if reqwest::get(&ready)
-                .await
-                .is_ok_and(|r| r.status().is_success())
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let ws = cluster.get(0).url("/ws");
         let mut back = None;
         for _ in 0..100 {
-            let mut c = cluster.client(0).await;
-            c.send(json!({"type": "subscribe", "channel": channel, "id": 1}))
-                .await;
-            if next(&mut c).await["type"] == "subscribed" {
-                back = Some(c);
-                break;
+            if let Ok(mut c) = Client::try_connect_url(&ws).await {
+                c.send(json!({"type": "subscribe", "channel": channel, "id": 1}))
+                    .await;
+                if next(&mut c).await["type"] == "subscribed" {
+                    back = Some(c);
+                    break;
+                }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

@@ -153,6 +153,15 @@ impl Client {
     }
 
     pub async fn connect_url(url: &str) -> Client {
+        match Client::try_connect_url(url).await {
+            Ok(c) => c,
+            Err((code, reason)) => panic!("refused at connect: {code} {reason}"),
+        }
+    }
+
+    /// Connect and read the welcome, or the close (code, reason) that
+    /// refused the connection after the upgrade.
+    pub async fn try_connect_url(url: &str) -> Result<Client, (u16, String)> {
         let (ws, _) = tokio_tungstenite::connect_async(url)
             .await
             .expect("connect");
@@ -160,10 +169,19 @@ impl Client {
             ws,
             id: String::new(),
         };
-        let welcome = c.recv().await;
+        let first = tokio::time::timeout(WAIT, c.ws.next())
+            .await
+            .expect("a frame arrives in time")
+            .expect("the connection is open")
+            .expect("no protocol error");
+        let welcome: Value = match first {
+            Message::Text(t) => serde_json::from_str(&t).unwrap(),
+            Message::Close(Some(f)) => return Err((f.code.into(), f.reason.to_string())),
+            other => panic!("unexpected first frame {other:?}"),
+        };
         assert_eq!(welcome["type"], "connected", "{welcome}");
         c.id = welcome["clientId"].as_str().unwrap().to_string();
-        c
+        Ok(c)
     }
 
     pub async fn send(&mut self, v: Value) {
