@@ -282,7 +282,8 @@ async fn history_on_an_instance_new_to_the_channel() {
 /// instance's subscription behind. Its next incarnation does not delete
 /// and recreate that name (the emulator can keep the crashed reader
 /// attached to it, and deliver nothing): it deletes it and reads a fresh
-/// one of a new name, and serves as before.
+/// one of a new name, and serves as before. When that one crashes too,
+/// the next deletes the rename it left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_after_a_crash_reads_a_subscription_of_a_new_name() {
     let f = factory().await;
@@ -324,6 +325,30 @@ async fn a_restart_after_a_crash_reads_a_subscription_of_a_new_name() {
         publish(&mut p, channel, json!({"n": 1}), 7).await;
         let m = s.recv_type("message").await;
         assert_eq!(m["data"], json!({"n": 1}), "{m}");
+
+        // The second crashes while it reads the renamed one; the third
+        // finds the configured name free, reads it, and deletes the rename
+        // the second left behind.
+        drop((s, p));
+        second.crash();
+        let third = Instance::start(f.settings(&prefix, 0)).await;
+        for _ in 0..50 {
+            names = subscription_names(&f.host).await;
+            if !names.iter().any(|n| n.starts_with(&renamed)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            names.contains(&full) && !names.iter().any(|n| n.starts_with(&renamed)),
+            "the third reads the configured name and the rename is gone: {names:?}"
+        );
+        let mut s = third.client().await;
+        subscribe(&mut s, channel, 1).await;
+        let mut p = third.client().await;
+        publish(&mut p, channel, json!({"n": 2}), 8).await;
+        let m = s.recv_type("message").await;
+        assert_eq!(m["data"], json!({"n": 2}), "{m}");
     })
     .await;
 }

@@ -23,7 +23,8 @@
 //!   name (its backlog belongs to a crashed incarnation) is deleted when
 //!   opened, and this instance reads a fresh one of a new name instead,
 //!   `<name>-r<boot><n>` (see [`stall`]); they are deleted on clean shutdown
-//!   ([`Broker::close`]), a shard's also when the instance leaves it.
+//!   ([`Broker::close`]), a shard's also when the instance leaves it, and
+//!   those a crashed incarnation left by the next one of the same id.
 //! * Every message is one JSON [`Wire`] envelope in `data`: the source
 //!   instance id, a boot id (random per process start) and a per-boot
 //!   counter, which together name the message for de-duplication, and the

@@ -39,13 +39,16 @@
 //!   false alarm costs the shard's subscribers one reconnection with
 //!   `recovered:false`, never a message.
 //!
-//! A renamed subscription of an instance that then crashes is not deleted
-//! by the next incarnation (which looks for the configured name): it
-//! expires after a day without a reader, like every subscription here.
+//! A renamed subscription of an incarnation that then crashes is deleted
+//! by a later incarnation of the same instance id, the first time it sets
+//! up that topic's subscription ([`Inner::sweep_leftover_renames`]: the
+//! topic's subscriptions named `<name>-r<boot><n>` of another boot). What
+//! no later incarnation sweeps expires after a day without a reader, like
+//! every subscription here.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use gcloud_pubsub::client::Client;
@@ -63,6 +66,10 @@ use crate::sync::MutexExt;
 /// asked to reconnect and its channels' subscribes are refused here.
 pub const STALL_NOTICE: Duration = Duration::from_secs(5);
 
+/// Length of a boot id (random per process start, part of a renamed
+/// subscription's name).
+pub(super) const BOOT_LEN: usize = 12;
+
 /// A subscription this instance reads, under a name that changes when a
 /// stalled one is replaced.
 pub(super) struct Named {
@@ -72,6 +79,9 @@ pub(super) struct Named {
     current: std::sync::Mutex<Subscription>,
     /// Replacements so far (part of the next name).
     renewals: AtomicU64,
+    /// Whether the renames earlier incarnations left were looked for
+    /// (once per process).
+    swept: AtomicBool,
 }
 
 impl Named {
@@ -80,6 +90,7 @@ impl Named {
             current: std::sync::Mutex::new(client.subscription(&base)),
             base,
             renewals: AtomicU64::new(0),
+            swept: AtomicBool::new(false),
         }
     }
 
@@ -94,6 +105,24 @@ impl Named {
         let fresh = client.subscription(&format!("{}-r{boot}{n}", self.base));
         std::mem::replace(&mut *self.current.lock_unpoisoned(), fresh)
     }
+}
+
+/// Whether the subscription `id` is a rename of `base` made by a process
+/// other than `boot`: `<base>-r<boot><n>`, a boot id of [`BOOT_LEN`]
+/// lower-case letters and digits, `n` digits.
+pub(super) fn leftover_rename(id: &str, base: &str, boot: &str) -> bool {
+    let Some(rest) = id.strip_prefix(base).and_then(|r| r.strip_prefix("-r")) else {
+        return false;
+    };
+    if rest.len() <= BOOT_LEN || !rest.is_ascii() {
+        return false;
+    }
+    let (their_boot, n) = rest.split_at(BOOT_LEN);
+    their_boot != boot
+        && their_boot
+            .bytes()
+            .all(|c| c.is_ascii_digit() || c.is_ascii_lowercase())
+        && n.bytes().all(|c| c.is_ascii_digit())
 }
 
 /// Channel → since when its local stream has been behind, and the
@@ -122,6 +151,36 @@ impl Inner {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Once per process and route, in the background (best effort):
+    /// delete the subscriptions of `route`'s topic that an earlier
+    /// incarnation of this instance renamed and left when it crashed.
+    pub(super) fn sweep_leftover_renames(&self, route: Route) {
+        let named = self.named(route);
+        if named.swept.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let topic = self.client.topic(self.topic_of(route));
+        let base = named.base.clone();
+        let boot = self.boot.clone();
+        tokio::spawn(async move {
+            let listed = tokio::time::timeout(super::RPC_TIMEOUT, topic.subscriptions(None)).await;
+            let Ok(Ok(subscriptions)) = listed else {
+                tracing::debug!(%base, "could not list the topic's subscriptions to sweep renames");
+                return;
+            };
+            for old in subscriptions {
+                if leftover_rename(&old.id(), &base, &boot) {
+                    let deleted = tokio::time::timeout(super::RPC_TIMEOUT, old.delete(None)).await;
+                    tracing::info!(
+                        subscription = %old.id(),
+                        deleted = matches!(deleted, Ok(Ok(()))),
+                        "pub/sub subscription left by an earlier incarnation's rename"
+                    );
+                }
+            }
+        });
     }
 
     /// Move `route` to a subscription of a new name; the old one is

@@ -132,7 +132,7 @@ pub(super) async fn connect_inner(
     let (acks, acks_rx) = mpsc::unbounded_channel();
     let inner = Arc::new(Inner {
         me: config.instance_id.as_str().into(),
-        boot: random_base36(12).into(),
+        boot: random_base36(super::stall::BOOT_LEN).into(),
         client,
         publisher,
         subscription,
@@ -213,6 +213,7 @@ impl Inner {
     /// Returns whether the subscription was (re)created.
     pub(super) async fn ensure_subscription(&self, route: Route, fresh: bool) -> Result<bool> {
         self.ensure_topic(route).await?;
+        self.sweep_leftover_renames(route);
         let mut subscription = self.subscription_of(route);
         let exists = subscription
             .exists(Some(retry()))

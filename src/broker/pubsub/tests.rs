@@ -133,3 +133,22 @@ fn sequencer_adverts_follow_the_gossip_order() {
     r.apply_snapshot(6, vec![], vec![], vec![], vec![]);
     assert!(!r.sequences.contains_key("c"));
 }
+
+#[test]
+fn only_another_boots_renames_are_leftovers() {
+    use super::stall::leftover_rename;
+    let mine = "aaaaaaaaaaaa";
+    let base = "sub-c3";
+    assert!(leftover_rename("sub-c3-rzzzzzzzzzzzz1", base, mine));
+    assert!(leftover_rename("sub-c3-r0123456789ab12", base, mine));
+    // This process's own renames, the configured name, another shard's,
+    // and names that only look alike are kept.
+    assert!(!leftover_rename("sub-c3-raaaaaaaaaaaa1", base, mine));
+    assert!(!leftover_rename("sub-c3", base, mine));
+    assert!(!leftover_rename("sub-c4-rzzzzzzzzzzzz1", base, mine));
+    assert!(!leftover_rename("sub-c3-rzzzzzzzzzzzz", base, mine));
+    assert!(!leftover_rename("sub-c3-rzzzzzzzzzzzz1-c3", base, mine));
+    assert!(!leftover_rename("sub-c3-rZZZZZZZZZZZZ1", base, mine));
+    assert!(!leftover_rename("sub-c3-rx", base, mine));
+    assert!(!leftover_rename("sub-c3-r1-c3", base, mine));
+}
