@@ -76,6 +76,66 @@ impl Service {
 pub fn require_bus(url: &str) {
     if let Some(s) = SHARED.iter().find(|s| s.is_url(url)) {
         s.require();
+        #[cfg(feature = "nats")]
+        if s.name == NATS.name {
+            static SWEEP: std::sync::Once = std::sync::Once::new();
+            SWEEP.call_once(sweep_old_nats_streams);
+        }
+    }
+}
+
+/// A test stream older than this is a leftover of an earlier run (the
+/// longest test, the chaos soak, runs for minutes).
+#[cfg(feature = "nats")]
+const LEFTOVER_AGE: Duration = Duration::from_secs(3600);
+
+/// Delete the JetStream streams (and the key-value buckets, `KV_…`) that
+/// earlier test runs left on the shared NATS: every test has a prefix of
+/// its own (`sbt-…`, [`super::bus_suite::unique_prefix`]) and leaves its
+/// streams behind, and their `max_bytes` reservations add up until
+/// JetStream refuses new streams (error 10047, insufficient storage).
+/// Once per test process, streams older than [`LEFTOVER_AGE`] only, so a
+/// run beside this one keeps its own. A failure is reported, not fatal.
+#[cfg(feature = "nats")]
+fn sweep_old_nats_streams() {
+    let sweep = async {
+        use futures_util::TryStreamExt;
+        let client = async_nats::connect(NATS.addr).await?;
+        let js = async_nats::jetstream::new(client);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let mut old = Vec::new();
+        let mut streams = js.streams();
+        while let Some(info) = streams.try_next().await? {
+            let name = info.config.name;
+            let ours = ["sbt-", "KV_sbt-", "OBJ_sbt-"]
+                .iter()
+                .any(|p| name.starts_with(p));
+            let age = now - info.created.unix_timestamp();
+            if ours && age > LEFTOVER_AGE.as_secs() as i64 {
+                old.push(name);
+            }
+        }
+        for name in &old {
+            js.delete_stream(name).await?;
+        }
+        Ok::<usize, Box<dyn std::error::Error + Send + Sync>>(old.len())
+    };
+    let done = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(async { tokio::time::timeout(Duration::from_secs(30), sweep).await })
+    })
+    .join();
+    match done {
+        Ok(Ok(Ok(0))) => {}
+        Ok(Ok(Ok(n))) => eprintln!("services: deleted {n} leftover test streams from NATS"),
+        Ok(Ok(Err(e))) => eprintln!("services: could not sweep leftover NATS test streams: {e}"),
+        Ok(Err(_)) => eprintln!("services: sweeping leftover NATS test streams timed out"),
+        Err(_) => eprintln!("services: sweeping leftover NATS test streams panicked"),
     }
 }
 
