@@ -103,6 +103,11 @@ mod suite {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_member_seen_in_presence_gets_what_comes_next() {
+        bus_suite::a_member_seen_in_presence_gets_what_comes_next(&PubSub::shared().await).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn presence_of_a_crashed_instance_expires() {
         bus_suite::presence_of_a_crashed_instance_expires(&PubSub::shared().await).await;
     }

@@ -422,15 +422,11 @@ impl Node {
         r
     }
 
-    /// Subscribe a local client: the hub index, the bus (first local
-    /// subscriber), presence and the `join` event. `opts` are the
-    /// channel's, from [`Node::channel`].
-    pub async fn subscribe(
-        &self,
-        client: &Arc<ClientHandle>,
-        channel: &Arc<str>,
-        opts: &NamespaceOptions,
-    ) -> Result<()> {
+    /// Subscribe a local client: the hub index and the bus (first local
+    /// subscriber). The caller then fixes the client's position (history,
+    /// or the channel's top) and makes it visible with
+    /// [`announce`](Node::announce).
+    pub async fn subscribe(&self, client: &Arc<ClientHandle>, channel: &Arc<str>) -> Result<()> {
         // Every subscriber waits until the bus holds the channel (the first
         // one's subscribe may still be on its way, or may fail).
         self.shared.hub.subscribe(channel, client);
@@ -438,6 +434,28 @@ impl Node {
             self.shared.hub.unsubscribe(channel, client.id());
             return Err(e);
         }
+        Ok(())
+    }
+
+    /// Undo [`subscribe`](Node::subscribe) alone (a subscription that
+    /// failed before it was announced).
+    pub async fn withdraw(&self, client: &Arc<ClientHandle>, channel: &Arc<str>) -> Result<()> {
+        if self.shared.hub.unsubscribe(channel, client.id()) {
+            self.sync_interest(channel).await?;
+        }
+        Ok(())
+    }
+
+    /// Make a subscribed client known: the `subscribe` lifecycle event,
+    /// presence and the `join` event. Called once its position is fixed,
+    /// so that a publication made after a member shows in presence reaches
+    /// that member. `opts` are the channel's, from [`Node::channel`].
+    pub async fn announce(
+        &self,
+        client: &Arc<ClientHandle>,
+        channel: &Arc<str>,
+        opts: &NamespaceOptions,
+    ) -> Result<()> {
         self.lifecycle(client, Op::Subscribe(channel)).await;
         if opts.presence {
             self.shared.presence.add(channel, &client.info()).await?;
@@ -454,16 +472,15 @@ impl Node {
         Ok(())
     }
 
-    /// Undo [`subscribe`](Node::subscribe), sending `leave`.
+    /// Undo [`subscribe`](Node::subscribe) and [`announce`](Node::announce),
+    /// sending `leave`.
     pub async fn unsubscribe(
         &self,
         client: &Arc<ClientHandle>,
         channel: &Arc<str>,
         opts: &NamespaceOptions,
     ) -> Result<()> {
-        if self.shared.hub.unsubscribe(channel, client.id()) {
-            self.sync_interest(channel).await?;
-        }
+        self.withdraw(client, channel).await?;
         self.lifecycle(client, Op::Unsubscribe(channel)).await;
         if opts.presence {
             self.shared.presence.remove(channel, client.id()).await?;

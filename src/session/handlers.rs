@@ -415,10 +415,16 @@ where
         let (missed, top, recovered) = match outcome {
             Ok(o) => o,
             Err(e) => {
-                let _ = self.node.unsubscribe(&self.client, &channel, ch.opts).await;
+                let _ = self.node.withdraw(&self.client, &channel).await;
                 return Err(e);
             }
         };
+        // Shown in presence only now: whoever sees this client there and
+        // then publishes is after its position, so it gets that message.
+        if let Err(e) = self.node.announce(&self.client, &channel, ch.opts).await {
+            let _ = self.node.unsubscribe(&self.client, &channel, ch.opts).await;
+            return Err(e);
+        }
         self.node.hub().note_position(&channel, &top);
         let acked = ch.opts.acked;
         self.subs.insert(

@@ -283,6 +283,7 @@ macro_rules! bus_suite {
         $crate::bus_suite!(@case $factory, api_disconnect_across_instances);
         $crate::bus_suite!(@case $factory, channel_order_and_offsets_across_instances);
         $crate::bus_suite!(@case $factory, presence_across_instances);
+        $crate::bus_suite!(@case $factory, a_member_seen_in_presence_gets_what_comes_next);
         $crate::bus_suite!(@case $factory, presence_of_a_crashed_instance_expires);
         $crate::bus_suite!(@case $factory, recovery_on_a_different_instance);
         $crate::bus_suite!(@case $factory, history_newest_first);

@@ -1,6 +1,7 @@
 //! The suite's presence cases, run by every bus through the factory:
-//! members and join/leave across instances, and the members of a crashed
-//! instance expiring (and leaving exactly once). Part of `bus_suite`
+//! members and join/leave across instances, a member seen in presence
+//! getting what is published next, and the members of a crashed instance
+//! expiring (and leaving exactly once). Part of `bus_suite`
 //! (re-exported there; `crashed_members_leave_once` is run by the
 //! multi-instance buses themselves, not by `bus_suite!`).
 
@@ -67,6 +68,66 @@ pub async fn presence_across_instances(f: &dyn BusFactory) {
         cluster.shutdown().await;
     })
     .await;
+}
+
+/// A member shows in presence only once its position is fixed: whoever
+/// sees it there and then publishes (from another instance) reaches it.
+/// Ten rounds, each on a channel that already holds a publication, each
+/// watched by a client polling presence without pause.
+pub async fn a_member_seen_in_presence_gets_what_comes_next(f: &dyn BusFactory) {
+    bounded("a_member_seen_in_presence_gets_what_comes_next", async {
+        // The watcher polls without pause: no rate limit.
+        let cluster = Cluster::start_with(f, "seen", 2, |s| s.rate_limit = Some(0.0)).await;
+        let mut watcher = cluster.client(0).await;
+        let mut publisher = cluster.client(1).await;
+        let mut id = 100;
+        for round in 0..10 {
+            let channel = format!("seen:r{round}");
+            publish_n(&mut publisher, &channel, 0, &mut id).await;
+            // Subscribe without waiting for the answer, and publish as soon
+            // as the member shows in presence.
+            let mut member = cluster.client(0).await;
+            member
+                .send(json!({"type": "subscribe", "channel": channel, "id": 1}))
+                .await;
+            loop {
+                id += 1;
+                if members(&mut watcher, &channel, id)
+                    .await
+                    .contains(&member.id)
+                {
+                    break;
+                }
+            }
+            publish_n(&mut publisher, &channel, 1, &mut id).await;
+            let s = member.recv_type("subscribed").await;
+            assert_eq!(s["channel"], channel.as_str(), "{s}");
+            loop {
+                let m = member.recv_type("message").await;
+                if m["data"]["n"] == 1 {
+                    break;
+                }
+                // The earlier publication may still be on its way to this
+                // instance (Pub/Sub): then it comes first.
+                assert_eq!(m["data"]["n"], 0, "round {round}: {m}");
+            }
+        }
+        drop((watcher, publisher));
+        cluster.shutdown().await;
+    })
+    .await;
+}
+
+/// Publish `{"n": n}` on `channel` and wait for the ack.
+async fn publish_n(c: &mut Client, channel: &str, n: u64, id: &mut u64) {
+    *id += 1;
+    let r = c
+        .request(
+            json!({"type": "publish", "channel": channel, "data": {"n": n}}),
+            *id,
+        )
+        .await;
+    assert_eq!(r["type"], "ack", "{r}");
 }
 
 /// An instance dies without cleaning up: its members leave the presence of
