@@ -72,6 +72,38 @@ async fn the_instance_refuses_connections_beyond_its_maximum() {
     server.shutdown().await;
 }
 
+/// A request dropped by the rate limit is answered with its `ref`, so the
+/// client's pending request fails at once; the next one, once the bucket
+/// has refilled, is served.
+#[tokio::test]
+async fn a_rate_limited_request_is_answered_with_its_ref() {
+    let mut s = settings();
+    s.rate_limit = Some(1.0);
+    s.rate_burst = Some(3);
+    let server = start_with(s).await;
+    let mut c = Client::connect(&server).await;
+    let mut limited = None;
+    for id in 1..=10 {
+        let r = c.request(json!({"type": "ping", "id": id}), id).await;
+        if r["type"] == "error" {
+            limited = Some(r);
+            break;
+        }
+        assert_eq!(r["type"], "pong", "{r}");
+    }
+    let r = limited.expect("a request over the limit");
+    assert_eq!(r["code"], "rate_limited", "{r}");
+    // Without an id the error has no ref (nothing to name).
+    c.send(json!({"type": "ping"})).await;
+    let r = c.recv().await;
+    assert_eq!(r["code"], "rate_limited", "{r}");
+    assert!(r.get("ref").is_none_or(|v| v.is_null()), "{r}");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let r = c.request(json!({"type": "ping"}), 99).await;
+    assert_eq!(r["type"], "pong", "{r}");
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_flood_is_limited_while_other_clients_are_served() {
     let mut s = settings();

@@ -185,6 +185,18 @@ fn opt_field<'de, T: Deserialize<'de>>(
     }
 }
 
+/// The `id` of a frame that will not be served (dropped by the rate
+/// limit), so that its error names the request: `None` when the frame is
+/// not a JSON object or has no `id`.
+pub fn request_id(text: &str) -> Option<&RawValue> {
+    #[derive(Deserialize)]
+    struct IdOnly<'a> {
+        #[serde(borrow)]
+        id: Option<&'a RawValue>,
+    }
+    serde_json::from_str::<IdOnly<'_>>(text).ok()?.id
+}
+
 /// Parse one text frame into a request.
 pub fn parse_request(text: &str) -> Result<Request<'_>, ParseError<'_>> {
     let env: Envelope<'_> = serde_json::from_str(text).map_err(|e| {

@@ -29,8 +29,9 @@ where
     E: std::error::Error + Send + 'static,
 {
     /// Apply the rate limit to a data frame: `Some(flow)` when the frame
-    /// is refused (an error reply, or a close on sustained abuse).
-    async fn over_rate(&mut self) -> Option<ControlFlow<()>> {
+    /// is refused (an error reply naming the request, or a close on
+    /// sustained abuse).
+    async fn over_rate(&mut self, msg: &Message) -> Option<ControlFlow<()>> {
         let cfg = self.node.config();
         let (rate, burst) = (cfg.rate_limit, cfg.rate_burst);
         if self.mode == Mode::Echo
@@ -49,12 +50,19 @@ where
             ErrorCode::RateLimited,
             format!("over {rate} messages per second; this message was dropped"),
         );
-        Some(self.send_error(None, &err).await)
+        // Read only for its `id` (a frame that gets here is one of at most
+        // `rate_burst` before the close): a request waiting for its answer
+        // fails at once instead of at its timeout.
+        let id = match msg {
+            Message::Text(text) => protocol::request_id(text),
+            _ => None,
+        };
+        Some(self.send_error(id, &err).await)
     }
 
     pub(super) async fn on_message(&mut self, msg: Message) -> ControlFlow<()> {
         if matches!(msg, Message::Text(_) | Message::Binary(_)) {
-            if let Some(flow) = self.over_rate().await {
+            if let Some(flow) = self.over_rate(&msg).await {
                 flow?;
                 return self.flush().await;
             }
@@ -390,10 +398,7 @@ where
         let ch = self.node.channel(&channel)?;
         // Join the hub first: from here on live publications are queued,
         // and the history read below overlaps them rather than missing any.
-        if let Err(e) = self.node.subscribe(&self.client, &channel, ch.opts).await {
-            let _ = self.node.unsubscribe(&self.client, &channel, ch.opts).await;
-            return Err(e);
-        }
+        self.node.subscribe(&self.client, &channel).await?;
         let outcome = match &since {
             Some(since) => self.node.recover(ch, since).await,
             None if ch.opts.cache => self.node.latest(ch).await.map(|(l, top)| (l, top, false)),
