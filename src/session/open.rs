@@ -182,7 +182,15 @@ where
                     return None;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot register a new connection");
+                    // Every connection of a bus outage gets here, at once.
+                    static REFUSALS: crate::log_limit::LogLimit =
+                        crate::log_limit::LogLimit::new(std::time::Duration::from_secs(10));
+                    match REFUSALS.allow() {
+                        Some(suppressed) => {
+                            tracing::warn!(error = %e, suppressed, "cannot register a new connection")
+                        }
+                        None => tracing::debug!(error = %e, "cannot register a new connection"),
+                    }
                     refuse(&mut ws, close::INTERNAL, "bus unavailable").await;
                     return None;
                 }

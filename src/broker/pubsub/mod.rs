@@ -268,6 +268,11 @@ pub enum PubSubError {
     /// The broker was closed.
     #[error("pub/sub bus closed")]
     Closed,
+    /// This instance's control stream is down (it cannot hear its own
+    /// announcements), or was re-established on a new subscription that
+    /// does not hold what was sent before.
+    #[error("pub/sub control stream down")]
+    ControlDown,
     /// A message could not be encoded.
     #[error("pub/sub message encoding: {0}")]
     Codec(#[from] serde_json::Error),

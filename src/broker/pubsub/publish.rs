@@ -117,7 +117,13 @@ impl Inner {
     /// Publish `body` and wait until it has come back through our own
     /// subscription: Pub/Sub has then fanned it out to every subscription,
     /// so the other instances get it at about the same moment.
+    /// While the control stream is down that cannot happen: refused at
+    /// once, not after [`ROUND_TRIP_TIMEOUT`] (a new connection is then
+    /// refused quickly and goes to another instance).
     pub(super) async fn send_and_wait(&self, key: String, body: Body) -> Result<()> {
+        if !self.stream_up.load(Ordering::Relaxed) {
+            return Err(bus_error(PubSubError::ControlDown));
+        }
         let id = self.next_id();
         let (tx, rx) = oneshot::channel();
         self.waiters.lock_unpoisoned().insert(id, tx);
@@ -127,7 +133,7 @@ impl Inner {
         }
         match tokio::time::timeout(ROUND_TRIP_TIMEOUT, rx).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(bus_error(PubSubError::Closed)),
+            Ok(Err(_)) => Err(bus_error(PubSubError::ControlDown)),
             Err(_) => {
                 self.waiters.lock_unpoisoned().remove(&id);
                 Err(bus_error(PubSubError::Timeout(
@@ -163,7 +169,7 @@ impl Inner {
         }
         match tokio::time::timeout(ROUND_TRIP_TIMEOUT, rx).await {
             Ok(Ok(pos)) => Ok(pos),
-            Ok(Err(_)) => Err(bus_error(PubSubError::Closed)),
+            Ok(Err(_)) => Err(bus_error(PubSubError::ControlDown)),
             Err(_) => {
                 self.pending.lock_unpoisoned().remove(&id);
                 Err(bus_error(PubSubError::Timeout(

@@ -311,6 +311,11 @@ impl Inner {
     /// re-established (`lost`: its subscription had to be recreated).
     fn on_stream_up(self: &Arc<Self>, route: Route, lost: bool) {
         let Route::Shard(k) = route else {
+            if lost {
+                // A new subscription does not hold what was sent before it:
+                // whoever waits for such a round trip is told now.
+                self.waiters.lock_unpoisoned().clear();
+            }
             self.stream_up.store(true, Ordering::Relaxed);
             self.publish_ok.store(true, Ordering::Relaxed);
             let inner = self.clone();
