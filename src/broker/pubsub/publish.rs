@@ -169,7 +169,7 @@ impl Inner {
         }
         match tokio::time::timeout(ROUND_TRIP_TIMEOUT, rx).await {
             Ok(Ok(pos)) => Ok(pos),
-            Ok(Err(_)) => Err(bus_error(PubSubError::ControlDown)),
+            Ok(Err(_)) => Err(bus_error(PubSubError::Closed)),
             Err(_) => {
                 self.pending.lock_unpoisoned().remove(&id);
                 Err(bus_error(PubSubError::Timeout(
