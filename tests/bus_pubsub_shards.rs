@@ -318,18 +318,11 @@ async fn a_restart_after_a_crash_reads_a_subscription_of_a_new_name() {
             "a fresh one of a new name is read: {names:?}"
         );
 
-        let channel = "stale:room";
-        let mut s = second.client().await;
-        subscribe(&mut s, channel, 1).await;
-        let mut p = second.client().await;
-        publish(&mut p, channel, json!({"n": 1}), 7).await;
-        let m = s.recv_type("message").await;
-        assert_eq!(m["data"], json!({"n": 1}), "{m}");
+        serves(&second, "stale:room", 1).await;
 
         // The second crashes while it reads the renamed one; the third
         // finds the configured name free, reads it, and deletes the rename
         // the second left behind.
-        drop((s, p));
         second.crash();
         let third = Instance::start(f.settings(&prefix, 0)).await;
         for _ in 0..50 {
@@ -343,12 +336,17 @@ async fn a_restart_after_a_crash_reads_a_subscription_of_a_new_name() {
             names.contains(&full) && !names.iter().any(|n| n.starts_with(&renamed)),
             "the third reads the configured name and the rename is gone: {names:?}"
         );
-        let mut s = third.client().await;
-        subscribe(&mut s, channel, 1).await;
-        let mut p = third.client().await;
-        publish(&mut p, channel, json!({"n": 2}), 8).await;
-        let m = s.recv_type("message").await;
-        assert_eq!(m["data"], json!({"n": 2}), "{m}");
+        serves(&third, "stale:room", 2).await;
     })
     .await;
+}
+
+/// A subscriber on `inst` gets `{"n": n}` published on `channel` there.
+async fn serves(inst: &Instance, channel: &str, n: u64) {
+    let mut s = inst.client().await;
+    subscribe(&mut s, channel, 1).await;
+    let mut p = inst.client().await;
+    publish(&mut p, channel, json!({"n": n}), 7).await;
+    let m = s.recv_type("message").await;
+    assert_eq!(m["data"], json!({"n": n}), "{m}");
 }
